@@ -1,0 +1,1 @@
+"""attncc: an attention compiler."""

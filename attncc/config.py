@@ -1,0 +1,42 @@
+"""Every environment knob attncc reads, in one place.
+
+`ATTNCC_CACHE_DIR`   where rendered sources and compiled kernels live (default ~/.cache/attncc).
+`TRITON_INTERPRET`   when "1", kernels run on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+_overrides: dict[str, str | None] = {}
+
+
+def _get(name: str, default: str | None = None) -> str | None:
+    if name in _overrides:
+        return _overrides[name]
+    return os.environ.get(name, default)
+
+
+def cache_dir() -> Path:
+    """Root of the on-disk kernel cache."""
+    return Path(_get("ATTNCC_CACHE_DIR") or Path.home() / ".cache" / "attncc")
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return _get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def override(**knobs: str | None) -> Iterator[None]:
+    """Temporarily set knobs by environment-variable name, e.g. `override(ATTNCC_CACHE_DIR=p)`."""
+    saved = dict(_overrides)
+    _overrides.update(knobs)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
