@@ -55,8 +55,8 @@ class AttentionSpec:
         """Readable canonical form, parameter values included (what `explain` prints)."""
         return "\n".join([
             "attention",
-            f"  mask:       {self.mask.text() if self.mask else 'all'}",
-            f"  score:      {self.score.text() if self.score else 'score'}",
+            f"  mask:       {self.mask.text() if self.mask is not None else 'all'}",
+            f"  score:      {self.score.text() if self.score is not None else 'score'}",
             f"  normaliser: {self.normaliser.text()}",
             f"  memory:     {self.memory.text()}",
             f"  reorder:    {self.reorder.text() if self.reorder else 'none'}",

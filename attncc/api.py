@@ -1,0 +1,86 @@
+"""The user-facing entry points: `Attention`, `compile`, `explain`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Iterable
+
+from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.trace import trace_mask, trace_score
+from attncc.kernel import CompiledAttention
+
+
+def _as_mask(mask: Any) -> Mask | None:
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    if callable(mask):
+        return trace_mask(mask)
+    raise TypeError(f"mask: expected an attncc Mask or a mask_mod(b, h, q_idx, kv_idx) function, "
+                    f"got {type(mask).__name__}")
+
+
+def _as_score(score: Any) -> ScoreMod | None:
+    if score is None or isinstance(score, ScoreMod):
+        return score
+    if isinstance(score, (list, tuple)):
+        mods = [_as_score(s) for s in score]
+        return functools.reduce(lambda a, b: a.then(b), mods) if mods else None
+    if callable(score):
+        return trace_score(score)
+    raise TypeError(f"score: expected an attncc ScoreMod, a score_mod(score, b, h, q_idx, kv_idx)"
+                    f" function or a list of them, got {type(score).__name__}")
+
+
+def Attention(mask: Any = None, score: Any = None, *, normaliser: Normaliser | None = None,
+              memory: Any = None, reorder: Any = None, schedule: Schedule | None = None,
+              scale: float | None = None) -> AttentionSpec:
+    """Describe an attention variant. `mask`/`score` take attncc values or FlexAttention-style
+    functions (traced); a list of score mods applies them in order."""
+    kwargs: dict[str, Any] = {"mask": _as_mask(mask), "score": _as_score(score), "scale": scale,
+                              "reorder": reorder}
+    if normaliser is not None:
+        kwargs["normaliser"] = normaliser
+    if memory is not None:
+        kwargs["memory"] = memory
+    if schedule is not None:
+        kwargs["schedule"] = schedule
+    return AttentionSpec(**kwargs)
+
+
+def _spec_from_function(fn: Callable, **kwargs: Any) -> AttentionSpec:
+    n = len(inspect.signature(fn).parameters)
+    if n == 4:
+        if kwargs.get("mask") is not None:
+            raise TypeError(f"{fn.__qualname__} is a mask_mod, but mask= was also given")
+        return Attention(mask=fn, **kwargs)
+    if n == 5:
+        if kwargs.get("score") is not None:
+            raise TypeError(f"{fn.__qualname__} is a score_mod, but score= was also given")
+        return Attention(score=fn, **kwargs)
+    raise TypeError(f"{fn.__qualname__}: expected a mask_mod(b, h, q_idx, kv_idx) or a "
+                    f"score_mod(score, b, h, q_idx, kv_idx), got a function of {n} arguments")
+
+
+def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "auto",
+            **attention_kwargs: Any) -> CompiledAttention | Callable[[Callable], CompiledAttention]:
+    """`compile(spec)`, `@compile` on a mask_mod/score_mod, or `@compile(mask=..., score=...)`."""
+    if isinstance(spec, AttentionSpec):
+        if attention_kwargs:
+            raise TypeError(f"compile(spec): unexpected arguments {sorted(attention_kwargs)}; "
+                            "put them in the Attention(...) spec")
+        return CompiledAttention(spec, backend)
+    if spec is None:
+        return lambda fn: CompiledAttention(_spec_from_function(fn, **attention_kwargs), backend)
+    if callable(spec):
+        return CompiledAttention(_spec_from_function(spec, **attention_kwargs), backend)
+    raise TypeError(f"compile: expected an AttentionSpec or a function, got {type(spec).__name__}")
+
+
+def explain(spec: AttentionSpec | CompiledAttention, *, shape: Iterable[int] | None = None,
+            block: tuple[int, int] = (64, 64)) -> str:
+    """The IR after each pass and the tile classes; with `shape=(Lq, Lk)`, also the tile map
+    ('.' skipped, 'p' partial: mask evaluated, 'F' full: mask skipped) for batch 0, head 0."""
+    from attncc.explain import explain_text
+    return explain_text(spec.spec if isinstance(spec, CompiledAttention) else spec, shape, block)

@@ -1,0 +1,122 @@
+"""The Triton backend: source from the disk cache (rendered once), module loaded once per
+process, one launch per call. Block sizes and flags are constexprs chosen per call signature,
+so one cached source serves every dtype, head dim and GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Mapping
+
+import torch
+
+from attncc import config
+from attncc.backends import cache
+from attncc.backends.triton_render import kernel_arguments, kernel_name, render, template_hash
+from attncc.ir.plan import KernelPlan, Signature
+from attncc.passes.pipeline import run_plan_passes
+from attncc.passes.select_tiles import padded
+
+BACKEND = "triton"
+
+
+def _versions() -> str:
+    import triton
+    from importlib.metadata import version
+    try:
+        attncc_version = version("attncc")
+    except Exception:  # running from a source tree that was never installed
+        attncc_version = "dev"
+    return f"attncc={attncc_version} torch={torch.__version__} triton={triton.__version__}"
+
+
+def cache_key(plan: KernelPlan) -> str:
+    """Canonical IR hash + template bytes + backend + versions (DESIGN.md, Cache)."""
+    import hashlib
+    text = "\n".join([plan.spec.key, template_hash(), BACKEND, _versions()])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_module(path: str, name: str) -> ModuleType:
+    module_name = f"attncc_kernels.{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # triton reads the source back through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def target_of(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm{major}{minor}"
+    return "interpreter"
+
+
+class TritonForward:
+    """The forward kernel of one plan. Building it renders (or loads) the source on disk."""
+
+    def __init__(self, plan: KernelPlan) -> None:
+        self.plan = plan
+        self.name = kernel_name(plan)
+        self.entry = cache.load_or_build(
+            cache_key(plan), self.name, lambda: {"kernel.py": render(plan).encode()},
+            extra_meta={"backend": BACKEND, "spec": plan.spec.text()})
+        self._module: ModuleType | None = None
+        self._plans: dict[Signature, KernelPlan] = {}
+
+    @property
+    def source(self) -> str:
+        return self.entry.files["kernel.py"].read_text()
+
+    def jit_function(self):
+        if self._module is None:
+            if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
+                os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
+            self._module = _load_module(str(self.entry.files["kernel.py"]), self.name)
+        return getattr(self._module, self.name)
+
+    def plan_for(self, signature: Signature) -> KernelPlan:
+        if signature not in self._plans:
+            self._plans[signature] = run_plan_passes(self.plan, signature)
+        return self._plans[signature]
+
+    def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor | None, *, sm_scale: float, params: Mapping[str, int | float],
+               tensors: Mapping[str, torch.Tensor], visits: torch.Tensor | None = None) -> None:
+        """q/k/v/o are BHSD views (any strides); lse is fp32 [B, Hq, Lq] contiguous."""
+        B, Hq, Lq, dqk = q.shape
+        Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
+        target = target_of(q.device)
+        sig = Signature(str(q.dtype).removeprefix("torch."), dqk, dv, target)
+        sched = self.plan_for(sig).schedule
+        extra = []
+        for name, _ in kernel_arguments(self.plan):
+            if name.startswith("p_"):
+                extra.append(params[name[2:]])
+        for cap in self.plan.spec.captures:
+            t = tensors[cap.name]
+            t = t.view(torch.uint8) if t.dtype == torch.bool else t
+            extra += [t, *t.stride(), *t.shape]
+        interpret = target == "interpreter"
+        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
+        self.jit_function()[grid](
+            q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Lq, Lk, Hq, Hkv, float(sm_scale), *extra,
+            D_QK=dqk, D_V=dv, D_QK_PAD=padded(dqk), D_V_PAD=padded(dv),
+            BLOCK_M=sched.block_m, BLOCK_N=sched.block_n,
+            DOT_PRECISION="tf32" if sched.allow_tf32 else "ieee",
+            # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
+            # there, and only there, bf16 tiles are upcast to fp32 before each dot
+            UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
+            WRITE_LSE=lse is not None, COUNT_VISITS=visits is not None,
+            num_warps=sched.num_warps, num_stages=sched.num_stages,
+        )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

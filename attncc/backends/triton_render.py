@@ -1,0 +1,110 @@
+"""Render a KernelPlan into Triton source with `templates/triton/attn_fwd.py.j2`.
+
+All decisions are made here, in Python; the template only lays out the prepared strings.
+`kernel_arguments(plan)` is the one list of kernel arguments (name, Triton type) that the
+renderer, the launcher and the ahead-of-time compiler share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+
+import jinja2
+
+from attncc.backends.triton_printer import TritonPrinter, capture_arg_names
+from attncc.ir.plan import KernelPlan
+from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
+                               SCORE, Load, buffer_symbol)
+
+TEMPLATE = "attn_fwd.py.j2"
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                  "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
+                  "bool": "u8"}  # bool tensors travel as uint8 views
+
+
+def template_source(name: str = TEMPLATE) -> str:
+    return resources.files("attncc.templates.triton").joinpath(name).read_text()
+
+
+def template_hash(name: str = TEMPLATE) -> str:
+    return hashlib.sha256(template_source(name).encode()).hexdigest()
+
+
+def kernel_name(plan: KernelPlan) -> str:
+    """Readable name plus content hash, e.g. `attn_fwd_causal_sw_softcap_9f3a0c12d4`."""
+    tag = "".join(c if c.isalnum() or c == "_" else "_" for c in plan.spec.tag)[:48]
+    return f"attn_fwd_{tag}_{plan.spec.key[:10]}"
+
+
+def _names(plan: KernelPlan) -> dict[str, str]:
+    names = {B_IDX.name: "off_b", H_IDX.name: "off_h", Q_IDX.name: "q_idx",
+             KV_IDX.name: "kv_idx", LQ.name: "Lq", LK.name: "Lk", HQ.name: "Hq",
+             HKV.name: "Hkv", SCORE.name: "score", Q_FIRST.name: "q_first",
+             Q_LAST.name: "q_last"}
+    names.update({p.name: f"p_{p.name}" for p in plan.spec.params})
+    return names
+
+
+def kernel_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
+    """Runtime arguments after the fixed ones, as (name, Triton signature type)."""
+    args = [(f"p_{p.name}", "i32" if p.kind == "int" else "fp32") for p in plan.spec.params]
+    for cap in plan.spec.captures:
+        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
+        args.append((ptr, "*" + _TRITON_DTYPES[cap.dtype]))
+        args += [(s, "i32") for s in strides] + [(n, "i32") for n in sizes]
+    return args
+
+
+def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
+    t = "*" + _TRITON_DTYPES[dtype]
+    args = [("Q", t), ("K", t), ("V", t), ("O", t), ("LSE", "*fp32"), ("VISITS", "*i8")]
+    for x in "qkvo":
+        m = "m" if x in "qo" else "n"
+        args += [(f"stride_{x}{s}", "i32") for s in ("b", "h", m, "d")]
+    return args + [("Lq", "i32"), ("Lk", "i32"), ("Hq", "i32"), ("Hkv", "i32"),
+                   ("sm_scale", "fp32")]
+
+
+def _pieces(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
+    out = []
+    for i, piece in enumerate(plan.tiles.pieces):
+        j = str(i)
+        loops = ([("n_begin" + j, "f_begin" + j, True), ("f_begin" + j, "f_end" + j, False),
+                  ("f_end" + j, "n_end" + j, True)] if piece.exact
+                 else [("n_begin" + j, "n_end" + j, True)])
+        out.append({
+            "comment": piece.text().replace("\n", " "),
+            "some_lo": printer.doprint(piece.some_lo), "some_hi": printer.doprint(piece.some_hi),
+            "all_lo": printer.doprint(piece.all_lo), "all_hi": printer.doprint(piece.all_hi),
+            "guard": printer.doprint(piece.guard), "exact": piece.exact, "loops": loops,
+            "earlier": list(range(i)),
+        })
+    return out
+
+
+RENDERS = [0]  # how many sources this process rendered (tests: a cache hit renders nothing)
+
+
+def render(plan: KernelPlan) -> str:
+    """Triton source of the forward kernel for `plan` (signature-independent)."""
+    RENDERS[0] += 1
+    spec = plan.spec
+    printer = TritonPrinter(_names(plan))
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    sink = spec.normaliser.sink
+    runtime = ["Lq", "Lk"] + [name for name, kind in kernel_arguments(plan)
+                              if not kind.startswith("*")]
+    return env.from_string(template_source()).render(
+        kernel_name=kernel_name(plan),
+        spec_lines=spec.text().splitlines(),
+        runtime_scalars=runtime,
+        extra_args=[name for name, _ in kernel_arguments(plan)],
+        score_expr=printer.doprint(spec.score.expr) if spec.score is not None else "",
+        mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
+        pieces=_pieces(plan, printer),
+        has_sink=sink is not None,
+        sink_load=printer.doprint(Load(buffer_symbol(sink.name), H_IDX)) if sink else "",
+    )
+

@@ -1,0 +1,114 @@
+"""Argument checks for a compiled attention call: every problem is reported before any launch,
+naming the argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import sympy
+import torch
+
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
+from attncc.passes.select_tiles import MAX_HEAD_DIM
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LAYOUTS = {"bhsd": "[B, H, L, D]", "bshd": "[B, L, H, D]"}
+
+
+def to_bhsd(name: str, t: Any, layout: str) -> torch.Tensor:
+    """Check one of q/k/v and return it as a BHSD view (no copy)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-d tensor {LAYOUTS[layout]} (layout={layout!r}), "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    return t.transpose(1, 2) if layout == "bshd" else t
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes are BHSD here: q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]."""
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (the device of q), "
+                             f"got {t.device}")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name}: expected batch size {q.shape[0]} (as q), got {t.shape[0]}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v: expected {k.shape[1]} heads and length {k.shape[2]} (as k), "
+                         f"got {v.shape[1]} heads and length {v.shape[2]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected head dim {q.shape[3]} (the head dim of q), "
+                         f"got {k.shape[3]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k: expected a number of kv heads dividing the {hq} query heads "
+                         f"(Hq % Hkv == 0), got Hkv = {hkv}")
+    for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: expected a head dim between 1 and {MAX_HEAD_DIM}, got {d}")
+
+
+def check_scale(scale: Any) -> None:
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+
+
+def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
+                  ) -> tuple[dict[str, int | float], dict[str, torch.Tensor]]:
+    """Sort call keyword arguments into parameter values and replacement captured tensors."""
+    params = {p.name: p for p in spec.params}
+    captures = {c.name: c for c in spec.captures}
+    values, tensors = {}, {}
+    for name, value in runtime.items():
+        if name in params:
+            p = params[name]
+            p.__class__(p.name, p.kind, value, p.positive)  # reuse Param's own checks
+            values[name] = value
+        elif name in captures:
+            c = captures[name]
+            if not isinstance(value, torch.Tensor) or value.dim() != c.ndim or \
+                    str(value.dtype).removeprefix("torch.") != c.dtype:
+                got = (f"{value.dim()}-d {value.dtype}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                raise TypeError(f"{name}: expected a {c.ndim}-d {c.dtype} tensor, got {got}")
+            tensors[name] = value
+        else:
+            raise TypeError(f"unexpected keyword argument {name!r}: this kernel's runtime "
+                            f"parameters are {sorted(params)} and tensors {sorted(captures)}")
+    return ({n: values.get(n, p.value) for n, p in params.items()},
+            {n: tensors.get(n, c.tensor) for n, c in captures.items()})
+
+
+def check_captures(spec: AttentionSpec, tensors: Mapping[str, torch.Tensor],
+                   device: torch.device, sizes: Mapping[sympy.Symbol, int]) -> None:
+    """Captured tensors: on q's device, and long enough where indexed by a plain index."""
+    for cap in spec.captures:
+        t = tensors[cap.name]
+        if t is None:
+            raise ValueError(f"{cap.name}: this spec reads a captured tensor {cap.name!r}; "
+                             f"pass it as {cap.name}=tensor")
+        if t.device != device:
+            raise ValueError(f"{cap.name}: expected the captured tensor on {device} (the device "
+                             f"of q), got {t.device}")
+    for node in (spec.mask, spec.score):
+        if node is None:
+            continue
+        for ld in node.expr.atoms(Load):
+            t = tensors[ld.args[0].name]
+            for axis, index in enumerate(ld.args[1:]):
+                if index in sizes and t.shape[axis] < sizes[index]:
+                    raise ValueError(
+                        f"{ld.args[0].name}: dimension {axis} is indexed by {index} up to "
+                        f"{sizes[index] - 1}, so it needs size >= {sizes[index]}, "
+                        f"got shape {tuple(t.shape)}")
+
+
+def index_extents(B: int, Hq: int, Lq: int, Lk: int) -> dict[sympy.Symbol, int]:
+    return {B_IDX: B, H_IDX: Hq, Q_IDX: Lq, KV_IDX: Lk}

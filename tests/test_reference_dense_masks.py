@@ -1,0 +1,188 @@
+"""attention_reference == an independent dense oracle for masks M1-M20, mask algebra, fully
+masked rows and reorders R1-R6 (CATALOG.md Sections 0, 1, 4). Oracle: tests/dense_oracle.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dense_oracle as D
+from attncc import masks as M
+from attncc.backends.reference import attention_reference
+from attncc.ir.reorder import (Hilbert2D, Hilbert3D, Morton2D, SegmentSort, TileMajor,
+                               UserPermutation)
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.trace import trace_mask
+
+I64 = torch.int64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _doc_ids(L: int, n_docs: int, seed: int) -> torch.Tensor:
+    """Sorted random document ids (packed sequences) of length L."""
+    cuts = torch.randint(0, n_docs, (L,), generator=_gen(seed))
+    return cuts.sort().values.to(I64)
+
+
+def _topk_idx(B, H, n_blocks, k, seed):
+    idx = torch.randint(-1, n_blocks, (B, H, n_blocks, k), generator=_gen(seed))
+    return idx.to(I64)  # -1 entries are unused slots
+
+
+def _hilbert_rank(n: int) -> torch.Tensor:
+    """rank[cell] for the classical curve on n x n, cells numbered y * n + x."""
+    rank = torch.empty(n * n, dtype=I64)
+    for d in range(n * n):
+        x, y = D.hilbert_d2xy(n, d)
+        rank[y * n + x] = d
+    return rank
+
+
+def _case(name, shape, build):
+    B, Hq, Hkv, Lq, Lk = shape
+    return pytest.param(shape, build, id=f"{name}-B{B}-H{Hq}kv{Hkv}-{Lq}x{Lk}")
+
+
+# build(Lq, Lk, Hq) -> (attncc Mask, oracle bool tensor broadcastable to [B, Hq, Lq, Lk])
+MASK_CASES = [
+    _case("M1-causal", (1, 2, 2, 1, 1), lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
+    _case("M1-causal", (2, 4, 2, 63, 63), lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
+    _case("M1-causal", (1, 4, 1, 63, 200), lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
+    _case("M1-causal-decode", (2, 2, 1, 1, 257),
+          lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
+    _case("M1-causal-Lq>Lk", (1, 2, 2, 200, 63),  # first 137 rows see no key
+          lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
+    _case("M2-sw1", (2, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.sliding_window(1), D.m_sliding(Lq, Lk, 1))),
+    _case("M2-sw16", (1, 2, 1, 257, 257),
+          lambda Lq, Lk, H: (M.sliding_window(16), D.m_sliding(Lq, Lk, 16))),
+    _case("M2-sw16", (1, 2, 2, 63, 200),
+          lambda Lq, Lk, H: (M.sliding_window(16), D.m_sliding(Lq, Lk, 16))),
+    _case("M2-sw100-decode", (1, 4, 4, 1, 200),
+          lambda Lq, Lk, H: (M.sliding_window(100), D.m_sliding(Lq, Lk, 100))),
+    _case("M3-biwin0", (2, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (M.bidirectional_window(0), D.m_biwin(Lq, Lk, 0))),
+    _case("M3-biwin5", (1, 4, 2, 200, 200),
+          lambda Lq, Lk, H: (M.bidirectional_window(5), D.m_biwin(Lq, Lk, 5))),
+    _case("M4-w8d2", (1, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (M.dilated_window(8, 2), D.m_dilated(Lq, Lk, 8, 2))),
+    _case("M4-w12d3-causal", (2, 2, 1, 63, 63),
+          lambda Lq, Lk, H: (M.dilated_window(12, 3, causal=True),
+                             D.m_dilated(Lq, Lk, 12, 3, causal=True))),
+    _case("M5-prefix0-decode", (1, 2, 2, 1, 257),
+          lambda Lq, Lk, H: (M.prefix_lm(0), D.m_prefix(Lq, Lk, 0))),
+    _case("M5-prefix10", (2, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.prefix_lm(10), D.m_prefix(Lq, Lk, 10))),
+    _case("M5-prefix150", (1, 2, 1, 63, 200),
+          lambda Lq, Lk, H: (M.prefix_lm(150), D.m_prefix(Lq, Lk, 150))),
+    _case("M6-s4w8", (2, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.sinks_window(4, 8), D.m_sinks(Lq, Lk, 4, 8))),
+    _case("M6-s1w16", (1, 2, 2, 63, 200),
+          lambda Lq, Lk, H: (M.sinks_window(1, 16), D.m_sinks(Lq, Lk, 1, 16))),
+    _case("M6-s0w3", (1, 2, 2, 257, 257),
+          lambda Lq, Lk, H: (M.sinks_window(0, 3), D.m_sinks(Lq, Lk, 0, 3))),
+    _case("M7-c1", (2, 2, 1, 63, 63), lambda Lq, Lk, H: (M.chunked(1), D.m_chunked(Lq, Lk, 1))),
+    _case("M7-c16", (1, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (M.chunked(16), D.m_chunked(Lq, Lk, 16))),
+    _case("M7-c64", (1, 2, 2, 257, 257),
+          lambda Lq, Lk, H: (M.chunked(64), D.m_chunked(Lq, Lk, 64))),
+    _case("M8-c8", (2, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.block_causal(8), D.m_block_causal(Lq, Lk, 8))),
+    _case("M8-c50", (1, 2, 2, 63, 200),
+          lambda Lq, Lk, H: (M.block_causal(50), D.m_block_causal(Lq, Lk, 50))),
+    _case("M8-c16-decode", (1, 2, 2, 1, 200),
+          lambda Lq, Lk, H: (M.block_causal(16), D.m_block_causal(Lq, Lk, 16))),
+    _case("M9-b8-n2-s3-d1", (1, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.strided_heads(8, 2, 3, 1), D.m_strided(H, Lq, Lk, 8, 2, 3, 1))),
+    _case("M9-b16-n1-s4-d0", (1, 4, 1, 200, 200),
+          lambda Lq, Lk, H: (M.strided_heads(16, 1, 4, 0), D.m_strided(H, Lq, Lk, 16, 1, 4, 0))),
+    _case("M10-w3", (2, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (lambda g: (M.global_tokens(3, g), D.m_global(Lq, Lk, 3, g)))(
+              torch.rand(Lq, generator=_gen(1)) < 0.1)),
+    _case("M10-w0-first", (1, 2, 2, 200, 200),
+          lambda Lq, Lk, H: (lambda g: (M.global_tokens(0, g), D.m_global(Lq, Lk, 0, g)))(
+              torch.arange(Lq) == 0)),
+    _case("M11-doc", (2, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (lambda d: (M.document(d), D.m_document(d)))(_doc_ids(Lq, 5, 2))),
+    _case("M11-doc-interleaved", (1, 2, 1, 64, 64),
+          lambda Lq, Lk, H: (lambda d: (M.document(d), D.m_document(d)))(torch.arange(Lq) % 3)),
+    _case("M11-cu_seqlens", (1, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.document(cu_seqlens=torch.tensor([0, 5, 30, 31, 63])),
+                             D.m_document(D.doc_from_cu_seqlens([0, 5, 30, 31, 63])))),
+    _case("M12-8x8-k3x3", (1, 2, 2, 64, 64),
+          lambda Lq, Lk, H: (M.neighbourhood_2d(8, 8, 3, 3), D.m_neigh_2d(8, 8, 3, 3))),
+    _case("M12-8x8-k5x3", (2, 2, 1, 64, 64),
+          lambda Lq, Lk, H: (M.neighbourhood_2d(8, 8, 5, 3), D.m_neigh_2d(8, 8, 5, 3))),
+    _case("M12-6x10-k3x5", (1, 2, 2, 60, 60),
+          lambda Lq, Lk, H: (M.neighbourhood_2d(6, 10, 3, 5), D.m_neigh_2d(6, 10, 3, 5))),
+    _case("M12-7x9-k7x1", (1, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (M.neighbourhood_2d(7, 9, 7, 1), D.m_neigh_2d(7, 9, 7, 1))),
+    _case("M13-2x4x4-k1x3x3", (1, 2, 2, 32, 32),
+          lambda Lq, Lk, H: (M.neighbourhood_3d(2, 4, 4, (1, 3, 3)),
+                             D.m_neigh_3d((2, 4, 4), (1, 3, 3)))),
+    _case("M13-3x4x5-k3x3x3", (1, 2, 1, 60, 60),
+          lambda Lq, Lk, H: (M.neighbourhood_3d(3, 4, 5, (3, 3, 3)),
+                             D.m_neigh_3d((3, 4, 5), (3, 3, 3)))),
+    _case("M13-sta-4x6x8-t2x2x4-k1x3x1", (1, 2, 2, 192, 192),
+          lambda Lq, Lk, H: (M.neighbourhood_3d(4, 6, 8, (1, 3, 1), tile=(2, 2, 4)),
+                             D.m_neigh_3d((4, 6, 8), (1, 3, 1), tile=(2, 2, 4)))),
+    _case("M13-sta-3x5x6-t2x2x3-k1x3x1", (1, 2, 2, 90, 90),  # edge tiles are short
+          lambda Lq, Lk, H: (M.neighbourhood_3d(3, 5, 6, (1, 3, 1), tile=(2, 2, 3)),
+                             D.m_neigh_3d((3, 5, 6), (1, 3, 1), tile=(2, 2, 3)))),
+    _case("M14-8x8", (1, 2, 2, 64, 64),
+          lambda Lq, Lk, H: (M.criss_cross(8, 8), D.m_criss_cross(8, 8))),
+    _case("M14-7x9", (2, 2, 1, 63, 63),
+          lambda Lq, Lk, H: (M.criss_cross(7, 9), D.m_criss_cross(7, 9))),
+    _case("M15-8x8-t4-s0-c2", (1, 2, 2, 64, 64),
+          lambda Lq, Lk, H: (M.hilberta(8, 8, 4, 0, 2),
+                             D.m_hilberta(_hilbert_rank(8), 8, 8, 4, 0, 2))),
+    _case("M15-8x8-t16-s8-c2", (1, 2, 2, 64, 64),
+          lambda Lq, Lk, H: (M.hilberta(8, 8, 16, 8, 2),
+                             D.m_hilberta(_hilbert_rank(8), 8, 8, 16, 8, 2))),
+    _case("M15-16x16-t16-s8-c4", (1, 2, 1, 256, 256),
+          lambda Lq, Lk, H: (M.hilberta(16, 16, 16, 8, 4),
+                             D.m_hilberta(_hilbert_rank(16), 16, 16, 16, 8, 4))),
+    _case("M16-b8-causal", (2, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (lambda i: (M.block_topk(i, 8), D.m_block_topk(i, Lq, Lk, 8)))(
+              _topk_idx(2, H, 8, 2, 3))),
+    _case("M16-b16-noncausal", (1, 4, 2, 200, 200),
+          lambda Lq, Lk, H: (lambda i: (M.block_topk(i, 16, causal=False),
+                                        D.m_block_topk(i, Lq, Lk, 16, causal=False)))(
+              _topk_idx(1, H, 13, 3, 4))),
+    _case("M17-b8-r1-g0", (1, 2, 2, 63, 63),
+          lambda Lq, Lk, H: (lambda G, R: (M.bigbird(8, 1, G, R), D.m_bigbird(Lq, 8, 1, G, R)))(
+              torch.arange(8) == 0, torch.rand(8, 8, generator=_gen(5)) < 0.2)),
+    _case("M17-b16-r0-seeded", (1, 2, 1, 200, 200),
+          lambda Lq, Lk, H: (lambda G, R: (M.bigbird(16, 0, G, R),
+                                           D.m_bigbird(Lq, 16, 0, G, R)))(
+              torch.zeros(13, dtype=torch.bool), M.bigbird_random_blocks(13, 2, seed=3))),
+    _case("M18-0110-s2w8", (1, 4, 2, 63, 63),
+          lambda Lq, Lk, H: (M.per_head_classes(torch.tensor([0, 1, 1, 0]), 2, 8),
+                             D.m_head_classes(H, Lq, Lk, torch.tensor([0, 1, 1, 0]), 2, 8))),
+    _case("M18-1010-s4w16-decode", (2, 4, 1, 1, 200),
+          lambda Lq, Lk, H: (M.per_head_classes(torch.tensor([1, 0, 1, 0]), 4, 16),
+                             D.m_head_classes(H, Lq, Lk, torch.tensor([1, 0, 1, 0]), 4, 16))),
+    _case("M19-P20-n7", (1, 2, 2, 7, 27),
+          lambda Lq, Lk, H: (lambda a: (M.tree(20, a), D.m_tree(Lq, Lk, 20, a)))(
+              D.random_tree_ancestors(7, 6))),
+    _case("M19-P0-n15", (2, 2, 1, 15, 15),
+          lambda Lq, Lk, H: (lambda a: (M.tree(0, a), D.m_tree(Lq, Lk, 0, a)))(
+              D.random_tree_ancestors(15, 7))),
+    _case("M19-P193-n7", (1, 4, 2, 7, 200),
+          lambda Lq, Lk, H: (lambda a: (M.tree(193, a), D.m_tree(Lq, Lk, 193, a)))(
+              D.random_tree_ancestors(7, 8))),
+    _case("M20-full-decode", (2, 4, 2, 1, 257), lambda Lq, Lk, H: (M.full(), None)),
+    _case("M20-full-latent", (1, 2, 1, 7, 200), lambda Lq, Lk, H: (M.full(), None)),
+    _case("M20-no-mask", (1, 2, 2, 63, 63), lambda Lq, Lk, H: (None, None)),
+]
+
+
+@pytest.mark.parametrize("shape, build", MASK_CASES)
+def test_named_mask_matches_dense(shape, build):
+    B, Hq, Hkv, Lq, Lk = shape
+    mask, allowed = build(Lq, Lk, Hq)
+    q, k, v = D.make_qkv(B, Hq, Hkv, Lq, Lk)
+    D.check(AttentionSpec(mask=mask), q, k, v, allowed)
