@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import sympy
 import torch
 
+from attncc.ir.nodes import Param
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
 from attncc.passes.select_tiles import MAX_HEAD_DIM
@@ -60,6 +61,23 @@ def check_scale(scale: Any) -> None:
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
 
 
+def check_param_value(p: Param, value: Any) -> int | float:
+    """A runtime value for parameter `p`: an int (not a bool) for int parameters, a finite real
+    number for float ones, positive where `p` requires it."""
+    if p.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        article = "an" if p.kind == "int" else "a"
+        raise TypeError(f"parameter {p.name!r}: expected {article} {p.kind} value, "
+                        f"got {type(value).__name__} {value!r}")
+    if p.kind == "float" and not math.isfinite(value):
+        raise ValueError(f"parameter {p.name!r}: expected a finite float value, got {value!r}")
+    Param(p.name, p.kind, value, p.positive)  # Param's own checks (positivity)
+    return value
+
+
 def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
                   ) -> tuple[dict[str, int | float], dict[str, torch.Tensor]]:
     """Sort call keyword arguments into parameter values and replacement captured tensors."""
@@ -68,9 +86,7 @@ def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
     values, tensors = {}, {}
     for name, value in runtime.items():
         if name in params:
-            p = params[name]
-            p.__class__(p.name, p.kind, value, p.positive)  # reuse Param's own checks
-            values[name] = value
+            values[name] = check_param_value(params[name], value)
         elif name in captures:
             c = captures[name]
             if not isinstance(value, torch.Tensor) or value.dim() != c.ndim or \

@@ -77,7 +77,7 @@ def _memory(spec: AttentionSpec, kind: type, field: str | None, given: int | Non
         raise ValueError(f"spec.memory: expected {kind.__name__} (or the default DenseMemory) "
                          f"for {fn}, got {mem.text()}")
     if isinstance(mem, kind) and field is not None and getattr(mem, field) != given:
-        raise ValueError(f"spec.memory.{field}: expected {given} (from the tensors), "
+        raise ValueError(f"spec.memory.{field}: expected {given} (read from the tensors), "
                          f"got {getattr(mem, field)}")
     return spec.replace(memory=DenseMemory())
 

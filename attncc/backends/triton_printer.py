@@ -162,8 +162,11 @@ class TritonPrinter:
             return f"tl.load({ptr})"
         idx = [self._p(i) for i in index]
         offset = " + ".join(f"{i} * {s}" for i, s in zip(idx, strides))
-        inside = " & ".join(f"({i} >= 0) & ({i} < {n})" for i, n in zip(idx, sizes))
-        return f"tl.load({ptr} + {offset}, mask={inside}, other=0)"
+        inside = " & ".join(  # indices provably >= 0 need no lower check
+            (f"({i} < {n})" if raw.is_nonnegative else f"({i} >= 0) & ({i} < {n})")
+            for raw, i, n in zip(index, idx, sizes))
+        # `!= 0`: the interpreter rejects a load mask that mixes scalar and block booleans
+        return f"tl.load({ptr} + {offset}, mask=({inside}) != 0, other=0)"
 
 
 _ = (Load, Sigmoid)  # the printer dispatches on these class names

@@ -145,6 +145,7 @@ class Traced:
     def __or__(self, o): return self._logic(o, sympy.Or)
     def __ror__(self, o): return self._logic(o, sympy.Or, rev=True)
     def __xor__(self, o): return self._logic(o, sympy.Xor)
+    def __rxor__(self, o): return self._logic(o, sympy.Xor, rev=True)
 
     def __invert__(self) -> "Traced":
         if self.kind != "bool":

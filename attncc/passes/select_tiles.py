@@ -31,7 +31,7 @@ def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -
 def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
     """Default tiles; the interpreter gets small tiles because it runs on the CPU."""
     if target == "interpreter":
-        return Schedule(block_m=32, block_n=32, num_warps=4, num_stages=1)
+        return Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
     d, elem = max(padded(dqk), padded(dv)), 4 if dtype == "float32" else 2
     if d <= 64:
         bm, bn, warps, stages = 128, 64, 4, 3

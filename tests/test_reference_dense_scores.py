@@ -1,0 +1,239 @@
+"""attention_reference == an independent dense oracle for score mods S1-S8, composed scores, the
+N2 sink, the softmax scale, traced FlexAttention-style score_mods and position-dependent scores
+under reorders (CATALOG.md Sections 0, 2, 3, 4). Oracle: tests/dense_oracle.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attncc import masks as M
+from attncc import scores as S
+from attncc.backends.reference import attention_reference
+from attncc.ir.reorder import Hilbert2D, UserPermutation
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.trace import trace_mask, trace_score
+from tests import dense_oracle as D
+
+F64 = D.F64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=F64)
+
+
+def _idx(B, H, Lq, Lk):
+    """b, h, q, kv as [B,1,1,1], [1,H,1,1], [1,1,Lq,1], [1,1,1,Lk]."""
+    return (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+            torch.arange(Lq).view(1, 1, Lq, 1), torch.arange(Lk).view(1, 1, 1, Lk))
+
+
+def _qkv(B, Hq, Hkv, Lq, Lk, seed=0):
+    q, k, v = D.make_qkv(B, Hq, Hkv, Lq, Lk, seed=seed)
+    return 3.0 * q, k, v  # scores of a few units, so soft-caps and biases matter
+
+
+def _alibi_slopes(Hq):  # S3 default
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / Hq) for h in range(Hq)], dtype=F64)
+
+
+def _rel_bucket(q, kv, m):  # S4: relative distance clamped to [-m, m], shifted to [0, 2m]
+    return (q - kv).clamp(-m, m) + m
+
+
+def _case(name, shape, build, masked=True):
+    B, Hq, Hkv, Lq, Lk = shape
+    tag = "causal" if masked else "nomask"
+    return pytest.param(shape, build, masked, id=f"{name}-{tag}-B{B}-H{Hq}kv{Hkv}-{Lq}x{Lk}")
+
+
+# build(B, Hq, Lq, Lk) -> (ScoreMod, f(s, b, h, q, kv) written from the CATALOG formula)
+SCORE_CASES = [
+    _case("S1-scale0.5", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        S.scale(0.5), lambda s, b, h, q, kv: 0.5 * s), masked=False),
+    _case("S1-scale3", (1, 2, 1, 63, 200), lambda B, H, Lq, Lk: (
+        S.scale(3.0), lambda s, b, h, q, kv: 3.0 * s)),
+    _case("S2-softcap1", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        S.softcap(1.0), lambda s, b, h, q, kv: 1.0 * torch.tanh(s / 1.0))),
+    _case("S2-softcap5", (1, 2, 2, 257, 257), lambda B, H, Lq, Lk: (
+        S.softcap(5.0), lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0)), masked=False),
+    _case("S2-softcap50-decode", (2, 4, 1, 1, 200), lambda B, H, Lq, Lk: (
+        S.softcap(50.0), lambda s, b, h, q, kv: 50.0 * torch.tanh(s / 50.0))),
+    _case("S3-alibi", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        S.alibi(), lambda s, b, h, q, kv: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q))),
+    _case("S3-alibi", (1, 4, 1, 63, 200), lambda B, H, Lq, Lk: (
+        S.alibi(), lambda s, b, h, q, kv: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q))),
+    _case("S3-alibi-captured", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
+        lambda sl: (S.alibi(sl), lambda s, b, h, q, kv: s + sl.view(1, H, 1, 1) * (kv - q)))(
+        torch.tensor([0.5, 0.03125], dtype=F64)), masked=False),
+    _case("S4-relbias-m4", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.relative_bias(t), lambda s, b, h, q, kv: s + t[h, _rel_bucket(q, kv, 4)]))(
+        _rand(H, 9, seed=1))),
+    _case("S4-relbias-m300", (1, 2, 1, 63, 200), lambda B, H, Lq, Lk: (
+        lambda t: (S.relative_bias(t), lambda s, b, h, q, kv: s + t[h, q - kv + 300]))(
+        _rand(H, 601, seed=2)), masked=False),
+    _case("S5-bias-BHQK", (2, 2, 1, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t))(_rand(B, H, Lq, Lk, seed=3))),
+    _case("S5-bias-1HQK", (2, 4, 2, 63, 200), lambda B, H, Lq, Lk: (
+        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[0, h, q, kv]))(
+        _rand(1, H, Lq, Lk, seed=4))),
+    _case("S5-bias-B11K", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[b, 0, 0, kv]))(
+        _rand(B, 1, 1, Lk, seed=5)), masked=False),
+    _case("S5-bias-11Q1", (1, 2, 1, 257, 257), lambda B, H, Lq, Lk: (
+        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[0, 0, q, 0]))(
+        _rand(1, 1, Lq, 1, seed=6))),
+    _case("S6-headbias", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.head_bias(t), lambda s, b, h, q, kv: s + t[h]))(_rand(H, seed=7))),
+    _case("S7-logcount", (1, 4, 1, 63, 200), lambda B, H, Lq, Lk: (
+        lambda t: (S.log_count(t), lambda s, b, h, q, kv: s + t[kv]))(
+        torch.log(torch.randint(1, 50, (Lk,), generator=_gen(8)).to(F64)))),
+    _case("S8-calibration", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.calibration(t), lambda s, b, h, q, kv: s + torch.log(t[kv])))(
+        torch.rand(Lk, generator=_gen(9), dtype=F64) + 0.05)),
+    _case("softcap20.then(alibi)", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
+        S.softcap(20.0).then(S.alibi()), lambda s, b, h, q, kv: (
+            20.0 * torch.tanh(s / 20.0) + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q)))),
+    _case("scale2.then(softcap5).then(headbias)", (1, 4, 1, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t: (S.scale(2.0).then(S.softcap(5.0)).then(S.head_bias(t)),
+                   lambda s, b, h, q, kv: 5.0 * torch.tanh(2.0 * s / 5.0) + t[h]))(
+        _rand(H, seed=10)), masked=False),
+    _case("softcap5.then(softcap2)-same-param-name", (1, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
+        S.softcap(5.0).then(S.softcap(2.0)),
+        lambda s, b, h, q, kv: 2.0 * torch.tanh(5.0 * torch.tanh(s / 5.0) / 2.0))),
+    _case("relbias.then(bias)", (2, 2, 1, 63, 63), lambda B, H, Lq, Lk: (
+        lambda t, u: (S.relative_bias(t).then(S.bias(u)),
+                      lambda s, b, h, q, kv: s + t[h, _rel_bucket(q, kv, 3)] + u[b, h, q, kv]))(
+        _rand(H, 7, seed=11), _rand(B, H, Lq, Lk, seed=12))),
+]
+
+
+@pytest.mark.parametrize("shape, build, masked", SCORE_CASES)
+def test_score_mod_matches_dense(shape, build, masked):
+    B, Hq, Hkv, Lq, Lk = shape
+    mod, formula = build(B, Hq, Lq, Lk)
+    idx = _idx(B, Hq, Lq, Lk)
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, seed=1)
+    mask, allowed = (M.causal(), D.m_causal(Lq, Lk)) if masked else (None, None)
+    D.check(AttentionSpec(mask=mask, score=mod), q, k, v, allowed,
+            score=lambda s: formula(s, *idx))
+
+
+def test_calibration_zero_weight_is_a_dropped_key():
+    """S8 with lambda = 0: log 0 = -inf, the key gets weight 0; row 0 (causal: key 0 only)
+    then has no mass at all and gives o = 0, lse = -inf."""
+    lam = torch.rand(63, generator=_gen(13), dtype=F64) + 0.1
+    lam[[0, 5, 6, 40]] = 0.0
+    q, k, v = _qkv(1, 2, 1, 63, 63, seed=2)
+    o, lse = D.check(AttentionSpec(mask=M.causal(), score=S.calibration(lam)), q, k, v,
+                     D.m_causal(63, 63), score=lambda s: s + torch.log(lam))
+    assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))
+    assert bool((lse[:, :, 0] == -math.inf).all()) and bool(torch.isfinite(lse[:, :, 1:]).all())
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 63, 63), (1, 4, 1, 1, 257), (2, 2, 2, 63, 200)],
+                         ids=lambda s: "B{}-H{}kv{}-{}x{}".format(*s))
+@pytest.mark.parametrize("mask_name", ["none", "causal", "sw8"])
+def test_sink_normaliser_matches_dense(shape, mask_name):
+    """N2: the denominator gets + e^{sink[h]}; attncc's lse includes the sink term."""
+    B, Hq, Hkv, Lq, Lk = shape
+    mask, allowed = {"none": (None, None), "causal": (M.causal(), D.m_causal(Lq, Lk)),
+                     "sw8": (M.sliding_window(8), D.m_sliding(Lq, Lk, 8))}[mask_name]
+    sink = _rand(Hq, seed=14) + 2.0
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, seed=3)
+    D.check(AttentionSpec(mask=mask, normaliser=S.sink(sink)), q, k, v, allowed, sink=sink)
+
+
+def test_sink_with_softcap_and_fully_masked_row():
+    """A row with no allowed key and a sink: o = 0 and lse = sink[h] (never NaN)."""
+    sink = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64)
+    q, k, v = _qkv(2, 4, 2, 63, 63, seed=4)
+    o, lse = D.check(AttentionSpec(mask=~M.causal(), score=S.softcap(4.0),
+                                   normaliser=S.sink(sink)), q, k, v, ~D.m_causal(63, 63),
+                     score=lambda s: 4.0 * torch.tanh(s / 4.0), sink=sink)
+    assert torch.equal(o[:, :, -1], torch.zeros_like(o[:, :, -1]))
+    torch.testing.assert_close(lse[:, :, -1], sink.expand(2, 4), atol=0, rtol=0)
+
+
+def test_scale_default_spec_and_call():
+    """s = scale <q, k>: 1/sqrt(Dqk) by default, else spec.scale, else the call's scale=."""
+    q, k, v = _qkv(1, 2, 1, 63, 63, seed=5)
+    base = AttentionSpec(mask=M.causal())
+    allowed = D.m_causal(63, 63)
+    D.check(base, q, k, v, allowed)  # the oracle's default is 1/sqrt(8)
+    o_spec, _ = attention_reference(base.replace(scale=0.3), q, k, v, **D.CHUNKS)
+    o_ref, _ = D.dense_attention(q, k, v, allowed, scale=0.3)
+    torch.testing.assert_close(o_spec, o_ref, **D.TOL)
+    D.check(base.replace(scale=0.3), q, k, v, allowed, scale=0.7)  # the call wins
+
+
+def test_runtime_param_and_capture_override_scores():
+    q, k, v = _qkv(1, 2, 2, 63, 63, seed=6)
+    D.check(AttentionSpec(score=S.softcap(5.0)), q, k, v, score=lambda s: 2.0 * torch.tanh(s / 2.0),
+            params={"softcap": 2.0})
+    hb1, hb2 = _rand(2, seed=15), _rand(2, seed=16)
+    D.check(AttentionSpec(score=S.head_bias(hb1)), q, k, v,
+            score=lambda s: s + hb2.view(1, 2, 1, 1), captures={"head_bias": hb2})
+
+
+def test_traced_softcap_equals_named_and_dense():
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        return 20.0 * torch.tanh(score / 20.0)
+
+    q, k, v = 4.0 * _qkv(2, 4, 2, 63, 63, seed=7)[0], *_qkv(2, 4, 2, 63, 63, seed=7)[1:]
+    cap = lambda s: 20.0 * torch.tanh(s / 20.0)  # noqa: E731
+    allowed = D.m_causal(63, 63)
+    traced, _ = D.check(AttentionSpec(mask=M.causal(), score=trace_score(softcap_mod)),
+                        q, k, v, allowed, score=cap)
+    named, _ = D.check(AttentionSpec(mask=M.causal(), score=S.softcap(20.0)), q, k, v,
+                       allowed, score=cap)
+    torch.testing.assert_close(traced, named, **D.TOL)
+
+
+def test_traced_document_and_alibi_equal_named():
+    """FlexAttention-style: document mask via a captured tensor, ALiBi via captured slopes."""
+    doc = torch.randint(0, 4, (63,), generator=_gen(17)).sort().values
+    slopes = torch.tensor([0.25, 0.0625], dtype=F64)
+
+    def doc_mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    q, k, v = _qkv(2, 2, 1, 63, 63, seed=8)
+    _, _, qi, kv = _idx(2, 2, 63, 63)
+    formula = lambda s: s + slopes.view(1, 2, 1, 1) * (kv - qi)  # noqa: E731
+    traced, _ = D.check(AttentionSpec(mask=trace_mask(doc_mask), score=trace_score(alibi_mod)),
+                        q, k, v, D.m_document(doc), score=formula)
+    named, _ = D.check(AttentionSpec(mask=M.document(doc), score=S.alibi(slopes)),
+                       q, k, v, D.m_document(doc), score=formula)
+    torch.testing.assert_close(traced, named, **D.TOL)
+
+
+@pytest.mark.parametrize("reorder, inputs", [
+    pytest.param(Hilbert2D(8, 8), {}, id="R1-hilbert-8x8"),
+    pytest.param(UserPermutation(), {"perm": torch.randperm(64, generator=_gen(18))},
+                 id="R6-userperm-64"),
+])
+def test_position_dependent_scores_under_reorder(reorder, inputs):
+    """ALiBi, a relative-bias table and a [B,H,L,L] bias read ORIGINAL positions after `pi`."""
+    B, H, L = 2, 4, 64
+    table, bias = _rand(H, 9, seed=19), _rand(B, H, L, L, seed=20)
+    mod = S.alibi().then(S.relative_bias(table)).then(S.bias(bias))
+    b, h, qi, kv = _idx(B, H, L, L)
+    formula = lambda s: (s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - qi)  # noqa: E731
+                         + table[h, _rel_bucket(qi, kv, 4)] + bias)
+    spec = AttentionSpec(mask=M.causal(), score=mod, normaliser=S.sink(_rand(H, seed=21)))
+    q, k, v = _qkv(B, H, 2, L, L, seed=9)
+    o, lse = D.check(spec.replace(reorder=reorder), q, k, v, D.m_causal(L, L), score=formula,
+                     sink=spec.normaliser.sink.tensor, reorder_inputs=inputs)
+    o_plain, lse_plain = attention_reference(spec, q, k, v, **D.CHUNKS)
+    torch.testing.assert_close(o, o_plain, **D.TOL)
+    torch.testing.assert_close(lse, lse_plain, **D.TOL)
