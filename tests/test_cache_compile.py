@@ -23,6 +23,7 @@ import torch
 import attncc
 from attncc.backends import cache, triton_render
 from attncc.backends.reference import attention_reference
+from attncc.backends.triton_render import kernel_arguments
 
 # The child compiles the spec, runs the kernel once and checks it against the fp64 reference.
 CHILD = textwrap.dedent("""
@@ -53,8 +54,9 @@ CHILD = textwrap.dedent("""
 
 
 def child_env(root: Path, **extra: str) -> dict[str, str]:
+    # one thread each: four children share the CPU cores with whatever else runs
     env = dict(os.environ, ATTNCC_CACHE_DIR=str(root), TRITON_INTERPRET="1",
-               TRITON_CACHE_DIR=str(root / "triton"), **extra)
+               TRITON_CACHE_DIR=str(root / "triton"), OMP_NUM_THREADS="1", **extra)
     return env
 
 
@@ -144,6 +146,16 @@ def _do_not_specialize(source: str, kernel: str) -> tuple[list[str], list[str]]:
     (jit,) = [d for d in fn.decorator_list if isinstance(d, ast.Call)]
     (kw,) = [k for k in jit.keywords if k.arg == "do_not_specialize"]
     return [ast.literal_eval(e) for e in kw.value.elts], [a.arg for a in fn.args.args]
+
+
+def test_every_runtime_scalar_is_unspecialised(interpreted):
+    doc = torch.tensor([0, 0, 1, 1, 1, 2])
+    attn = attncc.compile(attncc.Attention(mask=attncc.document(doc) & attncc.sliding_window(3),
+                                           score=attncc.softcap(20.0)))
+    scalars = {n for n, kind in kernel_arguments(attn.plan) if not kind.startswith("*")}
+    assert {"p_window", "p_softcap"} <= scalars and len(scalars) > 2  # + doc's strides, sizes
+    listed, params = _do_not_specialize(attn.triton.source, attn.triton.name)
+    assert scalars | {"Lq", "Lk"} <= set(listed) <= set(params)
 
 
 def test_runtime_parameter_reuses_the_kernel(interpreted, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import pytest
 import torch
@@ -303,6 +304,26 @@ def test_unsupported_torch_call_is_named():
 
     with expect(attncc.TraceError, "normalised", "`softmax`", "supported:", "tanh"):
         attncc.compile(normalised)
+
+
+def _not(b, h, q_idx, kv_idx):
+    return not (q_idx < kv_idx)
+
+
+def _int(score, b, h, q_idx, kv_idx):
+    return score + int(q_idx)
+
+
+def _math(score, b, h, q_idx, kv_idx):
+    return math.tanh(score)
+
+
+@pytest.mark.parametrize("fn, construct", [(_not, "`not`"), (_int, "int()"),
+                                           (_math, "math.* call")], ids=["not", "int", "math"])
+def test_other_concrete_uses_of_traced_values(fn, construct):
+    line = fn.__code__.co_firstlineno + 1
+    with expect(attncc.TraceError, fn.__qualname__, f"{__file__}:{line}", construct):
+        attncc.compile(fn)
 
 
 def test_mask_has_no_truth_value():

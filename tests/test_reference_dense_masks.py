@@ -370,3 +370,11 @@ def test_reorder_equals_plain_order_and_dense(reorder, L, build, inputs):
     o_plain, lse_plain = attention_reference(spec, q, k, v, **D.CHUNKS)
     torch.testing.assert_close(o, o_plain, **D.TOL)
     torch.testing.assert_close(lse, lse_plain, **D.TOL)
+
+
+def test_bigbird_random_blocks_fixed_seed():
+    """M17's R is drawn once from a fixed seed: same seed, same R; `per_row` blocks per row."""
+    r1, r2 = M.bigbird_random_blocks(13, 3, seed=3), M.bigbird_random_blocks(13, 3, seed=3)
+    assert torch.equal(r1, r2) and r1.dtype == torch.bool
+    assert torch.equal(r1.sum(1), torch.full((13,), 3))
+    assert not torch.equal(r1, M.bigbird_random_blocks(13, 3, seed=4))

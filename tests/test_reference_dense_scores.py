@@ -237,3 +237,20 @@ def test_position_dependent_scores_under_reorder(reorder, inputs):
     o_plain, lse_plain = attention_reference(spec, q, k, v, **D.CHUNKS)
     torch.testing.assert_close(o, o_plain, **D.TOL)
     torch.testing.assert_close(lse, lse_plain, **D.TOL)
+
+
+@pytest.mark.xfail(strict=True, reason="attncc bug: torch_eval computes int-index * Python-float "
+                   "terms in float32 (torch's default dtype), see report")
+@pytest.mark.parametrize("name", ["alibi-default-Hq3", "traced-0.1*(kv-q)"])
+def test_position_terms_are_fp64(name):
+    """An fp64 reference must evaluate position-dependent float terms in fp64: the default ALiBi
+    slope 2^(-8(h+1)/Hq) for Hq = 3 and a traced `score + 0.1 * (kv_idx - q_idx)`."""
+    B, H, L = 1, 3, 200
+    b, h, qi, kv = _idx(B, H, L, L)
+    if name.startswith("alibi"):
+        mod, formula = S.alibi(), lambda s: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - qi)
+    else:
+        mod = trace_score(lambda score, b, h, q_idx, kv_idx: score + 0.1 * (kv_idx - q_idx))
+        formula = lambda s: s + 0.1 * (kv - qi)  # noqa: E731
+    q, k, v = _qkv(B, H, 1, L, L, seed=10)
+    D.check(AttentionSpec(mask=M.causal(), score=mod), q, k, v, D.m_causal(L, L), score=formula)

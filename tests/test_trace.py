@@ -126,7 +126,8 @@ def torch_where_mask(b, h, q_idx, kv_idx):
 
 
 MASKS = [causal, window_or_sink, comparisons, blocks_and_strides, same_document,
-         same_document_per_batch, longformer, within_limit, closure_mask(), exclusive_or, torch_where_mask]
+         same_document_per_batch, longformer, within_limit, closure_mask(), exclusive_or,
+         torch_where_mask]
 
 
 @pytest.mark.parametrize("fn", MASKS, ids=lambda f: f.__name__)
