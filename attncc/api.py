@@ -82,5 +82,5 @@ def explain(spec: AttentionSpec | CompiledAttention, *, shape: Iterable[int] | N
             block: tuple[int, int] = (64, 64)) -> str:
     """The IR after each pass and the tile classes; with `shape=(Lq, Lk)`, also the tile map
     ('.' skipped, 'p' partial: mask evaluated, 'F' full: mask skipped) for batch 0, head 0."""
-    from attncc.explain import explain_text
+    from attncc.describe import explain_text
     return explain_text(spec.spec if isinstance(spec, CompiledAttention) else spec, shape, block)

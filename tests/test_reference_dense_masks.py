@@ -46,6 +46,19 @@ def _case(name, shape, build):
     return pytest.param(shape, build, id=f"{name}-B{B}-H{Hq}kv{Hkv}-{Lq}x{Lk}")
 
 
+# Captured data, fixed seeds; each fits the shapes of the cases that use it.
+GLOBAL_63 = torch.rand(63, generator=_gen(1)) < 0.1
+FIRST_200 = torch.arange(200) == 0
+EVERY_20TH = torch.arange(63) % 20 == 7
+DOC_63, DOC_63_B = _doc_ids(63, 5, 2), _doc_ids(63, 6, 11)
+DOC_MOD3 = torch.arange(64) % 3  # documents interleaved, not contiguous
+TOPK_8 = _topk_idx(2, 2, 8, 2, seed=3)  # [B, H, 8 query blocks, 2 picks]
+TOPK_13 = _topk_idx(1, 4, 13, 3, seed=4)
+BIGBIRD_8 = (torch.arange(8) == 0, torch.rand(8, 8, generator=_gen(5)) < 0.2)
+BIGBIRD_13 = (torch.zeros(13, dtype=torch.bool), M.bigbird_random_blocks(13, 2, seed=3))
+TREE_7, TREE_15 = D.random_tree_ancestors(7, 6), D.random_tree_ancestors(15, 7)
+CLASSES_1001 = torch.tensor([1, 0, 0, 1])
+
 # build(Lq, Lk, Hq) -> (attncc Mask, oracle bool tensor broadcastable to [B, Hq, Lq, Lk])
 MASK_CASES = [
     _case("M1-causal", (1, 2, 2, 1, 1), lambda Lq, Lk, H: (M.causal(), D.m_causal(Lq, Lk))),
@@ -100,15 +113,13 @@ MASK_CASES = [
     _case("M9-b16-n1-s4-d0", (1, 4, 1, 200, 200),
           lambda Lq, Lk, H: (M.strided_heads(16, 1, 4, 0), D.m_strided(H, Lq, Lk, 16, 1, 4, 0))),
     _case("M10-w3", (2, 2, 2, 63, 63),
-          lambda Lq, Lk, H: (lambda g: (M.global_tokens(3, g), D.m_global(Lq, Lk, 3, g)))(
-              torch.rand(Lq, generator=_gen(1)) < 0.1)),
+          lambda Lq, Lk, H: (M.global_tokens(3, GLOBAL_63), D.m_global(Lq, Lk, 3, GLOBAL_63))),
     _case("M10-w0-first", (1, 2, 2, 200, 200),
-          lambda Lq, Lk, H: (lambda g: (M.global_tokens(0, g), D.m_global(Lq, Lk, 0, g)))(
-              torch.arange(Lq) == 0)),
+          lambda Lq, Lk, H: (M.global_tokens(0, FIRST_200), D.m_global(Lq, Lk, 0, FIRST_200))),
     _case("M11-doc", (2, 2, 2, 63, 63),
-          lambda Lq, Lk, H: (lambda d: (M.document(d), D.m_document(d)))(_doc_ids(Lq, 5, 2))),
+          lambda Lq, Lk, H: (M.document(DOC_63), D.m_document(DOC_63))),
     _case("M11-doc-interleaved", (1, 2, 1, 64, 64),
-          lambda Lq, Lk, H: (lambda d: (M.document(d), D.m_document(d)))(torch.arange(Lq) % 3)),
+          lambda Lq, Lk, H: (M.document(DOC_MOD3), D.m_document(DOC_MOD3))),
     _case("M11-cu_seqlens", (1, 4, 2, 63, 63),
           lambda Lq, Lk, H: (M.document(cu_seqlens=torch.tensor([0, 5, 30, 31, 63])),
                              D.m_document(D.doc_from_cu_seqlens([0, 5, 30, 31, 63])))),
@@ -146,19 +157,14 @@ MASK_CASES = [
           lambda Lq, Lk, H: (M.hilberta(16, 16, 16, 8, 4),
                              D.m_hilberta(_hilbert_rank(16), 16, 16, 16, 8, 4))),
     _case("M16-b8-causal", (2, 2, 2, 63, 63),
-          lambda Lq, Lk, H: (lambda i: (M.block_topk(i, 8), D.m_block_topk(i, Lq, Lk, 8)))(
-              _topk_idx(2, H, 8, 2, 3))),
+          lambda Lq, Lk, H: (M.block_topk(TOPK_8, 8), D.m_block_topk(TOPK_8, Lq, Lk, 8))),
     _case("M16-b16-noncausal", (1, 4, 2, 200, 200),
-          lambda Lq, Lk, H: (lambda i: (M.block_topk(i, 16, causal=False),
-                                        D.m_block_topk(i, Lq, Lk, 16, causal=False)))(
-              _topk_idx(1, H, 13, 3, 4))),
+          lambda Lq, Lk, H: (M.block_topk(TOPK_13, 16, causal=False),
+                             D.m_block_topk(TOPK_13, Lq, Lk, 16, causal=False))),
     _case("M17-b8-r1-g0", (1, 2, 2, 63, 63),
-          lambda Lq, Lk, H: (lambda G, R: (M.bigbird(8, 1, G, R), D.m_bigbird(Lq, 8, 1, G, R)))(
-              torch.arange(8) == 0, torch.rand(8, 8, generator=_gen(5)) < 0.2)),
+          lambda Lq, Lk, H: (M.bigbird(8, 1, *BIGBIRD_8), D.m_bigbird(Lq, 8, 1, *BIGBIRD_8))),
     _case("M17-b16-r0-seeded", (1, 2, 1, 200, 200),
-          lambda Lq, Lk, H: (lambda G, R: (M.bigbird(16, 0, G, R),
-                                           D.m_bigbird(Lq, 16, 0, G, R)))(
-              torch.zeros(13, dtype=torch.bool), M.bigbird_random_blocks(13, 2, seed=3))),
+          lambda Lq, Lk, H: (M.bigbird(16, 0, *BIGBIRD_13), D.m_bigbird(Lq, 16, 0, *BIGBIRD_13))),
     _case("M18-0110-s2w8", (1, 4, 2, 63, 63),
           lambda Lq, Lk, H: (M.per_head_classes(torch.tensor([0, 1, 1, 0]), 2, 8),
                              D.m_head_classes(H, Lq, Lk, torch.tensor([0, 1, 1, 0]), 2, 8))),
@@ -166,14 +172,11 @@ MASK_CASES = [
           lambda Lq, Lk, H: (M.per_head_classes(torch.tensor([1, 0, 1, 0]), 4, 16),
                              D.m_head_classes(H, Lq, Lk, torch.tensor([1, 0, 1, 0]), 4, 16))),
     _case("M19-P20-n7", (1, 2, 2, 7, 27),
-          lambda Lq, Lk, H: (lambda a: (M.tree(20, a), D.m_tree(Lq, Lk, 20, a)))(
-              D.random_tree_ancestors(7, 6))),
+          lambda Lq, Lk, H: (M.tree(20, TREE_7), D.m_tree(Lq, Lk, 20, TREE_7))),
     _case("M19-P0-n15", (2, 2, 1, 15, 15),
-          lambda Lq, Lk, H: (lambda a: (M.tree(0, a), D.m_tree(Lq, Lk, 0, a)))(
-              D.random_tree_ancestors(15, 7))),
+          lambda Lq, Lk, H: (M.tree(0, TREE_15), D.m_tree(Lq, Lk, 0, TREE_15))),
     _case("M19-P193-n7", (1, 4, 2, 7, 200),
-          lambda Lq, Lk, H: (lambda a: (M.tree(193, a), D.m_tree(Lq, Lk, 193, a)))(
-              D.random_tree_ancestors(7, 8))),
+          lambda Lq, Lk, H: (M.tree(193, TREE_7), D.m_tree(Lq, Lk, 193, TREE_7))),
     _case("M20-full-decode", (2, 4, 2, 1, 257), lambda Lq, Lk, H: (M.full(), None)),
     _case("M20-full-latent", (1, 2, 1, 7, 200), lambda Lq, Lk, H: (M.full(), None)),
     _case("M20-no-mask", (1, 2, 2, 63, 63), lambda Lq, Lk, H: (None, None)),
@@ -221,17 +224,15 @@ COMBO_CASES = [
                            (D.m_causal(Lq, Lk) & ~D.m_chunked(Lq, Lk, 16))
                            | D.m_sinks(Lq, Lk, 2, 1))),
     _combo("doc&doc-same-capture-name",
-           lambda Lq, Lk: (lambda a, b: (M.document(a) & M.document(b),
-                                         D.m_document(a) & D.m_document(b)))(
-               _doc_ids(Lq, 4, 10), _doc_ids(Lq, 6, 11))),
+           lambda Lq, Lk: (M.document(DOC_63) & M.document(DOC_63_B),
+                           D.m_document(DOC_63) & D.m_document(DOC_63_B))),
     _combo("chunked16|global0",
-           lambda Lq, Lk: (lambda g: (M.chunked(16) | M.global_tokens(0, g),
-                                      D.m_chunked(Lq, Lk, 16) | D.m_global(Lq, Lk, 0, g)))(
-               torch.arange(Lq) % 20 == 7)),
-    _combo("M18&doc", lambda Lq, Lk: (
-        lambda c, d: (M.per_head_classes(c, 1, 6) & M.document(d),
-                      D.m_head_classes(4, Lq, Lk, c, 1, 6) & D.m_document(d)))(
-        torch.tensor([1, 0, 0, 1]), _doc_ids(Lq, 3, 12))),
+           lambda Lq, Lk: (M.chunked(16) | M.global_tokens(0, EVERY_20TH),
+                           D.m_chunked(Lq, Lk, 16) | D.m_global(Lq, Lk, 0, EVERY_20TH))),
+    _combo("M18&doc",
+           lambda Lq, Lk: (M.per_head_classes(CLASSES_1001, 1, 6) & M.document(DOC_63_B),
+                           D.m_head_classes(4, Lq, Lk, CLASSES_1001, 1, 6)
+                           & D.m_document(DOC_63_B))),
 ]
 
 
@@ -250,8 +251,8 @@ def _assert_empty_rows(o, lse, rows):
     assert bool(torch.isfinite(lse[:, :, ~rows]).all())
 
 
-@pytest.mark.parametrize("chunks", [dict(q_chunk=1, kv_chunk=7), D.CHUNKS,
-                                    dict(q_chunk=128, kv_chunk=1024)],
+@pytest.mark.parametrize("chunks", [{"q_chunk": 1, "kv_chunk": 7}, D.CHUNKS,
+                                    {"q_chunk": 128, "kv_chunk": 1024}],
                          ids=lambda c: f"q{c['q_chunk']}-kv{c['kv_chunk']}")
 def test_fully_masked_rows_are_zero_and_minus_inf(chunks):
     q, k, v = D.make_qkv(1, 2, 1, 63, 63)
@@ -348,7 +349,7 @@ REORDER_CASES = [
                   lambda L: (M.sliding_window(5), D.m_sliding(L, L, 5)),
                   lambda L: {"key_score": torch.randn(L, generator=_gen(21))}),
     _reorder_case("R6-userperm-doc", UserPermutation(), 63,
-                  lambda L: (lambda d: (M.document(d), D.m_document(d)))(_doc_ids(L, 4, 22)),
+                  lambda L: (M.document(DOC_63), D.m_document(DOC_63)),
                   lambda L: {"perm": torch.randperm(L, generator=_gen(23))}),
     _reorder_case("R6-userperm-causal", UserPermutation(), 257,
                   lambda L: (M.causal(), D.m_causal(L, L)),
