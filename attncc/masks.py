@@ -137,10 +137,11 @@ def document(doc: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """`doc[i]` = the sequence index of packed token i; tokens past `cu_seqlens[-1]` get -1."""
+    """`doc[i]` = 1 + the sequence index of packed token i. Ids start at 1 because reads past
+    the tensor give 0: padding tokens after `cu_seqlens[-1]` then join no sequence."""
     total = int(cu_seqlens[-1])
     pos = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True).to(torch.int32)
+    return (torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True) + 1).to(torch.int32)
 
 
 def _clamped_centre(coord: sympy.Basic, size: sympy.Basic, kernel: sympy.Basic) -> sympy.Basic:

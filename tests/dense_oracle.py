@@ -9,13 +9,15 @@ mods are plain torch on `s`, and the softmax is spelled out with the Section 0 c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
+import pytest
 import torch
 
 F64 = torch.float64
-TOL = dict(atol=1e-10, rtol=1e-10)
-CHUNKS = dict(q_chunk=16, kv_chunk=32)  # small, so the chunk-merge path runs on every test
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+CHUNKS = {"q_chunk": 16, "kv_chunk": 32}  # small, so the chunk-merge path runs on every test
 
 
 def make_qkv(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int = 8, Dv: int = 5,
@@ -82,12 +84,12 @@ def heads(H: int) -> torch.Tensor:
 # ---- masks M1-M20, one function per CATALOG row ------------------------------------------------
 
 def m_causal(Lq, Lk):  # M1
-    q, kv, qp = grid(Lq, Lk)
+    _, kv, qp = grid(Lq, Lk)
     return kv <= qp
 
 
 def m_sliding(Lq, Lk, w):  # M2
-    q, kv, qp = grid(Lq, Lk)
+    _, kv, qp = grid(Lq, Lk)
     return (kv <= qp) & (qp - kv < w)
 
 
@@ -103,7 +105,7 @@ def m_dilated(Lq, Lk, w, d, causal=False):  # M4
 
 
 def m_prefix(Lq, Lk, p):  # M5
-    q, kv, qp = grid(Lq, Lk)
+    _, kv, qp = grid(Lq, Lk)
     return (kv < p) | (kv <= qp)
 
 
@@ -141,7 +143,7 @@ def m_document(doc):  # M11 (Lq == Lk == len(doc))
 def doc_from_cu_seqlens(cu: list[int]) -> torch.Tensor:
     """Document id of each packed token, by an explicit loop over the sequences."""
     ids = []
-    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+    for n, (a, b) in enumerate(pairwise(cu)):
         ids += [n] * (b - a)
     return torch.tensor(ids, dtype=torch.int64)
 
@@ -281,3 +283,13 @@ def check(spec, q, k, v, allowed=None, score=None, sink=None, scale=None, chunks
     torch.testing.assert_close(o, o_ref, **TOL)
     torch.testing.assert_close(lse, lse_ref, **TOL)
     return o, lse
+
+
+@pytest.fixture
+def one_thread():
+    """These problems are tiny: on a shared 2-core machine torch's thread pool costs ~5x more
+    than it saves, so the dense tests run single-threaded (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,6 +16,9 @@ from attncc.ir.reorder import Hilbert2D, UserPermutation
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
 from tests import dense_oracle as D
+from tests.dense_oracle import one_thread  # noqa: F401  (a fixture, see pytestmark)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = D.F64
 
@@ -47,77 +50,77 @@ def _rel_bucket(q, kv, m):  # S4: relative distance clamped to [-m, m], shifted 
     return (q - kv).clamp(-m, m) + m
 
 
-def _case(name, shape, build, masked=True):
+def _case(name, shape, mod, formula, masked=True):
     B, Hq, Hkv, Lq, Lk = shape
     tag = "causal" if masked else "nomask"
-    return pytest.param(shape, build, masked, id=f"{name}-{tag}-B{B}-H{Hq}kv{Hkv}-{Lq}x{Lk}")
+    return pytest.param(shape, mod, formula, masked,
+                        id=f"{name}-{tag}-B{B}-H{Hq}kv{Hkv}-{Lq}x{Lk}")
 
 
-# build(B, Hq, Lq, Lk) -> (ScoreMod, f(s, b, h, q, kv) written from the CATALOG formula)
+def _alibi(H):  # slope[h] as [1, H, 1, 1]
+    return _alibi_slopes(H).view(1, H, 1, 1)
+
+
+# Captured data, fixed seeds; each fits the shapes of the cases that use it.
+SLOPES_2 = torch.tensor([0.5, 0.03125], dtype=F64)
+REL_4x9, REL_2x601, REL_2x7 = _rand(4, 9, seed=1), _rand(2, 601, seed=2), _rand(2, 7, seed=11)
+BIAS_BHQK, BIAS_1HQK = _rand(2, 2, 63, 63, seed=3), _rand(1, 4, 63, 200, seed=4)
+BIAS_B11K, BIAS_11Q1 = _rand(2, 1, 1, 63, seed=5), _rand(1, 1, 257, 1, seed=6)
+HB_4, HB_4_B = _rand(4, seed=7), _rand(4, seed=10)
+LOGCOUNT_200 = torch.log(torch.randint(1, 50, (200,), generator=_gen(8)).to(F64))
+LAMBDA_63 = torch.rand(63, generator=_gen(9), dtype=F64) + 0.05
+
+# (ScoreMod, f(s, b, h, q, kv) written from the CATALOG formula); indices broadcast as _idx.
 SCORE_CASES = [
-    _case("S1-scale0.5", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        S.scale(0.5), lambda s, b, h, q, kv: 0.5 * s), masked=False),
-    _case("S1-scale3", (1, 2, 1, 63, 200), lambda B, H, Lq, Lk: (
-        S.scale(3.0), lambda s, b, h, q, kv: 3.0 * s)),
-    _case("S2-softcap1", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        S.softcap(1.0), lambda s, b, h, q, kv: 1.0 * torch.tanh(s / 1.0))),
-    _case("S2-softcap5", (1, 2, 2, 257, 257), lambda B, H, Lq, Lk: (
-        S.softcap(5.0), lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0)), masked=False),
-    _case("S2-softcap50-decode", (2, 4, 1, 1, 200), lambda B, H, Lq, Lk: (
-        S.softcap(50.0), lambda s, b, h, q, kv: 50.0 * torch.tanh(s / 50.0))),
-    _case("S3-alibi", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        S.alibi(), lambda s, b, h, q, kv: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q))),
-    _case("S3-alibi", (1, 4, 1, 63, 200), lambda B, H, Lq, Lk: (
-        S.alibi(), lambda s, b, h, q, kv: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q))),
-    _case("S3-alibi-captured", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
-        lambda sl: (S.alibi(sl), lambda s, b, h, q, kv: s + sl.view(1, H, 1, 1) * (kv - q)))(
-        torch.tensor([0.5, 0.03125], dtype=F64)), masked=False),
-    _case("S4-relbias-m4", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.relative_bias(t), lambda s, b, h, q, kv: s + t[h, _rel_bucket(q, kv, 4)]))(
-        _rand(H, 9, seed=1))),
-    _case("S4-relbias-m300", (1, 2, 1, 63, 200), lambda B, H, Lq, Lk: (
-        lambda t: (S.relative_bias(t), lambda s, b, h, q, kv: s + t[h, q - kv + 300]))(
-        _rand(H, 601, seed=2)), masked=False),
-    _case("S5-bias-BHQK", (2, 2, 1, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t))(_rand(B, H, Lq, Lk, seed=3))),
-    _case("S5-bias-1HQK", (2, 4, 2, 63, 200), lambda B, H, Lq, Lk: (
-        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[0, h, q, kv]))(
-        _rand(1, H, Lq, Lk, seed=4))),
-    _case("S5-bias-B11K", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[b, 0, 0, kv]))(
-        _rand(B, 1, 1, Lk, seed=5)), masked=False),
-    _case("S5-bias-11Q1", (1, 2, 1, 257, 257), lambda B, H, Lq, Lk: (
-        lambda t: (S.bias(t), lambda s, b, h, q, kv: s + t[0, 0, q, 0]))(
-        _rand(1, 1, Lq, 1, seed=6))),
-    _case("S6-headbias", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.head_bias(t), lambda s, b, h, q, kv: s + t[h]))(_rand(H, seed=7))),
-    _case("S7-logcount", (1, 4, 1, 63, 200), lambda B, H, Lq, Lk: (
-        lambda t: (S.log_count(t), lambda s, b, h, q, kv: s + t[kv]))(
-        torch.log(torch.randint(1, 50, (Lk,), generator=_gen(8)).to(F64)))),
-    _case("S8-calibration", (2, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.calibration(t), lambda s, b, h, q, kv: s + torch.log(t[kv])))(
-        torch.rand(Lk, generator=_gen(9), dtype=F64) + 0.05)),
-    _case("softcap20.then(alibi)", (2, 4, 2, 63, 63), lambda B, H, Lq, Lk: (
-        S.softcap(20.0).then(S.alibi()), lambda s, b, h, q, kv: (
-            20.0 * torch.tanh(s / 20.0) + _alibi_slopes(H).view(1, H, 1, 1) * (kv - q)))),
-    _case("scale2.then(softcap5).then(headbias)", (1, 4, 1, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t: (S.scale(2.0).then(S.softcap(5.0)).then(S.head_bias(t)),
-                   lambda s, b, h, q, kv: 5.0 * torch.tanh(2.0 * s / 5.0) + t[h]))(
-        _rand(H, seed=10)), masked=False),
-    _case("softcap5.then(softcap2)-same-param-name", (1, 2, 2, 63, 63), lambda B, H, Lq, Lk: (
-        S.softcap(5.0).then(S.softcap(2.0)),
-        lambda s, b, h, q, kv: 2.0 * torch.tanh(5.0 * torch.tanh(s / 5.0) / 2.0))),
-    _case("relbias.then(bias)", (2, 2, 1, 63, 63), lambda B, H, Lq, Lk: (
-        lambda t, u: (S.relative_bias(t).then(S.bias(u)),
-                      lambda s, b, h, q, kv: s + t[h, _rel_bucket(q, kv, 3)] + u[b, h, q, kv]))(
-        _rand(H, 7, seed=11), _rand(B, H, Lq, Lk, seed=12))),
+    _case("S1-scale0.5", (2, 4, 2, 63, 63), S.scale(0.5), lambda s, b, h, q, kv: 0.5 * s,
+          masked=False),
+    _case("S1-scale3", (1, 2, 1, 63, 200), S.scale(3.0), lambda s, b, h, q, kv: 3.0 * s),
+    _case("S2-softcap1", (2, 4, 2, 63, 63), S.softcap(1.0),
+          lambda s, b, h, q, kv: 1.0 * torch.tanh(s / 1.0)),
+    _case("S2-softcap5", (1, 2, 2, 257, 257), S.softcap(5.0),
+          lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0), masked=False),
+    _case("S2-softcap50-decode", (2, 4, 1, 1, 200), S.softcap(50.0),
+          lambda s, b, h, q, kv: 50.0 * torch.tanh(s / 50.0)),
+    _case("S3-alibi", (2, 4, 2, 63, 63), S.alibi(),
+          lambda s, b, h, q, kv: s + _alibi(4) * (kv - q)),
+    _case("S3-alibi", (1, 4, 1, 63, 200), S.alibi(),  # the formula reads q, not qp
+          lambda s, b, h, q, kv: s + _alibi(4) * (kv - q)),
+    _case("S3-alibi-captured", (2, 2, 2, 63, 63), S.alibi(SLOPES_2),
+          lambda s, b, h, q, kv: s + SLOPES_2[h] * (kv - q), masked=False),
+    _case("S4-relbias-m4", (2, 4, 2, 63, 63), S.relative_bias(REL_4x9),
+          lambda s, b, h, q, kv: s + REL_4x9[h, _rel_bucket(q, kv, 4)]),
+    _case("S4-relbias-m300", (1, 2, 1, 63, 200), S.relative_bias(REL_2x601),
+          lambda s, b, h, q, kv: s + REL_2x601[h, q - kv + 300], masked=False),
+    _case("S5-bias-BHQK", (2, 2, 1, 63, 63), S.bias(BIAS_BHQK),
+          lambda s, b, h, q, kv: s + BIAS_BHQK),
+    _case("S5-bias-1HQK", (2, 4, 2, 63, 200), S.bias(BIAS_1HQK),
+          lambda s, b, h, q, kv: s + BIAS_1HQK[0, h, q, kv]),
+    _case("S5-bias-B11K", (2, 2, 2, 63, 63), S.bias(BIAS_B11K),
+          lambda s, b, h, q, kv: s + BIAS_B11K[b, 0, 0, kv], masked=False),
+    _case("S5-bias-11Q1", (1, 2, 1, 257, 257), S.bias(BIAS_11Q1),
+          lambda s, b, h, q, kv: s + BIAS_11Q1[0, 0, q, 0]),
+    _case("S6-headbias", (2, 4, 2, 63, 63), S.head_bias(HB_4),
+          lambda s, b, h, q, kv: s + HB_4[h]),
+    _case("S7-logcount", (1, 4, 1, 63, 200), S.log_count(LOGCOUNT_200),
+          lambda s, b, h, q, kv: s + LOGCOUNT_200[kv]),
+    _case("S8-calibration", (2, 2, 2, 63, 63), S.calibration(LAMBDA_63),
+          lambda s, b, h, q, kv: s + torch.log(LAMBDA_63[kv])),
+    _case("softcap20.then(alibi)", (2, 4, 2, 63, 63), S.softcap(20.0).then(S.alibi()),
+          lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0) + _alibi(4) * (kv - q)),
+    _case("scale2.then(softcap5).then(headbias)", (1, 4, 1, 63, 63),
+          S.scale(2.0).then(S.softcap(5.0)).then(S.head_bias(HB_4_B)),
+          lambda s, b, h, q, kv: 5.0 * torch.tanh(2.0 * s / 5.0) + HB_4_B[h], masked=False),
+    _case("softcap5.then(softcap2)-same-param-name", (1, 2, 2, 63, 63),
+          S.softcap(5.0).then(S.softcap(2.0)),
+          lambda s, b, h, q, kv: 2.0 * torch.tanh(5.0 * torch.tanh(s / 5.0) / 2.0)),
+    _case("relbias.then(bias)", (2, 2, 1, 63, 63), S.relative_bias(REL_2x7).then(S.bias(BIAS_BHQK)),
+          lambda s, b, h, q, kv: s + REL_2x7[h, _rel_bucket(q, kv, 3)] + BIAS_BHQK[b, h, q, kv]),
 ]
 
 
-@pytest.mark.parametrize("shape, build, masked", SCORE_CASES)
-def test_score_mod_matches_dense(shape, build, masked):
+@pytest.mark.parametrize("shape, mod, formula, masked", SCORE_CASES)
+def test_score_mod_matches_dense(shape, mod, formula, masked):
     B, Hq, Hkv, Lq, Lk = shape
-    mod, formula = build(B, Hq, Lq, Lk)
     idx = _idx(B, Hq, Lq, Lk)
     q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, seed=1)
     mask, allowed = (M.causal(), D.m_causal(Lq, Lk)) if masked else (None, None)
@@ -186,8 +189,11 @@ def test_traced_softcap_equals_named_and_dense():
     def softcap_mod(score, b, h, q_idx, kv_idx):
         return 20.0 * torch.tanh(score / 20.0)
 
-    q, k, v = 4.0 * _qkv(2, 4, 2, 63, 63, seed=7)[0], *_qkv(2, 4, 2, 63, 63, seed=7)[1:]
-    cap = lambda s: 20.0 * torch.tanh(s / 20.0)  # noqa: E731
+    q, k, v = _qkv(2, 4, 2, 63, 63, seed=7)
+    q = 4.0 * q  # |s| well past the cap
+    def cap(s):
+        return 20.0 * torch.tanh(s / 20.0)
+
     allowed = D.m_causal(63, 63)
     traced, _ = D.check(AttentionSpec(mask=M.causal(), score=trace_score(softcap_mod)),
                         q, k, v, allowed, score=cap)
@@ -209,7 +215,10 @@ def test_traced_document_and_alibi_equal_named():
 
     q, k, v = _qkv(2, 2, 1, 63, 63, seed=8)
     _, _, qi, kv = _idx(2, 2, 63, 63)
-    formula = lambda s: s + slopes.view(1, 2, 1, 1) * (kv - qi)  # noqa: E731
+
+    def formula(s):
+        return s + slopes.view(1, 2, 1, 1) * (kv - qi)
+
     traced, _ = D.check(AttentionSpec(mask=trace_mask(doc_mask), score=trace_score(alibi_mod)),
                         q, k, v, D.m_document(doc), score=formula)
     named, _ = D.check(AttentionSpec(mask=M.document(doc), score=S.alibi(slopes)),
@@ -227,9 +236,11 @@ def test_position_dependent_scores_under_reorder(reorder, inputs):
     B, H, L = 2, 4, 64
     table, bias = _rand(H, 9, seed=19), _rand(B, H, L, L, seed=20)
     mod = S.alibi().then(S.relative_bias(table)).then(S.bias(bias))
-    b, h, qi, kv = _idx(B, H, L, L)
-    formula = lambda s: (s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - qi)  # noqa: E731
-                         + table[h, _rel_bucket(qi, kv, 4)] + bias)
+    _, h, qi, kv = _idx(B, H, L, L)
+
+    def formula(s):
+        return s + _alibi(H) * (kv - qi) + table[h, _rel_bucket(qi, kv, 4)] + bias
+
     spec = AttentionSpec(mask=M.causal(), score=mod, normaliser=S.sink(_rand(H, seed=21)))
     q, k, v = _qkv(B, H, 2, L, L, seed=9)
     o, lse = D.check(spec.replace(reorder=reorder), q, k, v, D.m_causal(L, L), score=formula,
@@ -239,18 +250,17 @@ def test_position_dependent_scores_under_reorder(reorder, inputs):
     torch.testing.assert_close(lse, lse_plain, **D.TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="attncc bug: torch_eval computes int-index * Python-float "
-                   "terms in float32 (torch's default dtype), see report")
 @pytest.mark.parametrize("name", ["alibi-default-Hq3", "traced-0.1*(kv-q)"])
 def test_position_terms_are_fp64(name):
     """An fp64 reference must evaluate position-dependent float terms in fp64: the default ALiBi
     slope 2^(-8(h+1)/Hq) for Hq = 3 and a traced `score + 0.1 * (kv_idx - q_idx)`."""
     B, H, L = 1, 3, 200
-    b, h, qi, kv = _idx(B, H, L, L)
+    _, _, qi, kv = _idx(B, H, L, L)
     if name.startswith("alibi"):
-        mod, formula = S.alibi(), lambda s: s + _alibi_slopes(H).view(1, H, 1, 1) * (kv - qi)
+        mod, term = S.alibi(), _alibi(H) * (kv - qi)
     else:
         mod = trace_score(lambda score, b, h, q_idx, kv_idx: score + 0.1 * (kv_idx - q_idx))
-        formula = lambda s: s + 0.1 * (kv - qi)  # noqa: E731
+        term = 0.1 * (kv - qi).to(F64)  # int64 * Python float would be float32
     q, k, v = _qkv(B, H, 1, L, L, seed=10)
-    D.check(AttentionSpec(mask=M.causal(), score=mod), q, k, v, D.m_causal(L, L), score=formula)
+    D.check(AttentionSpec(mask=M.causal(), score=mod), q, k, v, D.m_causal(L, L),
+            score=lambda s: s + term)

@@ -87,10 +87,11 @@ def _max(a: Value, b: Value) -> Value:
 
 def _pow(base: Value, exp: Value) -> Value:
     if isinstance(exp, int) and exp == -1:
-        return 1.0 / (base if not isinstance(base, torch.Tensor) else base.double())
+        return 1.0 / (_t(base).double() if _is_int(base) or not isinstance(base, torch.Tensor)
+                      else base)
     if isinstance(base, torch.Tensor) or isinstance(exp, torch.Tensor):
         return torch.pow(_t(base).double() if _is_int(base) else _t(base), _t(exp))
-    return float(base) ** exp
+    return torch.tensor(float(base) ** float(exp), dtype=torch.float64)
 
 
 def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, Value],
@@ -105,8 +106,8 @@ def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, Value],
             return bool(e)
         if e.is_Integer:
             return int(e)
-        if e.is_Number:
-            return float(e)
+        if e.is_Number:  # fp64, so `0.1 * kv_idx` on int64 indices is not computed in fp32
+            return torch.tensor(float(e), dtype=torch.float64)
         if isinstance(e, Load):
             return _load([ev(a) for a in e.args[1:]], tensors, e.args[0].name)
         if isinstance(e, sympy.floor):

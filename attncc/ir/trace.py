@@ -18,8 +18,8 @@ import sympy
 import torch
 
 from attncc.ir.nodes import Capture, Mask, Param, ScoreMod
-from attncc.ir.symbols import (B_IDX, H_IDX, KV_IDX, Q_IDX, SCORE, Load, Sigmoid,
-                               buffer_symbol)
+from attncc.ir.symbols import (B_IDX, H_IDX, KV_IDX, Q_IDX, RESERVED_NAMES, SCORE, Load,
+                               Sigmoid, buffer_symbol)
 
 
 class TraceError(TypeError):
@@ -65,7 +65,7 @@ def _user_line(code: CodeType) -> str:
 def _closure_name(fn: Callable, tensor: torch.Tensor) -> str | None:
     cells = dict(zip(fn.__code__.co_freevars, [c.cell_contents for c in fn.__closure__ or ()]))
     for name, value in (*cells.items(), *fn.__globals__.items()):
-        if value is tensor and name.isidentifier():
+        if value is tensor and name.isidentifier() and name not in RESERVED_NAMES:
             return name
     return None
 
@@ -298,8 +298,8 @@ def trace_mask(fn: Callable) -> Mask:
     _check_arity(fn, 4, "mask_mod")
     result, ctx = _run(fn, _index_args())
     if result.kind != "bool":
-        raise TypeError(f"mask_mod {fn.__qualname__}: expected a boolean expression, got a "
-                        f"{result.kind} expression `{result.expr}`")
+        raise TypeError(f"mask_mod {fn.__qualname__}: expected a boolean expression, got "
+                        f"a value of kind {result.kind!r}: `{result.expr}`")
     return Mask(result.expr, tuple(ctx.params.values()), tuple(ctx.captures.values()),
                 _tag(fn))
 
