@@ -36,7 +36,8 @@ class AttentionSpec:
 
     @property
     def params(self) -> tuple[Param, ...]:
-        return tuple(p for node in (self.mask, self.score) if node is not None for p in node.params)
+        nodes = [n for n in (self.mask, self.score) if n is not None]
+        return tuple(p for node in nodes for p in node.params)
 
     @property
     def captures(self) -> tuple[Capture, ...]:
