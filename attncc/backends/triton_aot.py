@@ -69,15 +69,6 @@ class CompiledArtifact:
         return f"{self.name}.sm{self.arch}.{_SHORT[self.dtype]}.{d}"
 
 
-def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool) -> dict[str, Any]:
-    """The constexprs `TritonForward.launch` passes on a CUDA device (keep the two in step)."""
-    from attncc.passes.select_tiles import padded
-    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
-            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
-            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
-            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False}
-
-
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
                        arch: int, *, write_lse: bool = True,
                        contiguous: bool = True) -> CompiledArtifact:
@@ -86,6 +77,7 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     contiguous last dims gets (see ALIGNED, UNIT_STRIDES); False, the one for any strides."""
     from attncc import config
     from attncc.backends.triton_render import fixed_arguments, kernel_arguments
+    from attncc.backends.triton_backend import launch_constexprs
     from attncc.ir.plan import Signature
 
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule

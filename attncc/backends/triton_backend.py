@@ -9,13 +9,14 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from attncc import config
 from attncc.backends import cache
 from attncc.backends.triton_render import kernel_arguments, kernel_name, render, template_hash
+from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan, Signature
 from attncc.passes.pipeline import run_plan_passes
 from attncc.passes.select_tiles import padded
@@ -101,21 +102,27 @@ class TritonForward:
             t = tensors[cap.name]
             t = t.view(torch.uint8) if t.dtype == torch.bool else t
             extra += [t, *t.stride(), *t.shape]
-        interpret = target == "interpreter"
+        constexprs = launch_constexprs(sched, dqk, dv, write_lse=lse is not None)
+        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
+        # there, and only there, bf16 tiles are upcast to fp32 before each dot
+        constexprs["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
+        constexprs["COUNT_VISITS"] = visits is not None
         grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
         self.jit_function()[grid](
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Lq, Lk, Hq, Hkv, float(sm_scale), *extra,
-            D_QK=dqk, D_V=dv, D_QK_PAD=padded(dqk), D_V_PAD=padded(dv),
-            BLOCK_M=sched.block_m, BLOCK_N=sched.block_n,
-            DOT_PRECISION="tf32" if sched.allow_tf32 else "ieee",
-            # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
-            # there, and only there, bf16 tiles are upcast to fp32 before each dot
-            UPCAST_DOT=interpret and q.dtype == torch.bfloat16,
-            WRITE_LSE=lse is not None, COUNT_VISITS=visits is not None,
+            Lq, Lk, Hq, Hkv, float(sm_scale), *extra, **constexprs,
             num_warps=sched.num_warps, num_stages=sched.num_stages,
         )
+
+
+def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool) -> dict[str, Any]:
+    """The kernel's constexprs for a compiled (non-interpreter) launch without visit counting;
+    the launcher and the ahead-of-time compiler both use this one table."""
+    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
+            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
+            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
+            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False}
 
 
 def triton_cdiv(a: int, b: int) -> int:
