@@ -2,6 +2,8 @@
 
 `ATTNCC_CACHE_DIR`   where rendered sources and compiled kernels live (default ~/.cache/attncc).
 `TRITON_INTERPRET`   when "1", kernels run on the CPU under Triton's interpreter.
+`ATTNCC_DEBUG`       when "1", calls also run checks that need a device sync (e.g. that a
+                     captured tensor promised nondecreasing is), before any launch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def cache_dir() -> Path:
 def triton_interpret() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return _get("TRITON_INTERPRET", "0") == "1"
+
+
+def debug_checks() -> bool:
+    """True when calls run the checks that synchronise with the device (`ATTNCC_DEBUG=1`)."""
+    return _get("ATTNCC_DEBUG", "0") == "1"
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import sympy
 import torch
 
+from attncc import config
 from attncc.ir.nodes import Param
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
@@ -104,7 +105,8 @@ def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
 
 def check_captures(spec: AttentionSpec, tensors: Mapping[str, torch.Tensor],
                    device: torch.device, sizes: Mapping[sympy.Symbol, int]) -> None:
-    """Captured tensors: on q's device, and long enough where indexed by a plain index."""
+    """Captured tensors: on q's device, and long enough where indexed by a plain index. With
+    `config.debug_checks()`, a capture promised nondecreasing is checked too (a device sync)."""
     for cap in spec.captures:
         t = tensors[cap.name]
         if t is None:
@@ -113,6 +115,8 @@ def check_captures(spec: AttentionSpec, tensors: Mapping[str, torch.Tensor],
         if t.device != device:
             raise ValueError(f"{cap.name}: expected the captured tensor on {device} (the device "
                              f"of q), got {t.device}")
+        if cap.nondecreasing and config.debug_checks():
+            check_nondecreasing(cap.name, t)
     for node in (spec.mask, spec.score):
         if node is None:
             continue
@@ -124,6 +128,17 @@ def check_captures(spec: AttentionSpec, tensors: Mapping[str, torch.Tensor],
                         f"{ld.args[0].name}: dimension {axis} is indexed by {index} up to "
                         f"{sizes[index] - 1}, so it needs size >= {sizes[index]}, "
                         f"got shape {tuple(t.shape)}")
+
+
+def check_nondecreasing(name: str, t: torch.Tensor) -> None:
+    """Raise unless `t[i] <= t[i + 1]` for all i: the kernel skips kv tiles by these values, so a
+    decrease would silently drop allowed pairs. Synchronises with the device (debug mode only)."""
+    drops = (t[1:] < t[:-1]).nonzero()
+    if drops.numel():
+        i = int(drops[0, 0])
+        raise ValueError(f"{name}: expected values that never decrease (the kernel skips kv tiles "
+                         f"by them), got {name}[{i + 1}] = {int(t[i + 1])} < "
+                         f"{name}[{i}] = {int(t[i])}")
 
 
 def index_extents(B: int, Hq: int, Lq: int, Lk: int) -> dict[sympy.Symbol, int]:

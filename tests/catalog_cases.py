@@ -41,6 +41,10 @@ def masks(B: int, Hq: int, Lq: int, Lk: int, seed: int = 0) -> dict[str, attncc.
                                                             generator=g) < 0.5),
         "and-or-not": (attncc.causal() & ~attncc.chunked(32)) | attncc.prefix_lm(5),
     }
+    # drawn after the others, so their data does not depend on this case; empty sequences too
+    cuts = torch.sort(torch.randint(0, L + 1, (5,), generator=g))[0]
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([L])])
+    out["M11-cu-seqlens"] = attncc.document(cu_seqlens=cu_seqlens.to(torch.int32))
     if Lq == Lk:
         h, w = grid_for(Lq)
         out["M12-neighbourhood-2d"] = attncc.neighbourhood_2d(h, w, min(h, 3) | 1, min(w, 5) | 1)

@@ -311,13 +311,13 @@ def test_runtime_params_and_captures_override_spec_values():
 
 
 def test_cu_seqlens_padding_tokens_join_no_document():
-    """`doc_ids_from_cu_seqlens` documents id -1 for tokens past cu_seqlens[-1]; a padded batch
-    (L > cu_seqlens[-1]) must not let document 0 see padding keys (here: non-causal)."""
+    """A padded batch (L > cu_seqlens[-1]) passes total=L: the padding tokens form one more
+    sequence, so no real document sees padding keys (here: non-causal)."""
     cu = [0, 5, 30, 50]
     doc = torch.cat([D.doc_from_cu_seqlens(cu), torch.full((13,), -1, dtype=I64)])
     q, k, v = D.make_qkv(1, 2, 2, 63, 63, seed=6)
     allowed = doc.view(-1, 1) == doc.view(1, -1)
-    D.check(AttentionSpec(mask=M.document(cu_seqlens=torch.tensor(cu), causal=False)),
+    D.check(AttentionSpec(mask=M.document(cu_seqlens=torch.tensor(cu), causal=False, total=63)),
             q, k, v, allowed)
 
 

@@ -55,32 +55,42 @@ class Param:
 class Capture:
     """A tensor a mask or score reads (`doc`, `bias`, `slopes`); its contents are runtime data.
 
-    Only the name, dtype and rank shape the kernel; a new tensor of the same kind never recompiles.
+    Only the name, dtype, rank and `nondecreasing` shape the kernel; a new tensor of the same kind
+    never recompiles. `nondecreasing` (1-d only) promises `t[i] <= t[i + 1]` for every i: tile
+    classification may then bound kv tiles by the tensor's values at a tile's first and last
+    query row, so it changes the kernel's loops and is part of the key. Nothing checks the
+    promise on the fast path (that needs a device sync); `ATTNCC_DEBUG=1` checks it per call.
     """
 
     name: str
     dtype: str
     ndim: int
     tensor: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    nondecreasing: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_NAMES:
             raise ValueError(f"captured tensor name: expected an identifier other than "
                              f"{sorted(RESERVED_NAMES)}, got {self.name!r}")
+        if self.nondecreasing and self.ndim != 1:
+            raise ValueError(f"captured {self.name!r}: nondecreasing applies to 1-d tensors, "
+                             f"got {self.ndim}-d")
 
     @staticmethod
-    def of(name: str, tensor: torch.Tensor) -> "Capture":
+    def of(name: str, tensor: torch.Tensor, nondecreasing: bool = False) -> "Capture":
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"captured {name!r}: expected a torch.Tensor, "
                             f"got {type(tensor).__name__}")
-        return Capture(name, str(tensor.dtype).removeprefix("torch."), tensor.dim(), tensor)
+        return Capture(name, str(tensor.dtype).removeprefix("torch."), tensor.dim(), tensor,
+                       nondecreasing)
 
     @property
     def symbol(self) -> sympy.Symbol:
         return buffer_symbol(self.name)
 
     def text(self) -> str:
-        return f"{self.name}:{self.dtype}[{self.ndim}d]"
+        order = ", nondecreasing" if self.nondecreasing else ""
+        return f"{self.name}:{self.dtype}[{self.ndim}d{order}]"
 
 
 def _merge(first: tuple, second: tuple, what: str) -> tuple[tuple, dict]:
