@@ -1,0 +1,329 @@
+"""Exact tile classes (empty / partial / full) of any mask, by interval refinement on boxes.
+
+Requires: a mask expression over `q_idx`, `kv_idx` (ORIGINAL positions), `b`, `h`, the shape
+  symbols, runtime parameters (bound by name from `params`) and `Load`s of `tensors`; optional
+  reorders `q_pos[r]` / `kv_pos[r]` = original position of kernel row r.
+Ensures: `classes[gb, gh, m, n]` is FULL iff every (row, col) pair of tile (m, n) is allowed,
+  EMPTY iff none is, else PARTIAL. Exact unless the `max_boxes` cap is hit; then the undecided
+  tiles are PARTIAL (the kernel evaluates the mask there: always correct) and `exact` is False.
+
+Cost: O(tiles x a small constant) box evaluations (`interval_eval`); the mask is never evaluated
+on the Lq x Lk grid. A box is (q interval, kv interval) of original positions:
+  level 0   the hull of each tile pair decides most pairs (a hull TRUE is FULL even when a reorder
+            puts foreign positions in the hull: the hull is a superset);
+  level 1   undecided pairs: every (q run, kv run), a run being a maximal set of consecutive
+            positions of the tile (a Hilbert 8x8 square on a 64-wide grid: 8 runs of 8);
+  bisect    undecided boxes split the wider side in half, until decided or single points (exact),
+            dropping a pair as soon as it has both a true and a false box (PARTIAL); the four
+            corner points of every undecided box are evaluated too, as cheap exact witnesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import sympy
+import torch
+from torch import Tensor
+
+from attncc.backends.torch_eval import evaluate
+from attncc.ir.intervals import interval_eval
+from attncc.ir.tiles import EMPTY, FULL, PARTIAL
+
+__all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "allowed_pairs", "classify_blocks"]
+
+_CHUNK = 1 << 18  # boxes per interval_eval call: bounds the temporaries of one evaluation
+
+
+@dataclass(frozen=True)
+class BlockClasses:
+    """classes: int8[Gb, Gh, nM, nN]; 0 empty, 1 partial, 2 full. Gb = B if the mask reads `b`
+    else 1, Gh = Hq if it reads `h` else 1. exact: False only when the `max_boxes` cap was hit.
+    boxes: number of box evaluations done (the cost)."""
+
+    classes: Tensor
+    exact: bool
+    boxes: int
+
+
+class _Runs(NamedTuple):
+    """The original positions of each tile's rows, as maximal runs of consecutive integers.
+    hull_lo, hull_hi: int64[tiles]; first, count: int64[tiles] (the tile's runs in lo, hi);
+    lo, hi: int64[runs], grouped by tile."""
+
+    hull_lo: Tensor
+    hull_hi: Tensor
+    first: Tensor
+    count: Tensor
+    lo: Tensor
+    hi: Tensor
+
+
+def _tile_runs(pos: Tensor, block: int) -> _Runs:
+    length = pos.numel()
+    n_tiles = -(-length // block)
+    by_pos = torch.sort(pos, stable=True).indices
+    tile = torch.arange(length, device=pos.device) // block
+    order = by_pos[torch.sort(tile[by_pos], stable=True).indices]  # by tile, then position
+    spos, stile = pos[order], tile[order]
+    start = torch.ones(length, dtype=torch.bool, device=pos.device)
+    start[1:] = (stile[1:] != stile[:-1]) | (spos[1:] != spos[:-1] + 1)
+    end = torch.ones_like(start)
+    end[:-1] = start[1:]
+    count = torch.bincount(stile[start], minlength=n_tiles)
+    # Tile t holds sorted entries [t * block, min((t + 1) * block, L)): its hull is their ends.
+    first_row = torch.arange(n_tiles, device=pos.device) * block
+    last_row = torch.clamp(first_row + block, max=length) - 1
+    return _Runs(spos[first_row], spos[last_row], torch.cumsum(count, 0) - count, count,
+                 spos[start], spos[end])
+
+
+class _Boxes(NamedTuple):
+    """A batch of boxes: the tile pair each refines (flat index) and closed position ranges."""
+
+    pair: Tensor
+    qlo: Tensor
+    qhi: Tensor
+    klo: Tensor
+    khi: Tensor
+
+    def take(self, keep: Tensor) -> "_Boxes":
+        return _Boxes(*(t[keep] for t in self))
+
+    def split(self) -> "_Boxes":
+        """Both halves of every box, cut across its wider side (the other side is kept)."""
+        along_q = (self.qhi - self.qlo) >= (self.khi - self.klo)
+        mq, mk = (self.qlo + self.qhi) // 2, (self.klo + self.khi) // 2
+        first = _Boxes(self.pair, self.qlo, torch.where(along_q, mq, self.qhi),
+                       self.klo, torch.where(along_q, self.khi, mk))
+        second = _Boxes(self.pair, torch.where(along_q, mq + 1, self.qlo), self.qhi,
+                        torch.where(along_q, self.klo, mk + 1), self.khi)
+        return _cat(first, second)
+
+    def corners(self) -> "_Boxes":
+        """The four corner points of every box."""
+        qs, ks = (self.qlo, self.qhi, self.qlo, self.qhi), (self.klo, self.khi, self.khi, self.klo)
+        return _cat(*(_Boxes(self.pair, q, q, k, k) for q, k in zip(qs, ks)))
+
+    def points(self) -> Tensor:
+        return (self.qlo == self.qhi) & (self.klo == self.khi)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One mask at one launch shape: evaluates boxes (interval) and points (torch_eval)."""
+
+    expr: sympy.Basic
+    scalars: dict[str, int | float]  # shape symbols and params, by name
+    tensors: Mapping[str, Tensor]
+    n_h: int  # Gh: the group index g of a pair is b * Gh + h
+    n_tiles: int  # nM * nN: pair = g * n_tiles + m * nN + n
+    reads_b: bool
+
+    def decide(self, boxes: _Boxes) -> tuple[Tensor, Tensor]:
+        """(true, false) bool per box: the mask holds on the whole box / nowhere on it."""
+        if boxes.pair.numel() == 0:
+            return boxes.points(), boxes.points()
+        outs = [self._decide(_Boxes(*(t[i:i + _CHUNK] for t in boxes)))
+                for i in range(0, boxes.pair.numel(), _CHUNK)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def _decide(self, boxes: _Boxes) -> tuple[Tensor, Tensor]:
+        env = {k: _point(v) for k, v in self.scalars.items()}
+        env["q_idx"], env["kv_idx"] = (boxes.qlo, boxes.qhi), (boxes.klo, boxes.khi)
+        g = boxes.pair // self.n_tiles
+        env["b"] = (g // self.n_h,) * 2
+        env["h"] = (g % self.n_h,) * 2
+        lo, hi = (torch.broadcast_to(t, boxes.pair.shape)
+                  for t in interval_eval(self.expr, env, self.tensors))
+        true, false = lo >= 1, hi <= 0
+        # interval_eval is exact at points; a node without an interval rule (or a NaN) may still
+        # leave a point undecided: torch_eval settles it.
+        stuck = ~true & ~false & boxes.points()
+        if bool(stuck.any()):
+            value = self.allowed(boxes.qlo[stuck], boxes.klo[stuck], g[stuck])
+            true[stuck], false[stuck] = value, ~value
+        return true, false
+
+    def allowed(self, q: Tensor, kv: Tensor, g: Tensor) -> Tensor:
+        """bool: the mask at original positions `q`, `kv` in group `g` (all broadcast)."""
+        values = {**self.scalars, "q_idx": q, "kv_idx": kv, "b": g // self.n_h, "h": g % self.n_h}
+        env = {s: values[s.name] for s in self.expr.free_symbols if s.name in values}
+        shape = torch.broadcast_shapes(q.shape, kv.shape, g.shape)
+        return torch.as_tensor(evaluate(self.expr, env, self.tensors)).bool().expand(shape)
+
+
+def _point(value: int | float) -> tuple[Tensor, Tensor]:
+    dtype = torch.float64 if isinstance(value, float) else torch.int64
+    return (torch.tensor(value, dtype=dtype),) * 2
+
+
+def _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_tiles) -> _Problem:
+    expr = sympy.sympify(mask_expr)
+    if not isinstance(expr, sympy.logic.boolalg.Boolean):  # a numeric mask: nonzero is allowed
+        expr = sympy.Ne(expr, 0)
+    names = {s.name for s in expr.free_symbols}
+    scalars = {"Lq": Lq, "Lk": Lk, "Hq": Hq, "Hkv": Hkv, **params}
+    return _Problem(expr, scalars, tensors, Hq if "h" in names else 1, n_tiles, "b" in names)
+
+
+def _positions(pos: Tensor | None, length: int, what: str) -> Tensor:
+    if pos is None:
+        return torch.arange(length)
+    if pos.shape != (length,) or pos.is_floating_point():
+        raise ValueError(f"classify_blocks: {what} must be an integer tensor of shape "
+                         f"[{length}], got {pos.dtype} of shape {list(pos.shape)}")
+    return pos.long().cpu()
+
+
+def _level0(problem: _Problem, n_pairs: int, n_n: int, q: _Runs, k: _Runs) -> _Boxes:
+    pair = torch.arange(n_pairs)
+    m, n = (pair % problem.n_tiles) // n_n, pair % n_n
+    return _Boxes(pair, q.hull_lo[m], q.hull_hi[m], k.hull_lo[n], k.hull_hi[n])
+
+
+def _run_boxes(pairs: Tensor, n_n: int, n_tiles: int, q: _Runs, k: _Runs) -> tuple[_Boxes, Tensor]:
+    """Every (q run, kv run) box of the given tile pairs, and which boxes are a whole 1 x 1 pair
+    (equal to the hull, so already known undecided)."""
+    m, n = (pairs % n_tiles) // n_n, pairs % n_n
+    cq, ck = q.count[m], k.count[n]
+    per = cq * ck
+    local = torch.arange(int(per.sum())) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    ck_each = torch.repeat_interleave(ck, per)
+    qi = torch.repeat_interleave(q.first[m], per) + local // ck_each
+    ki = torch.repeat_interleave(k.first[n], per) + local % ck_each
+    boxes = _Boxes(torch.repeat_interleave(pairs, per), q.lo[qi], q.hi[qi], k.lo[ki], k.hi[ki])
+    return boxes, torch.repeat_interleave(per == 1, per)
+
+
+def _pair_chunks(per: Tensor, size: int) -> list[tuple[int, int]]:
+    """Consecutive pair ranges with about `size` level-1 boxes each (at least one pair)."""
+    ends = torch.cumsum(per, 0)
+    out, start = [], 0
+    while start < per.numel():
+        before = int(ends[start - 1]) if start else 0
+        stop = max(int(torch.searchsorted(ends, before + size, right=True)), start + 1)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+class _Search:
+    """Per tile pair: has some box been proven all true / all false? A pair with both is
+    PARTIAL and needs no more work; the budget caps the box evaluations."""
+
+    def __init__(self, problem: _Problem, n_pairs: int, max_boxes: int) -> None:
+        self.problem, self.limit, self.used = problem, max_boxes, 0
+        self.seen_true = torch.zeros(n_pairs, dtype=torch.bool)
+        self.seen_false = torch.zeros(n_pairs, dtype=torch.bool)
+
+    def spend(self, n: int) -> bool:
+        """Spend n box evaluations; False (spending nothing) when that would pass the cap."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def open(self, boxes: _Boxes) -> _Boxes:
+        """The boxes whose pair is not yet known to be PARTIAL."""
+        return boxes.take(~(self.seen_true & self.seen_false)[boxes.pair])
+
+    def evaluate(self, boxes: _Boxes) -> _Boxes | None:
+        """Record the witnesses of `boxes`; the undecided ones of open pairs, None at the cap."""
+        if not self.spend(boxes.pair.numel()):
+            return None
+        true, false = self.problem.decide(boxes)
+        self.seen_true[boxes.pair[true]] = True
+        self.seen_false[boxes.pair[false]] = True
+        return self.open(boxes.take(~true & ~false))
+
+    def refine(self, fresh: _Boxes, known: _Boxes) -> Tensor | None:
+        """Bisect breadth-first until every box is decided or its pair PARTIAL. `fresh` boxes
+        still need an evaluation, `known` ones are known undecided. Returns None when done,
+        else the pairs the cap left undecided."""
+        while fresh.pair.numel() or known.pair.numel():
+            undecided = self.evaluate(fresh)
+            if undecided is None:
+                return torch.cat([fresh.pair, known.pair]).unique()
+            known = self.open(_cat(known, undecided))
+            # Corner points are exact: for a pair that is PARTIAL they usually show both a true
+            # and a false pair long before the bisection gets down to boxes that small.
+            if known.pair.numel() and self.evaluate(known.corners()) is None:
+                return known.pair.unique()
+            fresh, known = self.open(known).split(), known.take(slice(0, 0))
+        return None
+
+
+def _cat(*batches: _Boxes) -> _Boxes:
+    return _Boxes(*(torch.cat(ts) for ts in zip(*batches)))
+
+
+def classify_blocks(mask_expr: sympy.Basic, *, Lq: int, Lk: int, Hq: int, Hkv: int, B: int = 1,
+                    block_m: int, block_n: int, params: Mapping[str, int | float] = {},
+                    tensors: Mapping[str, Tensor] = {}, q_pos: Tensor | None = None,
+                    kv_pos: Tensor | None = None, max_boxes: int = 1 << 24) -> BlockClasses:
+    """Classes of every (query tile, kv tile) of `mask_expr`; see the module docstring."""
+    n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
+    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n)
+    groups_b = B if problem.reads_b else 1
+    n_pairs = groups_b * problem.n_h * n_m * n_n
+    shape = (groups_b, problem.n_h, n_m, n_n)
+    classes = torch.full((n_pairs,), PARTIAL, dtype=torch.int8)
+    search = _Search(problem, n_pairs, max_boxes)
+    if n_pairs == 0 or not search.spend(n_pairs):
+        return BlockClasses(classes.view(shape), n_pairs == 0, 0)
+    q = _tile_runs(_positions(q_pos, Lq, "q_pos"), block_m)
+    k = _tile_runs(_positions(kv_pos, Lk, "kv_pos"), block_n)
+
+    true, false = problem.decide(_level0(problem, n_pairs, n_n, q, k))
+    classes[true], classes[false] = FULL, EMPTY
+    pending = torch.nonzero(~true & ~false).flatten()
+    capped = []
+    per = q.count[(pending % problem.n_tiles) // n_n] * k.count[pending % n_n]
+    for start, stop in _pair_chunks(per, _CHUNK):  # bounds the memory of one refinement
+        boxes, whole = _run_boxes(pending[start:stop], n_n, problem.n_tiles, q, k)
+        # A 1 x 1 pair's only run box is its hull: known undecided, not evaluated again.
+        left = search.refine(boxes.take(~whole), boxes.take(whole))
+        if left is not None:
+            capped += [left, pending[stop:]]  # pairs never reached: the cap is spent
+            break
+    seen_true, seen_false = search.seen_true[pending], search.seen_false[pending]
+    classes[pending] = torch.where(seen_true & seen_false, PARTIAL,
+                                   torch.where(seen_true, FULL, EMPTY)).to(torch.int8)
+    for left in capped:
+        classes[left] = PARTIAL
+    return BlockClasses(classes.view(shape), not capped, search.used)
+
+
+def allowed_pairs(mask_expr: sympy.Basic, result: BlockClasses, *, Lq: int, Lk: int, Hq: int,
+                  Hkv: int, B: int = 1, block_m: int, block_n: int,
+                  params: Mapping[str, int | float] = {}, tensors: Mapping[str, Tensor] = {},
+                  q_pos: Tensor | None = None, kv_pos: Tensor | None = None,
+                  max_boxes: int = 1 << 24) -> Tensor:
+    """int64[Gb, Gh]: the exact number of allowed (q, kv) pairs. FULL tiles count their area;
+    the mask is evaluated pointwise only inside PARTIAL tiles, a chunk of tiles at a time (so the
+    count is exact even for classes from a capped, inexact run)."""
+    groups_b, groups_h, n_m, n_n = result.classes.shape
+    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n)
+    if problem.n_h != groups_h or (groups_b != 1 and not problem.reads_b):
+        raise ValueError(f"allowed_pairs: classes of shape {list(result.classes.shape)} do not "
+                         "belong to this mask")
+    classes = result.classes.reshape(groups_b * groups_h, n_m, n_n)
+    rows = (torch.clamp(torch.arange(1, n_m + 1) * block_m, max=Lq)
+            - torch.arange(n_m) * block_m)
+    cols = (torch.clamp(torch.arange(1, n_n + 1) * block_n, max=Lk)
+            - torch.arange(n_n) * block_n)
+    counts = ((classes == FULL) * (rows[:, None] * cols[None, :])).sum((1, 2))
+    qp, kp = _positions(q_pos, Lq, "q_pos"), _positions(kv_pos, Lk, "kv_pos")
+    g, m, n = torch.nonzero(classes == PARTIAL, as_tuple=True)
+    step = max(1, (1 << 22) // (block_m * block_n))
+    for i in range(0, g.numel(), step):
+        gi, mi, ni = g[i:i + step], m[i:i + step], n[i:i + step]
+        qr = mi[:, None] * block_m + torch.arange(block_m)  # kernel rows of each tile
+        kr = ni[:, None] * block_n + torch.arange(block_n)
+        inside = (qr < Lq)[:, :, None] & (kr < Lk)[:, None, :]  # ragged last tiles
+        allowed = problem.allowed(qp[qr.clamp(max=Lq - 1)][:, :, None],
+                                  kp[kr.clamp(max=Lk - 1)][:, None, :], gi[:, None, None])
+        counts.index_add_(0, gi, (allowed & inside).sum((1, 2)))
+    return counts.view(groups_b, groups_h)
