@@ -16,7 +16,10 @@ import torch
 
 from attncc import config
 from attncc.backends.reference import attention_reference
+from attncc.backends.block_maps import BlockMaps
+from attncc.backends.positions import Positions, split_reorder_inputs
 from attncc.backends.triton_backend import TritonForward
+from attncc.ir.reorder import inverse
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import TileClasses
 from attncc.passes.pipeline import run_spec_passes
@@ -38,10 +41,15 @@ class CompiledAttention:
     def __init__(self, spec: AttentionSpec, backend: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.spec = spec
         self.backend = backend
         self.plan = run_spec_passes(spec)
+        self.spec = (spec if self.plan.spec.reorder is spec.reorder  # else "auto", resolved
+                     else spec.replace(reorder=self.plan.spec.reorder))
         self.triton = TritonForward(self.plan) if spec.memory.text() == "dense" else None
+        self.block_maps = (BlockMaps(self.triton) if self.triton and self.plan.block_map
+                           else None)
+        self.positions = (Positions(self.spec.reorder) if self.spec.reorder is not None
+                          else None)
         self._warned_reference = False
 
     @property
@@ -67,24 +75,33 @@ class CompiledAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  return_lse: bool = False, scale: float | None = None, layout: str = "bhsd",
-                 backend: str | None = None, _visits: torch.Tensor | None = None,
+                 permuted: bool = False, backend: str | None = None,
+                 _visits: torch.Tensor | None = None,
                  **runtime: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`permuted=True` (with a reorder): q/k/v are already in the reordered token order and
+        o (and lse) come back in it too: the layout contract for models that keep tokens
+        permuted across layers. Otherwise tokens are in the original order, and the kernel
+        gathers rows and scatters o back itself."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
         qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
         check_qkv(qb, kb, vb)
         check_scale(scale)
+        reorder_inputs = split_reorder_inputs(self.spec.reorder, runtime, permuted)
         params, tensors = split_runtime(self.spec, runtime)
         B, Hq, Lq, dqk = qb.shape
-        check_captures(self.spec, tensors, q.device, index_extents(B, Hq, Lq, kb.shape[2]))
+        Hkv, Lk = kb.shape[1], kb.shape[2]
+        check_captures(self.spec, tensors, q.device, index_extents(B, Hq, Lq, Lk))
+        positions = (self.positions.get(Lq, Lk, q.device, reorder_inputs)
+                     if self.positions else None)
         chosen = self._choose(backend or self.backend, q.device)
         if chosen not in BACKENDS[1:]:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {chosen!r}")
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
         if chosen == "reference":
-            o, lse = attention_reference(self.spec, qb, kb, vb, scale=sm_scale, params=params,
-                                         captures=tensors)
+            o, lse = self._reference(qb, kb, vb, sm_scale, params, tensors, reorder_inputs,
+                                     positions if permuted else None)
             o, lse = o.to(q.dtype), lse.float()
             o = o.transpose(1, 2) if layout == "bshd" else o
         else:
@@ -96,9 +113,28 @@ class CompiledAttention:
             lse = (torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
                    if return_lse else None)
             if Lq > 0:
+                kv_tiles = None
+                if self.block_maps is not None:
+                    sched = self.triton.schedule_for(qb, kb, vb)
+                    kv_tiles = self.block_maps.get(
+                        B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
+                        block_n=sched.block_n, params=params, tensors=tensors,
+                        positions=positions, device=q.device)
                 self.triton.launch(qb, kb, vb, ob, lse, sm_scale=sm_scale, params=params,
-                                   tensors=tensors, visits=_visits)
+                                   tensors=tensors, kv_tiles=kv_tiles, positions=positions,
+                                   gather_rows=not permuted, visits=_visits)
         return (o, lse) if return_lse else o
+
+    def _reference(self, q, k, v, sm_scale, params, tensors, reorder_inputs, permuted_positions):
+        """The PyTorch reference; with `permuted=True`, un-permute in and permute out."""
+        if permuted_positions is not None:
+            q_pos, kv_pos = (p.long() for p in permuted_positions)
+            q, k, v = q[:, :, inverse(q_pos)], k[:, :, inverse(kv_pos)], v[:, :, inverse(kv_pos)]
+        o, lse = attention_reference(self.spec, q, k, v, scale=sm_scale, params=params,
+                                     captures=tensors, reorder_inputs=reorder_inputs)
+        if permuted_positions is not None:
+            o, lse = o[:, :, q_pos], lse[:, :, q_pos]
+        return o, lse
 
     def __repr__(self) -> str:
         return f"CompiledAttention({self.name})"

@@ -34,7 +34,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.triton_aot import (AOTCompileError, CompiledArtifact, compile_for_target,
+from attncc.backends.triton_aot import (AOTCompileError, CompiledArtifact,
+                                        compile_block_map_for_target, compile_for_target,
                                         save_artifacts)
 from tests.catalog_cases import masks, scores
 
@@ -63,9 +64,20 @@ SPECS = {
     "traced-mask_mod": attncc.Attention(mask=doc_window),
     "traced-score_mod": attncc.Attention(score=capped_alibi),
     "causal+softcap": attncc.Attention(mask=attncc.causal(), score=attncc.softcap(30.0)),
+    "M12-hilbert": attncc.Attention(mask=attncc.neighbourhood_2d(16, 16, 7, 7),
+                                    reorder=attncc.Hilbert2D(16, 16)),
+    "M15-hilberta": attncc.Attention(mask=attncc.hilberta(16, 16, 64, 32, 4),
+                                     reorder=attncc.Hilbert2D(16, 16)),
+    "M16-topk-64": attncc.Attention(mask=attncc.block_topk(
+        torch.randint(-1, 4, (B, HQ, 4, 2), generator=_g), 64)),
 }
 SM80 = ["M1-causal", "M2-sliding-window", "M11-document", "M16-block-topk", "M17-bigbird",
-        "M20-full", "S5-bias", "N2-sink", "traced-mask_mod"]
+        "M10-global", "M12-hilbert", "M11-cu-seqlens",
+        "M20-full", "S5-bias", "N2-sink", "traced-mask_mod", "M15-hilberta"]
+# specs whose tiles come from a device-built block map: their block-map kernel compiles too
+BLOCK_MAP_SM90 = ["M10-global", "M11-document", "M15-hilberta", "M16-block-topk", "M17-bigbird",
+                  "M19-tree", "traced-mask_mod"]
+BLOCK_MAP_SM80 = ["M11-document", "M15-hilberta"]
 SWEEP = [(dt, d, d) for dt in ("float16", "bfloat16", "float32") for d in (32, 72, 96, 128, 256)]
 SWEEP += [("float16", 192, 128)]
 SWEEP_SM80 = [("bfloat16", 128, 128), ("float32", 128, 128), ("float32", 256, 256),
@@ -81,11 +93,13 @@ class Case:
     dqk: int = 128
     dv: int = 128
     contiguous: bool = True
+    kernel: str = "forward"  # or "block_map"
 
     def __str__(self) -> str:
         d = f"d{self.dqk}" if self.dqk == self.dv else f"d{self.dqk}_{self.dv}"
         strided = "" if self.contiguous else "-any-strides"
-        return f"sm{self.arch}-{self.spec}-{_SHORT[self.dtype]}-{d}{strided}"
+        kind = "-block-map" if self.kernel == "block_map" else ""
+        return f"sm{self.arch}-{self.spec}{kind}-{_SHORT[self.dtype]}-{d}{strided}"
 
 
 CASES = [Case(90, name) for name in SPECS if name != "causal+softcap"]
@@ -93,12 +107,17 @@ CASES += [Case(80, name) for name in SM80]
 CASES += [Case(90, "causal+softcap", *sig) for sig in SWEEP]
 CASES += [Case(80, "causal+softcap", *sig) for sig in SWEEP_SM80]
 CASES += [Case(90, "causal+softcap", contiguous=False)]
+CASES += [Case(90, name, kernel="block_map") for name in BLOCK_MAP_SM90]
+CASES += [Case(80, name, kernel="block_map") for name in BLOCK_MAP_SM80]
 
 
 def _compile(forward, case: Case) -> tuple[CompiledArtifact, float]:
     start = time.perf_counter()
-    art = compile_for_target(forward, case.dtype, case.dqk, case.dv, case.arch,
-                             contiguous=case.contiguous)
+    if case.kernel == "block_map":
+        art = compile_block_map_for_target(forward, case.arch, case.dtype, case.dqk)
+    else:
+        art = compile_for_target(forward, case.dtype, case.dqk, case.dv, case.arch,
+                                 contiguous=case.contiguous)
     return art, time.perf_counter() - start
 
 

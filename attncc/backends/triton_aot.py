@@ -14,6 +14,7 @@ inside the parent-side functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -75,7 +76,6 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     """Compile `forward` for sm_<arch> and one call signature; raises `AOTCompileError` with
     Triton's message when it does not compile. `contiguous` compiles the variant a launch with
     contiguous last dims gets (see ALIGNED, UNIT_STRIDES); False, the one for any strides."""
-    from attncc import config
     from attncc.backends.triton_render import fixed_arguments, kernel_arguments
     from attncc.backends.triton_backend import launch_constexprs
     from attncc.ir.plan import Signature
@@ -85,11 +85,48 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     constexprs = launch_constexprs(sched, head_dim_qk, head_dim_v, write_lse)
     if contiguous:
         constexprs.update({name: 1 for name in UNIT_STRIDES})
+    job = {"path": str(forward.entry.files["kernel.py"]), "name": forward.name,
+           "aligned": list(ALIGNED) if contiguous else []}
+    what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
+    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, sched, what)
+    return CompiledArtifact(
+        name=forward.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_qk, head_dim_v=head_dim_v,
+        schedule=sched, shared_bytes=result["shared"], n_regs=result["n_regs"],
+        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+
+
+def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str = "float16",
+                                 head_dim: int = 128) -> CompiledArtifact:
+    """Compile `forward`'s block-map kernel (plans whose tiles come from a device-built block
+    map) with the tile sizes the forward kernel of (dtype, head_dim) uses on sm_<arch>."""
+    from attncc.backends.block_maps import block_map_launch_arguments
+    from attncc.backends.triton_render import block_map_arguments, block_map_kernel_name
+    from attncc.ir.plan import Signature
+
+    sched = forward.plan_for(Signature(dtype, head_dim, head_dim, f"sm{arch}")).schedule
+    signature = dict(block_map_launch_arguments() + block_map_arguments(forward.plan))
+    constexprs = {"BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n}
+    name = block_map_kernel_name(forward.plan)
+    job = {"path": str(forward.entry.files["block_map.py"]), "name": name,
+           "aligned": ["CLASSES"]}
+    launch = dataclasses.replace(sched, num_warps=4, num_stages=1)
+    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, launch,
+                                           f"tiles {sched.block_m}x{sched.block_n}")
+    return CompiledArtifact(
+        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim,
+        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
+        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+
+
+def _compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
+                      constexprs: dict[str, Any], sched: Schedule, what: str
+                      ) -> tuple[dict[str, Any], str, bytes]:
+    from attncc import config
+
     signature.update({name: "constexpr" for name in constexprs})
     with tempfile.TemporaryDirectory(prefix="attncc-aot-") as tmp:
-        job = {"path": str(forward.entry.files["kernel.py"]), "name": forward.name, "arch": arch,
-               "signature": signature, "constexprs": constexprs, "out": tmp,
-               "aligned": list(ALIGNED) if contiguous else [],
+        job = {**job, "arch": arch, "signature": signature, "constexprs": constexprs,
+               "out": tmp,
                "options": {"num_warps": sched.num_warps, "num_stages": sched.num_stages}}
         Path(tmp, "job.json").write_text(json.dumps(job))
         env = dict(os.environ, TRITON_INTERPRET="0")
@@ -98,15 +135,11 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
             [sys.executable, "-c", _BOOT, __file__, str(Path(tmp, "job.json"))],
             env=env, cwd=tmp, capture_output=True, text=True, check=False)
         if run.returncode != 0:
-            raise AOTCompileError(f"{forward.name} does not compile for sm_{arch} ({dtype}, "
-                                  f"head dims {head_dim_qk}/{head_dim_v}, {sched.text()}):\n"
+            raise AOTCompileError(f"{job['name']} does not compile for sm_{arch} ({what}):\n"
                                   f"{run.stderr[-6000:]}")
         result = json.loads(Path(tmp, "result.json").read_text())
         ptx, cubin = Path(tmp, "kernel.ptx").read_text(), Path(tmp, "kernel.cubin").read_bytes()
-    return CompiledArtifact(
-        name=forward.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_qk, head_dim_v=head_dim_v,
-        schedule=sched, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return result, ptx, cubin
 
 
 def save_artifacts(forward: TritonForward, artifacts: list[CompiledArtifact]) -> list[Path]:

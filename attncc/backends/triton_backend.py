@@ -15,7 +15,9 @@ import torch
 
 from attncc import config
 from attncc.backends import cache
-from attncc.backends.triton_render import kernel_arguments, kernel_name, render, template_hash
+from attncc.backends.triton_printer import capture_arg_names
+from attncc.backends.triton_render import (block_map_kernel_name, kernel_arguments, kernel_name,
+                                           render, render_block_map, template_hash)
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan, Signature
 from attncc.passes.pipeline import run_plan_passes
@@ -42,6 +44,8 @@ def cache_key(plan: KernelPlan) -> str:
 
 
 def _load_module(path: str, name: str) -> ModuleType:
+    if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
+        os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
     module_name = f"attncc_kernels.{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -64,9 +68,10 @@ class TritonForward:
         self.plan = plan
         self.name = kernel_name(plan)
         self.entry = cache.load_or_build(
-            cache_key(plan), self.name, lambda: {"kernel.py": render(plan).encode()},
+            cache_key(plan), self.name, lambda: _sources(plan),
             extra_meta={"backend": BACKEND, "spec": plan.spec.text()})
         self._module: ModuleType | None = None
+        self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
 
     @property
@@ -75,34 +80,44 @@ class TritonForward:
 
     def jit_function(self):
         if self._module is None:
-            if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
-                os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
             self._module = _load_module(str(self.entry.files["kernel.py"]), self.name)
         return getattr(self._module, self.name)
+
+    def block_map_function(self):
+        """The generated kernel that classifies tiles on the device (block map source 'device')."""
+        name = block_map_kernel_name(self.plan)
+        if self._block_map_module is None:
+            self._block_map_module = _load_module(str(self.entry.files["block_map.py"]), name)
+        return getattr(self._block_map_module, name)
 
     def plan_for(self, signature: Signature) -> KernelPlan:
         if signature not in self._plans:
             self._plans[signature] = run_plan_passes(self.plan, signature)
         return self._plans[signature]
 
+    def schedule_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Schedule:
+        sig = Signature(str(q.dtype).removeprefix("torch."), q.shape[3], v.shape[3],
+                        target_of(q.device))
+        return self.plan_for(sig).schedule
+
     def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor | None, *, sm_scale: float, params: Mapping[str, int | float],
-               tensors: Mapping[str, torch.Tensor], visits: torch.Tensor | None = None) -> None:
-        """q/k/v/o are BHSD views (any strides); lse is fp32 [B, Hq, Lq] contiguous."""
+               tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
+               positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+               gather_rows: bool = True, visits: torch.Tensor | None = None) -> None:
+        """q/k/v/o are BHSD views (any strides); lse is fp32 [B, Hq, Lq] contiguous.
+
+        kv_tiles: the block map (`block_maps.kv_tile_lists`) when the plan reads one.
+        positions: int32 (q_pos, kv_pos), original position of each row, when tokens are
+        reordered; `gather_rows` says q/k/v/o are in the original order (the kernel gathers rows
+        and scatters o back) rather than already in the reordered layout."""
         B, Hq, Lq, dqk = q.shape
         Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
         target = target_of(q.device)
-        sig = Signature(str(q.dtype).removeprefix("torch."), dqk, dv, target)
-        sched = self.plan_for(sig).schedule
-        extra = []
-        for name, _ in kernel_arguments(self.plan):
-            if name.startswith("p_"):
-                extra.append(params[name[2:]])
-        for cap in self.plan.spec.captures:
-            t = tensors[cap.name]
-            t = t.view(torch.uint8) if t.dtype == torch.bool else t
-            extra += [t, *t.stride(), *t.shape]
-        constexprs = launch_constexprs(sched, dqk, dv, write_lse=lse is not None)
+        sched = self.schedule_for(q, k, v)
+        extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
+        constexprs = launch_constexprs(sched, dqk, dv, write_lse=lse is not None,
+                                       gather_rows=gather_rows)
         # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
         # there, and only there, bf16 tiles are upcast to fp32 before each dot
         constexprs["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
@@ -116,13 +131,46 @@ class TritonForward:
         )
 
 
-def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool) -> dict[str, Any]:
+def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
+                    tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
+                    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    arguments: list[tuple[str, str]] | None = None) -> list[Any]:
+    """Values for `arguments` (default `kernel_arguments(plan)`), in its order."""
+    arguments = kernel_arguments(plan) if arguments is None else arguments
+    values: dict[str, Any] = {f"p_{name}": value for name, value in params.items()}
+    if kv_tiles is not None:
+        values["KV_TILES"] = kv_tiles
+        for axis, name in enumerate("bhmc"):
+            values[f"kvt_stride_{name}"] = kv_tiles.stride(axis)
+    if positions is not None:
+        values["Q_POS"], values["KV_POS"] = positions
+    for cap in plan.spec.captures:
+        t = tensors[cap.name]
+        t = t.view(torch.uint8) if t.dtype == torch.bool else t
+        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
+        values.update({ptr: t, **dict(zip(strides, t.stride())), **dict(zip(sizes, t.shape))})
+    missing = [name for name, _ in arguments if name not in values]
+    if missing:
+        raise ValueError(f"{kernel_name(plan)}: no value for kernel arguments {missing}")
+    return [values[name] for name, _ in arguments]
+
+
+def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool,
+                      gather_rows: bool = True) -> dict[str, Any]:
     """The kernel's constexprs for a compiled (non-interpreter) launch without visit counting;
     the launcher and the ahead-of-time compiler both use this one table."""
     return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
             "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
             "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
-            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False}
+            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False,
+            "GATHER_ROWS": gather_rows}
+
+
+def _sources(plan: KernelPlan) -> dict[str, bytes]:
+    files = {"kernel.py": render(plan).encode()}
+    if plan.block_map is not None and plan.block_map.source in ("device", "topk"):
+        files["block_map.py"] = render_block_map(plan).encode()  # topk falls back to it
+    return files
 
 
 def triton_cdiv(a: int, b: int) -> int:

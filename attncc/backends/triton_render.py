@@ -19,6 +19,8 @@ from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q
                                SCORE, Load, buffer_symbol)
 
 TEMPLATE = "attn_fwd.py.j2"
+BLOCK_MAP_TEMPLATE = "block_map.py.j2"
+TEMPLATES = (TEMPLATE, BLOCK_MAP_TEMPLATE, "helpers.py.j2")  # every file a source depends on
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                   "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
                   "bool": "u8"}  # bool tensors travel as uint8 views
@@ -28,8 +30,15 @@ def template_source(name: str = TEMPLATE) -> str:
     return resources.files("attncc.templates.triton").joinpath(name).read_text()
 
 
-def template_hash(name: str = TEMPLATE) -> str:
-    return hashlib.sha256(template_source(name).encode()).hexdigest()
+def template_hash() -> str:
+    """sha256 over every template file: a change to any of them changes the cache key."""
+    return hashlib.sha256("".join(template_source(n) for n in TEMPLATES).encode()).hexdigest()
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
 
 
 def kernel_name(plan: KernelPlan) -> str:
@@ -47,9 +56,16 @@ def _names(plan: KernelPlan) -> dict[str, str]:
     return names
 
 
+BLOCK_MAP_ARGS = [("KV_TILES", "*i32"), ("kvt_stride_b", "i32"), ("kvt_stride_h", "i32"),
+                  ("kvt_stride_m", "i32"), ("kvt_stride_c", "i32")]
+REORDER_ARGS = [("Q_POS", "*i32"), ("KV_POS", "*i32")]
+
+
 def kernel_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
     """Runtime arguments after the fixed ones, as (name, Triton signature type)."""
-    args = [(f"p_{p.name}", "i32" if p.kind == "int" else "fp32") for p in plan.spec.params]
+    args = list(BLOCK_MAP_ARGS) if plan.block_map is not None else []
+    args += REORDER_ARGS if plan.spec.reorder is not None else []
+    args += [(f"p_{p.name}", "i32" if p.kind == "int" else "fp32") for p in plan.spec.params]
     for cap in plan.spec.captures:
         ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
         args.append((ptr, "*" + _TRITON_DTYPES[cap.dtype]))
@@ -68,6 +84,8 @@ def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
 
 
 def _pieces(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
+    if plan.block_map is not None:
+        return []  # the kernel reads its tiles from the block map instead
     out = []
     for i, piece in enumerate(plan.tiles.pieces):
         j = str(i)
@@ -92,20 +110,48 @@ def render(plan: KernelPlan) -> str:
     RENDERS[0] += 1
     spec = plan.spec
     printer = TritonPrinter(_names(plan))
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True)
     sink = spec.normaliser.sink
-    runtime = ["Lq", "Lk"] + [name for name, kind in kernel_arguments(plan)
-                              if not kind.startswith("*")]
-    return env.from_string(template_source()).render(
+    return _environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan),
         spec_lines=spec.text().splitlines(),
-        runtime_scalars=runtime,
+        runtime_scalars=_runtime_scalars(["Lq", "Lk"], kernel_arguments(plan)),
         extra_args=[name for name, _ in kernel_arguments(plan)],
         score_expr=printer.doprint(spec.score.expr) if spec.score is not None else "",
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
         pieces=_pieces(plan, printer),
+        block_map=plan.block_map is not None,
+        reorder=spec.reorder is not None,
         has_sink=sink is not None,
         sink_load=printer.doprint(Load(buffer_symbol(sink.name), H_IDX)) if sink else "",
     )
 
+
+
+def _runtime_scalars(first: list[str], args: list[tuple[str, str]]) -> list[str]:
+    """Integer and float arguments Triton must not specialise on (values change per call)."""
+    return first + [name for name, kind in args if not kind.startswith("*")]
+
+
+def block_map_kernel_name(plan: KernelPlan) -> str:
+    return kernel_name(plan).replace("attn_fwd_", "block_map_", 1)
+
+
+def block_map_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
+    """The block-map kernel's arguments after its fixed ones: positions, params, captures."""
+    return [a for a in kernel_arguments(plan) if a not in BLOCK_MAP_ARGS]
+
+
+def render_block_map(plan: KernelPlan) -> str:
+    """Triton source of the kernel that classifies tiles of `plan`'s mask on the device."""
+    RENDERS[0] += 1
+    printer = TritonPrinter(_names(plan))
+    args = block_map_arguments(plan)
+    return _environment().get_template(BLOCK_MAP_TEMPLATE).render(
+        kernel_name=block_map_kernel_name(plan),
+        spec_lines=plan.spec.text().splitlines(),
+        runtime_scalars=_runtime_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",
+                                          "cls_stride_m"], args),
+        extra_args=[name for name, _ in args],
+        mask_expr=printer.doprint(plan.spec.mask.expr),
+        reorder=plan.spec.reorder is not None,
+    )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from attncc.ir.nodes import Schedule
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.tiles import TileClasses
+from attncc.ir.tiles import BlockMapTiles, TileClasses
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Signature:
 @dataclass(frozen=True)
 class KernelPlan:
     spec: AttentionSpec  # canonical
-    tiles: TileClasses
+    tiles: TileClasses  # closed-form ranges (always derived: explain and tests show them)
+    block_map: BlockMapTiles | None = None  # set when the kernel reads a run-time block map
     signature: Signature | None = None
     schedule: Schedule | None = None  # every field filled once `signature` is set

@@ -51,6 +51,29 @@ class TileClasses:
     def text(self) -> str:
         return "\n".join(f"piece {i}: {p.text()}" for i, p in enumerate(self.pieces))
 
+    @property
+    def exact(self) -> bool:
+        return all(p.exact for p in self.pieces)
+
+
+BLOCK_MAP_SOURCES = {
+    "analytic": "tile classes from interval reasoning on the symbolic mask, O(tiles), on the host",
+    "device": "tile classes from a generated block-map kernel that evaluates the mask per tile",
+    "topk": "the block top-k index tensor, turned into kv-tile lists on the device",
+}
+
+
+@dataclass(frozen=True)
+class BlockMapTiles:
+    """The kernel reads, per query tile, lists of partial and full kv tiles (a kernel argument,
+    so new values never recompile) instead of closed-form ranges. `source` says who builds them."""
+
+    source: str  # a key of BLOCK_MAP_SOURCES
+    why: str
+
+    def text(self) -> str:
+        return f"block map ({self.source}: {BLOCK_MAP_SOURCES[self.source]}); {self.why}"
+
 
 def tile_loops(piece_values: tuple[int, int, int, int], exact: bool, enabled: bool,
                block_n: int) -> tuple[int, int, int, int]:

@@ -8,10 +8,13 @@ from attncc.ir.plan import KernelPlan, Signature
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.verify import verify
 from attncc.passes.canonicalize import Canonicalize
+from attncc.passes.choose_tile_source import ChooseTileSource
+from attncc.passes.choose_reorder import ChooseReorder
 from attncc.passes.classify_tiles import ClassifyTiles
 from attncc.passes.select_tiles import SelectTiles
 
 SPEC_PASSES = (
+    ChooseReorder(),  # reorder="auto": the token order whose tiles are fewest and densest
     Canonicalize(),   # atoms as kv bounds, so tiles can be classified
 )
 PLAN_PASSES = (
@@ -29,7 +32,10 @@ def run_spec_passes(spec: AttentionSpec, trace: list | None = None) -> KernelPla
     tiles = ClassifyTiles()(spec)  # the kernel's loop structure, from the symbolic mask
     if trace is not None:
         trace.append(("classify-tiles", tiles.text()))
-    return KernelPlan(spec=spec, tiles=tiles)
+    source = ChooseTileSource()(spec, tiles)  # closed form where exact, else a block map
+    if trace is not None:
+        trace.append(("choose-tile-source", source.text() if source else "closed-form ranges"))
+    return KernelPlan(spec=spec, tiles=tiles, block_map=source)
 
 
 def run_plan_passes(plan: KernelPlan, signature: Signature) -> KernelPlan:

@@ -1,0 +1,39 @@
+"""Choose how the kernel finds its tiles: closed-form ranges, or a block map built at run time.
+
+Requires: the canonical spec and its `TileClasses`. Ensures: None (the kernel loops over the
+closed-form pieces) only when they are exact and tokens keep their order; otherwise a
+`BlockMapTiles` saying which builder
+makes the per-query-tile lists of partial and full kv tiles:
+- "topk": a bare block top-k mask (M16): its index tensor already lists the kv blocks;
+- "device": any other mask that reads a captured tensor: a generated kernel classifies tiles on
+  the device, so the captured values never travel to the host;
+- "analytic": index arithmetic only: interval reasoning on the host, O(number of tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.symbols import Load
+from attncc.ir.tiles import BlockMapTiles, TileClasses
+
+
+def choose(spec: AttentionSpec, tiles: TileClasses) -> BlockMapTiles | None:
+    if spec.mask is None or (tiles.exact and spec.reorder is None):
+        return None
+    why = ("tokens are reordered: closed-form ranges hold in the original order only"
+           if spec.reorder is not None else "the closed-form ranges of this mask are not exact")
+    if spec.mask.tag == "topk" and spec.reorder is None:
+        return BlockMapTiles("topk", why)
+    if spec.mask.expr.atoms(Load):
+        return BlockMapTiles("device", why)
+    return BlockMapTiles("analytic", why)
+
+
+@dataclass(frozen=True)
+class ChooseTileSource:
+    name: str = "choose-tile-source"
+
+    def __call__(self, spec: AttentionSpec, tiles: TileClasses) -> BlockMapTiles | None:
+        return choose(spec, tiles)
