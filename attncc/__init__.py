@@ -8,26 +8,29 @@
 
 from attncc.api import Attention, compile, explain
 from attncc.ir.nodes import Capture, Mask, Normaliser, Param, Schedule, ScoreMod
-from attncc.ir.reorder import Hilbert2D, Hilbert3D, Morton2D, SegmentSort, TileMajor, UserPermutation
+from attncc.ir.reorder import (AutoReorder, Hilbert2D, Hilbert3D, Morton2D, SegmentSort,
+                               TileMajor, UserPermutation)
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import TraceError
 from attncc.ir.verify import VerifyError, verify
 from attncc.kernel import CompiledAttention
 from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
-                          full, global_tokens, hilberta, neighbourhood_2d, neighbourhood_3d,
-                          per_head_classes, prefix_lm, sinks_window, sliding_window, strided_heads,
-                          tree)
+                          document_inputs, full, global_tokens, hilberta, neighbourhood_2d,
+                          neighbourhood_3d, per_head_classes, prefix_lm, sinks_window,
+                          sliding_window, strided_heads, tree)
+from attncc.reorders import auto, hilbert, morton, permutation, segment_sort, tiles
 from attncc.scores import (alibi, bias, calibration, head_bias, log_count, relative_bias, scale,
                            sink, softcap)
 
 __all__ = [
-    "Attention", "AttentionSpec", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",
+    "Attention", "AttentionSpec", "AutoReorder", "auto", "hilbert", "morton", "permutation",
+    "segment_sort", "tiles", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",
     "Mask", "Morton2D", "Normaliser", "Param", "Schedule", "ScoreMod", "SegmentSort", "TileMajor",
     "TraceError", "UserPermutation", "VerifyError", "alibi", "bias", "bidirectional_window",
     "bigbird", "bigbird_random_blocks", "block_causal", "block_topk", "calibration", "causal",
-    "chunked", "compile", "criss_cross", "dilated_window", "document", "explain", "full",
-    "global_tokens", "head_bias", "hilberta", "log_count", "neighbourhood_2d", "neighbourhood_3d",
-    "per_head_classes", "prefix_lm", "relative_bias", "scale", "sink", "sinks_window",
-    "sliding_window", "softcap", "strided_heads", "tree", "verify",
+    "chunked", "compile", "criss_cross", "dilated_window", "document", "document_inputs",
+    "explain", "full", "global_tokens", "head_bias", "hilberta", "log_count", "neighbourhood_2d",
+    "neighbourhood_3d", "per_head_classes", "prefix_lm", "relative_bias", "scale", "sink",
+    "sinks_window", "sliding_window", "softcap", "strided_heads", "tree", "verify",
 ]

@@ -7,6 +7,7 @@ import inspect
 from typing import Any, Callable, Iterable
 
 from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
+from attncc.ir.reorder import AutoReorder, Reorder
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
 from attncc.kernel import CompiledAttention
@@ -33,13 +34,23 @@ def _as_score(score: Any) -> ScoreMod | None:
                     f" function or a list of them, got {type(score).__name__}")
 
 
+def _as_reorder(reorder: Any) -> Reorder | None:
+    if reorder == "auto":
+        return AutoReorder()
+    if reorder is None or isinstance(reorder, Reorder):
+        return reorder
+    raise TypeError(f"reorder: expected an attncc reorder (Hilbert2D, Morton2D, TileMajor, "
+                    f"Hilbert3D, SegmentSort, UserPermutation), 'auto' or None, "
+                    f"got {reorder!r}")
+
+
 def Attention(mask: Any = None, score: Any = None, *, normaliser: Normaliser | None = None,
               memory: Any = None, reorder: Any = None, schedule: Schedule | None = None,
               scale: float | None = None) -> AttentionSpec:
     """Describe an attention variant. `mask`/`score` take attncc values or FlexAttention-style
     functions (traced); a list of score mods applies them in order."""
     kwargs: dict[str, Any] = {"mask": _as_mask(mask), "score": _as_score(score), "scale": scale,
-                              "reorder": reorder}
+                              "reorder": _as_reorder(reorder)}
     if normaliser is not None:
         kwargs["normaliser"] = normaliser
     if memory is not None:
@@ -79,8 +90,11 @@ def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "
 
 
 def explain(spec: AttentionSpec | CompiledAttention, *, shape: Iterable[int] | None = None,
-            block: tuple[int, int] = (64, 64)) -> str:
-    """The IR after each pass and the tile classes; with `shape=(Lq, Lk)`, also the tile map
-    ('.' skipped, 'p' partial: mask evaluated, 'F' full: mask skipped) for batch 0, head 0."""
+            block: tuple[int, int] = (64, 64), png: str | None = None) -> str:
+    """The IR after each pass and the tile classes; for a mask on a token grid, the cost of each
+    candidate token order; with `shape=(Lq, Lk)`, the tile map the kernel visits ('.' skipped,
+    'p' partial: mask evaluated, 'F' full: mask skipped) for batch 0, head 0, also drawn to
+    the PNG file `png` (needs matplotlib: `pip install attncc[viz]`)."""
     from attncc.describe import explain_text
-    return explain_text(spec.spec if isinstance(spec, CompiledAttention) else spec, shape, block)
+    return explain_text(spec.spec if isinstance(spec, CompiledAttention) else spec, shape, block,
+                        png)

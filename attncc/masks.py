@@ -120,28 +120,71 @@ def global_tokens(window: int, is_global: torch.Tensor) -> Mask:
 
 
 def document(doc: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
-             causal: bool = True) -> Mask:
-    """M11: `doc[q] == doc[kv] and kv <= q` from document ids, or from `cu_seqlens` (the ids are
-    then built on the tensor's device in O(L) by `torch.searchsorted`)."""
+             causal: bool = True, total: int | None = None) -> Mask:
+    """M11: `doc[q] == doc[kv] and kv <= q` (`causal=False` drops `kv <= q`).
+
+    `doc=`: int[L] document ids, any order (a document may be non-contiguous), so no closed-form
+    kv range follows from them: tiles are classified by evaluating the mask.
+
+    `cu_seqlens=`: int[N + 1], `0 = cu[0] <= ... <= cu[N]`, sequence i holding tokens
+    `[cu[i], cu[i + 1])`. The mask becomes one interval of keys per query row,
+    `doc_start[q] <= kv <= q` (or `<= doc_end[q]`), captured as int32[total] tensors built on
+    cu_seqlens' device in O(total) memory by `document_inputs` (`total` defaults to `cu[N]`,
+    read back with one device sync; pass it to avoid that). Tokens in `[cu[N], total)` form one
+    more sequence (padding attends only padding); a call with more than `total` queries is an
+    error (the tensors must cover every query row). Tiles are then exact: the kernel loads
+    `doc_start` (and `doc_end`) at each query tile's first and last row, O(1) per tile, and
+    visits only tiles holding allowed pairs. Pass new sequences at call time with
+    `attn(q, k, v, **attncc.document_inputs(cu_seqlens))`.
+
+    The fast path trusts `doc_start`/`doc_end` to be nondecreasing (checking it needs a device
+    sync); a decreasing tensor makes the kernel skip allowed tiles. `ATTNCC_DEBUG=1` checks it
+    before every launch."""
     if (doc is None) == (cu_seqlens is None):
         raise ValueError("document: expected exactly one of doc= or cu_seqlens=, got "
                          f"{'both' if doc is not None else 'neither'}")
-    if cu_seqlens is not None:
-        _tensor("cu_seqlens", cu_seqlens, 1, _INT)
-        doc = doc_ids_from_cu_seqlens(cu_seqlens)
-    d = _tensor("doc", doc, 1, _INT)
-    expr = sympy.Eq(_load(d, Q), _load(d, KV))
+    if cu_seqlens is None:
+        if total is not None:
+            raise ValueError("document: total= goes with cu_seqlens=, not with doc=")
+        d = _tensor("doc", doc, 1, _INT)
+        expr = sympy.Eq(_load(d, Q), _load(d, KV))
+        if causal:
+            expr = sympy.And(expr, sympy.Le(KV, Q))
+        return Mask(expr, (), (d,), tag="doc")
+    inputs = document_inputs(cu_seqlens, total=total, causal=causal)
+    start = Capture.of("doc_start", inputs["doc_start"], nondecreasing=True)
     if causal:
-        expr = sympy.And(expr, sympy.Le(KV, Q))
-    return Mask(expr, (), (d,), tag="doc")
+        return Mask(sympy.And(sympy.Ge(KV, _load(start, Q)), sympy.Le(KV, Q)), (), (start,),
+                    tag="doc")
+    end = Capture.of("doc_end", inputs["doc_end"], nondecreasing=True)
+    return Mask(sympy.And(sympy.Ge(KV, _load(start, Q)), sympy.Le(KV, _load(end, Q))), (),
+                (start, end), tag="doc")
 
 
-def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """`doc[i]` = 1 + the sequence index of packed token i. Ids start at 1 because reads past
-    the tensor give 0: padding tokens after `cu_seqlens[-1]` then join no sequence."""
-    total = int(cu_seqlens[-1])
-    pos = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return (torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True) + 1).to(torch.int32)
+def document_inputs(cu_seqlens: torch.Tensor, *, total: int | None = None,
+                    causal: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors `document(cu_seqlens=..., causal=causal)` reads, for new sequences at call
+    time: `attn(q, k, v, **attncc.document_inputs(cu_seqlens))`.
+
+    `doc_start`: int32[total], the first token of each token's sequence; with `causal=False` also
+    `doc_end`: int32[total], its last token (inclusive). Tokens in `[cu[-1], total)` form one
+    more sequence. Built on cu_seqlens' device in O(total) memory (a binary search per token),
+    with no device sync when `total` is given (else `total = cu_seqlens[-1]`, read back with one
+    sync)."""
+    _tensor("cu_seqlens", cu_seqlens, 1, _INT)
+    if cu_seqlens.numel() == 0:
+        raise ValueError("cu_seqlens: expected at least one entry (0), got an empty tensor")
+    if total is None:
+        total = int(cu_seqlens[-1])
+    _int("total", total, minimum=0)
+    cu = cu_seqlens.contiguous()
+    pos = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    seq = torch.searchsorted(cu[1:], pos, right=True)  # sequence of each token; N past cu[N]
+    bounds = torch.cat([cu, cu.new_full((1,), total)])  # sequence N: the padding [cu[N], total)
+    out = {"doc_start": bounds[seq].to(torch.int32)}
+    if not causal:
+        out["doc_end"] = (bounds[seq + 1] - 1).to(torch.int32)
+    return out
 
 
 def _clamped_centre(coord: sympy.Basic, size: sympy.Basic, kernel: sympy.Basic) -> sympy.Basic:
@@ -190,10 +233,10 @@ def neighbourhood_3d(frames: int, height: int, width: int, kernel: tuple[int, in
 def criss_cross(height: int, width: int) -> Mask:
     """M14 (CCNet): same row or same column of an H x W grid."""
     ww = _int("grid_w", width)
-    _int("grid_h", height)
+    hh = _int("grid_h", height)  # not in the predicate; names the grid for reorder="auto"
     expr = sympy.Or(sympy.Eq(sympy.floor(Q / ww.symbol), sympy.floor(KV / ww.symbol)),
                     sympy.Eq(sympy.Mod(Q, ww.symbol), sympy.Mod(KV, ww.symbol)))
-    return Mask(expr, (ww,), tag="crisscross")
+    return Mask(expr, (hh, ww), tag="crisscross")
 
 
 def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:

@@ -270,6 +270,22 @@ class UserPermutation(Reorder):
         return perm.to(dtype=torch.int64, device=_device(device, perm.device))
 
 
+@dataclass(frozen=True, slots=True)
+class AutoReorder(Reorder):
+    """`reorder="auto"`: the choose-reorder pass replaces it with the candidate order (row-major,
+    Morton, Hilbert, tile-major) that visits the fewest tiles. `grid` (H, W) or (T, H, W) names
+    the token grid when the mask has no grid_h/grid_w parameters to read it from."""
+
+    grid: tuple[int, ...] | None = None
+
+    def text(self) -> str:
+        return "auto" if self.grid is None else f"auto(grid={_dims_text(self.grid)})"
+
+    def permutation(self, length, *, key_score=None, perm=None, device=None) -> torch.Tensor:
+        raise ValueError("reorder 'auto' has no permutation until the choose-reorder pass "
+                         "picks one (attncc.compile runs it)")
+
+
 def _check_length(owner: str, length: object) -> None:
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"{owner}: length must be a non-negative int, got {length!r}")
