@@ -68,7 +68,8 @@ def bidirectional_window(window: int) -> Mask:
 def dilated_window(window: int, dilation: int, causal: bool = False) -> Mask:
     """M4: `abs(q - kv) <= window and (q - kv) % dilation == 0`, optionally `& causal()`."""
     w, d = _int("window", window, minimum=0), _int("dilation", dilation)
-    expr = sympy.And(sympy.Le(sympy.Abs(Q - KV), w.symbol), sympy.Eq(sympy.Mod(Q - KV, d.symbol), 0))
+    expr = sympy.And(sympy.Le(sympy.Abs(Q - KV), w.symbol),
+                     sympy.Eq(sympy.Mod(Q - KV, d.symbol), 0))
     if causal:
         expr = sympy.And(expr, sympy.Le(KV, QP))
     return Mask(expr, (w, d), tag="dilated")

@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
 
 import attncc  # noqa: E402
 from attncc.backends.reference import attention_reference  # noqa: E402
+from attncc.ir.reorder import inverse  # noqa: E402
 from attncc.passes.choose_reorder import cost_table, order_costs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,13 +82,14 @@ def run_layer_stack(side: int, layers: int, heads: int, dim: int) -> None:
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        ref = attn(h.double(), h.double(), h.double(), permuted=True, shift=shift,
-                   backend="reference")
-        err = (out.double() - ref).abs().max().item()
+        grid_order = h[:, :, inverse(perm)].double()  # the fp64 reference takes grid order
+        params = {**{p.name: p.value for p in spec.params}, "shift": shift}
+        ref, _ = attention_reference(spec, grid_order, grid_order, grid_order, params=params)
+        err = (out.double() - ref[:, :, perm]).abs().max().item()
         print(f"layer {layer}: shift {shift:2d}, {seconds:6.2f} s, max |err| vs fp64 {err:.2e}")
         assert err < 1e-4, "kernel disagrees with the reference"
         h = h + out
-    y = h[:, :, attncc.ir.reorder.inverse(perm)]  # back to grid order
+    y = h[:, :, inverse(perm)]  # back to grid order
     print(f"stack of {layers} layers done: output {tuple(y.shape)} in grid order")
 
 

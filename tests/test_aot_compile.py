@@ -14,6 +14,10 @@ with many loads and spills, are the slowest), so not every combination is compil
 - causal + softcap across dtypes and head dims: all of SWEEP on sm_90, SWEEP_SM80 on sm_80.
 - one kernel in its any-strides variant (`contiguous=False`), which a launch with a non-unit
   head-dim stride gets.
+- reordered kernels (M12 in Hilbert order, HilbertA) and a top-k kernel whose blocks nest its
+  tiles; masks with inexact closed-form ranges compile in their block-map form (the forward
+  kernel reads kv-tile lists), and the generated block-map kernels of the data-dependent masks
+  (BLOCK_MAP_SM90 / BLOCK_MAP_SM80) compile too.
 
 The compiles of all selected tests start together, os.cpu_count() at a time, when the first test
 asks for them (the `compiled` fixture); each test then waits for its own, so --durations shows

@@ -29,6 +29,7 @@ from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import KV_IDX, LK, LQ, Q_IDX, Load, buffer_symbol
 from attncc.ir.tiles import FULL, PARTIAL, tile_map
 from attncc.passes.classify_tiles import is_nondecreasing
+from tests.test_tiles import tiles_of_dense
 from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import check_captures, index_extents
 
@@ -59,19 +60,6 @@ def allowed(lens, total, Lq, Lk, causal) -> torch.Tensor:
     q, kv = torch.arange(Lq).view(-1, 1), torch.arange(Lk).view(1, -1)
     out = ids[q] == ids[kv]
     return out & (kv <= q) if causal else out
-
-
-def brute_tiles(dense: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
-    """int8[nM, nN]: 2 every pair allowed, 1 some, 0 none; columns past Lk count as masked."""
-    Lq, Lk = dense.shape
-    n_m, n_n = -(-Lq // bm), -(-Lk // bn)
-    dense = torch.nn.functional.pad(dense, (0, n_n * bn - Lk))
-    out = torch.zeros(n_m, n_n, dtype=torch.int8)
-    for m in range(n_m):
-        for n in range(n_n):
-            tile = dense[m * bm:(m + 1) * bm, n * bn:(n + 1) * bn]
-            out[m, n] = FULL if tile.all() else PARTIAL if tile.any() else 0
-    return out
 
 
 CU_CASES = {  # id -> (lengths, total)
@@ -185,7 +173,7 @@ def test_tile_classes_are_exact(case, causal, bm, bn):
                    (total, total + 40)}:
         ours = tile_map(plan.tiles, Lq=Lq, Lk=Lk, Hq=1, Hkv=1, block_m=bm, block_n=bn,
                         tensors=tensors)
-        truth = brute_tiles(allowed(lens, total, Lq, Lk, causal), bm, bn)
+        truth = tiles_of_dense(allowed(lens, total, Lq, Lk, causal), bm, bn)
         assert torch.equal(ours, truth), f"Lq={Lq} Lk={Lk}\n{truth}\n{ours}"
 
 
@@ -194,7 +182,7 @@ def test_explain_shows_tiles_skipped_across_documents():
     text = attncc.explain(spec, shape=(200, 200), block=(32, 32))
     assert "visit kv [Max(0, Load(doc_start, q_first)), Min(q_last, Lk - 1)]" in text
     assert "full kv [Max(0, Load(doc_start, q_last)), Min(q_first, Lk - 1)]" in text
-    truth = brute_tiles(allowed([70, 50, 80], 200, 200, 200, True), 32, 32)
+    truth = tiles_of_dense(allowed([70, 50, 80], 200, 200, 200, True), 32, 32)
     n_full, n_partial = int((truth == FULL).sum()), int((truth == PARTIAL).sum())
     assert (f"tiles 32x32: {n_full + n_partial}/49 visited, {n_full} full, {n_partial} partial"
             in text)
@@ -257,7 +245,7 @@ def test_kernel_visits_exactly_the_classified_tiles(causal, device):
     n = -(-total // bm)
     visits = torch.zeros(2, n, n, dtype=torch.int8, device=device)
     attn(q, k, v, backend="triton", _visits=visits)
-    truth = brute_tiles(allowed(lens, total, total, total, causal), bm, bn)
+    truth = tiles_of_dense(allowed(lens, total, total, total, causal), bm, bn)
     assert torch.equal(visits[0].cpu(), truth) and torch.equal(visits[1].cpu(), truth)
 
 

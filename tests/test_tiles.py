@@ -28,8 +28,15 @@ def brute_force(spec: AttentionSpec, Lq: int, Lk: int, bm: int, bn: int, h: int 
     env.update({p.symbol: p.value for p in spec.params})
     dense = torch.as_tensor(evaluate(spec.mask.expr, env, {c.name: c.tensor
                                                            for c in spec.captures}))
+    return tiles_of_dense(dense.bool().expand(Lq, Lk), bm, bn)
+
+
+def tiles_of_dense(dense: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """int8[nM, nN] of a bool [Lq, Lk] mask: 2 every pair allowed, 1 some, 0 none; columns
+    past Lk count as masked."""
+    Lq, Lk = dense.shape
     n_m, n_n = -(-Lq // bm), -(-Lk // bn)
-    dense = torch.nn.functional.pad(dense.bool().expand(Lq, Lk), (0, n_n * bn - Lk))
+    dense = torch.nn.functional.pad(dense, (0, n_n * bn - Lk))
     out = torch.zeros(n_m, n_n, dtype=torch.int8)
     for m in range(n_m):
         for n in range(n_n):

@@ -96,7 +96,8 @@ def _pieces(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
             "comment": piece.text().replace("\n", " "),
             "some_lo": printer.doprint(piece.some_lo), "some_hi": printer.doprint(piece.some_hi),
             "all_lo": printer.doprint(piece.all_lo), "all_hi": printer.doprint(piece.all_hi),
-            "guard": "" if piece.guard is sympy.true else printer.doprint(piece.guard), "exact": piece.exact, "loops": loops,
+            "guard": "" if piece.guard is sympy.true else printer.doprint(piece.guard),
+            "exact": piece.exact, "loops": loops,
             "earlier": list(range(i)),
         })
     return out

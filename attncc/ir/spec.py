@@ -66,7 +66,7 @@ class AttentionSpec:
         ])
 
     def kernel_text(self) -> str:
-        """Structural form: what shapes the kernel. Parameter values and tensor data are left out."""
+        """Structural form: what shapes the kernel. Parameter values and tensor data are out."""
         def expr(node: Mask | ScoreMod | None) -> str:
             if node is None:
                 return "none"
