@@ -1,5 +1,10 @@
 """Test set-up: without a CUDA GPU, kernels run under Triton's CPU interpreter, and tests marked
-`gpu` are skipped with a reason that pytest's summary (-ra) prints."""
+`gpu` are skipped with a reason that pytest's summary (-ra) prints.
+
+The GPU tier: on a machine with a CUDA GPU, every test that takes the `device` fixture (the kernel
+correctness suite: it runs on "cuda" there, compiled, not interpreted) is marked `gpu` as well,
+so `pytest -m gpu` runs the whole suite on the GPU. Without a GPU, `pytest -m gpu` selects only
+the GPU-only tests and reports each as skipped with the reason."""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ if "ATTNCC_CACHE_DIR" not in os.environ:  # tests never write into the user's ~/
 
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
+        for item in items:
+            if "device" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here: GPU tier skipped)")
     for item in items:
