@@ -12,7 +12,8 @@
    reference.
 
 On a CPU the kernels run under Triton's interpreter (slow: only the 64x64 stack runs, with one
-head); on a GPU the same code runs compiled. `--png DIR` also writes the tile maps as images.
+head, about 75 s per layer; the cost tables take seconds); on a GPU the same code runs compiled,
+on both grids. `--png DIR` also writes every tile map as an image (needs matplotlib).
 """
 
 from __future__ import annotations
