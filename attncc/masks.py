@@ -302,7 +302,7 @@ def hilberta(height: int, width: int, tile: int, shift: int, centre: int) -> Mas
     the grid centre that every token attends to. Pair with `reorder=Hilbert2D(H, W)`."""
     from attncc.ir.reorder import Hilbert2D, inverse
     rank = inverse(Hilbert2D(height, width).permutation(height * width)).to(torch.int32)
-    rk = Capture.of("hilbert_rank", rank)
+    rk = Capture.of("hilbert_rank", rank, static=True)  # fixed by the grid, not per-batch data
     t, s = _int("tile", tile), _int("shift", shift, minimum=0)
     c, ww, hh = _int("centre", centre), _int("grid_w", width), _int("grid_h", height)
     same_tile = sympy.Eq(sympy.floor((_load(rk, Q) + s.symbol) / t.symbol),

@@ -79,9 +79,9 @@ SM80 = ["M1-causal", "M2-sliding-window", "M11-document", "M16-block-topk", "M17
         "M10-global", "M12-hilbert", "M11-cu-seqlens",
         "M20-full", "S5-bias", "N2-sink", "traced-mask_mod", "M15-hilberta"]
 # specs whose tiles come from a device-built block map: their block-map kernel compiles too
-BLOCK_MAP_SM90 = ["M10-global", "M11-document", "M15-hilberta", "M16-block-topk", "M17-bigbird",
-                  "M19-tree", "traced-mask_mod"]
-BLOCK_MAP_SM80 = ["M11-document", "M15-hilberta"]
+BLOCK_MAP_SM90 = ["M10-global", "M11-document", "M16-block-topk", "M17-bigbird", "M19-tree",
+                  "traced-mask_mod"]
+BLOCK_MAP_SM80 = ["M11-document", "M19-tree"]
 SWEEP = [(dt, d, d) for dt in ("float16", "bfloat16", "float32") for d in (32, 72, 96, 128, 256)]
 SWEEP += [("float16", 192, 128)]
 SWEEP_SM80 = [("bfloat16", 128, 128), ("float32", 128, 128), ("float32", 256, 256),

@@ -128,14 +128,17 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
 
 def analytic_classes(plan: KernelPlan, *, Gb: int, Gh: int, B: int, Lq: int, Lk: int, Hq: int,
                      Hkv: int, block_m: int, block_n: int, params: Mapping[str, Any],
+                     tensors: Mapping[str, torch.Tensor],
                      positions: tuple[torch.Tensor, torch.Tensor] | None,
                      device: torch.device) -> torch.Tensor:
-    """Interval reasoning on the symbolic mask, O(number of tiles), on the host."""
+    """Interval reasoning on the symbolic mask, O(number of tiles), on the host (static tables
+    are read there too: they are copied once per new tensor, then the map is cached)."""
     from attncc.passes.classify_blocks import classify_blocks
 
     q_pos, kv_pos = (None, None) if positions is None else (p.cpu().long() for p in positions)
     result = classify_blocks(plan.spec.mask.expr, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, B=B,
                              block_m=block_m, block_n=block_n, params=params,
+                             tensors={n: t.cpu() for n, t in tensors.items()},
                              q_pos=q_pos, kv_pos=kv_pos)
     assert result.classes.shape[:2] == (Gb, Gh), (result.classes.shape, Gb, Gh)
     return result.classes.to(device)
@@ -160,7 +163,7 @@ class BlockMaps:
             positions: tuple[torch.Tensor, torch.Tensor] | None,
             device: torch.device) -> torch.Tensor:
         source = self.plan.block_map.source
-        reads = tensors if source != "analytic" else {}
+        reads = {c.name: tensors[c.name] for c in self.plan.spec.mask.captures}
         key = (B, Hq, Hkv, Lq, Lk, block_m, block_n, device, tuple(sorted(params.items())),
                tuple((n, tensor_key(t)) for n, t in sorted(reads.items())),
                tuple(tensor_key(p) for p in positions) if positions is not None else None)
@@ -177,7 +180,8 @@ class BlockMaps:
                                      positions=positions, device=device, **shape)
         if classes is None:
             classes = analytic_classes(self.plan, Gb=Gb, Gh=Gh, B=B, Hq=Hq, Hkv=Hkv,
-                                       positions=positions, device=device, **shape)
+                                       tensors=reads, positions=positions, device=device,
+                                       **shape)
         # groups the mask does not distinguish broadcast with stride 0
         lists = kv_tile_lists(classes, Lk, block_n).expand(B, Hq, -1, -1, -1)
         self.builds += 1

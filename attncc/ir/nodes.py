@@ -60,6 +60,9 @@ class Capture:
     classification may then bound kv tiles by the tensor's values at a tile's first and last
     query row, so it changes the kernel's loops and is part of the key. Nothing checks the
     promise on the fast path (that needs a device sync); `ATTNCC_DEBUG=1` checks it per call.
+    `static` says the tensor is a function of the spec's shape parameters (a curve's ranks), not
+    per-batch data: its tile classes may then come from the host interval classifier, O(tiles),
+    instead of a device kernel that evaluates every pair.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Capture:
     ndim: int
     tensor: torch.Tensor | None = field(default=None, compare=False, repr=False)
     nondecreasing: bool = False
+    static: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_NAMES:
@@ -77,20 +81,22 @@ class Capture:
                              f"got {self.ndim}-d")
 
     @staticmethod
-    def of(name: str, tensor: torch.Tensor, nondecreasing: bool = False) -> "Capture":
+    def of(name: str, tensor: torch.Tensor, nondecreasing: bool = False,
+           static: bool = False) -> "Capture":
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"captured {name!r}: expected a torch.Tensor, "
                             f"got {type(tensor).__name__}")
         return Capture(name, str(tensor.dtype).removeprefix("torch."), tensor.dim(), tensor,
-                       nondecreasing)
+                       nondecreasing, static)
 
     @property
     def symbol(self) -> sympy.Symbol:
         return buffer_symbol(self.name)
 
     def text(self) -> str:
-        order = ", nondecreasing" if self.nondecreasing else ""
-        return f"{self.name}:{self.dtype}[{self.ndim}d{order}]"
+        flags = (", nondecreasing" if self.nondecreasing else "") + (", static" if self.static
+                                                                      else "")
+        return f"{self.name}:{self.dtype}[{self.ndim}d{flags}]"
 
 
 def _merge(first: tuple, second: tuple, what: str) -> tuple[tuple, dict]:

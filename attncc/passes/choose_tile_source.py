@@ -5,9 +5,10 @@ closed-form pieces) only when they are exact and tokens keep their order; otherw
 `BlockMapTiles` saying which builder
 makes the per-query-tile lists of partial and full kv tiles:
 - "topk": a bare block top-k mask (M16): its index tensor already lists the kv blocks;
-- "device": any other mask that reads a captured tensor: a generated kernel classifies tiles on
-  the device, so the captured values never travel to the host;
-- "analytic": index arithmetic only: interval reasoning on the host, O(number of tiles).
+- "device": any other mask that reads per-batch captured data: a generated kernel classifies
+  tiles on the device, so the captured values never travel to the host;
+- "analytic": index arithmetic and static tables (a curve's ranks) only: interval reasoning on
+  the host, O(number of tiles).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ def choose(spec: AttentionSpec, tiles: TileClasses) -> BlockMapTiles | None:
            if spec.reorder is not None else "the closed-form ranges of this mask are not exact")
     if spec.mask.tag == "topk" and spec.reorder is None:
         return BlockMapTiles("topk", why)
-    if spec.mask.expr.atoms(Load):
+    static = {c.name for c in spec.mask.captures if c.static}
+    if any(load.args[0].name not in static for load in spec.mask.expr.atoms(Load)):
         return BlockMapTiles("device", why)
-    return BlockMapTiles("analytic", why)
+    return BlockMapTiles("analytic", why)  # index arithmetic and static tables only
 
 
 @dataclass(frozen=True)
