@@ -4,6 +4,8 @@
 `TRITON_INTERPRET`   when "1", kernels run on the CPU under Triton's interpreter.
 `ATTNCC_DEBUG`       when "1", calls also run checks that need a device sync (e.g. that a
                      captured tensor promised nondecreasing is), before any launch.
+`ATTNCC_OFFLINE`     when "1", `precompile` only loads kernels `attncc build` made ahead of time:
+                     a missing one raises instead of compiling (production processes).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def triton_interpret() -> bool:
 def debug_checks() -> bool:
     """True when calls run the checks that synchronise with the device (`ATTNCC_DEBUG=1`)."""
     return _get("ATTNCC_DEBUG", "0") == "1"
+
+
+def offline() -> bool:
+    """True when a missing prebuilt kernel raises rather than compiles (`ATTNCC_OFFLINE=1`)."""
+    return _get("ATTNCC_OFFLINE", "0") == "1"
 
 
 @contextlib.contextmanager

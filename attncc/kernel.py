@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from attncc.ir.tiles import TileClasses
 from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import (LAYOUTS, check_captures, check_qkv, check_scale, index_extents,
                              split_runtime, to_bhsd)
+
+if TYPE_CHECKING:
+    from attncc.backends.triton_aot import CompiledArtifact
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -124,6 +127,15 @@ class CompiledAttention:
                                    tensors=tensors, kv_tiles=kv_tiles, positions=positions,
                                    gather_rows=not permuted, visits=_visits)
         return (o, lse) if return_lse else o
+
+    def precompile(self, dtype: Any, head_dim_qk: int, head_dim_v: int | None = None,
+                   arch: int | str | None = None) -> CompiledArtifact:
+        """The compiled kernel for GPU sm_<arch> (None: this machine's; "sm_90" or 90 names one,
+        no GPU needed) and one signature: loaded from the cache if `attncc build` made it, else
+        compiled now (one WARNING log line); with ATTNCC_OFFLINE=1 a missing kernel raises
+        `attncc.prebuilt.NotPrebuiltError`. See `attncc.prebuilt`."""
+        from attncc.prebuilt import precompile
+        return precompile(self, dtype, head_dim_qk, head_dim_v, arch)
 
     def _reference(self, q, k, v, sm_scale, params, tensors, reorder_inputs, permuted_positions):
         """The PyTorch reference; with `permuted=True`, un-permute in and permute out."""

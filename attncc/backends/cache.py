@@ -12,23 +12,32 @@ Protocol (Triton's cache manager, FlashInfer's `build_and_load`): look; lock; lo
 write every file into a temporary directory next to the final one, `meta.json` last; rename the
 directory into place. An entry is valid only if `meta.json` parses, names the same full key and
 lists every file with its size and sha256; anything else is rebuilt under the lock, never loaded.
+
+The lock is a per-process `threading.Lock` (threads queue on it rather than poll) and then the
+file lock (processes). Looking takes no lock and writes nothing, so a read-only cache serves every
+valid entry; writing into one, or onto a full disk, raises `CacheError` naming the path and the
+cause, and leaves no entry or temporary directory behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from filelock import FileLock
 
@@ -41,6 +50,10 @@ _KEY_RE = re.compile(r"[0-9a-f]{16,}")
 _RESERVED = frozenset(
     {"key", "name", "created", "attncc_version", "torch_version", "triton_version", "files"}
 )
+
+
+class CacheError(RuntimeError):
+    """The cache could not be written (disk full, no permission, read-only file system)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +125,7 @@ def load_or_build(
         stats.hits += 1
         return entry
 
-    locks = kernels.parent / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"{name}.lock")):
+    with _entry_lock(kernels, name):
         entry, problem = _inspect(path, key, readable_name)
         if entry is not None:  # another process built it while we waited for the lock
             stats.hits += 1
@@ -137,50 +148,146 @@ def load_or_build(
 
 def list_entries(root: Path | None = None) -> list[CacheEntry]:
     """Every valid entry, sorted by directory name; corrupt and temporary dirs are skipped."""
+    return [entry for _, entry, _ in inspect_all(root) if entry is not None]
+
+
+def inspect_all(root: Path | None = None) -> list[tuple[Path, CacheEntry | None, str | None]]:
+    """(dir, entry, None) for each valid entry and (dir, None, why) for each corrupt one, sorted
+    by directory name; temporary dirs (writes in flight, or left by a dead writer) are skipped."""
     kernels = _kernels(root)
     if not kernels.is_dir():
         return []
-    entries = []
+    found: list[tuple[Path, CacheEntry | None, str | None]] = []
     for path in sorted(kernels.iterdir()):
-        if path.name.startswith(".") or not path.is_dir():
+        if path.name.startswith("."):
             continue
         try:
             meta = json.loads((path / META).read_text())
             key, readable_name = meta["key"], meta["name"]
             if path.name != entry_name(readable_name, key):
+                found.append((path, None, "directory name does not match meta.json"))
                 continue
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:
+            found.append((path, None, "missing meta.json"))
             continue
-        entry, _ = _inspect(path, key, readable_name)
-        if entry is not None:
-            entries.append(entry)
-    return entries
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            found.append((path, None, f"unreadable meta.json: {type(e).__name__}: {e}"))
+            continue
+        entry, problem = _inspect(path, key, readable_name)
+        found.append((path, entry, problem))
+    return found
 
 
-def clear(root: Path | None = None) -> int:
+def clear(root: Path | None = None, *, older_than: float | None = None) -> int:
     """Remove every entry (valid or corrupt) and stale temporary dirs; returns the entry count.
+    With `older_than` (seconds), only entries created at least that long ago (meta.json's
+    `created`, else the directory's mtime) and temporary dirs not touched for that long.
 
-    Each dir is removed under its entry's lock so a build in flight finishes first. Lock files
-    stay: deleting a lock file another process holds would let a third one lock a new inode.
+    Under its entry's lock (a build in flight finishes first), each entry is renamed to a hidden
+    temporary name, then deleted: a reader that looks sees the whole entry or none, and files a
+    reader already opened stay readable. Lock files stay: deleting a lock file another process
+    holds would let a third one lock a new inode.
     """
     kernels = _kernels(root)
     if not kernels.is_dir():
         return 0
-    locks = kernels.parent / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    count = 0
+    now, count = time.time(), 0
     for path in sorted(kernels.iterdir()):
         is_temp = path.name.startswith(_TMP_PREFIX)
         name = _temp_owner(path.name) if is_temp else path.name
-        with FileLock(str(locks / f"{name}.lock")):
-            if not path.exists():
+        if older_than is not None and _age(path, now, is_temp) < older_than:
+            continue
+        with _entry_lock(kernels, name):
+            if not path.exists() and not path.is_symlink():
                 continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            count += not is_temp
+            if is_temp:  # its writer held this lock; it is gone, so is the writer
+                _remove(path)
+                continue
+            trash = kernels / f"{_TMP_PREFIX}{secrets.token_hex(6)}.{name}"
+            try:
+                os.replace(path, trash)
+                _remove(trash)
+            except OSError as e:
+                raise CacheError(_why(f"cannot remove cache entry {name}", path, e)) from e
+            count += 1
     return count
+
+
+def entry_age(path: Path, now: float | None = None) -> float:
+    """Seconds since the entry was created (meta.json's `created`, else the dir's mtime)."""
+    return _age(path, time.time() if now is None else now, False)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the regular files under `path` (0 if it is absent)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _age(path: Path, now: float, is_temp: bool) -> float:
+    created = None
+    if not is_temp:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            created = float(json.loads((path / META).read_text())["created"])
+    if created is None:
+        try:
+            created = path.lstat().st_mtime
+        except OSError:
+            return 0.0
+    return now - created
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _entry_lock(kernels: Path, name: str) -> Iterator[None]:
+    """Hold entry `name`'s lock: this process's threading.Lock for it, then its file lock."""
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(str(kernels / name), threading.Lock())
+    with thread_lock:
+        locks = kernels.parent / "locks"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(locks / f"{name}.lock"))
+            lock.acquire()
+        except OSError as e:
+            raise CacheError(_why(f"cannot lock cache entry {name}", locks, e)) from e
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+_WRITABLE = "make it writable or set ATTNCC_CACHE_DIR to a writable directory"
+_HINTS = {  # errno -> (what it means, what to do)
+    errno.ENOSPC: ("the disk is full", "free space or set ATTNCC_CACHE_DIR to another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or set ATTNCC_CACHE_DIR elsewhere"),
+    errno.EACCES: ("no write permission", _WRITABLE),
+    errno.EPERM: ("no write permission", _WRITABLE),
+    errno.EROFS: ("the file system is read-only", _WRITABLE),
+}
+
+
+def _why(action: str, where: Path, e: OSError) -> str:
+    """`action` failed at a path because of `e`, in one line, with what to do about it."""
+    path = e.filename or where
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    meaning, todo = _HINTS.get(e.errno, ("", "check the cache directory or set ATTNCC_CACHE_DIR"))
+    tag = f" [{code}: {meaning}]" if meaning else f" [{code}]" if code else ""
+    return f"attncc cache: {action} ({path}): {e.strerror or e}{tag}; {todo}"
 
 
 def _kernels(root: Path | None) -> Path:
@@ -261,15 +368,17 @@ def _publish(kernels: Path, name: str, files: dict[str, bytes], meta: dict) -> N
     """Write files then meta.json into a hidden temp dir and rename it to `kernels/name`.
 
     Caller holds the entry lock. No fsync: a crash can leave a renamed entry with torn files,
-    but load-time validation rejects it and it is rebuilt.
+    but load-time validation rejects it and it is rebuilt. A failed write (disk full, no
+    permission) raises `CacheError` and removes the temp dir.
     """
-    kernels.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, suffix=f".{name}", dir=kernels))
     final = kernels / name
+    tmp: Path | None = None
     try:
+        kernels.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, suffix=f".{name}", dir=kernels))
         for fname, data in files.items():
-            (tmp / fname).write_bytes(data)
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            _write_file(tmp / fname, data)
+        _write_file(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
         if final.exists():
             # os.replace cannot overwrite a non-empty dir; move the stale one aside atomically
             # so readers see the old entry or nothing, then the new one.
@@ -279,9 +388,17 @@ def _publish(kernels: Path, name: str, files: dict[str, bytes], meta: dict) -> N
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as e:
+        raise CacheError(_why(f"cannot store cache entry {name}", kernels, e)) from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    # one function for every write into an entry, so tests can make it fail (disk full)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _remove_temps(kernels: Path, name: str) -> None:

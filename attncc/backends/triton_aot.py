@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 ALIGNED = ("Q", "K", "V", "O", "LSE", "VISITS")
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
+SUPPORTED_ARCHS = (80, 86, 89, 90)
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 # runs this file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
 _BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
@@ -65,9 +67,13 @@ class CompiledArtifact:
     @property
     def file_stem(self) -> str:
         """`<name>.sm90.fp16.d128`, or `.d192_128` when the head dims differ."""
-        d = (f"d{self.head_dim_qk}" if self.head_dim_qk == self.head_dim_v
-             else f"d{self.head_dim_qk}_{self.head_dim_v}")
-        return f"{self.name}.sm{self.arch}.{_SHORT[self.dtype]}.{d}"
+        return artifact_stem(self.name, self.arch, self.dtype, self.head_dim_qk, self.head_dim_v)
+
+
+def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v: int) -> str:
+    """`<name>.sm90.fp16.d128`, or `.d192_128` when the head dims differ."""
+    d = f"d{head_dim_qk}" if head_dim_qk == head_dim_v else f"d{head_dim_qk}_{head_dim_v}"
+    return f"{name}.sm{arch}.{_SHORT[dtype]}.{d}"
 
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
@@ -96,14 +102,17 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
 
 
 def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str = "float16",
-                                 head_dim: int = 128) -> CompiledArtifact:
+                                 head_dim: int = 128, head_dim_v: int | None = None
+                                 ) -> CompiledArtifact:
     """Compile `forward`'s block-map kernel (plans whose tiles come from a device-built block
-    map) with the tile sizes the forward kernel of (dtype, head_dim) uses on sm_<arch>."""
+    map) with the tile sizes the forward kernel of (dtype, head_dim, head_dim_v) uses on
+    sm_<arch>; `head_dim_v` defaults to `head_dim`."""
     from attncc.backends.block_maps import block_map_launch_arguments
     from attncc.backends.triton_render import block_map_arguments, block_map_kernel_name
     from attncc.ir.plan import Signature
 
-    sched = forward.plan_for(Signature(dtype, head_dim, head_dim, f"sm{arch}")).schedule
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    sched = forward.plan_for(Signature(dtype, head_dim, head_dim_v, f"sm{arch}")).schedule
     signature = dict(block_map_launch_arguments() + block_map_arguments(forward.plan))
     constexprs = {"BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n}
     name = block_map_kernel_name(forward.plan)
@@ -113,7 +122,7 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, launch,
                                            f"tiles {sched.block_m}x{sched.block_n}")
     return CompiledArtifact(
-        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim,
+        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim_v,
         schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
         stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 

@@ -1,0 +1,163 @@
+"""`attncc explain SPEC_OR_MANIFEST`: what a spec compiles to.
+
+SPEC_OR_MANIFEST is a manifest (`*.toml`: every entry), an import path (`mymodel.attn:spec`) or a
+catalogue mask call (`causal`, `"sliding_window(4096)"`, with `--score "softcap(50.0)"` and
+`--reorder "hilbert((64, 64))"`). For each spec: `attncc.explain` (the IR after each pass, tile
+classes and tile source, the token-order cost table, the tile map for `--shape` or the entry's
+first shape), the tiles chosen per (dtype, head dims, target), and with `--source` the Triton
+source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+from typing import Any
+
+from attncc.cli.build import DEFAULT_ARCHS
+from attncc.cli.output import error, one_line
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="print the passes, tiles and (optionally) the source of "
+                                       "a spec or of every manifest entry",
+                       description=__doc__.split("\n\n", 1)[1].replace("\n", " "))
+    p.add_argument("spec", metavar="SPEC_OR_MANIFEST",
+                   help="manifest.toml, module:attribute, or a catalogue mask call")
+    p.add_argument("--score", help='catalogue score mod call, e.g. "softcap(50.0)"')
+    p.add_argument("--reorder", help='catalogue reorder call, e.g. "hilbert((64, 64))" or auto')
+    p.add_argument("--shape", metavar="LQ,LK", help="draw the tile map for these lengths")
+    p.add_argument("--block", metavar="BM,BN", default="64,64",
+                   help="tile size of the tile map (default 64,64)")
+    p.add_argument("--png", metavar="FILE",
+                   help="also draw the tile map to FILE (one file per manifest entry)")
+    p.add_argument("--source", action="store_true", help="print the generated Triton source")
+    p.add_argument("--arch", default=None,
+                   help=f"targets of the tiles table (default: the entry's archs, else "
+                        f"{DEFAULT_ARCHS})")
+    p.add_argument("--dtypes", default="float16,bfloat16",
+                   help="dtypes of the tiles table for a single spec (default float16,bfloat16)")
+    p.add_argument("--head-dims", default="128",
+                   help="head dims of the tiles table for a single spec (default 128)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from attncc.manifest import ManifestError, load_manifest, parse_archs
+    from attncc.prebuilt import check_head_dim, parse_dtype
+
+    try:
+        shape = _pair("--shape", args.shape) if args.shape else None
+        block = _pair("--block", args.block)
+        archs = parse_archs(args.arch) if args.arch else None
+        if args.spec.endswith(".toml"):
+            manifest = load_manifest(args.spec)
+            for line in manifest.errors:
+                error("explain", line)
+            entries = [(e.name, e.spec, e.dtypes, e.head_dims, e.archs,
+                        shape or ((e.shapes[0][3],) * 2 if e.shapes else None))
+                       for e in manifest.kernels]
+            bad = len(manifest.errors)
+        else:
+            dtypes = tuple(parse_dtype(d) for d in args.dtypes.split(","))
+            head_dims = tuple((check_head_dim(int(d)),) * 2 for d in args.head_dims.split(","))
+            entries = [(args.spec, _spec(args), dtypes, head_dims, None, shape)]
+            bad = 0
+    except (ManifestError, ValueError, TypeError) as e:
+        error("explain", str(e))
+        return 2
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    for name, spec, dtypes, head_dims, entry_archs, entry_shape in entries:
+        try:
+            targets = archs or entry_archs or parse_archs(DEFAULT_ARCHS)
+            print(_explain(name, spec, dtypes, head_dims, targets, entry_shape, block,
+                           _png(args.png, name, len(entries)), args.source))
+        except Exception as e:  # one spec that fails to explain must not hide the others
+            error("explain", f"{name}: {one_line(e)}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def _explain(name: str, spec, dtypes, head_dims, archs, shape, block, png: str | None,
+             source: bool) -> str:
+    import attncc
+    from attncc.ir.plan import Signature
+    from attncc.passes.pipeline import run_plan_passes, run_spec_passes
+
+    out = [f"### {name}", attncc.explain(spec, shape=shape, block=block, png=png)]
+    if spec.memory.text() != "dense":
+        out.append(f"== no kernel yet for memory {spec.memory.text()!r}: reference only")
+        return "\n".join(out)
+    plan = run_spec_passes(spec)
+    out.append("== tiles per signature")
+    for arch in archs:
+        for dtype in dtypes:
+            for dqk, dv in head_dims:
+                sig = Signature(dtype, dqk, dv, f"sm{arch}")
+                out.append(f"{sig.text()}: {run_plan_passes(plan, sig).schedule.text()}")
+    if source:
+        forward = attncc.compile(spec).triton
+        out += [f"== triton source {forward.entry.files['kernel.py']}", forward.source]
+        if "block_map.py" in forward.entry.files:
+            path = forward.entry.files["block_map.py"]
+            out += [f"== block-map kernel source {path}", path.read_text()]
+    return "\n".join(out)
+
+
+def _png(png: str | None, name: str, n: int) -> str | None:
+    if png is None or n == 1:
+        return png
+    path = Path(png)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return str(path.with_name(f"{path.stem}-{safe}{path.suffix or '.png'}"))
+
+
+def _pair(option: str, text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option}: expected two ints like 4096,4096, got {text!r}") from None
+    return a, b
+
+
+def _spec(args: argparse.Namespace):
+    from attncc.manifest import spec_from_fields
+
+    if ":" in args.spec:
+        if args.score or args.reorder:
+            raise ValueError("--score/--reorder go with a catalogue mask, not an import path")
+        return spec_from_fields({"spec": args.spec})
+    fields: dict[str, Any] = {}
+    for kind, text in (("mask", args.spec), ("score", args.score), ("reorder", args.reorder)):
+        if text:
+            fields[kind], fields[f"{kind}_args"] = _call(kind, text)
+    return spec_from_fields(fields)
+
+
+def _call(kind: str, text: str) -> tuple[str, Any]:
+    """`"sliding_window(4096)"` -> ("sliding_window", [4096]); literal arguments only."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+        if isinstance(node, ast.Name):
+            return node.id, {}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            if args and kwargs:
+                raise ValueError("mix of positional and keyword arguments")
+            return node.func.id, _lists(args) if args else _lists(kwargs)
+        raise ValueError("not a call")
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"{kind}: expected a catalogue call like name(1, 2) or name(a=1), "
+                         f"got {text!r} ({e})") from None
+
+
+def _lists(value: Any) -> Any:
+    # manifest arguments come from TOML, where sequences are lists
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
