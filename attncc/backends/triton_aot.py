@@ -127,6 +127,36 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
         stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 
 
+def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
+                              head_dim_v: int) -> CompiledArtifact:
+    """Compile a `TritonRecurrentLinear` kernel for sm_<arch> with the launch's constexprs
+    (gates, betas, decays and states are fp32 tensors; q/k/v/o are `dtype`)."""
+    from attncc.backends.triton_linear import DV_BLOCK_MAX
+    from attncc.ir.nodes import Schedule
+    from attncc.passes.select_tiles import padded
+
+    t = "*" + _SHORT[dtype]
+    pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "BETA": "*fp32", "LAM": "*fp32",
+                "S0": "*fp32", "SN": "*fp32"}
+    strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
+                                                ("o", "bhld"), ("g", "bhld"), ("b", "bhl"),
+                                                ("s", "bhfv")) for d in dims]
+    signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
+                 "scale": "fp32"}
+    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, "DK_PAD": padded(head_dim_k),
+                  "DV_BLOCK": min(padded(head_dim_v), DV_BLOCK_MAX), "HAS_INITIAL": True,
+                  "STORE_FINAL": True}
+    launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
+    job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
+           "aligned": list(pointers)}
+    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, launch,
+                                           f"{dtype}, head dims {head_dim_k}/{head_dim_v}")
+    return CompiledArtifact(
+        name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
+        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
+        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+
+
 def _compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
                       constexprs: dict[str, Any], sched: Schedule, what: str
                       ) -> tuple[dict[str, Any], str, bytes]:
