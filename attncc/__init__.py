@@ -13,7 +13,9 @@ from attncc.ir.reorder import (AutoReorder, Hilbert2D, Hilbert3D, Morton2D, Segm
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import TraceError
 from attncc.ir.verify import VerifyError, verify
+from attncc.ir.linear import LinearState
 from attncc.kernel import CompiledAttention
+from attncc.linear_attention import CompiledLinearAttention, recurrent_state
 from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
                           document_inputs, full, global_tokens, hilberta, neighbourhood_2d,
@@ -24,7 +26,8 @@ from attncc.scores import (alibi, bias, calibration, head_bias, log_count, relat
                            sink, softcap)
 
 __all__ = [
-    "Attention", "AttentionSpec", "AutoReorder", "auto", "hilbert", "morton", "permutation",
+    "Attention", "AttentionSpec", "CompiledLinearAttention", "LinearState", "recurrent_state",
+    "AutoReorder", "auto", "hilbert", "morton", "permutation",
     "segment_sort", "tiles", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",
     "Mask", "Morton2D", "Normaliser", "Param", "Schedule", "ScoreMod", "SegmentSort", "TileMajor",
     "TraceError", "UserPermutation", "VerifyError", "alibi", "bias", "bidirectional_window",

@@ -6,11 +6,13 @@ import functools
 import inspect
 from typing import Any, Callable, Iterable
 
+from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
 from attncc.ir.reorder import AutoReorder, Reorder
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
 from attncc.kernel import CompiledAttention
+from attncc.linear_attention import CompiledLinearAttention
 
 
 def _as_mask(mask: Any) -> Mask | None:
@@ -51,6 +53,12 @@ def Attention(mask: Any = None, score: Any = None, *, normaliser: Normaliser | N
     functions (traced); a list of score mods applies them in order."""
     kwargs: dict[str, Any] = {"mask": _as_mask(mask), "score": _as_score(score), "scale": scale,
                               "reorder": _as_reorder(reorder)}
+    if isinstance(memory, LinearState):
+        if mask is not None or score is not None:
+            raise ValueError("memory: a linear-recurrence state takes no mask or score mod yet "
+                             "(chunk-local and block-causal compositions are still to come); "
+                             f"got mask={mask is not None}, score={score is not None}")
+        normaliser = normaliser or Normaliser("none")  # CATALOG N3: no softmax
     if normaliser is not None:
         kwargs["normaliser"] = normaliser
     if memory is not None:
@@ -81,6 +89,8 @@ def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "
         if attention_kwargs:
             raise TypeError(f"compile(spec): unexpected arguments {sorted(attention_kwargs)}; "
                             "put them in the Attention(...) spec")
+        if isinstance(spec.memory, LinearState):
+            return CompiledLinearAttention(spec, backend)
         return CompiledAttention(spec, backend)
     if spec is None:
         return lambda fn: CompiledAttention(_spec_from_function(fn, **attention_kwargs), backend)

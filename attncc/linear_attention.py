@@ -1,0 +1,129 @@
+"""Linear-recurrence attention from the user API (catalogue Section 5, L1-L7).
+
+    spec = attncc.Attention(memory=attncc.recurrent_state(update="delta", decay="scalar"))
+    attn = attncc.compile(spec)
+    o, final_state = attn(q, k, v, g=g, beta=beta, initial_state=s0, return_state=True)
+
+`recurrent_state` names the update in the catalogue's terms and returns the IR's `LinearState`.
+`CompiledLinearAttention` runs the generated Triton kernels: the chunked kernel where it covers
+the rule and more than one token is processed, the recurrent kernel otherwise (decode: L = 1
+with a state in). Rules with no kernel yet run the PyTorch reference, with a warning naming why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from attncc import config
+from attncc.backends.reference_linear import recurrent_reference
+from attncc.ir.linear import LinearState
+from attncc.ir.spec import AttentionSpec
+
+DECAYS = ("none", "scalar", "vector")  # or a float / tuple of floats: a constant per head (L2)
+UPDATES = ("additive", "delta")
+
+
+def recurrent_state(update: str = "additive", decay: Any = "none", *,
+                    feature_map: str = "identity", normalize: bool = False,
+                    block: int | None = None) -> LinearState:
+    """The state update, by its parts: `update` additive (L1-L4, L7) or delta (L5, L6); `decay`
+    "none", a constant per head (float, or a tuple with one per head: L2), "scalar" (a gate
+    g [B, H, L] per token: L3, L6) or "vector" (g [B, H, L, Dk]: L4); `block` steps the state once
+    per block of tokens (L7); `feature_map` and `normalize` apply to L1 and L7."""
+    if update not in UPDATES:
+        raise ValueError(f"update: expected one of {UPDATES}, got {update!r}")
+    constant = isinstance(decay, (int, float, tuple)) and not isinstance(decay, bool)
+    if not constant and decay not in DECAYS:
+        raise ValueError(f"decay: expected one of {DECAYS}, a float or a tuple of floats, "
+                         f"got {decay!r}")
+    rules = {("additive", "none"): "linear", ("additive", "scalar"): "scalar_gate",
+             ("additive", "vector"): "vector_gate", ("delta", "none"): "delta",
+             ("delta", "scalar"): "gated_delta"}
+    if block is not None:
+        if update != "additive" or decay != "none":
+            raise ValueError("block: block-causal stepping (L7) takes update='additive' and "
+                             f"decay='none', got update={update!r}, decay={decay!r}")
+        return LinearState("block_causal", feature_map, normalize, block=block)
+    if constant:
+        if update != "additive":
+            raise ValueError("decay: a constant decay goes with update='additive' (L2), "
+                             f"got update={update!r}")
+        return LinearState("decay", feature_map, normalize, decay=decay)
+    rule = rules.get((update, decay))
+    if rule is None:
+        raise ValueError(f"decay={decay!r} with update={update!r}: no catalogue rule (a vector "
+                         "gate with the delta rule is not in CATALOG Section 5)")
+    return LinearState(rule, feature_map, normalize)
+
+
+class CompiledLinearAttention:
+    """attn(q, k, v, *, g=None, beta=None, scale=None, initial_state=None, return_state=False,
+    backend="auto") for a spec whose memory is a `LinearState`. q, k [B, H, L, Dk],
+    v [B, H, L, Dv]; the state is fp32 [B, H, F, Dv'] (see `attncc.ir.linear`)."""
+
+    def __init__(self, spec: AttentionSpec, backend: str = "auto") -> None:
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), "
+                             f"got {backend!r}")
+        self.spec = spec
+        self.node: LinearState = spec.memory
+        self.backend = backend
+        self.recurrent, self.chunked, self.why_not = _kernels(self.node)
+
+    @property
+    def name(self) -> str:
+        return self.recurrent.name if self.recurrent is not None else "reference"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+                 scale: float | None = None, initial_state: torch.Tensor | None = None,
+                 return_state: bool = False, backend: str | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        scale = scale if scale is not None else self.spec.scale
+        args = dict(g=g, beta=beta, scale=scale, initial_state=initial_state)
+        if self._choose(backend or self.backend, q.device) == "reference":
+            o, state = recurrent_reference(q, k, v, self.node, output_final_state=return_state,
+                                           **args)
+            return (o, state) if return_state else o
+        kernel = self.chunked if (self.chunked is not None and q.shape[2] > 1) else self.recurrent
+        return kernel(q, k, v, return_state=return_state, **args)
+
+    def _choose(self, backend: str, device: torch.device) -> str:
+        if backend == "reference":
+            return backend
+        if backend == "triton" and self.recurrent is None:
+            raise ValueError(f"backend 'triton': {self.why_not}; use backend='reference'")
+        if backend == "triton":
+            return backend
+        if backend != "auto":
+            raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), "
+                             f"got {backend!r}")
+        runs_kernels = device.type == "cuda" or config.triton_interpret()
+        if self.recurrent is not None and runs_kernels:
+            return "triton"
+        why = self.why_not or ("CPU tensors and TRITON_INTERPRET is not set (use CUDA tensors, "
+                               "or TRITON_INTERPRET=1 to run the kernel on the CPU)")
+        warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path): {why}",
+                      stacklevel=3)
+        return "reference"
+
+    def __repr__(self) -> str:
+        return f"CompiledLinearAttention({self.node.text()})"
+
+
+def _kernels(node: LinearState) -> tuple[Any, Any, str | None]:
+    """(recurrent kernel or None, chunked kernel or None, why there is no kernel)."""
+    from attncc.backends.triton_linear import TritonRecurrentLinear
+    try:
+        recurrent = TritonRecurrentLinear(node)
+    except NotImplementedError as e:
+        return None, None, str(e)
+    try:
+        from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+        chunked = TritonChunkedLinear(node)
+    except (ImportError, NotImplementedError):
+        chunked = None  # the recurrent kernel covers this rule at every length
+    return recurrent, chunked, None
