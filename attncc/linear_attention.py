@@ -117,13 +117,13 @@ class CompiledLinearAttention:
 def _kernels(node: LinearState) -> tuple[Any, Any, str | None]:
     """(recurrent kernel or None, chunked kernel or None, why there is no kernel)."""
     from attncc.backends.triton_linear import TritonRecurrentLinear
+    from attncc.backends.triton_linear_chunked import TritonChunkedLinear
     try:
         recurrent = TritonRecurrentLinear(node)
     except NotImplementedError as e:
         return None, None, str(e)
     try:
-        from attncc.backends.triton_linear_chunked import TritonChunkedLinear
         chunked = TritonChunkedLinear(node)
-    except (ImportError, NotImplementedError):
-        chunked = None  # the recurrent kernel covers this rule at every length
+    except NotImplementedError:
+        chunked = None  # no chunked kernel for this rule yet: the recurrent one covers it
     return recurrent, chunked, None
