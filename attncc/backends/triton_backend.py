@@ -5,17 +5,13 @@ so one cached source serves every dtype, head dim and GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from types import ModuleType
 from typing import Any, Mapping
 
 import torch
 
-from attncc import config
-from attncc.backends import cache
 from attncc.backends.triton_printer import capture_arg_names
+from attncc.backends.triton_source import CachedSource, load_module
 from attncc.backends.triton_render import (block_map_kernel_name, kernel_arguments, kernel_name,
                                            render, render_block_map, template_hash)
 from attncc.ir.nodes import Schedule
@@ -43,17 +39,6 @@ def cache_key(plan: KernelPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_module(path: str, name: str) -> ModuleType:
-    if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
-        os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
-    module_name = f"attncc_kernels.{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # triton reads the source back through the module
-    spec.loader.exec_module(module)
-    return module
-
-
 def target_of(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -67,27 +52,24 @@ class TritonForward:
     def __init__(self, plan: KernelPlan) -> None:
         self.plan = plan
         self.name = kernel_name(plan)
-        self.entry = cache.load_or_build(
-            cache_key(plan), self.name, lambda: _sources(plan),
-            extra_meta={"backend": BACKEND, "spec": plan.spec.text()})
-        self._module: ModuleType | None = None
+        self.kernel = CachedSource(cache_key(plan), self.name, lambda: _sources(plan),
+                                   {"backend": BACKEND, "spec": plan.spec.text()})
+        self.entry = self.kernel.entry
         self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
 
     @property
     def source(self) -> str:
-        return self.entry.files["kernel.py"].read_text()
+        return self.kernel.source
 
     def jit_function(self):
-        if self._module is None:
-            self._module = _load_module(str(self.entry.files["kernel.py"]), self.name)
-        return getattr(self._module, self.name)
+        return self.kernel.jit_function()
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""
         name = block_map_kernel_name(self.plan)
         if self._block_map_module is None:
-            self._block_map_module = _load_module(str(self.entry.files["block_map.py"]), name)
+            self._block_map_module = load_module(str(self.entry.files["block_map.py"]), name)
         return getattr(self._block_map_module, name)
 
     def plan_for(self, signature: Signature) -> KernelPlan:

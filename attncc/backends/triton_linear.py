@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from attncc.backends import cache
 from attncc.backends.reference_linear import check_inputs
-from attncc.backends.triton_backend import _load_module, _versions
+from attncc.backends.triton_backend import _versions
+from attncc.backends.triton_source import CachedSource
 from attncc.backends.triton_render import _environment, template_source
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
@@ -107,20 +106,17 @@ class TritonRecurrentLinear:
             raise ValueError(f"block_v: expected a power of two >= 16, got {block_v!r}")
         self.node = node
         self.block_v = block_v
-        self.name = kernel_name(node)
-        self.entry = cache.load_or_build(
-            cache_key(node), self.name, lambda: {"kernel.py": render(node).encode()},
-            extra_meta={"backend": BACKEND, "spec": node.text()})
-        self._module: ModuleType | None = None
+        self.kernel = CachedSource(cache_key(node), kernel_name(node),
+                                   lambda: {"kernel.py": render(node).encode()},
+                                   {"backend": BACKEND, "spec": node.text()})
+        self.name, self.entry = self.kernel.name, self.kernel.entry
 
     @property
     def source(self) -> str:
-        return self.entry.files["kernel.py"].read_text()
+        return self.kernel.source
 
     def jit_function(self):
-        if self._module is None:
-            self._module = _load_module(str(self.entry.files["kernel.py"]), self.name)
-        return getattr(self._module, self.name)
+        return self.kernel.jit_function()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,

@@ -1,0 +1,47 @@
+"""One generated Triton source: rendered once into the disk cache, loaded once per process.
+
+Every kernel holder (the softmax forward, the linear-recurrence kernels) keeps one of these for
+the cache and module plumbing."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Callable
+
+from attncc import config
+from attncc.backends import cache
+
+
+def load_module(path: str, name: str) -> ModuleType:
+    """Import a generated source file as module `attncc_kernels.<name>`."""
+    if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
+        os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
+    module_name = f"attncc_kernels.{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # triton reads the source back through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+class CachedSource:
+    """Cache entry `name` (its files made by `build` on a miss) and the jit function `name` of
+    its `kernel.py`."""
+
+    def __init__(self, key: str, name: str, build: Callable[[], dict[str, bytes]],
+                 meta: dict) -> None:
+        self.name = name
+        self.entry = cache.load_or_build(key, name, build, extra_meta=meta)
+        self._module: ModuleType | None = None
+
+    @property
+    def source(self) -> str:
+        return self.entry.files["kernel.py"].read_text()
+
+    def jit_function(self):
+        if self._module is None:
+            self._module = load_module(str(self.entry.files["kernel.py"]), self.name)
+        return getattr(self._module, self.name)
