@@ -61,10 +61,10 @@ def _lines(node: LinearState) -> tuple[list[str], list[str]]:
     return setup, step
 
 
-def kernel_name(node: LinearState) -> str:
+def kernel_name(node: LinearState, form: str = "recurrent") -> str:
     """Readable name plus content hash, e.g. `linear_recurrent_gated_delta_identity_1a2b3c4d5e`."""
     norm = "_norm" if node.normalize else ""
-    return f"linear_recurrent_{node.rule}_{node.feature_map}{norm}_{node.key[:10]}"
+    return f"linear_{form}_{node.rule}_{node.feature_map}{norm}_{node.key[:10]}"
 
 
 def render(node: LinearState) -> str:
@@ -75,10 +75,11 @@ def render(node: LinearState) -> str:
         setup_lines=setup, step_lines=step)
 
 
-def cache_key(node: LinearState) -> str:
+def cache_key(node: LinearState, templates: tuple[str, ...] = TEMPLATES,
+              backend: str = BACKEND) -> str:
     """IR text + template bytes + backend + versions, as `triton_backend.cache_key`."""
-    templates = "".join(template_source(n) for n in TEMPLATES)
-    text = "\n".join([node.text(), templates, BACKEND, _versions()])
+    text = "\n".join([node.text(), "".join(template_source(n) for n in templates), backend,
+                      _versions()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

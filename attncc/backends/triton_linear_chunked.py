@@ -16,7 +16,6 @@ slice of the state S [F, DV_BLOCK] in fp32 registers; the last chunk is partial 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Any
@@ -25,9 +24,9 @@ import torch
 from torch import Tensor
 
 from attncc.backends.reference_linear import check_inputs
-from attncc.backends.triton_backend import _versions
+from attncc.backends import triton_linear as recurrent
 from attncc.backends.triton_source import CachedSource
-from attncc.backends.triton_render import _environment, template_source
+from attncc.backends.triton_render import _environment
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
@@ -69,9 +68,8 @@ def _lines(node: LinearState) -> tuple[list[str], list[str]]:
 
 
 def kernel_name(node: LinearState) -> str:
-    """Readable name plus content hash, e.g. `linear_chunked_scalar_gate_identity_1a2b3c4d5e`."""
-    norm = "_norm" if node.normalize else ""
-    return f"linear_chunked_{node.rule}_{node.feature_map}{norm}_{node.key[:10]}"
+    """e.g. `linear_chunked_scalar_gate_identity_1a2b3c4d5e`."""
+    return recurrent.kernel_name(node, "chunked")
 
 
 def render(node: LinearState) -> str:
@@ -83,10 +81,7 @@ def render(node: LinearState) -> str:
 
 
 def cache_key(node: LinearState) -> str:
-    """IR text + template bytes + backend + versions, as `triton_backend.cache_key`."""
-    templates = "".join(template_source(n) for n in TEMPLATES)
-    text = "\n".join([node.text(), templates, BACKEND, _versions()])
-    return hashlib.sha256(text.encode()).hexdigest()
+    return recurrent.cache_key(node, TEMPLATES, BACKEND)
 
 
 def _unsupported(node: LinearState) -> str | None:
