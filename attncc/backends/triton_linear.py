@@ -83,6 +83,12 @@ def cache_key(node: LinearState, templates: tuple[str, ...] = TEMPLATES,
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_power_of_two(name: str, x: int | None, least: int) -> None:
+    if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < least
+                          or x & (x - 1)):
+        raise ValueError(f"{name}: expected a power of two >= {least}, got {x!r}")
+
+
 def _unsupported(node: LinearState) -> str | None:
     if node.rule == "block_causal":
         return "rule 'block_causal' (L7) has no recurrent Triton kernel yet"
@@ -103,8 +109,7 @@ class TritonRecurrentLinear:
         if (why := _unsupported(node)) is not None:
             raise NotImplementedError(f"TritonRecurrentLinear: {why}; use "
                                       "reference_linear.recurrent_reference")
-        if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
-            raise ValueError(f"block_v: expected a power of two >= 16, got {block_v!r}")
+        check_power_of_two("block_v", block_v, 16)
         self.node = node
         self.block_v = block_v
         self.kernel = CachedSource(cache_key(node), kernel_name(node),

@@ -17,13 +17,13 @@ slice of the state S [F, DV_BLOCK] in fp32 registers; the last chunk is partial 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from attncc.backends.reference_linear import check_inputs
+from attncc import config
 from attncc.backends import triton_linear as recurrent
 from attncc.backends.triton_source import CachedSource
 from attncc.backends.triton_render import _environment
@@ -92,12 +92,6 @@ def _unsupported(node: LinearState) -> str | None:
     return None
 
 
-def _check_power_of_two(name: str, x: int | None, least: int) -> None:
-    if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < least
-                          or x & (x - 1)):
-        raise ValueError(f"{name}: expected a power of two >= {least}, got {x!r}")
-
-
 class TritonChunkedLinear:
     """One LinearState's chunked kernel. Building it renders (or loads) the source on disk.
 
@@ -112,8 +106,8 @@ class TritonChunkedLinear:
         if (why := _unsupported(node)) is not None:
             raise NotImplementedError(f"TritonChunkedLinear: {why}; use "
                                       "triton_linear.TritonRecurrentLinear (same API)")
-        _check_power_of_two("chunk", chunk, 16)
-        _check_power_of_two("block_v", block_v, 16)
+        recurrent.check_power_of_two("chunk", chunk, 16)
+        recurrent.check_power_of_two("block_v", block_v, 16)
         self.node = node
         self.chunk = chunk
         self.block_v = block_v
@@ -132,7 +126,7 @@ class TritonChunkedLinear:
     def chunk_for(self, device: torch.device) -> int:
         if self.chunk is not None:
             return self.chunk
-        interpreted = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        interpreted = device.type != "cuda" or config.triton_interpret()
         return CHUNK_INTERPRETER if interpreted else CHUNK_GPU
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
@@ -180,7 +174,7 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """tf32 for 16-bit inputs on a GPU (their 10- or 7-bit mantissas fit tf32's 10; the fp32
     decay-weighted tiles round to it, as fla rounds them to the input dtype); ieee for fp32
     inputs and under the interpreter."""
-    interpreted = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = device.type != "cuda" or config.triton_interpret()
     return "ieee" if interpreted or dtype == torch.float32 else "tf32"
 
 
