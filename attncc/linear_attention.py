@@ -6,8 +6,12 @@
 
 `recurrent_state` names the update in the catalogue's terms and returns the IR's `LinearState`.
 `CompiledLinearAttention` runs the generated Triton kernels: the chunked kernel where it covers
-the rule and more than one token is processed, the recurrent kernel otherwise (decode: L = 1
-with a state in). Rules with no kernel yet run the PyTorch reference, with a warning naming why.
+the rule and more than one token per sequence is processed, the recurrent kernel otherwise
+(decode: L = 1 with a state in). Packed varlen inputs ([T, H, D] with `cu_seqlens` [N + 1], as
+K3 `RaggedMemory`) run the same kernels, one program per sequence and head. Every rule L1-L7
+has a kernel (L7 only the chunked one: it has no one-token form); the PyTorch reference runs
+only when asked for (`backend="reference"`) or when the kernels cannot run (CPU tensors without
+TRITON_INTERPRET=1), then with a warning naming why.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from attncc import config
 from attncc.backends.reference_linear import recurrent_reference
+from attncc.backends.reference_linear_varlen import varlen_reference
 from attncc.ir.linear import LinearState
 from attncc.ir.spec import AttentionSpec
 
@@ -61,8 +66,10 @@ def recurrent_state(update: str = "additive", decay: Any = "none", *,
 
 class CompiledLinearAttention:
     """attn(q, k, v, *, g=None, beta=None, scale=None, initial_state=None, return_state=False,
-    backend="auto") for a spec whose memory is a `LinearState`. q, k [B, H, L, Dk],
-    v [B, H, L, Dv]; the state is fp32 [B, H, F, Dv'] (see `attncc.ir.linear`)."""
+    cu_seqlens=None, backend="auto") for a spec whose memory is a `LinearState`. q, k
+    [B, H, L, Dk], v [B, H, L, Dv]; the state is fp32 [B, H, F, Dv'] (see `attncc.ir.linear`).
+    With `cu_seqlens` (int [N + 1]): q, k [T, H, Dk], v [T, H, Dv] packed, states [N, H, F, Dv']
+    (see `attncc.backends.reference_linear_varlen`)."""
 
     def __init__(self, spec: AttentionSpec, backend: str = "auto") -> None:
         if backend not in ("auto", "triton", "reference"):
@@ -75,26 +82,36 @@ class CompiledLinearAttention:
 
     @property
     def name(self) -> str:
-        return self.recurrent.name if self.recurrent is not None else "reference"
+        kernel = self.recurrent or self.chunked
+        return kernel.name if kernel is not None else "reference"
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                  scale: float | None = None, initial_state: torch.Tensor | None = None,
-                 return_state: bool = False, backend: str | None = None
+                 return_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                 backend: str | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         scale = scale if scale is not None else self.spec.scale
         args = dict(g=g, beta=beta, scale=scale, initial_state=initial_state)
+        if cu_seqlens is not None:
+            args["cu_seqlens"] = cu_seqlens
         if self._choose(backend or self.backend, q.device) == "reference":
-            o, state = recurrent_reference(q, k, v, self.node, output_final_state=return_state,
-                                           **args)
+            run = varlen_reference if cu_seqlens is not None else recurrent_reference
+            o, state = run(q, k, v, self.node, output_final_state=return_state, **args)
             return (o, state) if return_state else o
-        kernel = self.chunked if (self.chunked is not None and q.shape[2] > 1) else self.recurrent
+        if cu_seqlens is not None:  # more tokens than sequences: some sequence is a prefill
+            many = isinstance(q, torch.Tensor) and q.dim() == 3 and \
+                q.shape[0] > cu_seqlens.numel() - 1
+        else:
+            many = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] > 1
+        use_chunked = self.chunked is not None and (many or self.recurrent is None)
+        kernel = self.chunked if use_chunked else self.recurrent
         return kernel(q, k, v, return_state=return_state, **args)
 
     def _choose(self, backend: str, device: torch.device) -> str:
         if backend == "reference":
             return backend
-        if backend == "triton" and self.recurrent is None:
+        if backend == "triton" and self.recurrent is None and self.chunked is None:
             raise ValueError(f"backend 'triton': {self.why_not}; use backend='reference'")
         if backend == "triton":
             return backend
@@ -102,7 +119,7 @@ class CompiledLinearAttention:
             raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), "
                              f"got {backend!r}")
         runs_kernels = device.type == "cuda" or config.triton_interpret()
-        if self.recurrent is not None and runs_kernels:
+        if (self.recurrent is not None or self.chunked is not None) and runs_kernels:
             return "triton"
         why = self.why_not or ("CPU tensors and TRITON_INTERPRET is not set (use CUDA tensors, "
                                "or TRITON_INTERPRET=1 to run the kernel on the CPU)")
@@ -115,15 +132,18 @@ class CompiledLinearAttention:
 
 
 def _kernels(node: LinearState) -> tuple[Any, Any, str | None]:
-    """(recurrent kernel or None, chunked kernel or None, why there is no kernel)."""
+    """(recurrent kernel or None, chunked kernel or None, why there is no kernel at all)."""
     from attncc.backends.triton_linear import TritonRecurrentLinear
     from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+    why = []
     try:
         recurrent = TritonRecurrentLinear(node)
-    except NotImplementedError as e:
-        return None, None, str(e)
+    except NotImplementedError as e:  # L7: no one-token form; the chunked kernel covers it
+        recurrent, why = None, why + [str(e)]
     try:
         chunked = TritonChunkedLinear(node)
-    except NotImplementedError:
-        chunked = None  # no chunked kernel for this rule yet: the recurrent one covers it
+    except NotImplementedError as e:  # the recurrent kernel covers the rule alone
+        chunked, why = None, why + [str(e)]
+    if recurrent is None and chunked is None:
+        return None, None, "; ".join(why)
     return recurrent, chunked, None

@@ -44,7 +44,7 @@ def test_recurrent_state_names_the_catalogue_rule(name):
     assert attncc.recurrent_state(**kwargs).rule == rule
 
 
-@pytest.mark.parametrize("name", [n for n in STATES if n != "L7"])
+@pytest.mark.parametrize("name", list(STATES))
 def test_compiled_linear_attention_matches_the_recurrence(name, device):
     node = attncc.recurrent_state(**STATES[name][0])
     attn = attncc.compile(attncc.Attention(memory=node))
@@ -63,12 +63,26 @@ def test_compiled_linear_attention_matches_the_recurrence(name, device):
     torch.testing.assert_close(state.double().cpu(), rs, atol=state_tol, rtol=1e-4)
 
 
-def test_rule_without_a_kernel_says_so():
+@pytest.mark.parametrize("name", ["L3", "L6", "L7"])
+def test_prefill_picks_chunked_and_decode_recurrent(name, device):
+    node = attncc.recurrent_state(**STATES[name][0])
+    attn = attncc.compile(attncc.Attention(memory=node))
+    assert attn.chunked is not None
+    assert (attn.recurrent is None) == (name == "L7")  # L7 has no one-token form
+    q, k, v, extra = _inputs(node, L=12)
+    dev = {n: t.to(device) for n, t in extra.items()}
+    o, s = attn(q.to(device), k.to(device), v.to(device), return_state=True, **dev)
+    ro, rs = recurrent_reference(q, k, v, node, output_final_state=True, **extra)
+    torch.testing.assert_close(o.cpu(), ro, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.cpu(), rs, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_without_interpreter_warns_and_runs_the_reference(monkeypatch):
+    from attncc import config
     attn = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(block=4)))
     q, k, v, _ = _inputs(attn.node, L=8)
-    with pytest.raises(ValueError, match="backend 'triton': .*block_causal"):
-        attn(q, k, v, backend="triton")
-    with pytest.warns(UserWarning, match="running the PyTorch reference"):
+    monkeypatch.setattr(config, "triton_interpret", lambda: False)
+    with pytest.warns(UserWarning, match="running the PyTorch reference.*TRITON_INTERPRET"):
         o = attn(q, k, v)
     ro, _ = recurrent_reference(q, k, v, attn.node)
     torch.testing.assert_close(o, ro)

@@ -182,12 +182,36 @@ def test_wrong_state_shape_raises():
         kernel("linear_elu1_norm")(q, k, v, initial_state=torch.zeros(1, 2, 16, 16))
 
 
-@pytest.mark.parametrize("node", [LinearState("linear", feature_map="taylor2"),
-                                  LinearState("block_causal", block=4)],
-                         ids=["taylor2", "block_causal"])
-def test_unsupported_raise_naming_them(node):
-    with pytest.raises(NotImplementedError, match="taylor2|block_causal"):
-        TritonRecurrentLinear(node)
+def test_block_causal_has_no_one_token_kernel():
+    with pytest.raises(NotImplementedError, match="block_causal.*chunked"):
+        TritonRecurrentLinear(LinearState("block_causal", block=4))
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["zero_state", "state_in"])
+@pytest.mark.parametrize("dk,L", [(16, 17), (5, 33)], ids=["dk16_L17", "dk5_L33"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "norm"])
+def test_taylor2_feature_map(normalize, dk, L, initial):
+    # F = 1 + D + D^2 (273 for D = 16, padded to 512): phi built from two gathered loads
+    node = LinearState("linear", feature_map="taylor2", normalize=normalize)
+    q, k, v, extra, state = make_inputs(node, 1, 2, L, dk, 24, initial=False)
+    q, k = q * 0.5, k * 0.5  # BASED scales q, k by D^(-1/4); keeps phi(q).phi(k) moderate
+    if initial:
+        gen = torch.Generator().manual_seed(5)
+        state = torch.randn(1, 2, node.feature_dim(dk), node.state_dv(24), generator=gen)
+        if normalize:
+            state[..., -1] = state[..., -1].abs() + 1  # z . phi(q) stays away from 0
+    o, s = TritonRecurrentLinear(node)(q, k, v, initial_state=state, return_state=True)
+    ro, rs = reference(node, q, k, v, extra, state)
+    assert s.shape == (1, 2, node.feature_dim(dk), node.state_dv(24))
+    assert_near(o, ro, 1e-4)
+    assert_near(s, rs, 1e-4)
+
+
+def test_taylor2_head_dim_above_limit_raises_before_launch():
+    node = LinearState("linear", feature_map="taylor2")
+    q = k = v = torch.randn(1, 1, 3, 17)
+    with pytest.raises(ValueError, match=r"F <= 273.*head dim 17"):
+        TritonRecurrentLinear(node)(q, k, v)
 
 
 def test_source_has_only_its_rule_lines_and_is_cached():

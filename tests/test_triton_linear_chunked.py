@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attncc.backends.reference_linear import recurrent_reference
 from attncc.backends.triton_linear import TritonRecurrentLinear
@@ -21,8 +22,11 @@ NODES = {
     "linear_elu1_norm": LinearState("linear", feature_map="elu1", normalize=True),
     "decay": LinearState("decay", decay=(0.9, 0.6)),
     "scalar_gate": LinearState("scalar_gate"),
+    "vector_gate": LinearState("vector_gate"),
+    "delta": LinearState("delta"),
+    "gated_delta": LinearState("gated_delta"),
 }
-TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 _KERNELS: dict[tuple[str, int | None], TritonChunkedLinear] = {}
 
 
@@ -38,9 +42,15 @@ def make_inputs(node: LinearState, B: int, H: int, L: int, dk: int, dv: int, *,
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, L, dk, generator=gen) for _ in range(2))
     v = torch.randn(B, H, L, dv, generator=gen)
+    if node.rule in ("delta", "gated_delta"):  # unit-norm keys, as DeltaNet's users have
+        k = F.normalize(k, dim=-1)
     extra = {}
-    if node.rule == "scalar_gate":
+    if node.rule in ("scalar_gate", "gated_delta"):
         extra["g"] = -g_scale * torch.rand(B, H, L, generator=gen)
+    if node.rule == "vector_gate":
+        extra["g"] = -g_scale * torch.rand(B, H, L, dk, generator=gen)
+    if node.rule in ("delta", "gated_delta"):
+        extra["beta"] = torch.rand(B, H, L, generator=gen)
     state = None
     if initial:
         state = torch.randn(B, H, dk, node.state_dv(dv), generator=gen)
@@ -86,22 +96,43 @@ def test_fp32_matches_reference(name, chunk, L, initial):
     run_and_check(name, L, chunk, initial=initial)
 
 
-@pytest.mark.parametrize("chunk", [16, 32], ids=["c16", "c32"])
-def test_long_sequence_L300(chunk):
-    run_and_check("scalar_gate", 300, chunk, initial=True)
+@pytest.mark.parametrize("name,chunk", [("scalar_gate", 16), ("scalar_gate", 32),
+                                        ("gated_delta", 64), ("vector_gate", 32)])
+def test_long_sequence_L300(name, chunk):
+    run_and_check(name, 300, chunk, initial=True, H=1)
 
 
-@pytest.mark.parametrize("name", ["linear_elu1_norm", "decay"])
+@pytest.mark.parametrize("name", ["linear_elu1_norm", "decay", "vector_gate", "gated_delta"])
 def test_odd_head_dims_and_default_chunk(name):
     # Dk 20 (padded key lanes stay 0 after phi), Dv 24 (padded value columns, z at index 24)
     run_and_check(name, 37, None, initial=True, dk=20, dv=24)
 
 
-def test_fp16():
-    run_and_check("scalar_gate", 65, 32, dtype=torch.float16, initial=True)
+@pytest.mark.parametrize("dk,dv", [(256, 16), (32, 256)], ids=["dk256_dv16", "dk32_dv256"])
+@pytest.mark.parametrize("name", ["gated_delta", "vector_gate"])
+def test_largest_head_dims(name, dk, dv):
+    # Dk 256: the whole key dim in one tile, value block 32; Dv 256: four value programs
+    run_and_check(name, 20, 16, initial=True, H=1, dk=dk, dv=dv)
 
 
-@pytest.mark.parametrize("name", ["linear_elu1_norm", "decay", "scalar_gate"])
+def test_head_dim_above_limit_raises_before_launch():
+    q, k, v, extra, _ = make_inputs(NODES["delta"], 1, 1, 4, 272, 16)
+    with pytest.raises(ValueError, match=r"Dk <= 256.*got 272"):
+        kernel("delta", 16)(q, k, v, **extra)
+    node = LinearState("linear", feature_map="taylor2")
+    q = torch.randn(1, 1, 3, 17)
+    with pytest.raises(ValueError, match=r"F <= 273.*head dim 17 \(F = 307\)"):
+        TritonChunkedLinear(node, chunk=16)(q, q, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["scalar_gate", "vector_gate", "gated_delta"])
+def test_half_precision(name, dtype):
+    run_and_check(name, 65, 32, dtype=dtype, initial=True)
+
+
+@pytest.mark.parametrize("name", ["linear_elu1_norm", "decay", "scalar_gate", "vector_gate",
+                                  "delta", "gated_delta"])
 def test_chunked_prefill_then_recurrent_decode_equals_one_run(name):
     node, L = NODES[name], 50
     q, k, v, extra, state = make_inputs(node, 1, 2, L, 16, 16, initial=True, seed=3)
@@ -116,13 +147,15 @@ def test_chunked_prefill_then_recurrent_decode_equals_one_run(name):
     assert_near(s_dec, rs, 1e-4)
 
 
-def test_strongly_negative_gates_stay_finite():
+@pytest.mark.parametrize("name", ["scalar_gate", "vector_gate", "gated_delta"])
+def test_strongly_negative_gates_stay_finite(name):
     # g = -20 a token: b reaches -640 inside a chunk; e^{-b} would overflow, e^{b_i - b_j} cannot
-    node = NODES["scalar_gate"]
-    q, k, v, _, state = make_inputs(node, 1, 2, 40, 16, 16, initial=True)
-    g = torch.full((1, 2, 40), -20.0)
-    o, s = kernel("scalar_gate", 32)(q, k, v, g=g, initial_state=state, return_state=True)
-    ro, rs = reference(node, q, k, v, {"g": g}, state)
+    node = NODES[name]
+    q, k, v, extra, state = make_inputs(node, 1, 2, 40, 16, 16, initial=True)
+    extra["g"] = torch.full_like(extra["g"], -20.0)
+    extra["g"][..., 5:9] = 0.0  # some tokens keep everything: e^0 next to e^-640
+    o, s = kernel(name, 32)(q, k, v, initial_state=state, return_state=True, **extra)
+    ro, rs = reference(node, q, k, v, extra, state)
     assert_near(o, ro, 1e-4)
     assert_near(s, rs, 1e-4)
 
@@ -139,14 +172,68 @@ def test_no_state_returned_and_errors_before_launch():
         TritonChunkedLinear(node, chunk=24)
 
 
-@pytest.mark.parametrize("node", [LinearState("vector_gate"), LinearState("delta"),
-                                  LinearState("gated_delta"), LinearState("block_causal", block=4),
-                                  LinearState("linear", feature_map="taylor2")],
-                         ids=["vector_gate", "delta", "gated_delta", "block_causal", "taylor2"])
-def test_unsupported_raise_naming_them(node):
-    name = node.feature_map if node.feature_map == "taylor2" else node.rule
-    with pytest.raises(NotImplementedError, match=f"{name}.*TritonRecurrentLinear"):
-        TritonChunkedLinear(node)
+def test_inconsistent_inputs_raise_before_launch():
+    q, k, v, extra, _ = make_inputs(NODES["gated_delta"], 1, 2, 20, 16, 16)
+    kern = kernel("gated_delta", 16)
+    with pytest.raises(ValueError, match=r"g: expected a tensor \[B, H, L\]"):
+        kern(q, k, v, beta=extra["beta"])  # a gated spec without its gate
+    with pytest.raises(ValueError, match=r"beta: expected a tensor \[B, H, L\]"):
+        kern(q, k, v, g=extra["g"])
+    with pytest.raises(ValueError, match=r"g: expected shape \[B, H, L\] = \[1, 2, 20\], "
+                                         r"got \[1, 2, 20, 16\]"):
+        kern(q, k, v, g=-torch.rand(1, 2, 20, 16), beta=extra["beta"])
+    with pytest.raises(ValueError, match=r"g: expected all entries <= 0.*got max 0.5"):
+        kern(q, k, v, g=extra["g"] + 0.5 - extra["g"].max(), beta=extra["beta"])
+    with pytest.raises(ValueError, match=r"initial_state: expected shape .* got \[1, 2, 16, 8\]"):
+        kern(q, k, v, initial_state=torch.zeros(1, 2, 16, 8), **extra)
+    with pytest.raises(ValueError, match=r"initial_state: expected a floating-point dtype"):
+        kern(q, k, v, initial_state=torch.zeros(1, 2, 16, 16, dtype=torch.int32), **extra)
+    qv, kv, vv, ev, _ = make_inputs(NODES["vector_gate"], 1, 2, 20, 16, 16)
+    with pytest.raises(ValueError, match=r"g: expected shape \[B, H, L, Dk\]"):
+        kernel("vector_gate", 16)(qv, kv, vv, g=ev["g"][..., 0])
+
+
+BLOCKS = [1, 3, 16, 40]  # 16 and 40 straddle the interpreter's chunk of 16 or not; 40 > chunk
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["zero_state", "state_in"])
+@pytest.mark.parametrize("L", [1, 63, 64, 65])
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{b}" for b in BLOCKS])
+def test_block_causal_L7(block, L, initial):
+    # block <= chunk: whole blocks per tile under a block mask; block > chunk: two passes
+    node = LinearState("block_causal", feature_map="elu1", normalize=True, block=block)
+    q, k, v, extra, state = make_inputs(node, 1, 2, L, 16, 24, initial=initial)
+    o, s = TritonChunkedLinear(node, chunk=16)(q, k, v, initial_state=state, return_state=True)
+    ro, rs = reference(node, q, k, v, extra, state)
+    assert_near(o, ro, 1e-4)
+    assert_near(s, rs, 1e-4)
+
+
+def test_block_causal_identity_phi_and_bf16():
+    node = LinearState("block_causal", block=5)
+    q, k, v, extra, state = make_inputs(node, 2, 1, 37, 32, 16, dtype=torch.bfloat16,
+                                        initial=True)
+    o, s = TritonChunkedLinear(node, chunk=32)(q, k, v, initial_state=state, return_state=True)
+    ro, rs = reference(node, q, k, v, extra, state)
+    assert_near(o, ro, TOL[torch.bfloat16])
+    assert_near(s, rs, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("rule,block", [("linear", None), ("block_causal", 4)])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "norm"])
+def test_taylor2_feature_map(rule, block, normalize):
+    # BASED: phi(x) = [1, x, x (x) x / sqrt 2], F = 1 + 8 + 64 = 73 (padded to 128)
+    node = LinearState(rule, feature_map="taylor2", normalize=normalize, block=block)
+    q, k, v, extra, _ = make_inputs(node, 1, 2, 41, 8, 16)
+    q, k = q * 8 ** -0.25, k * 8 ** -0.25
+    state = torch.randn(1, 2, node.feature_dim(8), node.state_dv(16),
+                        generator=torch.Generator().manual_seed(4))
+    if normalize:
+        state[..., -1] = state[..., -1].abs() + 1
+    o, s = TritonChunkedLinear(node, chunk=16)(q, k, v, initial_state=state, return_state=True)
+    ro, rs = reference(node, q, k, v, extra, state)
+    assert_near(o, ro, 1e-4)
+    assert_near(s, rs, 1e-4)
 
 
 @pytest.mark.parametrize("name,arch,dtype", [("scalar_gate", 90, "float16"),

@@ -94,7 +94,7 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     job = {"path": str(forward.entry.files["kernel.py"]), "name": forward.name,
            "aligned": list(ALIGNED) if contiguous else []}
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
-    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, sched, what)
+    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, sched, what)
     return CompiledArtifact(
         name=forward.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_qk, head_dim_v=head_dim_v,
         schedule=sched, shared_bytes=result["shared"], n_regs=result["n_regs"],
@@ -119,7 +119,7 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     job = {"path": str(forward.entry.files["block_map.py"]), "name": name,
            "aligned": ["CLASSES"]}
     launch = dataclasses.replace(sched, num_warps=4, num_stages=1)
-    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, launch,
+    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, launch,
                                            f"tiles {sched.block_m}x{sched.block_n}")
     return CompiledArtifact(
         name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim_v,
@@ -127,37 +127,47 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
         stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 
 
-def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
-                              head_dim_v: int) -> CompiledArtifact:
-    """Compile a `TritonRecurrentLinear` kernel for sm_<arch> with the launch's constexprs
-    (gates, betas, decays and states are fp32 tensors; q/k/v/o are `dtype`)."""
-    from attncc.backends.triton_linear import DV_BLOCK_MAX
-    from attncc.ir.nodes import Schedule
-    from attncc.passes.select_tiles import padded
-
+def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
+    """(signature, aligned pointers) of the linear-state kernels' shared argument list
+    (`attncc.backends.triton_linear_launch`): q/k/v/o are `dtype`; g, beta, lam and the states
+    fp32; cu_seqlens int32."""
     t = "*" + _SHORT[dtype]
     pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "BETA": "*fp32", "LAM": "*fp32",
-                "S0": "*fp32", "SN": "*fp32"}
+                "S0": "*fp32", "SN": "*fp32", "CU": "*i32"}
     strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
                                                 ("o", "bhld"), ("g", "bhld"), ("b", "bhl"),
                                                 ("s", "bhfv")) for d in dims]
     signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
                  "scale": "fp32"}
-    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, "DK_PAD": padded(head_dim_k),
-                  "DV_BLOCK": min(padded(head_dim_v), DV_BLOCK_MAX), "HAS_INITIAL": True,
-                  "STORE_FINAL": True}
+    return signature, list(pointers)
+
+
+def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
+                              head_dim_v: int, *, varlen: bool = False) -> CompiledArtifact:
+    """Compile a `TritonRecurrentLinear` kernel for sm_<arch> with the launch's constexprs
+    (gates, betas, decays and states are fp32 tensors; q/k/v/o are `dtype`)."""
+    from attncc.backends.triton_linear import value_block
+    from attncc.ir.nodes import Schedule
+    from attncc.passes.select_tiles import padded
+
+    signature, pointers = linear_signature(dtype)
+    f_dim = kernel.node.feature_dim(head_dim_k)
+    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, "F_PAD": padded(f_dim),
+                  "DV_BLOCK": value_block(f_dim, head_dim_v, kernel.block_v), "HAS_INITIAL": True,
+                  "STORE_FINAL": True, "VARLEN": varlen}
     launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
-           "aligned": list(pointers)}
-    result, ptx, cubin = _compile_in_child(job, arch, signature, constexprs, launch,
-                                           f"{dtype}, head dims {head_dim_k}/{head_dim_v}")
+           "aligned": pointers}
+    result, ptx, cubin = compile_in_child(
+        job, arch, signature, constexprs, launch,
+        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}")
     return CompiledArtifact(
         name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
         schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
         stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 
 
-def _compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
+def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
                       constexprs: dict[str, Any], sched: Schedule, what: str
                       ) -> tuple[dict[str, Any], str, bytes]:
     from attncc import config

@@ -22,7 +22,7 @@ from attncc.passes.select_tiles import padded
 BACKEND = "triton"
 
 
-def _versions() -> str:
+def version_stamp() -> str:
     import triton
     from importlib.metadata import version
     try:
@@ -35,7 +35,7 @@ def _versions() -> str:
 def cache_key(plan: KernelPlan) -> str:
     """Canonical IR hash + template bytes + backend + versions (DESIGN.md, Cache)."""
     import hashlib
-    text = "\n".join([plan.spec.key, template_hash(), BACKEND, _versions()])
+    text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

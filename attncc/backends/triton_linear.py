@@ -3,26 +3,27 @@
 `templates/triton/linear_recurrent.py.j2` lays out lines this module chooses per rule; the
 semantics are `reference_linear.recurrent_reference` (the spec and the test oracle).
 
-Supported: linear (L1; phi identity or elu1; optional normaliser), decay (L2), scalar_gate (L3),
-vector_gate (L4), delta (L5), gated_delta (L6). Not yet: phi taylor2 and block_causal (L7),
-which raise NotImplementedError at construction.
+Supported: linear (L1; phi identity, elu1 or taylor2 with F = 1 + D + D^2 <= F_MAX; optional
+normaliser), decay (L2), scalar_gate (L3), vector_gate (L4), delta (L5), gated_delta (L6); dense
+[B, H, L, D] or packed varlen inputs (`cu_seqlens`). block_causal (L7) has no one-token form
+(a token reads later tokens of its block) and raises NotImplementedError at construction.
 
-Kernel: grid (B * H, cdiv(Dv, DV_BLOCK)); each program loops over the tokens with its slice of
-the state S [F, DV_BLOCK] in fp32 registers. Decode is the same kernel with L = 1 and a state in.
+Kernel: grid (B * H or N * H, cdiv(Dv, DV_BLOCK)); each program loops over the tokens with its
+slice of the state S [F, DV_BLOCK] in fp32 registers. Decode is the same kernel with L = 1 and a
+state in. taylor2 builds phi(x)_f from two gathered loads of x (x_a x_b / sqrt 2), so the
+feature vector is never stored.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 
-import torch
 from torch import Tensor
 
-from attncc.backends.reference_linear import check_inputs
-from attncc.backends.triton_backend import _versions
+from attncc.backends.triton_backend import version_stamp
+from attncc.backends.triton_linear_launch import prepare_launch
+from attncc.backends.triton_render import jinja_environment, template_source
 from attncc.backends.triton_source import CachedSource
-from attncc.backends.triton_render import _environment, template_source
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
@@ -30,15 +31,42 @@ BACKEND = "triton-linear"
 TEMPLATE = "linear_recurrent.py.j2"
 TEMPLATES = (TEMPLATE, "helpers.py.j2")  # every file the source depends on
 DV_BLOCK_MAX = 64  # S [128, 64] fp32 is 64 registers a thread at 4 warps
+F_MAX = 1 + 16 + 16 * 16  # taylor2 up to D = 16: S [512, DV_BLOCK] is the largest state tile
 
-_ELU1 = "tl.where(mask_k, tl.where({x} > 0, {x} + 1.0, tl.exp({x})), 0.0)"  # phi(pad) = 0
+_ELU1 = "tl.where(mask_f, tl.where({x} > 0, {x} + 1.0, tl.exp({x})), 0.0)"  # phi(pad) = 0
+_LOAD = ("{x}_t = tl.load({x}_row + t * stride_{x}l + offs_f * stride_{x}d, mask=mask_f, "
+         "other=0.0).to(tl.float32)")
+# taylor2: f = 0 -> 1; 1 <= f <= D -> x[f - 1]; f > D -> x[a] x[b] / sqrt 2, f - 1 - D = a D + b
+_TAYLOR_SETUP = [
+    "quad = tl.maximum(offs_f - 1 - D_K, 0)",
+    "lin_f = (offs_f >= 1) & (offs_f <= D_K)",
+    "quad_f = (offs_f > D_K) & mask_f",
+    "fa = tl.where(lin_f, offs_f - 1, quad // D_K)",
+    "fb = quad % D_K",
+]
+_TAYLOR_LOAD = [
+    ("{x}_a = tl.load({x}_row + t * stride_{x}l + fa * stride_{x}d, mask=lin_f | quad_f, "
+     "other=0.0).to(tl.float32)"),
+    ("{x}_b = tl.load({x}_row + t * stride_{x}l + fb * stride_{x}d, mask=quad_f, "
+     "other=0.0).to(tl.float32)"),
+    ("{x}_t = tl.where(offs_f == 0, 1.0, tl.where(quad_f, {x}_a * {x}_b * 0.7071067811865476, "
+     "{x}_a))"),
+]
 _LOAD_G = "g_t = tl.load(g_base + t * stride_gl).to(tl.float32)"
-_LOAD_G_VEC = ("g_t = tl.load(g_base + t * stride_gl + offs_k * stride_gd, mask=mask_k, "
+_LOAD_G_VEC = ("g_t = tl.load(g_base + t * stride_gl + offs_f * stride_gd, mask=mask_f, "
                "other=0.0).to(tl.float32)")
 _LOAD_BETA = "beta_t = tl.load(beta_base + t * stride_bl).to(tl.float32)"
 # (I - beta k k^T) S + beta k v^T  =  S + k (beta (v - S^T k))^T, as in _token_step
 _DELTA = "v_t = beta_t * (v_t - tl.sum(S * k_t[:, None], 0))"
 _WRITE = "S = S + k_t[:, None] * v_t[None, :]"
+
+
+def _loads(node: LinearState) -> tuple[str, list[str], list[str]]:
+    """(the feature mask line, setup lines, per-token lines loading q_t and k_t as phi(x))."""
+    if node.feature_map == "taylor2":
+        loads = [line.format(x=x) for x in "qk" for line in _TAYLOR_LOAD]
+        return "mask_f = offs_f < 1 + D_K + D_K * D_K", list(_TAYLOR_SETUP), loads
+    return "mask_f = offs_f < D_K", [], [_LOAD.format(x=x) for x in "qk"]
 
 
 def _lines(node: LinearState) -> tuple[list[str], list[str]]:
@@ -69,18 +97,28 @@ def kernel_name(node: LinearState, form: str = "recurrent") -> str:
 
 def render(node: LinearState) -> str:
     """Triton source of the recurrent kernel for `node` (dtype- and shape-independent)."""
+    feature_mask, load_setup, loads = _loads(node)
     setup, step = _lines(node)
-    return _environment().get_template(TEMPLATE).render(
+    return jinja_environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(node), node_text=node.text(), normalize=node.normalize,
-        setup_lines=setup, step_lines=step)
+        feature_mask=feature_mask, setup_lines=load_setup + setup, load_lines=loads,
+        step_lines=step)
 
 
 def cache_key(node: LinearState, templates: tuple[str, ...] = TEMPLATES,
               backend: str = BACKEND) -> str:
     """IR text + template bytes + backend + versions, as `triton_backend.cache_key`."""
     text = "\n".join([node.text(), "".join(template_source(n) for n in templates), backend,
-                      _versions()])
+                      version_stamp()])
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def value_block(f_dim: int, dv: int, block_v: int | None = None) -> int:
+    """Value columns per program: at most DV_BLOCK_MAX, and S [padded(F), DV_BLOCK] <= 8192 fp32
+    (taylor2's F = 273 takes 16 columns), unless `block_v` asks otherwise."""
+    if block_v is None:
+        block_v = max(16, min(DV_BLOCK_MAX, 8192 // padded(f_dim)))
+    return min(padded(dv), block_v)
 
 
 def check_power_of_two(name: str, x: int | None, least: int) -> None:
@@ -91,9 +129,8 @@ def check_power_of_two(name: str, x: int | None, least: int) -> None:
 
 def _unsupported(node: LinearState) -> str | None:
     if node.rule == "block_causal":
-        return "rule 'block_causal' (L7) has no recurrent Triton kernel yet"
-    if node.feature_map == "taylor2":
-        return "feature_map 'taylor2' has no recurrent Triton kernel yet (F = 1 + D + D^2)"
+        return ("rule 'block_causal' (L7) has no one-token recurrent kernel (a token reads "
+                "later tokens of its block): its kernel is the chunked one")
     return None
 
 
@@ -126,47 +163,29 @@ class TritonRecurrentLinear:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,
-                 initial_state: Tensor | None = None,
-                 return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """q, k [B, H, L, Dk]; v [B, H, L, Dv]; g, beta, initial_state as in `reference_linear`.
+                 initial_state: Tensor | None = None, return_state: bool = False,
+                 cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """q, k [B, H, L, Dk]; v [B, H, L, Dv]; g, beta, initial_state as in `reference_linear`;
+        or packed q, k [T, H, Dk], v [T, H, Dv] with `cu_seqlens` [N + 1] and states
+        [N, H, F, Dv'] (`reference_linear_varlen`).
 
-        Returns o [B, H, L, Dv] in q's dtype, and with `return_state` the final state
-        [B, H, Dk, Dv'] in fp32 (Dv' = Dv + 1 when normalising; the last column is z).
+        Returns o (q's layout and dtype), and with `return_state` the final state
+        [B or N, H, F, Dv'] in fp32 (Dv' = Dv + 1 when normalising; the last column is z).
         """
         node = self.node
-        check_inputs(q, k, v, node, g, beta, initial_state)
-        B, H, L, Dk = q.shape
-        Dv = v.shape[-1]
-        sdv = node.state_dv(Dv)
-        dev = q.device
-        scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-        o = torch.empty(B, H, L, Dv, dtype=q.dtype, device=dev)
-        s_in = None if initial_state is None else initial_state.to(dev, torch.float32).contiguous()
-        s_out = torch.empty(B, H, Dk, sdv, dtype=torch.float32, device=dev) if return_state \
-            else None
-        lam = None
-        if node.decay is not None:
-            vals = node.decay if isinstance(node.decay, tuple) else (node.decay,) * H
-            lam = torch.tensor(vals, dtype=torch.float32, device=dev)
-        if B * H == 0:  # nothing to launch; the state has no entries either
-            return (o, s_out) if return_state else o
-        dk_pad, dv_pad = padded(Dk), padded(Dv)
-        dv_block = min(dv_pad, DV_BLOCK_MAX) if self.block_v is None else min(self.block_v,
-                                                                              dv_pad)
-        # s_in and s_out are both contiguous [B, H, F, Dv']: one set of strides serves both
-        s_strides = (s_out if s_out is not None else s_in if s_in is not None else o).stride()
-        g_strides = (list(g.stride()) + [0])[:4] if g is not None else [0, 0, 0, 0]
-        b_strides = list(beta.stride()) if beta is not None else [0, 0, 0]
-        grid = (B * H, -(-Dv // dv_block))
-        self.jit_function()[grid](
-            q, k, v, o,
-            g if g is not None else q, beta if beta is not None else q,
-            lam if lam is not None else q, s_in if s_in is not None else o,
-            s_out if s_out is not None else o,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            *g_strides, *b_strides, *s_strides,
-            H, L, scale,
-            D_K=Dk, D_V=Dv, DK_PAD=dk_pad, DV_BLOCK=dv_block,
-            HAS_INITIAL=s_in is not None, STORE_FINAL=s_out is not None,
-        )
-        return (o, s_out) if return_state else o
+        run = prepare_launch(node, q, k, v, g, beta, scale, initial_state, return_state,
+                             cu_seqlens)
+        f_dim = node.feature_dim(run.dk)
+        if f_dim > F_MAX:
+            raise ValueError(f"q: expected feature dim F <= {F_MAX} (taylor2: head dim <= 16), "
+                             f"got head dim {run.dk} (F = {f_dim})")
+        if run.nbh > 0 and run.dv > 0:  # else nothing to launch; the state has no entries
+            dv_block = value_block(f_dim, run.dv, self.block_v)
+            grid = (run.nbh, -(-run.dv // dv_block))
+            self.jit_function()[grid](
+                *run.args, run.scale,
+                D_K=run.dk, D_V=run.dv, F_PAD=padded(f_dim), DV_BLOCK=dv_block,
+                HAS_INITIAL=initial_state is not None, STORE_FINAL=return_state,
+                VARLEN=run.varlen,
+            )
+        return (run.o, run.s_out) if return_state else run.o

@@ -1,69 +1,113 @@
-"""The chunked form of the linear-recurrence axis (CATALOG 5) as one generated Triton kernel.
+"""The chunked form of the linear-recurrence axis (CATALOG 5) as generated Triton kernels.
 
-`templates/triton/linear_chunked.py.j2` lays out lines this module chooses per rule; the
-semantics are `reference_linear.recurrent_reference` (the spec and the test oracle) and the maths
-is `reference_linear_chunked._gla_chunk`. Same API as `TritonRecurrentLinear`, whose decode step
-continues a state this kernel leaves (and the other way round).
+Three templates, one family: `templates/triton/linear_chunked.py.j2` (additive updates: L1-L4),
+`linear_chunked_delta.py.j2` (L5, L6 by the WY / UT representation) and
+`linear_chunked_block.py.j2` (L7), all starting with `linear_chunked_prologue.py.j2`. This
+module picks the template and prepares the lines each rule needs; the semantics are
+`reference_linear.recurrent_reference` (the spec and the test oracle) and the maths is
+`reference_linear_chunked`. Same API as `TritonRecurrentLinear`, whose decode step continues
+a state this kernel leaves (and the other way round).
 
-Supported: linear (L1; phi identity or elu1; optional normaliser), decay (L2), scalar_gate (L3).
-Not yet: vector_gate (L4, per-key-dim decay matrix), delta and gated_delta (L5, L6: the UT
-transform), block_causal (L7) and phi taylor2, which raise NotImplementedError at construction
-and point to TritonRecurrentLinear.
+Every rule has a chunked kernel: linear (L1; phi identity, elu1 or taylor2; optional
+normaliser), decay (L2), scalar_gate (L3), vector_gate (L4), delta (L5), gated_delta (L6) and
+block_causal (L7, `linear_chunked_block.py.j2`; phi and normaliser as L1); dense [B, H, L, D] or
+packed varlen inputs (`cu_seqlens`); Dk up to 256 (the key dim is never split; taylor2 up to
+head dim 16, F = 273), any Dv (split across programs).
 
-Kernel: grid (B * H, cdiv(Dv, DV_BLOCK)); each program loops over chunks of CHUNK tokens with its
-slice of the state S [F, DV_BLOCK] in fp32 registers; the last chunk is partial under masks.
+Kernel: grid (B * H or N * H, cdiv(Dv, DV_BLOCK)); each program loops over chunks of CHUNK tokens
+with its slice of the state S [F, DV_BLOCK] in fp32 registers; the last chunk is partial under
+masks.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attncc.backends.reference_linear import check_inputs
 from attncc import config
 from attncc.backends import triton_linear as recurrent
+from attncc.backends.triton_linear_launch import prepare_launch
+from attncc.backends.triton_render import jinja_environment
 from attncc.backends.triton_source import CachedSource
-from attncc.backends.triton_render import _environment
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
 BACKEND = "triton-linear-chunked"
 TEMPLATE = "linear_chunked.py.j2"
-TEMPLATES = (TEMPLATE, "helpers.py.j2")  # every file the source depends on
-DV_BLOCK_MAX = 64  # S [128, 64] fp32 is 64 registers a thread at 4 warps
+TEMPLATE_DELTA = "linear_chunked_delta.py.j2"
+TEMPLATE_BLOCK = "linear_chunked_block.py.j2"
+# every file a source depends on (all three templates: one key recipe for the family)
+TEMPLATES = (TEMPLATE, TEMPLATE_DELTA, TEMPLATE_BLOCK, "linear_chunked_prologue.py.j2",
+             "helpers.py.j2")
+DK_MAX = 256  # S [256, 32] fp32 per program; the key dim is not tiled
+F_MAX = recurrent.F_MAX  # taylor2 up to head dim 16: F = 273, padded to 512
 CHUNK_GPU = 64
 CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per element
+# sm_90 AOT, bf16, Dk = Dv = 128 (stack bytes = spills): gated_delta 1440 at chunk 64, 576 at 32;
+# vector_gate 216 at chunk 64, 0 at chunk 32 with 32 value columns. So these rules take chunk 32
+# on a GPU (and the vector gate 32 value columns); taylor2 (F_PAD 512) takes 16 to stay within
+# shared memory (chunk 64 asks for 292 KiB)
+CHUNK_GPU_RULE = {"vector_gate": 32, "delta": 32, "gated_delta": 32}
+BLOCK_V_RULE = {"vector_gate": 32}
 # sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing; ieee fp32 dots (FMA,
 # no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4, so they are kept for fp32 inputs only
 NUM_WARPS = 8
 
-_ELU1 = "tl.where(mask_q, tl.where({x} > 0, {x} + 1.0, tl.exp({x})), 0.0)"  # phi(pad) = 0
+# elu1 masked so that padded lanes and rows stay 0 (elu1(0) would be 1)
+_ELU1 = "{x}_c = tl.where(mask_q, tl.where({x}_c > 0, {x}_c + 1.0, tl.exp({x}_c)), 0.0)"
+_LOAD = ("{x}_c = tl.load({x}_base + rows[:, None] * stride_{x}l, mask=mask_q, other=0.0)"
+         ".to(tl.float32)")
+# taylor2: f = 0 -> 1; 1 <= f <= D -> x[f - 1]; f > D -> x[a] x[b] / sqrt 2, f - 1 - D = a D + b
+_TAYLOR_SETUP = [
+    "quad = tl.maximum(offs_k - 1 - D_K, 0)",
+    "lin_f = (offs_k >= 1) & (offs_k <= D_K)",
+    "quad_f = (offs_k > D_K) & mask_k",
+    "fa = tl.where(lin_f, offs_k - 1, quad // D_K)",
+    "fb = quad % D_K",
+]
+_TAYLOR_LOAD = [
+    ("{x}_a = tl.load({x}_row + rows[:, None] * stride_{x}l + fa[None, :] * stride_{x}d, "
+     "mask=mask_t[:, None] & (lin_f | quad_f)[None, :], other=0.0).to(tl.float32)"),
+    ("{x}_b = tl.load({x}_row + rows[:, None] * stride_{x}l + fb[None, :] * stride_{x}d, "
+     "mask=mask_t[:, None] & quad_f[None, :], other=0.0).to(tl.float32)"),
+    ("{x}_c = tl.where((offs_k == 0)[None, :] & mask_t[:, None], 1.0, "
+     "tl.where(quad_f[None, :], {x}_a * {x}_b * 0.7071067811865476, {x}_a))"),
+]
 _LOAD_G = ("g_c = tl.load(g_base + rows * stride_gl, mask=mask_t, other=0.0)"
            ".to(tl.float32)")
-_RECURRENT_ONLY = {
-    "vector_gate": "rule 'vector_gate' (L4) needs a per-key-dim decay matrix",
-    "delta": "rule 'delta' (L5) needs the UT transform (a triangular solve per chunk)",
-    "gated_delta": "rule 'gated_delta' (L6) needs the UT transform (a triangular solve per chunk)",
-    "block_causal": "rule 'block_causal' (L7) needs a block mask inside the chunk",
-}
+_LOAD_G_VEC = ("g_c = tl.load(g_base + rows[:, None] * stride_gl + offs_k[None, :] * stride_gd, "
+               "mask=mask_q, other=0.0).to(tl.float32)")
+_CUMSUM = "b = tl.cumsum(g_c, 0)  # inclusive: token i has decayed by its own gate"
+_GATE = {"linear": "none", "decay": "scalar", "scalar_gate": "scalar", "vector_gate": "vector",
+         "delta": "none", "gated_delta": "scalar"}
+
+
+def _loads(node: LinearState, x: str) -> list[str]:
+    """Lines loading phi(x) of one tile as `{x}_c` [CHUNK, DK_PAD] fp32 (0 in padded rows)."""
+    if node.feature_map == "taylor2":
+        return [line.format(x=x) for line in _TAYLOR_LOAD]
+    lines = [_LOAD.format(x=x)]
+    if node.feature_map == "elu1":
+        lines.append(_ELU1.format(x=x))
+    return lines
 
 
 def _lines(node: LinearState) -> tuple[list[str], list[str]]:
     """(setup lines before the chunk loop, lines per chunk after the loads) for `node`'s rule."""
-    setup: list[str] = []
+    setup: list[str] = list(_TAYLOR_SETUP) if node.feature_map == "taylor2" else []
     step: list[str] = []
-    if node.feature_map == "elu1":
-        step += [f"q_c = {_ELU1.format(x='q_c')}", f"k_c = {_ELU1.format(x='k_c')}"]
-    if node.rule == "decay":
+    rule = node.rule
+    if rule == "decay":
         setup.append("log_lam = tl.log(tl.load(LAM + off_h).to(tl.float32))")
-        step.append("g_c = tl.where(mask_t, log_lam, 0.0)")
-    elif node.rule == "scalar_gate":
-        step.append(_LOAD_G)
-    if node.rule in ("decay", "scalar_gate"):
-        step.append("b = tl.cumsum(g_c, 0)  # inclusive: token i has decayed by its own gate")
+        step += ["g_c = tl.where(mask_t, log_lam, 0.0)", _CUMSUM]
+    elif rule in ("scalar_gate", "gated_delta"):
+        step += [_LOAD_G, _CUMSUM]
+    elif rule == "vector_gate":
+        step += [_LOAD_G_VEC, _CUMSUM]
+    elif rule == "delta":  # no gate: b = 0, every decay factor is e^0 = 1
+        setup.append("b = tl.zeros([CHUNK], dtype=tl.float32)")
     return setup, step
 
 
@@ -75,37 +119,46 @@ def kernel_name(node: LinearState) -> str:
 def render(node: LinearState) -> str:
     """Triton source of the chunked kernel for `node` (dtype-, shape- and chunk-independent)."""
     setup, step = _lines(node)
-    return _environment().get_template(TEMPLATE).render(
+    template = {"delta": TEMPLATE_DELTA, "gated_delta": TEMPLATE_DELTA,
+                "block_causal": TEMPLATE_BLOCK}.get(node.rule, TEMPLATE)
+    taylor = node.feature_map == "taylor2"
+    return jinja_environment().get_template(template).render(
         kernel_name=kernel_name(node), node_text=node.text(), normalize=node.normalize,
-        decayed=node.rule in ("decay", "scalar_gate"), setup_lines=setup, chunk_lines=step)
+        gate=_GATE.get(node.rule), block=node.block, setup_lines=setup, chunk_lines=step,
+        feature_mask=f"mask_k = offs_k < {'1 + D_K + D_K * D_K' if taylor else 'D_K'}",
+        load_lines=_loads(node, "q") + _loads(node, "k"), query_lines=_loads(node, "q"),
+        key_lines=_loads(node, "k"))
 
 
 def cache_key(node: LinearState) -> str:
     return recurrent.cache_key(node, TEMPLATES, BACKEND)
 
 
-def _unsupported(node: LinearState) -> str | None:
-    if node.rule in _RECURRENT_ONLY:
-        return f"{_RECURRENT_ONLY[node.rule]}, which is not written yet"
-    if node.feature_map == "taylor2":
-        return "feature_map 'taylor2' (F = 1 + D + D^2) has no Triton kernel yet"
-    return None
+def value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "") -> int:
+    """Value columns per program: the state tile S [padded(F), DV_BLOCK] stays <= 8192 fp32
+    (64 registers a thread at 4 warps), unless `block_v` asks otherwise."""
+    if block_v is None:
+        block_v = max(16, min(BLOCK_V_RULE.get(rule, 64), 8192 // padded(f_dim)))
+    return min(padded(dv), block_v)
+
+
+def gpu_chunk(node: LinearState, f_dim: int) -> int:
+    """The default chunk on a GPU: CHUNK_GPU, less for the rules in CHUNK_GPU_RULE and for wide
+    features (a [CHUNK, padded(F)] tile stays <= 8192 elements)."""
+    return max(16, min(CHUNK_GPU_RULE.get(node.rule, CHUNK_GPU), 8192 // padded(f_dim)))
 
 
 class TritonChunkedLinear:
     """One LinearState's chunked kernel. Building it renders (or loads) the source on disk.
 
     chunk: tokens per chunk (a power of two >= 16, tl.dot's least tile side); default 64 on a
-    GPU, 32 under the interpreter. block_v: value columns per program; default min(padded Dv, 64).
+    GPU, 32 under the interpreter. block_v: value columns per program; default `value_block`.
     """
 
     def __init__(self, node: LinearState, *, chunk: int | None = None,
                  block_v: int | None = None) -> None:
         if not isinstance(node, LinearState):
             raise ValueError(f"node: expected a LinearState, got {type(node).__name__}")
-        if (why := _unsupported(node)) is not None:
-            raise NotImplementedError(f"TritonChunkedLinear: {why}; use "
-                                      "triton_linear.TritonRecurrentLinear (same API)")
         recurrent.check_power_of_two("chunk", chunk, 16)
         recurrent.check_power_of_two("block_v", block_v, 16)
         self.node = node
@@ -123,51 +176,42 @@ class TritonChunkedLinear:
     def jit_function(self):
         return self.kernel.jit_function()
 
-    def chunk_for(self, device: torch.device) -> int:
+    def chunk_for(self, device: torch.device, f_dim: int) -> int:
         if self.chunk is not None:
             return self.chunk
         interpreted = device.type != "cuda" or config.triton_interpret()
-        return CHUNK_INTERPRETER if interpreted else CHUNK_GPU
+        return CHUNK_INTERPRETER if interpreted else gpu_chunk(self.node, f_dim)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,
-                 initial_state: Tensor | None = None,
-                 return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """q, k [B, H, L, Dk]; v [B, H, L, Dv]; g [B, H, L] (scalar_gate); initial_state as in
-        `reference_linear`. Returns o [B, H, L, Dv] in q's dtype, and with `return_state` the
-        final state [B, H, Dk, Dv'] in fp32 (Dv' = Dv + 1 when normalising; last column z)."""
+                 initial_state: Tensor | None = None, return_state: bool = False,
+                 cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """q, k [B, H, L, Dk]; v [B, H, L, Dv]; g, beta, initial_state as in `reference_linear`;
+        or packed q, k [T, H, Dk], v [T, H, Dv] with `cu_seqlens` [N + 1] and states
+        [N, H, F, Dv'] (`reference_linear_varlen`). Returns o (q's layout and dtype), and with
+        `return_state` the final state in fp32 (Dv' = Dv + 1 when normalising; last column z)."""
         node = self.node
-        check_inputs(q, k, v, node, g, beta, initial_state)
-        B, H, L, Dk = q.shape
-        Dv = v.shape[-1]
-        dev = q.device
-        scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-        o = torch.empty(B, H, L, Dv, dtype=q.dtype, device=dev)
-        s_in = None if initial_state is None else initial_state.to(dev, torch.float32).contiguous()
-        s_out = torch.empty(B, H, Dk, node.state_dv(Dv), dtype=torch.float32, device=dev) \
-            if return_state else None
-        lam = None
-        if node.decay is not None:
-            vals = node.decay if isinstance(node.decay, tuple) else (node.decay,) * H
-            lam = torch.tensor(vals, dtype=torch.float32, device=dev)
-        if B * H == 0:  # nothing to launch; the state has no entries either
-            return (o, s_out) if return_state else o
-        dv_pad = padded(Dv)
-        dv_block = min(dv_pad, DV_BLOCK_MAX if self.block_v is None else self.block_v)
-        # s_in and s_out are both contiguous [B, H, F, Dv']: one set of strides serves both
-        s_strides = (s_out if s_out is not None else s_in if s_in is not None else o).stride()
-        g_strides = list(g.stride()) if g is not None else [0, 0, 0]
-        grid = (B * H, -(-Dv // dv_block))
-        self.jit_function()[grid](
-            q, k, v, o, g if g is not None else q, lam if lam is not None else q,
-            s_in if s_in is not None else o, s_out if s_out is not None else o,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *g_strides, *s_strides,
-            H, L, scale,
-            **launch_constexprs(Dk, Dv, dv_block, self.chunk_for(dev),
-                                dot_precision(q.dtype, dev)),
-            HAS_INITIAL=s_in is not None, STORE_FINAL=s_out is not None, num_warps=NUM_WARPS,
-        )
-        return (o, s_out) if return_state else o
+        run = prepare_launch(node, q, k, v, g, beta, scale, initial_state, return_state,
+                             cu_seqlens)
+        f_dim = node.feature_dim(run.dk)
+        if run.dk > DK_MAX:
+            raise ValueError(f"q: expected head dim Dk <= {DK_MAX} for the chunked kernel (the "
+                             f"key dim is not tiled), got {run.dk}")
+        if f_dim > F_MAX:
+            raise ValueError(f"q: expected feature dim F <= {F_MAX} (taylor2: head dim <= 16), "
+                             f"got head dim {run.dk} (F = {f_dim})")
+        if run.nbh > 0 and run.dv > 0:
+            dv_block = value_block(f_dim, run.dv, self.block_v, node.rule)
+            grid = (run.nbh, -(-run.dv // dv_block))
+            self.jit_function()[grid](
+                *run.args, run.scale,
+                **launch_constexprs(run.dk, f_dim, run.dv, dv_block,
+                                    self.chunk_for(q.device, f_dim),
+                                    dot_precision(q.dtype, q.device)),
+                HAS_INITIAL=initial_state is not None, STORE_FINAL=return_state,
+                VARLEN=run.varlen, num_warps=NUM_WARPS,
+            )
+        return (run.o, run.s_out) if return_state else run.o
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -178,39 +222,38 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee" if interpreted or dtype == torch.float32 else "tf32"
 
 
-def launch_constexprs(dk: int, dv: int, dv_block: int, chunk: int,
+def launch_constexprs(dk: int, f_dim: int, dv: int, dv_block: int, chunk: int,
                       precision: str) -> dict[str, Any]:
-    """The shape constexprs a launch passes (HAS_INITIAL and STORE_FINAL aside)."""
-    return {"D_K": dk, "D_V": dv, "DK_PAD": padded(dk), "DV_BLOCK": dv_block, "CHUNK": chunk,
+    """The shape constexprs a launch passes (HAS_INITIAL, STORE_FINAL and VARLEN aside);
+    DK_PAD pads the feature dim F (= dk unless phi is taylor2)."""
+    return {"D_K": dk, "D_V": dv, "DK_PAD": padded(f_dim), "DV_BLOCK": dv_block, "CHUNK": chunk,
             "DOT_PRECISION": precision}
 
 
 def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: str,
-                               head_dim_k: int, head_dim_v: int, *, chunk: int = CHUNK_GPU):
+                               head_dim_k: int, head_dim_v: int, *, chunk: int | None = None,
+                               varlen: bool = False):
     """Compile a `TritonChunkedLinear` kernel for sm_<arch> with no GPU present, as
-    `triton_aot.compile_linear_for_target` does for the recurrent one (g, lam and the states
-    are fp32; q/k/v/o are `dtype`). Returns a `CompiledArtifact`; raises `AOTCompileError`."""
-    from attncc.backends.triton_aot import _SHORT, CompiledArtifact, _compile_in_child
+    `triton_aot.compile_linear_for_target` does for the recurrent one (g, beta, lam and the
+    states are fp32; q/k/v/o are `dtype`). Returns a `CompiledArtifact`; raises
+    `AOTCompileError`."""
+    from attncc.backends.triton_aot import CompiledArtifact, compile_in_child, linear_signature
     from attncc.ir.nodes import Schedule
 
-    t = "*" + _SHORT[dtype]
-    pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "LAM": "*fp32", "S0": "*fp32",
-                "SN": "*fp32"}
-    strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
-                                                ("o", "bhld"), ("g", "bhl"), ("s", "bhfv"))
-               for d in dims]
-    signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
-                 "scale": "fp32"}
-    dv_block = min(padded(head_dim_v), DV_BLOCK_MAX)
+    signature, pointers = linear_signature(dtype)
+    f_dim = kernel.node.feature_dim(head_dim_k)
+    dv_block = value_block(f_dim, head_dim_v, kernel.block_v, kernel.node.rule)
+    if chunk is None:
+        chunk = kernel.chunk or gpu_chunk(kernel.node, f_dim)
     precision = "ieee" if dtype == "float32" else "tf32"  # as `dot_precision` on a GPU
-    constexprs = {**launch_constexprs(head_dim_k, head_dim_v, dv_block, chunk, precision),
-                  "HAS_INITIAL": True, "STORE_FINAL": True}
+    constexprs = {**launch_constexprs(head_dim_k, f_dim, head_dim_v, dv_block, chunk, precision),
+                  "HAS_INITIAL": True, "STORE_FINAL": True, "VARLEN": varlen}
     launch = Schedule(num_warps=NUM_WARPS, num_stages=3)  # num_stages: Triton's default
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
-           "aligned": list(pointers)}
-    result, ptx, cubin = _compile_in_child(
+           "aligned": pointers}
+    result, ptx, cubin = compile_in_child(
         job, arch, signature, constexprs, launch,
-        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, chunk {chunk}")
+        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, chunk {chunk}, varlen {varlen}")
     return CompiledArtifact(
         name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
         schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],

@@ -35,7 +35,7 @@ def template_hash() -> str:
     return hashlib.sha256("".join(template_source(n) for n in TEMPLATES).encode()).hexdigest()
 
 
-def _environment() -> jinja2.Environment:
+def jinja_environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True, keep_trailing_newline=True)
@@ -47,7 +47,7 @@ def kernel_name(plan: KernelPlan) -> str:
     return f"attn_fwd_{tag}_{plan.spec.key[:10]}"
 
 
-def _names(plan: KernelPlan) -> dict[str, str]:
+def printer_names(plan: KernelPlan) -> dict[str, str]:
     names = {B_IDX.name: "off_b", H_IDX.name: "off_h", Q_IDX.name: "q_idx",
              KV_IDX.name: "kv_idx", LQ.name: "Lq", LK.name: "Lk", HQ.name: "Hq",
              HKV.name: "Hkv", SCORE.name: "score", Q_FIRST.name: "q_first",
@@ -83,7 +83,7 @@ def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
                    ("sm_scale", "fp32")]
 
 
-def _pieces(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
+def piece_loops(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
     if plan.block_map is not None:
         return []  # the kernel reads its tiles from the block map instead
     out = []
@@ -110,16 +110,16 @@ def render(plan: KernelPlan) -> str:
     """Triton source of the forward kernel for `plan` (signature-independent)."""
     RENDERS[0] += 1
     spec = plan.spec
-    printer = TritonPrinter(_names(plan))
+    printer = TritonPrinter(printer_names(plan))
     sink = spec.normaliser.sink
-    return _environment().get_template(TEMPLATE).render(
+    return jinja_environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan),
         spec_lines=spec.text().splitlines(),
-        runtime_scalars=_runtime_scalars(["Lq", "Lk"], kernel_arguments(plan)),
+        runtime_scalars=unspecialised_scalars(["Lq", "Lk"], kernel_arguments(plan)),
         extra_args=[name for name, _ in kernel_arguments(plan)],
         score_expr=printer.doprint(spec.score.expr) if spec.score is not None else "",
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
-        pieces=_pieces(plan, printer),
+        pieces=piece_loops(plan, printer),
         block_map=plan.block_map is not None,
         reorder=spec.reorder is not None,
         has_sink=sink is not None,
@@ -128,7 +128,7 @@ def render(plan: KernelPlan) -> str:
 
 
 
-def _runtime_scalars(first: list[str], args: list[tuple[str, str]]) -> list[str]:
+def unspecialised_scalars(first: list[str], args: list[tuple[str, str]]) -> list[str]:
     """Integer and float arguments Triton must not specialise on (values change per call)."""
     return first + [name for name, kind in args if not kind.startswith("*")]
 
@@ -145,12 +145,12 @@ def block_map_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
 def render_block_map(plan: KernelPlan) -> str:
     """Triton source of the kernel that classifies tiles of `plan`'s mask on the device."""
     RENDERS[0] += 1
-    printer = TritonPrinter(_names(plan))
+    printer = TritonPrinter(printer_names(plan))
     args = block_map_arguments(plan)
-    return _environment().get_template(BLOCK_MAP_TEMPLATE).render(
+    return jinja_environment().get_template(BLOCK_MAP_TEMPLATE).render(
         kernel_name=block_map_kernel_name(plan),
         spec_lines=plan.spec.text().splitlines(),
-        runtime_scalars=_runtime_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",
+        runtime_scalars=unspecialised_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",
                                           "cls_stride_m"], args),
         extra_args=[name for name, _ in args],
         mask_expr=printer.doprint(plan.spec.mask.expr),
