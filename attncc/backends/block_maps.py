@@ -189,3 +189,31 @@ class BlockMaps:
         while len(self._maps) > CACHED_MAPS:
             self._maps.popitem(last=False)
         return lists
+
+
+def q_tile_lists(kv_tiles: torch.Tensor) -> torch.Tensor:
+    """The transposed block map for the backward's dk/dv kernel: int32 [B, Hq, nN, 2, 1 + nM],
+    per kv tile the query tiles that visit it, partial ones `[..., 0, :]` then full ones
+    `[..., 1, :]` (count, then indices in ascending order), with exactly the classes of
+    `kv_tiles` (int32 [B, Hq, nM, 2, 1 + nN] from `kv_tile_lists`). Device ops only, no sync;
+    batch or head axes broadcast with stride 0 in `kv_tiles` stay broadcast, and nothing of size
+    Lq x Lk is built (only the nM x nN tile classes)."""
+    base = kv_tiles[:1] if kv_tiles.stride(0) == 0 else kv_tiles
+    base = base[:, :1] if base.stride(1) == 0 else base
+    n_n = base.shape[-1] - 1
+    # one spare column takes the unused list slots
+    classes = torch.full((*base.shape[:3], n_n + 1), EMPTY, dtype=torch.int8,
+                         device=kv_tiles.device)
+    slot_range = torch.arange(n_n, device=kv_tiles.device)
+    for slot, kind in enumerate((PARTIAL, FULL)):
+        listed = slot_range < base[..., slot, :1].long()
+        where = torch.where(listed, base[..., slot, 1:].long(), n_n)
+        classes.scatter_(-1, where, kind)
+    classes = classes[..., :n_n].transpose(-1, -2)  # [Gb, Gh, nN, nM]
+    out = torch.empty(*classes.shape[:3], 2, 1 + classes.shape[3], dtype=torch.int32,
+                      device=kv_tiles.device)
+    for slot, kind in enumerate((PARTIAL, FULL)):
+        hit = classes == kind
+        out[..., slot, 1:] = torch.sort((~hit).to(torch.int8), dim=-1, stable=True).indices
+        out[..., slot, 0] = hit.sum(-1)
+    return out.expand(kv_tiles.shape[0], kv_tiles.shape[1], -1, -1, -1)
