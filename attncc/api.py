@@ -7,6 +7,7 @@ import inspect
 from typing import Any, Callable, Iterable
 
 from attncc.ir.linear import LinearState
+from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
 from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
 from attncc.ir.reorder import AutoReorder, Reorder
 from attncc.ir.spec import AttentionSpec
@@ -91,6 +92,12 @@ def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "
                             "put them in the Attention(...) spec")
         if isinstance(spec.memory, LinearState):
             return CompiledLinearAttention(spec, backend)
+        if isinstance(spec.memory, (PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)):
+            from attncc.serving import ServingAttention  # K2-K5: plan / run serving kernels
+            if backend != "auto":
+                raise ValueError(f"backend: serving memories ({spec.memory.text()}) run the "
+                                 f"Triton serving kernels only; expected 'auto', got {backend!r}")
+            return ServingAttention(spec)
         return CompiledAttention(spec, backend)
     if spec is None:
         return lambda fn: CompiledAttention(_spec_from_function(fn, **attention_kwargs), backend)

@@ -1,0 +1,227 @@
+"""What `ServingAttention.run` does after `plan`: check metadata, assemble kernel arguments,
+launch the forward kernel (and the merge kernel when the plan splits), and cascade attention.
+
+Nothing here reads device data or allocates (cascade excepted, which says so): argument values
+are tensors, their strides and the plan's integers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from attncc import config
+from attncc.backends.triton_backend import target_of
+from attncc.backends.triton_serve import FIXED_ARGS, MERGE_FIXED_ARGS, launch
+from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
+from attncc.passes.select_tiles import padded
+from attncc.serving_checks import (
+    check_absent,
+    check_cu_seqlens,
+    check_tensor,
+    debug_lengths,
+    debug_page_table,
+)
+
+if TYPE_CHECKING:
+    from attncc.serving import ServePlan, ServingAttention
+
+KV_DENSE, KV_PAGED, KV_RAGGED = 0, 1, 2
+
+
+def _q_strides(x: Tensor, ragged: bool, prefix: str) -> dict[str, int]:
+    """[B, H, L, D] or packed [T, H, D] -> strides along (b, m, h, d)."""
+    s = (0, x.stride(0), x.stride(1), x.stride(2)) if ragged else (
+        x.stride(0), x.stride(2), x.stride(1), x.stride(3))
+    return dict(zip((prefix + c for c in "bmhd"), s))
+
+
+def _kv_strides(x: Tensor, mode: str, prefix: str) -> dict[str, int]:
+    """Strides along (page or batch, token, head, d) for each KV layout."""
+    if mode == "packed":  # [T, Hkv, D]
+        s = (0, x.stride(0), x.stride(1), x.stride(2))
+    elif mode == "nhd":  # [num_pages, P, Hkv, D]
+        s = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+    else:  # "hnd" pages [num_pages, Hkv, P, D] or dense [B, Hkv, L, D]
+        s = (x.stride(0), x.stride(2), x.stride(1), x.stride(3))
+    return dict(zip((prefix + c for c in "bnhd"), s))
+
+
+def _lse_strides(plan: ServePlan) -> dict[str, int]:
+    """lse [B, Hq, L] or packed [T, Hq] -> strides along (b, m, h); zeros when not written."""
+    if plan.lse is None:
+        return {"stride_lb": 0, "stride_lm": 0, "stride_lh": 0}
+    s = plan.lse.stride()
+    s = (0, s[0], s[1]) if plan.ragged_q else (s[0], s[2], s[1])
+    return dict(zip(("stride_lb", "stride_lm", "stride_lh"), s))
+
+
+def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
+              page_table: Tensor | None, kv_len: Tensor | None, cu_seqlens_q: Tensor | None,
+              cu_seqlens_k: Tensor | None, mem_k: Tensor | None, mem_v: Tensor | None,
+              head_kv_len: Tensor | None, kv_layout: str) -> tuple[dict, dict]:
+    """Kernel argument values by name, and constexprs, for one run of `plan`."""
+    mem, dev, dt, i32 = attn.memory, plan.device, plan.dtype, torch.int32
+    B, Hq, Hkv, D, Dv = plan.batch, plan.hq, plan.hkv, plan.dqk, plan.dv
+    if plan.ragged_q:
+        check_tensor("q", q, [plan.q_rows, Hq, D], dt, dev, "[total_q, Hq, Dqk]")
+        check_tensor("cu_seqlens_q", cu_seqlens_q, [B + 1], i32, dev, "[B + 1]")
+    else:
+        check_tensor("q", q, [B, Hq, plan.q_rows, D], dt, dev, "[B, Hq, Lq, Dqk]")
+        check_absent("cu_seqlens_q", cu_seqlens_q, "this plan was made for batched q")
+    dummy = plan.work
+    a: dict[str, Any] = {"Q": q, "K": k, "V": v, "O": plan.o, "WORK": plan.work, "VISITS": dummy,
+                         "LSE": plan.lse if plan.lse is not None else dummy,
+                         "O_PART": plan.o_part if plan.o_part is not None else dummy,
+                         "LSE_PART": plan.lse_part if plan.lse_part is not None else dummy,
+                         "PAGE_TABLE": dummy, "KV_LEN": dummy,
+                         "CU_Q": dummy if cu_seqlens_q is None else cu_seqlens_q,
+                         "CU_K": dummy, "LK_MASK": dummy, "HEAD_LEN": dummy, "MEM_K": q,
+                         "MEM_V": q, "stride_pt": 0, "page_size": 1, "q_rows": plan.q_rows,
+                         "Hq": Hq, "Hkv": Hkv, "sm_scale": float(plan.sm_scale), "n_slots": 0,
+                         "head_len_div": 1, "kv_pos0": 0, "split_base": 0,
+                         "n_rows_total": plan.rows}
+    a.update(_q_strides(q, plan.ragged_q, "stride_q"))
+    a.update(_q_strides(plan.o, plan.ragged_q, "stride_o"))
+    a.update(_lse_strides(plan))
+    cx = {"KV_MODE": KV_DENSE, "RAGGED_Q": plan.ragged_q, "HAS_KV_LEN": False,
+          "HAS_LK_MASK": False, "HEAD_LENGTHS": False, "HAS_SLOTS": False, "COUNT_VISITS": False}
+    if isinstance(mem, PagedMemory):
+        if kv_layout not in ("nhd", "hnd"):
+            raise ValueError(f"kv_layout: expected 'nhd' or 'hnd', got {kv_layout!r}")
+        P = mem.page_size
+        shape = [None, P, Hkv] if kv_layout == "nhd" else [None, Hkv, P]
+        what = "[num_pages, page_size, Hkv, D]" if kv_layout == "nhd" else \
+            "[num_pages, Hkv, page_size, D]"
+        check_tensor("k_cache", k, shape + [D], dt, dev, what)
+        check_tensor("v_cache", v, [k.shape[0]] + shape[1:] + [Dv], dt, dev, what)
+        check_tensor("page_table", page_table, [B, plan.kv_capacity // P], i32, dev,
+                     "[B, max_pages] (planned)")
+        check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
+        if config.debug_checks():
+            debug_page_table(page_table, kv_len, P, k.shape[0])
+        a.update(_kv_strides(k, kv_layout, "stride_k"), **_kv_strides(v, kv_layout, "stride_v"),
+                 PAGE_TABLE=page_table, KV_LEN=kv_len, stride_pt=page_table.stride(0),
+                 page_size=P, kv_rows=0)
+        cx.update(KV_MODE=KV_PAGED, HAS_KV_LEN=True)
+    elif isinstance(mem, RaggedMemory):
+        check_tensor("k", k, [None, Hkv, D], dt, dev, "[total_k, Hkv, Dqk]")
+        check_tensor("v", v, [k.shape[0], Hkv, Dv], dt, dev, "[total_k, Hkv, Dv]")
+        check_tensor("cu_seqlens_k", cu_seqlens_k, [B + 1], i32, dev, "[B + 1]")
+        if config.debug_checks():
+            check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        a.update(_kv_strides(k, "packed", "stride_k"), **_kv_strides(v, "packed", "stride_v"),
+                 CU_K=cu_seqlens_k, kv_rows=0)
+        cx.update(KV_MODE=KV_RAGGED)
+    else:
+        check_tensor("k", k, [B, Hkv, None, D], dt, dev, "[B, Hkv, Lk, Dqk]")
+        check_tensor("v", v, [B, Hkv, k.shape[2], Dv], dt, dev, "[B, Hkv, Lk, Dv]")
+        a.update(_kv_strides(k, "hnd", "stride_k"), **_kv_strides(v, "hnd", "stride_v"),
+                 kv_rows=k.shape[2])
+        if kv_len is not None:
+            check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
+            if config.debug_checks():
+                debug_lengths("kv_len", kv_len, k.shape[2], "Lk of k")
+            a["KV_LEN"] = kv_len
+            cx["HAS_KV_LEN"] = True
+    if isinstance(mem, PersistentMemory):
+        check_tensor("mem_k", mem_k, [Hkv, mem.slots, D], dt, dev, "[Hkv, slots, Dqk]")
+        check_tensor("mem_v", mem_v, [Hkv, mem.slots, Dv], dt, dev, "[Hkv, slots, Dv]")
+        a.update(MEM_K=mem_k, MEM_V=mem_v, n_slots=mem.slots,
+                 **dict(zip(("stride_mkh", "stride_mks", "stride_mkd"), mem_k.stride())),
+                 **dict(zip(("stride_mvh", "stride_mvs", "stride_mvd"), mem_v.stride())))
+        cx["HAS_SLOTS"] = True
+    else:
+        check_absent("mem_k", mem_k, "memory is not persistent(...)")
+        a.update({f"stride_{x}": 0 for x in ("mkh", "mks", "mkd", "mvh", "mvs", "mvd")})
+    if isinstance(mem, PerHeadLengths):
+        if head_kv_len is None or head_kv_len.dim() != 1 or head_kv_len.shape[0] not in (Hkv, Hq):
+            got = None if head_kv_len is None else list(head_kv_len.shape)
+            raise ValueError(f"head_kv_len: expected an int32 tensor [Hkv] = [{Hkv}] or [Hq] = "
+                             f"[{Hq}], got {got}")
+        check_tensor("head_kv_len", head_kv_len, [head_kv_len.shape[0]], i32, dev, "[Hkv]/[Hq]")
+        if config.debug_checks():
+            debug_lengths("head_kv_len", head_kv_len, k.shape[2], "Lk")
+        a.update(HEAD_LEN=head_kv_len, head_len_div=Hq // head_kv_len.shape[0])
+        cx["HEAD_LENGTHS"] = True
+    else:
+        check_absent("head_kv_len", head_kv_len, "memory is not per_head_lengths()")
+    return a, cx
+
+
+def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],
+                *, split_base: int, parts: int, num_splits: int | None = None,
+                merge_parts: bool = True) -> None:
+    """Forward over the plan's work list; then, unless it wrote final outputs, the merge of
+    `parts` partials (split_base: first partial slice this launch writes)."""
+    splits = plan.num_splits if num_splits is None else num_splits
+    partial = parts > 1
+    a = dict(a, split_base=split_base)
+    names = [n for n, _ in FIXED_ARGS]
+    target = target_of(plan.device)
+    cx = dict(cx, D_QK=plan.dqk, D_V=plan.dv, D_QK_PAD=padded(plan.dqk), D_V_PAD=padded(plan.dv),
+              BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SLOTS_PAD=padded(max(plan.slots, 1)),
+              DOT_PRECISION="ieee",
+              UPCAST_DOT=target == "interpreter" and plan.dtype == torch.bfloat16,
+              NUM_SPLITS=splits, WRITE_PARTIAL=partial, WRITE_LSE=plan.lse is not None)
+    if plan.work.shape[0]:
+        launch(attn.name, attn.kernels.forward(), (plan.work.shape[0], plan.hkv, splits),
+               [a[n] for n in names] + list(plan.extra), cx, num_warps=plan.num_warps,
+               num_stages=2)
+    if partial and merge_parts:
+        merge(attn, plan, plan.o_part, plan.lse_part, parts)
+
+
+def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
+          parts: int) -> None:
+    o, lse = plan.o, plan.lse if plan.lse is not None else plan.work
+    a = {"O_PART": o_part, "LSE_PART": lse_part, "O": o, "LSE": lse,
+         **_q_strides(o, plan.ragged_q, "stride_o"), **_lse_strides(plan),
+         "n_rows_total": plan.rows,
+         "rows_per_b": plan.rows if plan.ragged_q else plan.q_rows, "Hq": plan.hq,
+         "n_parts": parts}
+    cx = {"D_V": plan.dv, "D_V_PAD": padded(plan.dv), "WRITE_LSE": plan.lse is not None}
+    if plan.rows:
+        launch(attn.name + "_merge", attn.kernels.merge(), (plan.rows, plan.hq),
+               [a[n] for n, _ in MERGE_FIXED_ARGS] + list(plan.extra), cx, num_warps=1)
+
+
+def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor,
+            prefix_v: Tensor, k: Tensor, v: Tensor, **inputs: Any
+            ) -> Tensor | tuple[Tensor, Tensor]:
+    """Cascade attention: every request's keys are a shared prefix (prefix_k [P, Hkv, Dqk],
+    prefix_v [P, Hkv, Dv], stored once) followed by its own suffix (k, v and `inputs` as for
+    `run`, with kv_len the suffix lengths). Equals attention over the concatenation: masks see
+    prefix keys at 0..P-1, suffix keys at P.., and Lk = P + kv_len[b]. The prefix part is one
+    launch reading the prefix once per kv-head tile for all requests, the suffix part another,
+    and the merge kernel combines them (sink counted once). Allocates its two partial slices
+    and the per-request lengths (not for CUDA graphs)."""
+    P = prefix_k.shape[0]
+    check_tensor("prefix_k", prefix_k, [P, plan.hkv, plan.dqk], plan.dtype, plan.device,
+                 "[P, Hkv, Dqk]")
+    check_tensor("prefix_v", prefix_v, [P, plan.hkv, plan.dv], plan.dtype, plan.device,
+                 "[P, Hkv, Dv]")
+    kv_len = inputs.get("kv_len")
+    if kv_len is None:
+        raise ValueError("kv_len: expected the suffix lengths int32[B] for cascade, got None")
+    a, cx = arguments(attn, plan, q, k, v, inputs.get("page_table"), kv_len,
+                      inputs.get("cu_seqlens_q"), None, None, None, None,
+                      inputs.get("kv_layout", "nhd"))
+    rows = plan.rows
+    o_part = torch.empty(2, rows, plan.hq, plan.dv, dtype=torch.float32, device=plan.device)
+    lse_part = torch.empty(2, rows, plan.hq, dtype=torch.float32, device=plan.device)
+    lk_mask = kv_len + P
+    cx = dict(cx, HAS_LK_MASK=True)
+    suffix = dict(a, O_PART=o_part, LSE_PART=lse_part, LK_MASK=lk_mask, kv_pos0=P)
+    prefix = dict(suffix, K=prefix_k, V=prefix_v, kv_pos0=0, kv_rows=P, page_size=1)
+    prefix.update(_kv_strides(prefix_k, "packed", "stride_k"),
+                  **_kv_strides(prefix_v, "packed", "stride_v"))
+    pcx = dict(cx, KV_MODE=KV_DENSE, HAS_KV_LEN=False)
+    launch_plan(attn, plan, prefix, pcx, split_base=0, parts=2, num_splits=1,
+                merge_parts=False)
+    launch_plan(attn, plan, suffix, cx, split_base=1, parts=2, num_splits=1, merge_parts=False)
+    merge(attn, plan, o_part, lse_part, 2)
+    return (plan.o, plan.lse) if plan.lse is not None else plan.o
