@@ -15,6 +15,8 @@ from attncc.ir.trace import TraceError
 from attncc.ir.verify import VerifyError, verify
 from attncc.ir.linear import LinearState
 from attncc.kernel import CompiledAttention
+from attncc import fx, nn, torch_ops  # custom ops, torch modules, the SDPA graph pass
+from attncc.fx import compile_backend, replace_sdpa
 from attncc.linear_attention import CompiledLinearAttention, recurrent_state
 from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
@@ -29,6 +31,7 @@ from attncc.serving import ServePlan, ServingAttention
 
 __all__ = [
     "ServePlan", "ServingAttention", "paged", "per_head_lengths", "persistent", "ragged",
+    "compile_backend", "fx", "nn", "replace_sdpa", "torch_ops",
     "Attention", "AttentionSpec", "CompiledLinearAttention", "LinearState", "recurrent_state",
     "AutoReorder", "auto", "hilbert", "morton", "permutation",
     "segment_sort", "tiles", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",

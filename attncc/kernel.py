@@ -1,9 +1,11 @@
 """`CompiledAttention`: the callable that `attncc.compile` returns.
 
 Compiling runs the spec passes and renders (or loads from the disk cache) the Triton source.
-A call checks its arguments, binds runtime parameters and captured tensors, and launches: on
-CUDA tensors the compiled kernel, on CPU tensors the same kernel under Triton's interpreter when
-TRITON_INTERPRET=1, otherwise the PyTorch reference (with a warning: it is the slow path).
+A call checks its arguments, binds runtime parameters and captured tensors, and runs the custom
+op `attncc::attention_fwd` (`attncc.torch_ops`: differentiable, one node under torch.compile),
+which launches: on CUDA tensors the compiled kernel, on CPU tensors the same kernel under
+Triton's interpreter when TRITON_INTERPRET=1, otherwise the PyTorch reference (with a warning:
+it is the slow path).
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attncc import config
-from attncc.backends.reference import attention_reference
 from attncc.backends.block_maps import BlockMaps
 from attncc.backends.positions import Positions, split_reorder_inputs
+from attncc.backends.reference import attention_reference
 from attncc.backends.triton_backend import TritonForward
+from attncc.binding import CallSignature, bind
 from attncc.ir.reorder import inverse
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import TileClasses
 from attncc.passes.pipeline import run_spec_passes
-from attncc.validate import (LAYOUTS, check_captures, check_qkv, check_scale, index_extents,
-                             split_runtime, to_bhsd)
+from attncc.torch_ops import calling, register, run_forward
+from attncc.validate import LAYOUTS, check_qkv, check_scale, to_bhsd
 
 if TYPE_CHECKING:
     from attncc.backends.triton_aot import CompiledArtifact
@@ -54,6 +57,8 @@ class CompiledAttention:
         self.positions = (Positions(self.spec.reorder) if self.spec.reorder is not None
                           else None)
         self._warned_reference = False
+        self.signature = CallSignature.of(self.spec)
+        self.key = register(self)  # the name attncc::attention_fwd finds this kernel by
 
     @property
     def name(self) -> str:
@@ -84,48 +89,39 @@ class CompiledAttention:
         """`permuted=True` (with a reorder): q/k/v are already in the reordered token order and
         o (and lse) come back in it too: the layout contract for models that keep tokens
         permuted across layers. Otherwise tokens are in the original order, and the kernel
-        gathers rows and scatters o back itself."""
+        gathers rows and scatters o back itself.
+
+        Arguments are checked here, in Python, before anything runs; the work is the custom op
+        `attncc::attention_fwd` (`attncc.torch_ops`), so o and lse are differentiable (q, k, v
+        and floating captured tensors) and torch.compile sees one graph node. A runtime value
+        given as a one-element CPU tensor (`window=torch.tensor(512)`) is op data: changing it
+        never recompiles a compiled graph."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
         qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
         check_qkv(qb, kb, vb)
         check_scale(scale)
-        reorder_inputs = split_reorder_inputs(self.spec.reorder, runtime, permuted)
-        params, tensors = split_runtime(self.spec, runtime)
+        runtime = dict(runtime)
+        reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)
         B, Hq, Lq, dqk = qb.shape
-        Hkv, Lk = kb.shape[1], kb.shape[2]
-        check_captures(self.spec, tensors, q.device, index_extents(B, Hq, Lq, Lk))
-        positions = (self.positions.get(Lq, Lk, q.device, reorder_inputs)
-                     if self.positions else None)
-        chosen = self._choose(backend or self.backend, q.device)
-        if chosen not in BACKENDS[1:]:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {chosen!r}")
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
-        if chosen == "reference":
-            o, lse = self._reference(qb, kb, vb, sm_scale, params, tensors, reorder_inputs,
-                                     positions if permuted else None)
-            o, lse = o.to(q.dtype), lse.float()
-            o = o.transpose(1, 2) if layout == "bshd" else o
+        captures, params = bind(self.signature, runtime, sm_scale, q.device,
+                                {"B": B, "Hq": Hq, "Lq": Lq, "Lk": kb.shape[2]})
+        chosen = backend or self.backend
+        if chosen not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {chosen!r}")
+        reorder_inputs = [reorder[n] for n in self.signature.reorder_keys]
+        if _visits is not None:  # a debugging counter the kernel writes: not an op input
+            o, lse = run_forward(self, q, k, v, captures, params, reorder_inputs, layout,
+                                 permuted, chosen, visits=_visits)
         else:
-            if self.triton is None:
-                raise ValueError(f"backend 'triton': memory {self.spec.memory.text()!r} has no "
-                                 "kernel yet; use backend='reference'")
-            o = torch.empty(q.shape[:-1] + (vb.shape[-1],), dtype=q.dtype, device=q.device)
-            ob = o.transpose(1, 2) if layout == "bshd" else o
-            lse = (torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-                   if return_lse else None)
-            if Lq > 0:
-                kv_tiles = None
-                if self.block_maps is not None:
-                    sched = self.triton.schedule_for(qb, kb, vb)
-                    kv_tiles = self.block_maps.get(
-                        B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
-                        block_n=sched.block_n, params=params, tensors=tensors,
-                        positions=positions, device=q.device)
-                self.triton.launch(qb, kb, vb, ob, lse, sm_scale=sm_scale, params=params,
-                                   tensors=tensors, kv_tiles=kv_tiles, positions=positions,
-                                   gather_rows=not permuted, visits=_visits)
+            args = (self.key, q, k, v, captures, params, reorder_inputs, layout, permuted, chosen)
+            if torch.compiler.is_compiling():  # the graph names the kernel by its key
+                o, lse = torch.ops.attncc.attention_fwd(*args)
+            else:  # eager: run this object (its caches), not another compile of the spec
+                with calling(self):
+                    o, lse = torch.ops.attncc.attention_fwd(*args)
         return (o, lse) if return_lse else o
 
     def precompile(self, dtype: Any, head_dim_qk: int, head_dim_v: int | None = None,

@@ -1,0 +1,141 @@
+"""One call's runtime arguments in the flat form of the `attncc::attention_fwd` custom op.
+
+A call's keyword arguments (`window=512`, `doc=new_doc`) become a list of captured tensors in the
+spec's order and one CPU float64 tensor `params = [sm_scale, *parameter values]`. The op reads
+`params` on the host, so a new scalar value is new tensor data, never a new graph: under
+`torch.compile` nothing recompiles when it changes (pass a 0-d CPU tensor for a value that
+changes from call to call; a Python number is a constant of the compiled graph).
+
+Everything here runs at call time, also while torch.compile traces it, so it is plain Python
+over values precomputed once per kernel (`CallSignature`): no sympy at call time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attncc.ir.nodes import Capture, Param
+from attncc.ir.reorder import SegmentSort, UserPermutation
+from attncc.ir.spec import AttentionSpec
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
+from attncc.validate import check_param_value
+
+_EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk"}
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What a call binds, precomputed from the spec.
+
+    extent_checks: (capture name, axis, index name, extent name) for each axis of a captured
+    tensor indexed by a plain index (b, h, q_idx, kv_idx), whose size must cover that extent.
+    reorder_keys: the `permutation()` keywords of the reorder's call tensors, in op order.
+    """
+
+    params: tuple[Param, ...]
+    captures: tuple[Capture, ...]
+    extent_checks: tuple[tuple[str, int, str, str], ...]
+    reorder_keys: tuple[str, ...]
+
+    @staticmethod
+    def of(spec: AttentionSpec) -> CallSignature:
+        checks = []
+        for node in (spec.mask, spec.score):
+            if node is None:
+                continue
+            for ld in sorted(node.expr.atoms(Load), key=str):
+                for axis, index in enumerate(ld.args[1:]):
+                    if index in _EXTENTS:
+                        checks.append((ld.args[0].name, axis, str(index), _EXTENTS[index]))
+        keys = (("key_score",) if isinstance(spec.reorder, SegmentSort) else
+                ("perm",) if isinstance(spec.reorder, UserPermutation) else ())
+        return CallSignature(spec.params, spec.captures, tuple(checks), keys)
+
+
+def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
+         device: torch.device, extents: Mapping[str, int]
+         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Check `runtime` (parameter values and replacement captured tensors) and return
+    (captures in the spec's order, params float64 CPU [1 + number of parameters])."""
+    params = {p.name: p for p in sig.params}
+    captures = {c.name: c for c in sig.captures}
+    values: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in runtime.items():
+        if name in params:
+            values[name] = _param_value(params[name], value)
+        elif name in captures:
+            c = captures[name]
+            if not isinstance(value, torch.Tensor) or value.dim() != c.ndim or \
+                    str(value.dtype).removeprefix("torch.") != c.dtype:
+                got = (f"{value.dim()}-d {value.dtype}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                raise TypeError(f"{name}: expected a {c.ndim}-d {c.dtype} tensor, got {got}")
+            tensors[name] = value
+        else:
+            raise TypeError(f"unexpected keyword argument {name!r}: this kernel's runtime "
+                            f"parameters are {sorted(params)} and tensors {sorted(captures)}")
+    caps = [tensors.get(c.name, c.tensor) for c in sig.captures]
+    _check_captures(sig, caps, device, extents)
+    row = [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
+    if any(isinstance(x, torch.Tensor) for x in row):
+        packed = torch.stack([torch.as_tensor(x).to(torch.float64).reshape(()) for x in row])
+    else:
+        packed = torch.tensor(row, dtype=torch.float64)
+    return caps, packed
+
+
+def _param_value(p: Param, value: Any) -> Any:
+    """A Python number (checked now) or a one-element CPU tensor (its value is checked by
+    `unpack_params` inside the op: reading it here would stop torch.compile's trace)."""
+    if not isinstance(value, torch.Tensor):
+        return check_param_value(p, value)
+    if value.numel() != 1 or value.device.type != "cpu" or value.dtype == torch.bool or \
+            value.is_complex():
+        raise TypeError(f"parameter {p.name!r}: expected a number or a one-element real CPU "
+                        f"tensor (the kernel reads it on the host), got a tensor of shape "
+                        f"{tuple(value.shape)}, {value.dtype} on {value.device}")
+    return value
+
+
+def _check_captures(sig: CallSignature, caps: list[torch.Tensor], device: torch.device,
+                    extents: Mapping[str, int]) -> None:
+    by_name = {}
+    for c, t in zip(sig.captures, caps):
+        if t is None:
+            raise ValueError(f"{c.name}: this spec reads a captured tensor {c.name!r}; "
+                             f"pass it as {c.name}=tensor")
+        if t.device != device:
+            raise ValueError(f"{c.name}: expected the captured tensor on {device} (the device "
+                             f"of q), got {t.device}")
+        by_name[c.name] = t
+    for name, axis, index, extent in sig.extent_checks:
+        t, n = by_name[name], extents[extent]
+        if t.shape[axis] < n:
+            raise ValueError(f"{name}: dimension {axis} is indexed by {index} up to {n - 1}, "
+                             f"so it needs size >= {n}, got shape {tuple(t.shape)}")
+
+
+def unpack_params(sig: CallSignature, params: torch.Tensor
+                  ) -> tuple[float, dict[str, int | float]]:
+    """(sm_scale, {name: value}) from the op's `params`; values given as tensors are checked
+    here, on the host, before any launch."""
+    row = params.tolist()
+    if len(row) != 1 + len(sig.params):
+        raise ValueError(f"params: expected {1 + len(sig.params)} values (sm_scale and "
+                         f"{[p.name for p in sig.params]}), got {len(row)}")
+    out: dict[str, int | float] = {}
+    for p, x in zip(sig.params, row[1:]):
+        if p.kind == "int":
+            if not (math.isfinite(x) and x == int(x)):
+                raise ValueError(f"parameter {p.name!r}: expected an int value, got {x!r}")
+            x = int(x)
+        elif not math.isfinite(x):
+            raise ValueError(f"parameter {p.name!r}: expected a finite float value, got {x!r}")
+        out[p.name] = check_param_value(p, x)
+    return row[0], out

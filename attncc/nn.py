@@ -1,0 +1,112 @@
+"""`torch.nn` modules around compiled attention.
+
+`Attention` is the core, organised like FlexAttention (projected q/k/v in, o out, no weights of
+its own) with the spec's state kept in the module: captured tensors become parameters (the ones
+named in `learnable`, e.g. per-head ALiBi slopes) or buffers, and runtime scalars (`window`)
+live in one CPU float64 tensor that `set(window=...)` writes in place, so a compiled model
+never recompiles when they change. `MultiHeadAttention` adds projections like
+`torch.nn.MultiheadAttention` (batch-first `[B, L, E]`, GQA via `num_kv_heads`).
+
+    attn = attncc.nn.Attention(mask=attncc.sliding_window(64),
+                               score=attncc.alibi(torch.full((H,), 0.5)),
+                               learnable=["alibi_slopes"])
+    o = attn(q, k, v)       # q [B, Hq, L, D] (layout="bshd": [B, L, H, D])
+    attn.set(window=32)     # no recompilation under torch.compile
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from attncc.api import Attention as AttentionSpecOf
+from attncc.api import compile as compile_attention
+from attncc.ir.spec import AttentionSpec
+
+
+class Attention(nn.Module):
+    """Softmax attention of one attncc spec. `spec` (or `mask`/`score` as for
+    `attncc.Attention`) fixes the kernel; `learnable` names floating captured tensors that
+    become `nn.Parameter`s (the others are buffers); `scale` None means 1/sqrt(Dqk)."""
+
+    def __init__(self, spec: AttentionSpec | None = None, *, mask: Any = None,
+                 score: Any = None, learnable: Iterable[str] = (), scale: float | None = None,
+                 layout: str = "bhsd", backend: str = "auto") -> None:
+        super().__init__()
+        if spec is None:
+            spec = AttentionSpecOf(mask=mask, score=score)
+        elif mask is not None or score is not None:
+            raise TypeError("Attention: give a spec or mask=/score=, not both")
+        self.kernel = compile_attention(spec, backend=backend)
+        self.layout, self.scale = layout, scale
+        captures = {c.name: c for c in self.kernel.spec.captures}
+        learnable = list(learnable)
+        for name in learnable:
+            if name not in captures or not captures[name].tensor.is_floating_point():
+                raise ValueError(f"learnable: expected names of floating captured tensors of "
+                                 f"this spec {sorted(captures)}, got {name!r}")
+        self._captures = tuple(captures)
+        self._capture_dtypes = tuple(getattr(torch, c.dtype) for c in captures.values())
+        for name, c in captures.items():
+            if name in learnable:
+                self.register_parameter(name, nn.Parameter(c.tensor.detach().clone()))
+            else:
+                self.register_buffer(name, c.tensor, persistent=False)
+        self._params = tuple(p.name for p in self.kernel.spec.params)
+        # a plain attribute, not a buffer: `.to(device)` keeps it on the CPU, where the op reads it
+        self.scalars = torch.tensor([float(p.value) for p in self.kernel.spec.params],
+                                    dtype=torch.float64)
+
+    def set(self, **values: float) -> None:
+        """Change runtime scalars in place (`set(window=32)`): no recompilation."""
+        for name, value in values.items():
+            if name not in self._params:
+                raise TypeError(f"set: expected one of this kernel's parameters "
+                                f"{list(self._params)}, got {name!r}")
+            self.scalars[self._params.index(name)] = value
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                **runtime: Any) -> torch.Tensor:
+        """q [B, Hq, Lq, Dqk], k [B, Hkv, Lk, Dqk], v [B, Hkv, Lk, Dv] (layout "bhsd") ->
+        o [B, Hq, Lq, Dv]; `runtime` overrides scalars or tensors for this call only."""
+        args = {name: self.scalars[i] for i, name in enumerate(self._params)}
+        for name, dtype in zip(self._captures, self._capture_dtypes):
+            t = getattr(self, name)  # `.half()` on the model casts parameters: cast back
+            args[name] = t if t.dtype == dtype else t.to(dtype)
+        args.update(runtime)
+        return self.kernel(q, k, v, scale=self.scale, layout=self.layout, **args)
+
+    def extra_repr(self) -> str:
+        return f"{self.kernel.spec.tag}, layout={self.layout!r}"
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention block: x [B, L, E] -> [B, L, E], with q/k/v/out projections,
+    `num_heads` query heads and `num_kv_heads` key/value heads (GQA; default num_heads).
+    `spec`/`mask`/`score`/`learnable`/`backend` go to `Attention`."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 bias: bool = False, **attention: Any) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, "
+                             f"got {embed_dim}")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.attn = Attention(layout="bshd", **attention)
+
+    def forward(self, x: torch.Tensor, **runtime: Any) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, **runtime)  # [B, L, H, D], no transposes: layout="bshd"
+        return self.out_proj(o.reshape(B, L, -1))
