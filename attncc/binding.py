@@ -23,7 +23,7 @@ from attncc.ir.nodes import Capture, Param
 from attncc.ir.reorder import SegmentSort, UserPermutation
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
-from attncc.validate import check_param_value
+from attncc.validate import check_param_value, sort_runtime
 
 _EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk"}
 
@@ -64,22 +64,7 @@ def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
     (captures in the spec's order, params float64 CPU [1 + number of parameters])."""
     params = {p.name: p for p in sig.params}
     captures = {c.name: c for c in sig.captures}
-    values: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in runtime.items():
-        if name in params:
-            values[name] = _param_value(params[name], value)
-        elif name in captures:
-            c = captures[name]
-            if not isinstance(value, torch.Tensor) or value.dim() != c.ndim or \
-                    str(value.dtype).removeprefix("torch.") != c.dtype:
-                got = (f"{value.dim()}-d {value.dtype}" if isinstance(value, torch.Tensor)
-                       else type(value).__name__)
-                raise TypeError(f"{name}: expected a {c.ndim}-d {c.dtype} tensor, got {got}")
-            tensors[name] = value
-        else:
-            raise TypeError(f"unexpected keyword argument {name!r}: this kernel's runtime "
-                            f"parameters are {sorted(params)} and tensors {sorted(captures)}")
+    values, tensors = sort_runtime(params, captures, runtime, _param_value)
     caps = [tensors.get(c.name, c.tensor) for c in sig.captures]
     _check_captures(sig, caps, device, extents)
     row = [sm_scale] + [values.get(p.name, p.value) for p in sig.params]

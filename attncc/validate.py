@@ -4,7 +4,7 @@ naming the argument, what was expected and what was given."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import sympy
 import torch
@@ -79,15 +79,15 @@ def check_param_value(p: Param, value: Any) -> int | float:
     return value
 
 
-def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
-                  ) -> tuple[dict[str, int | float], dict[str, torch.Tensor]]:
-    """Sort call keyword arguments into parameter values and replacement captured tensors."""
-    params = {p.name: p for p in spec.params}
-    captures = {c.name: c for c in spec.captures}
+def sort_runtime(params: Mapping[str, Param], captures: Mapping[str, Any],
+                 runtime: Mapping[str, Any], value_of: Callable[[Param, Any], Any]
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Sort call keyword arguments into parameter values (each checked by `value_of`) and
+    replacement captured tensors (checked for rank and dtype against the capture)."""
     values, tensors = {}, {}
     for name, value in runtime.items():
         if name in params:
-            values[name] = check_param_value(params[name], value)
+            values[name] = value_of(params[name], value)
         elif name in captures:
             c = captures[name]
             if not isinstance(value, torch.Tensor) or value.dim() != c.ndim or \
@@ -99,6 +99,15 @@ def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
         else:
             raise TypeError(f"unexpected keyword argument {name!r}: this kernel's runtime "
                             f"parameters are {sorted(params)} and tensors {sorted(captures)}")
+    return values, tensors
+
+
+def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
+                  ) -> tuple[dict[str, int | float], dict[str, torch.Tensor]]:
+    """Sort call keyword arguments into parameter values and replacement captured tensors."""
+    params = {p.name: p for p in spec.params}
+    captures = {c.name: c for c in spec.captures}
+    values, tensors = sort_runtime(params, captures, runtime, check_param_value)
     return ({n: values.get(n, p.value) for n, p in params.items()},
             {n: tensors.get(n, c.tensor) for n, c in captures.items()})
 

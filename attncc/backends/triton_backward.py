@@ -29,7 +29,7 @@ from attncc.backends.triton_backward_render import (
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan
-from attncc.passes.select_tiles import SHARED_MEMORY, padded
+from attncc.passes.select_tiles import fit_shared_memory, padded
 
 
 def cache_key(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
@@ -61,17 +61,10 @@ def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
         bm, bn, warps, stages = 32, 32, 8, 1
     if elem == 4:
         bm, bn = max(16, bm // 2), max(16, bn // 2)
-    limit = SHARED_MEMORY.get(target, 99 * 1024)
-    while _shared_bytes(bm, bn, stages, padded(dqk), padded(dv), elem) > limit:
-        if stages > 1:
-            stages -= 1
-        elif bn > 16:
-            bn //= 2
-        elif bm > 16:
-            bm //= 2
-        else:
-            break
-    return Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
+                             target, lambda sc: _shared_bytes(sc.block_m, sc.block_n,
+                                                              sc.num_stages, padded(dqk),
+                                                              padded(dv), elem))
 
 
 def backward_constexprs(sched: Schedule, dqk: int, dv: int, *, upcast_dot: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan
@@ -28,6 +29,25 @@ def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -
     return elem * (bm * dqk + stages * bn * (dqk + dv))
 
 
+def fit_shared_memory(sched: Schedule, target: str, shared_bytes: Callable[[Schedule], int]
+                      ) -> Schedule:
+    """Shrink `sched` (stages first, then block_n, then block_m, never below 16) until
+    `shared_bytes(sched)` fits the target's shared memory per block."""
+    limit = SHARED_MEMORY.get(target, 99 * 1024)
+    bm, bn, stages = sched.block_m, sched.block_n, sched.num_stages
+    while shared_bytes(dataclasses.replace(sched, block_m=bm, block_n=bn,
+                                           num_stages=stages)) > limit:
+        if stages > 1:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        else:
+            break
+    return dataclasses.replace(sched, block_m=bm, block_n=bn, num_stages=stages)
+
+
 def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
     """Default tiles; the interpreter gets small tiles because it runs on the CPU."""
     if target == "interpreter":
@@ -41,17 +61,10 @@ def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
         bm, bn, warps, stages = 64, 32, 4, 2
     if elem == 4:
         bm, bn = bm // 2, bn // 2
-    limit = SHARED_MEMORY.get(target, 99 * 1024)
-    while _shared_bytes(bm, bn, stages, padded(dqk), padded(dv), elem) > limit:
-        if stages > 1:
-            stages -= 1
-        elif bn > 16:
-            bn //= 2
-        elif bm > 16:
-            bm //= 2
-        else:
-            break
-    return Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
+                             target, lambda sc: _shared_bytes(sc.block_m, sc.block_n,
+                                                              sc.num_stages, padded(dqk),
+                                                              padded(dv), elem))
 
 
 @dataclass(frozen=True)
