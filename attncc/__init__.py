@@ -23,7 +23,7 @@ from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, 
                           document_inputs, full, global_tokens, hilberta, neighbourhood_2d,
                           neighbourhood_3d, per_head_classes, prefix_lm, sinks_window,
                           sliding_window, strided_heads, tree)
-from attncc.memories import paged, per_head_lengths, persistent, ragged
+from attncc.memories import paged, per_head_lengths, persistent, ragged, streaming_heads
 from attncc.reorders import auto, hilbert, morton, permutation, segment_sort, tiles
 from attncc.scores import (alibi, bias, calibration, head_bias, log_count, relative_bias, scale,
                            sink, softcap)
@@ -31,6 +31,7 @@ from attncc.serving import ServePlan, ServingAttention
 
 __all__ = [
     "ServePlan", "ServingAttention", "paged", "per_head_lengths", "persistent", "ragged",
+    "streaming_heads",
     "compile_backend", "fx", "nn", "replace_sdpa", "torch_ops",
     "Attention", "AttentionSpec", "CompiledLinearAttention", "LinearState", "recurrent_state",
     "AutoReorder", "auto", "hilbert", "morton", "permutation",

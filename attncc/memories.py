@@ -27,6 +27,17 @@ def persistent(slots: int) -> PersistentMemory:
     return PersistentMemory(slots)
 
 
-def per_head_lengths() -> PerHeadLengths:
-    """K5 (DuoAttention): head h reads only its last head_kv_len[h] keys."""
-    return PerHeadLengths()
+def per_head_lengths(sink: int | None = None, window: int | None = None) -> PerHeadLengths:
+    """K5 (DuoAttention). Without arguments: head h reads only its last head_kv_len[h] keys of
+    the shared cache. With `sink` and `window`: streaming kv heads (call argument
+    `stream_heads` int32[Hkv], -1 for full heads) read a compact cache k_stream/v_stream
+    [B, Hkv_stream, sink + R, D] (first `sink` tokens, then a ring of the last R >= window
+    tokens; see `PerHeadLengths`) and attend `mask AND sinks_window(sink, window)`; full heads
+    read the full cache under the mask. `attncc.serving_stream.append_stream` appends decoded
+    tokens to the compact cache."""
+    return PerHeadLengths(sink, window)
+
+
+def streaming_heads(sink: int, window: int) -> PerHeadLengths:
+    """K5 with compact caches for streaming heads: `per_head_lengths(sink, window)`."""
+    return PerHeadLengths(sink, window)

@@ -34,8 +34,10 @@ from attncc.ir.nodes import DenseMemory
 from attncc.ir.spec import AttentionSpec
 from attncc.passes.pipeline import run_spec_passes
 from attncc.serving_checks import (
+    check_absent,
     check_cu_seqlens,
     check_tensor,
+    described,
 )
 from attncc.validate import split_runtime
 
@@ -43,7 +45,7 @@ SMS = 132  # programs to fill an H100; the split count aims at this many
 MAX_SPLITS = 32
 _MEMORIES = (DenseMemory, PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)
 RUN_INPUTS = frozenset({"page_table", "kv_len", "cu_seqlens_k", "cu_seqlens_q", "mem_k", "mem_v",
-                        "head_kv_len", "kv_layout", "_visits"})
+                        "head_kv_len", "kv_layout", "k_stream", "v_stream", "_visits"})
 
 
 @dataclass
@@ -77,6 +79,9 @@ class ServePlan:
     sm_scale: float
     extra: list[Any] = field(repr=False)
     slots: int = 0
+    max_q: int = 1  # longest query of one request
+    n_stream: int = 0  # K5 compact: streaming kv heads (the full cache holds hkv - n_stream)
+    head_map: Tensor | None = None  # K5 compact: int32[Hkv], full index or -1 - compact index
 
     @property
     def rows(self) -> int:
@@ -109,11 +114,13 @@ class ServingAttention:
              max_pages: int | None = None, kv_capacity: int | None = None,
              dtype: torch.dtype = torch.float16, device: Any = "cpu",
              num_splits: int | None = None, return_lse: bool = False, scale: float | None = None,
-             **runtime: Any) -> ServePlan:
+             stream_heads: Tensor | None = None, **runtime: Any) -> ServePlan:
         """Host-side work for one batch shape. Paged: `max_pages` (the page table's width) sets
         the capacity; otherwise `kv_capacity` (the most keys of one request). Ragged (K3):
         `cu_seqlens_q` int32[B + 1] (read here, once). `runtime`: parameter values and
-        captured tensors, bound for every run of this plan."""
+        captured tensors, bound for every run of this plan. K5 compact caches
+        (`per_head_lengths(sink, window)`): `stream_heads` int [Hkv], -1 for a full head, else
+        the head's index in k_stream / v_stream (read here, once)."""
         device = torch.device(device)
         if device.type != "cuda" and not config.triton_interpret():
             raise ValueError(f"device: serving kernels run on CUDA, or on the CPU under "
@@ -162,6 +169,7 @@ class ServingAttention:
                                 arguments=extra_arguments(plan_))
         scale = self.spec.scale if scale is None else scale
         split = num_splits > 1
+        head_map, n_stream = self._head_map(stream_heads, num_kv_heads, device)
         return ServePlan(
             batch=batch, hq=num_heads, hkv=num_kv_heads, dqk=head_dim, dv=dv, dtype=dtype,
             device=device, q_rows=q_rows, ragged_q=ragged, kv_capacity=kv_capacity,
@@ -174,7 +182,29 @@ class ServingAttention:
             lse_part=(torch.empty(num_splits, rows, num_heads, dtype=torch.float32,
                                   device=device) if split else None),
             sm_scale=1.0 / math.sqrt(head_dim) if scale is None else scale, extra=extra,
-            slots=getattr(self.memory, "slots", 0))
+            slots=getattr(self.memory, "slots", 0), max_q=max(lens, default=1),
+            n_stream=n_stream, head_map=head_map)
+
+    def _head_map(self, stream_heads: Tensor | None, hkv: int, device: torch.device
+                  ) -> tuple[Tensor | None, int]:
+        """K5 compact: int32[Hkv] (a full head's index in the full cache, or -1 - j for slot j
+        of the compact cache) and the number of streaming heads; (None, 0) otherwise."""
+        if not (isinstance(self.memory, PerHeadLengths) and self.memory.compact):
+            check_absent("stream_heads", stream_heads, "memory is not per_head_lengths(sink, "
+                         "window)")
+            return None, 0
+        if not isinstance(stream_heads, Tensor) or stream_heads.shape != (hkv,) \
+                or stream_heads.dtype.is_floating_point:
+            raise ValueError(f"stream_heads: expected an int tensor [Hkv] = [{hkv}] (-1: full "
+                             f"head, j >= 0: slot j of k_stream), got {described(stream_heads)}")
+        idx = [int(x) for x in stream_heads.tolist()]
+        stream = sorted(j for j in idx if j >= 0)
+        if stream != list(range(len(stream))) or any(j < -1 for j in idx):
+            raise ValueError(f"stream_heads: expected -1 (full) or distinct compact slots "
+                             f"0..Hkv_stream-1, got {idx}")
+        full = iter(range(hkv))
+        table = [next(full) if j < 0 else -1 - j for j in idx]
+        return torch.tensor(table, dtype=torch.int32, device=device), len(stream)
 
     # run -------------------------------------------------------------------------------------
     def run(self, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor, *,
@@ -182,15 +212,20 @@ class ServingAttention:
             cu_seqlens_k: Tensor | None = None, cu_seqlens_q: Tensor | None = None,
             mem_k: Tensor | None = None, mem_v: Tensor | None = None,
             head_kv_len: Tensor | None = None, kv_layout: str = "nhd",
+            k_stream: Tensor | None = None, v_stream: Tensor | None = None,
             _visits: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Launch `plan` on new data. Shapes (q: [B, Hq, Lq, D], or [total_q, Hq, D] ragged):
         paged: k/v caches [num_pages, P, Hkv, D] (kv_layout "nhd") or [num_pages, Hkv, P, D]
         ("hnd"), page_table int32[B, max_pages], kv_len int32[B]; dense: k/v [B, Hkv, Lk, D],
         kv_len optional; ragged: k/v [total_k, Hkv, D], cu_seqlens_q/k int32[B + 1];
         persistent (K4): mem_k/mem_v [Hkv, slots, D]; per-head lengths (K5): head_kv_len
-        int32[Hkv] or [Hq]. Returns plan.o (and plan.lse when planned with return_lse)."""
+        int32[Hkv] or [Hq]; K5 compact (`per_head_lengths(sink, window)`): k/v hold the full heads
+        only ([B, Hkv_full, Lk, D] or paged), k_stream/v_stream [B, Hkv_stream, sink + R, D]
+        (see `attncc.serving_stream`). Returns plan.o (and plan.lse when planned with
+        return_lse)."""
         args, cx = serving_run.arguments(self, plan, q, k, v, page_table, kv_len, cu_seqlens_q,
-                                         cu_seqlens_k, mem_k, mem_v, head_kv_len, kv_layout)
+                                         cu_seqlens_k, mem_k, mem_v, head_kv_len, kv_layout,
+                                         k_stream, v_stream)
         if _visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
             args["VISITS"], cx["COUNT_VISITS"] = _visits, True
         serving_run.launch_plan(self, plan, args, cx, split_base=0, parts=plan.num_splits)
@@ -201,24 +236,31 @@ class ServingAttention:
                  **inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
         """Plan and run in one call (host work every call: not for CUDA graphs). `inputs`:
         the keyword arguments of `run`, plus parameter values and captured tensors."""
+        stream_heads = inputs.pop("stream_heads", None)
         runtime = {n: x for n, x in inputs.items() if n not in RUN_INPUTS}
         inputs = {n: x for n, x in inputs.items() if n in RUN_INPUTS}
         kw: dict[str, Any] = {}
+        if stream_heads is not None:
+            kw["stream_heads"] = stream_heads
         if isinstance(self.memory, PagedMemory):
             table = inputs.get("page_table")
             kw["max_pages"] = table.shape[1] if isinstance(table, Tensor) else None
         elif isinstance(self.memory, RaggedMemory):
             cu = inputs.get("cu_seqlens_k")  # reads lengths back: this call is not the fast path
             kw["kv_capacity"] = int((cu[1:] - cu[:-1]).max()) if isinstance(cu, Tensor) else None
+        elif isinstance(inputs.get("page_table"), Tensor):  # K5 compact over a paged full cache
+            kw["kv_capacity"] = inputs["page_table"].shape[1] * k.shape[
+                1 if inputs.get("kv_layout", "nhd") == "nhd" else 2]
         else:
             kw["kv_capacity"] = k.shape[2]
         packed = q.dim() == 3  # [total_q, Hq, D] with cu_seqlens_q
         heads_at = 1 if packed or not isinstance(self.memory, PagedMemory) or inputs.get(
             "kv_layout", "nhd") == "hnd" else 2
         cu_q = inputs.get("cu_seqlens_q")
+        hkv = stream_heads.shape[0] if isinstance(stream_heads, Tensor) else k.shape[heads_at]
         plan = self.plan(
             batch=cu_q.shape[0] - 1 if packed and isinstance(cu_q, Tensor) else q.shape[0],
-            num_heads=q.shape[-2] if packed else q.shape[1], num_kv_heads=k.shape[heads_at],
+            num_heads=q.shape[-2] if packed else q.shape[1], num_kv_heads=hkv,
             head_dim=q.shape[-1], head_dim_v=v.shape[-1], max_q_len=1 if packed else q.shape[2],
             cu_seqlens_q=cu_q if packed else None, dtype=q.dtype, device=q.device,
             num_splits=num_splits, return_lse=return_lse, scale=scale, **kw, **runtime)

@@ -23,6 +23,9 @@ def _got(x: object) -> str:
     return type(x).__name__
 
 
+described = _got  # "[shape] dtype on device" or the type name, for error messages
+
+
 def check_tensor(name: str, x: object, shape: list[int | None], dtype: torch.dtype,
                  device: torch.device, what: str) -> Tensor:
     """`x` is a tensor of `dtype` on `device` whose shape matches `shape` (None: any size)."""

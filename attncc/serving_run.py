@@ -61,10 +61,12 @@ def _lse_strides(plan: ServePlan) -> dict[str, int]:
 def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
               page_table: Tensor | None, kv_len: Tensor | None, cu_seqlens_q: Tensor | None,
               cu_seqlens_k: Tensor | None, mem_k: Tensor | None, mem_v: Tensor | None,
-              head_kv_len: Tensor | None, kv_layout: str) -> tuple[dict, dict]:
+              head_kv_len: Tensor | None, kv_layout: str, k_stream: Tensor | None = None,
+              v_stream: Tensor | None = None) -> tuple[dict, dict]:
     """Kernel argument values by name, and constexprs, for one run of `plan`."""
     mem, dev, dt, i32 = attn.memory, plan.device, plan.dtype, torch.int32
     B, Hq, Hkv, D, Dv = plan.batch, plan.hq, plan.hkv, plan.dqk, plan.dv
+    Hc = Hkv - plan.n_stream  # heads in the full cache (all of them unless K5 compact)
     if plan.ragged_q:
         check_tensor("q", q, [plan.q_rows, Hq, D], dt, dev, "[total_q, Hq, Dqk]")
         check_tensor("cu_seqlens_q", cu_seqlens_q, [B + 1], i32, dev, "[B + 1]")
@@ -82,23 +84,30 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
                          "MEM_V": q, "stride_pt": 0, "page_size": 1, "q_rows": plan.q_rows,
                          "Hq": Hq, "Hkv": Hkv, "sm_scale": float(plan.sm_scale), "n_slots": 0,
                          "head_len_div": 1, "kv_pos0": 0, "split_base": 0,
-                         "n_rows_total": plan.rows}
+                         "n_rows_total": plan.rows, "K_S": q, "V_S": q, "HEAD_MAP": dummy,
+                         "n_sink": 0, "window": 0, "ring": 1}
+    a.update({f"stride_{x}{d}": 0 for x in ("ks", "vs") for d in "bnhd"})
     a.update(_q_strides(q, plan.ragged_q, "stride_q"))
     a.update(_q_strides(plan.o, plan.ragged_q, "stride_o"))
     a.update(_lse_strides(plan))
     cx = {"KV_MODE": KV_DENSE, "RAGGED_Q": plan.ragged_q, "HAS_KV_LEN": False,
-          "HAS_LK_MASK": False, "HEAD_LENGTHS": False, "HAS_SLOTS": False, "COUNT_VISITS": False}
-    if isinstance(mem, PagedMemory):
+          "HAS_LK_MASK": False, "HEAD_LENGTHS": False, "HAS_SLOTS": False, "STREAM": False,
+          "COUNT_VISITS": False}
+    # K5 compact caches take the full heads' cache dense or paged (page size from its shape)
+    paged_full = (isinstance(mem, PerHeadLengths) and mem.compact and page_table is not None
+                  and isinstance(k, Tensor) and k.dim() == 4)
+    if isinstance(mem, PagedMemory) or paged_full:
         if kv_layout not in ("nhd", "hnd"):
             raise ValueError(f"kv_layout: expected 'nhd' or 'hnd', got {kv_layout!r}")
-        P = mem.page_size
-        shape = [None, P, Hkv] if kv_layout == "nhd" else [None, Hkv, P]
+        P = mem.page_size if isinstance(mem, PagedMemory) else k.shape[1 if kv_layout == "nhd"
+                                                                          else 2]
+        shape = [None, P, Hc] if kv_layout == "nhd" else [None, Hc, P]
         what = "[num_pages, page_size, Hkv, D]" if kv_layout == "nhd" else \
             "[num_pages, Hkv, page_size, D]"
         check_tensor("k_cache", k, shape + [D], dt, dev, what)
         check_tensor("v_cache", v, [k.shape[0]] + shape[1:] + [Dv], dt, dev, what)
-        check_tensor("page_table", page_table, [B, plan.kv_capacity // P], i32, dev,
-                     "[B, max_pages] (planned)")
+        check_tensor("page_table", page_table, [B, plan.kv_capacity // P if not paged_full
+                                                else None], i32, dev, "[B, max_pages] (planned)")
         check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
         if config.debug_checks():
             debug_page_table(page_table, kv_len, P, k.shape[0])
@@ -117,8 +126,9 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
                  CU_K=cu_seqlens_k, kv_rows=0)
         cx.update(KV_MODE=KV_RAGGED)
     else:
-        check_tensor("k", k, [B, Hkv, None, D], dt, dev, "[B, Hkv, Lk, Dqk]")
-        check_tensor("v", v, [B, Hkv, k.shape[2], Dv], dt, dev, "[B, Hkv, Lk, Dv]")
+        what = "Hkv_full" if plan.n_stream else "Hkv"
+        check_tensor("k", k, [B, Hc, None, D], dt, dev, f"[B, {what}, Lk, Dqk]")
+        check_tensor("v", v, [B, Hc, k.shape[2], Dv], dt, dev, f"[B, {what}, Lk, Dv]")
         a.update(_kv_strides(k, "hnd", "stride_k"), **_kv_strides(v, "hnd", "stride_v"),
                  kv_rows=k.shape[2])
         if kv_len is not None:
@@ -137,7 +147,12 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
     else:
         check_absent("mem_k", mem_k, "memory is not persistent(...)")
         a.update({f"stride_{x}": 0 for x in ("mkh", "mks", "mkd", "mvh", "mvs", "mvd")})
-    if isinstance(mem, PerHeadLengths):
+    if isinstance(mem, PerHeadLengths) and mem.compact:
+        check_absent("head_kv_len", head_kv_len, "per_head_lengths(sink, window) takes "
+                     "k_stream / v_stream / stream_heads")
+        _stream_arguments(plan, mem, k_stream, v_stream, a)
+        cx["STREAM"] = True
+    elif isinstance(mem, PerHeadLengths):
         if head_kv_len is None or head_kv_len.dim() != 1 or head_kv_len.shape[0] not in (Hkv, Hq):
             got = None if head_kv_len is None else list(head_kv_len.shape)
             raise ValueError(f"head_kv_len: expected an int32 tensor [Hkv] = [{Hkv}] or [Hq] = "
@@ -149,7 +164,30 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
         cx["HEAD_LENGTHS"] = True
     else:
         check_absent("head_kv_len", head_kv_len, "memory is not per_head_lengths()")
+    if not (isinstance(mem, PerHeadLengths) and mem.compact):
+        check_absent("k_stream", k_stream, "memory is not per_head_lengths(sink, window)")
+        check_absent("v_stream", v_stream, "memory is not per_head_lengths(sink, window)")
     return a, cx
+
+
+def _stream_arguments(plan: ServePlan, mem: PerHeadLengths, k_stream: Tensor | None,
+                      v_stream: Tensor | None, a: dict[str, Any]) -> None:
+    """K5 compact caches: k_stream [B, Hkv_stream, sink + R, Dqk], v_stream likewise with Dv;
+    R (the ring) must hold the window of every query row: R >= window + Lq - 1."""
+    B, Hs, dt, dev = plan.batch, plan.n_stream, plan.dtype, plan.device
+    check_tensor("k_stream", k_stream, [B, Hs, None, plan.dqk], dt, dev,
+                 "[B, Hkv_stream, sink + ring, Dqk]")
+    check_tensor("v_stream", v_stream, [B, Hs, k_stream.shape[2], plan.dv], dt, dev,
+                 "[B, Hkv_stream, sink + ring, Dv]")
+    ring = k_stream.shape[2] - mem.sink
+    if ring < mem.window + plan.max_q - 1:
+        raise ValueError(f"k_stream: expected sink + ring entries with ring >= window + Lq - 1 = "
+                         f"{mem.window + plan.max_q - 1} (sink {mem.sink}, window {mem.window}, "
+                         f"Lq {plan.max_q}), got {k_stream.shape[2]} entries (ring {ring})")
+    a.update(K_S=k_stream, V_S=v_stream, HEAD_MAP=plan.head_map, n_sink=mem.sink,
+             window=mem.window, ring=ring,
+             **dict(zip((f"stride_ks{d}" for d in "bhnd"), k_stream.stride())),
+             **dict(zip((f"stride_vs{d}" for d in "bhnd"), v_stream.stride())))
 
 
 def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],

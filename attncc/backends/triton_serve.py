@@ -24,7 +24,7 @@ import sympy
 
 from attncc.backends.triton_backend import version_stamp
 from attncc.backends.triton_printer import TritonPrinter
-from attncc.backends.triton_render import BLOCK_MAP_ARGS, printer_names, kernel_arguments
+from attncc.backends.triton_render import BLOCK_MAP_ARGS, kernel_arguments, printer_names
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import DenseMemory
 from attncc.ir.plan import KernelPlan
@@ -37,13 +37,16 @@ FIXED_ARGS = (
      for n in ("Q", "K", "V", "O", "LSE", "O_PART", "LSE_PART")]
     + [(n, "*i32") for n in ("PAGE_TABLE", "KV_LEN", "CU_Q", "CU_K", "LK_MASK", "HEAD_LEN")]
     + [("MEM_K", "*{dt}"), ("MEM_V", "*{dt}"), ("WORK", "*i32"), ("VISITS", "*i32")]
+    + [("K_S", "*{dt}"), ("V_S", "*{dt}"), ("HEAD_MAP", "*i32")]
     + [(f"stride_{x}{d}", "i32") for x, dims in (("q", "bmhd"), ("k", "bnhd"), ("v", "bnhd"),
-                                                   ("o", "bmhd"), ("l", "bmh"), ("p", "t"))
+                                                   ("o", "bmhd"), ("l", "bmh"), ("p", "t"),
+                                                   ("ks", "bnhd"), ("vs", "bnhd"))
        for d in dims]
     + [(f"stride_{x}", "i32") for x in ("mkh", "mks", "mkd", "mvh", "mvs", "mvd")]
     + [(n, "i32") for n in ("page_size", "q_rows", "kv_rows", "Hq", "Hkv")]
     + [("sm_scale", "fp32")]
-    + [(n, "i32") for n in ("n_slots", "head_len_div", "kv_pos0", "split_base", "n_rows_total")]
+    + [(n, "i32") for n in ("n_slots", "head_len_div", "kv_pos0", "split_base", "n_rows_total",
+                            "n_sink", "window", "ring")]
 )
 MERGE_FIXED_ARGS = (
     [("O_PART", "*fp32"), ("LSE_PART", "*fp32"), ("O", "*{dt}"), ("LSE", "*fp32")]

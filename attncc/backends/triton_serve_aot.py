@@ -19,6 +19,8 @@ LAYOUT_FLAGS = {  # variant -> constexprs that differ from the dense default
     "ragged": {"KV_MODE": 2, "RAGGED_Q": True},
     "persistent": {"HAS_SLOTS": True},
     "per_head_lengths": {"HEAD_LENGTHS": True},
+    "streaming_heads": {"STREAM": True},
+    "streaming_heads_paged": {"STREAM": True, "KV_MODE": 1, "HAS_KV_LEN": True},
     "cascade_suffix": {"KV_MODE": 1, "HAS_KV_LEN": True, "HAS_LK_MASK": True},
 }
 
@@ -31,7 +33,7 @@ def forward_constexprs(variant: str, head_dim: int, block_m: int, block_n: int,
           "D_V_PAD": padded(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
           "SLOTS_PAD": padded(slots), "DOT_PRECISION": "ieee", "UPCAST_DOT": False,
           "KV_MODE": 0, "RAGGED_Q": False, "HAS_KV_LEN": False, "HAS_LK_MASK": False,
-          "HEAD_LENGTHS": False, "HAS_SLOTS": False, "NUM_SPLITS": num_splits,
+          "HEAD_LENGTHS": False, "HAS_SLOTS": False, "STREAM": False, "NUM_SPLITS": num_splits,
           "WRITE_PARTIAL": num_splits > 1, "WRITE_LSE": True, "COUNT_VISITS": False}
     cx.update(LAYOUT_FLAGS[variant])
     return cx

@@ -100,11 +100,39 @@ class PerHeadLengths(_Layout):
     j and the mask sees the full Lk, so a "full" head (n = Lk) is exactly dense attention and a
     "streaming" head (n = w) reads only its last w keys. Entries before `Lk - n[h]` are never
     read (they may hold garbage). With [Hkv], query head h uses `n[h // (Hq // Hkv)]`.
+
+    Compact caches (`sink` and `window` given; DuoAttention): the kv heads are split into
+    full heads and streaming heads by `stream_heads` int32[Hkv] (-1: full, j >= 0: slot j of the
+    compact cache). Full heads read the full cache (dense [B, Hkv_full, L, D] or paged, full
+    heads in the order they appear) under the spec's mask. Streaming head j reads only
+    k_stream/v_stream [B, Hkv_stream, sink + R, D] (R = ring size >= window + Lq - 1) and
+    attends `mask AND sinks_window(sink, window)` (M6; with mask = causal() this is M18).
+    Ring convention: logical position p of a sequence lives in slot p when p < sink, else in
+    slot `sink + (p - sink) % R`; a sequence of length n holds positions [0, min(sink, n)) and
+    [max(sink, n - R), n). Masks and score mods see logical positions and the full Lk = n.
     """
+
+    sink: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sink is None) != (self.window is None):
+            raise ValueError(f"PerHeadLengths sink, window: expected both or neither, got "
+                             f"sink={self.sink!r}, window={self.window!r}")
+        if self.sink is not None:
+            _check_int("PerHeadLengths", "sink", self.sink, minimum=0)
+            _check_int("PerHeadLengths", "window", self.window)
 
     catalog_id = "K5"
 
+    @property
+    def compact(self) -> bool:
+        """True for the compact-cache (streaming heads) form."""
+        return self.window is not None
+
     def text(self) -> str:
+        if self.compact:
+            return f"per_head_lengths(sink={self.sink}, window={self.window})"
         return "per_head_lengths"
 
 
