@@ -11,7 +11,10 @@ the rule and more than one token per sequence is processed, the recurrent kernel
 K3 `RaggedMemory`) run the same kernels, one program per sequence and head. Every rule L1-L7
 has a kernel (L7 only the chunked one: it has no one-token form); the PyTorch reference runs
 only when asked for (`backend="reference"`) or when the kernels cannot run (CPU tensors without
-TRITON_INTERPRET=1), then with a warning naming why.
+TRITON_INTERPRET=1), then with a warning naming why. Outputs are differentiable (o and the final
+state, with respect to q, k, v, g, beta, initial_state): L1-L6 by the generated backward kernel
+(`attncc.linear_backward`), the reference path by autograd through the spec loop; the rules with
+no backward kernel (taylor2, L7) differentiate the reference, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from attncc.backends.reference_linear import recurrent_reference
 from attncc.backends.reference_linear_varlen import varlen_reference
 from attncc.ir.linear import LinearState
 from attncc.ir.spec import AttentionSpec
+from attncc.linear_backward import LinearAttentionFunction, needs_grad
 
 DECAYS = ("none", "scalar", "vector")  # or a float / tuple of floats: a constant per head (L2)
 UPDATES = ("additive", "delta")
@@ -79,6 +83,8 @@ class CompiledLinearAttention:
         self.node: LinearState = spec.memory
         self.backend = backend
         self.recurrent, self.chunked, self.why_not = _kernels(self.node)
+        self._backward: Any = None  # TritonLinearBackward, built when a gradient is first needed
+        self._no_backward: str | None = None
 
     @property
     def name(self) -> str:
@@ -106,7 +112,26 @@ class CompiledLinearAttention:
             many = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] > 1
         use_chunked = self.chunked is not None and (many or self.recurrent is None)
         kernel = self.chunked if use_chunked else self.recurrent
+        if needs_grad(q, k, v, g, beta, initial_state):
+            backward = self._backward_kernel()
+            if backward is None:  # no backward kernel for this rule: differentiate the spec
+                warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path) "
+                              f"for gradients: {self._no_backward}", stacklevel=2)
+                return self(q, k, v, backend="reference", return_state=return_state, **args)
+            o, state = LinearAttentionFunction.apply(
+                kernel, backward, scale, cu_seqlens, q, k, v, g, beta, initial_state)
+            return (o, state) if return_state else o
         return kernel(q, k, v, return_state=return_state, **args)
+
+    def _backward_kernel(self) -> Any:
+        """The generated backward kernel (built on first use), or None with `_no_backward`."""
+        if self._backward is None and self._no_backward is None:
+            from attncc.backends.triton_linear_backward import TritonLinearBackward
+            try:
+                self._backward = TritonLinearBackward(self.node)
+            except NotImplementedError as e:
+                self._no_backward = str(e)
+        return self._backward
 
     def _choose(self, backend: str, device: torch.device) -> str:
         if backend == "reference":

@@ -167,6 +167,43 @@ def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: in
         stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 
 
+def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
+                                       head_dim_v: int, *, varlen: bool = False,
+                                       chunk: int = 64) -> CompiledArtifact:
+    """Compile a `TritonLinearBackward` kernel for sm_<arch> with its launch's constexprs:
+    q/k/v/do are `dtype` (do fp32 with the normaliser: dL/do' is built in fp32); gates, betas,
+    decays, states, checkpoints and gradients fp32. `head_dim_v` is v's (the z column is added
+    here when normalising). `chunk`: the checkpoint interval when the kernel's is the default."""
+    from attncc.backends.triton_linear_backward import value_block_backward
+    from attncc.ir.nodes import Schedule
+    from attncc.passes.select_tiles import padded
+
+    t = "*" + _SHORT[dtype]
+    pointers = {"Q": t, "K": t, "V": t, "DO": "*fp32" if kernel.node.normalize else t,
+                **{n: "*fp32" for n in ("G", "BETA", "LAM", "S0", "DSN", "CK", "SCR", "DQ", "DK",
+                                        "DV", "DG", "DB", "DS0")}, "CU": "*i32"}
+    strides = [f"stride_{x}{d}" for x, dims in (
+        ("q", "bhld"), ("k", "bhld"), ("v", "bhld"), ("o", "bhld"), ("g", "bhld"), ("b", "bhl"),
+        ("s", "bhfv"), ("p", "nbhl"), ("r", "nbhl"), ("w", "bhld")) for d in dims]
+    signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
+                 "NCH": "i32", "scale": "fp32"}
+    dv = kernel.node.state_dv(head_dim_v)
+    constexprs = {"D_K": head_dim_k, "D_V": dv, "F_PAD": padded(head_dim_k),
+                  "DV_BLOCK": value_block_backward(head_dim_k, dv, kernel.block_v),
+                  "CHUNK": kernel.chunk or chunk, "HAS_INITIAL": True, "HAS_DFINAL": True,
+                  "VARLEN": varlen}
+    launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
+    job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
+           "aligned": list(pointers)}
+    result, ptx, cubin = compile_in_child(
+        job, arch, signature, constexprs, launch,
+        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}")
+    return CompiledArtifact(
+        name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
+        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
+        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+
+
 def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
                       constexprs: dict[str, Any], sched: Schedule, what: str
                       ) -> tuple[dict[str, Any], str, bytes]:
