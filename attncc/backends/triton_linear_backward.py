@@ -283,7 +283,8 @@ class TritonLinearBackward:
                 x = x[0].transpose(0, 1)
             return x.to(like.dtype).reshape(like.shape)
 
-        grads = {"q": back(dq_p.sum(0), q), "k": back(dk_p.sum(0), k), "v": back(dvv[..., :v.shape[-1]], v),
+        grads = {"q": back(dq_p.sum(0), q), "k": back(dk_p.sum(0), k),
+                 "v": back(dvv[..., :v.shape[-1]], v),
                  "g": None if g is None else back(dg_p.sum(0), g),
                  "beta": None if beta is None else back(db_p.sum(0), beta),
                  "initial_state": None if initial_state is None else ds0.to(initial_state.dtype)}
