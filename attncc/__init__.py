@@ -16,6 +16,7 @@ from attncc.ir.verify import VerifyError, verify
 from attncc.ir.linear import LinearState
 from attncc.kernel import CompiledAttention
 from attncc import fx, nn, torch_ops  # custom ops, torch modules, the SDPA graph pass
+from attncc import torch_ops_linear, torch_ops_serving  # noqa: F401 (registers their ops)
 from attncc.fx import compile_backend, replace_sdpa
 from attncc.linear_attention import CompiledLinearAttention, recurrent_state
 from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,

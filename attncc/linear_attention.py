@@ -12,8 +12,9 @@ K3 `RaggedMemory`) run the same kernels, one program per sequence and head. Ever
 has a kernel (L7 only the chunked one: it has no one-token form); the PyTorch reference runs
 only when asked for (`backend="reference"`) or when the kernels cannot run (CPU tensors without
 TRITON_INTERPRET=1), then with a warning naming why. Outputs are differentiable (o and the final
-state, with respect to q, k, v, g, beta, initial_state): L1-L6 by the generated backward kernel
-(`attncc.linear_backward`), the reference path by autograd through the spec loop; the rules with
+state, with respect to q, k, v, g, beta, initial_state) through the custom ops
+`attncc::linear_fwd` / `attncc::linear_bwd` (`attncc.torch_ops_linear`): L1-L6 by the generated
+backward kernel, the reference path by autograd through the spec loop; the rules with
 no backward kernel (taylor2, L7) differentiate the reference, with a warning.
 """
 
@@ -24,12 +25,13 @@ from typing import Any
 
 import torch
 
-from attncc import config
+from attncc import config, torch_ops_linear
 from attncc.backends.reference_linear import recurrent_reference
 from attncc.backends.reference_linear_varlen import varlen_reference
+from attncc.backends.triton_linear_backward import unsupported
 from attncc.ir.linear import LinearState
 from attncc.ir.spec import AttentionSpec
-from attncc.linear_backward import LinearAttentionFunction, needs_grad
+from attncc.linear_backward import needs_grad
 
 DECAYS = ("none", "scalar", "vector")  # or a float / tuple of floats: a constant per head (L2)
 UPDATES = ("additive", "delta")
@@ -84,7 +86,8 @@ class CompiledLinearAttention:
         self.backend = backend
         self.recurrent, self.chunked, self.why_not = _kernels(self.node)
         self._backward: Any = None  # TritonLinearBackward, built when a gradient is first needed
-        self._no_backward: str | None = None
+        self._no_backward = unsupported(self.node)  # why there is no backward kernel, or None
+        self.key = torch_ops_linear.register(self)  # the name attncc::linear_fwd finds it by
 
     @property
     def name(self) -> str:
@@ -93,18 +96,37 @@ class CompiledLinearAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
-                 scale: float | None = None, initial_state: torch.Tensor | None = None,
-                 return_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                 backend: str | None = None
+                 scale: float | torch.Tensor | None = None,
+                 initial_state: torch.Tensor | None = None, return_state: bool = False,
+                 cu_seqlens: torch.Tensor | None = None, backend: str | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The work is the custom op `attncc::linear_fwd` (`attncc.torch_ops_linear`): o and
+        the final state are differentiable and torch.compile sees one graph node. `scale` may
+        be a one-element CPU tensor: a new value then never recompiles a compiled graph."""
         scale = scale if scale is not None else self.spec.scale
-        args = dict(g=g, beta=beta, scale=scale, initial_state=initial_state)
+        chosen = backend or self.backend
+        if chosen != "reference" and self._no_backward is not None and \
+                needs_grad(q, k, v, g, beta, initial_state):
+            # no backward kernel for this rule: run and differentiate the spec's reference
+            warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path) "
+                          f"for gradients: {self._no_backward}", stacklevel=2)
+            chosen = "reference"
+        o, state = torch_ops_linear.linear(self, q, k, v, g, beta, initial_state, cu_seqlens,
+                                           scale, return_state, chosen)
+        return (o, state) if return_state else o
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g: torch.Tensor | None,
+            beta: torch.Tensor | None, scale: float | None, initial_state: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, return_state: bool, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The op's implementation (no autograd): choose the backend and the kernel (chunked
+        for prefill, recurrent for decode) and run it; returns (o, final state or None)."""
+        args = {"g": g, "beta": beta, "scale": scale, "initial_state": initial_state}
         if cu_seqlens is not None:
             args["cu_seqlens"] = cu_seqlens
-        if self._choose(backend or self.backend, q.device) == "reference":
+        if self._choose(backend, q.device) == "reference":
             run = varlen_reference if cu_seqlens is not None else recurrent_reference
-            o, state = run(q, k, v, self.node, output_final_state=return_state, **args)
-            return (o, state) if return_state else o
+            return run(q, k, v, self.node, output_final_state=return_state, **args)
         if cu_seqlens is not None:  # more tokens than sequences: some sequence is a prefill
             many = isinstance(q, torch.Tensor) and q.dim() == 3 and \
                 q.shape[0] > cu_seqlens.numel() - 1
@@ -112,25 +134,14 @@ class CompiledLinearAttention:
             many = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] > 1
         use_chunked = self.chunked is not None and (many or self.recurrent is None)
         kernel = self.chunked if use_chunked else self.recurrent
-        if needs_grad(q, k, v, g, beta, initial_state):
-            backward = self._backward_kernel()
-            if backward is None:  # no backward kernel for this rule: differentiate the spec
-                warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path) "
-                              f"for gradients: {self._no_backward}", stacklevel=2)
-                return self(q, k, v, backend="reference", return_state=return_state, **args)
-            o, state = LinearAttentionFunction.apply(
-                kernel, backward, scale, cu_seqlens, q, k, v, g, beta, initial_state)
-            return (o, state) if return_state else o
-        return kernel(q, k, v, return_state=return_state, **args)
+        out = kernel(q, k, v, return_state=return_state, **args)
+        return out if return_state else (out, None)
 
     def _backward_kernel(self) -> Any:
         """The generated backward kernel (built on first use), or None with `_no_backward`."""
         if self._backward is None and self._no_backward is None:
             from attncc.backends.triton_linear_backward import TritonLinearBackward
-            try:
-                self._backward = TritonLinearBackward(self.node)
-            except NotImplementedError as e:
-                self._no_backward = str(e)
+            self._backward = TritonLinearBackward(self.node)
         return self._backward
 
     def _choose(self, backend: str, device: torch.device) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncc import config, serving_run
+from attncc import config, serving_run, torch_ops_serving
 from attncc.backends.triton_backend import argument_values, target_of
 from attncc.backends.triton_serve import TritonServe, extra_arguments, schedule
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
@@ -82,6 +82,7 @@ class ServePlan:
     max_q: int = 1  # longest query of one request
     n_stream: int = 0  # K5 compact: streaming kv heads (the full cache holds hkv - n_stream)
     head_map: Tensor | None = None  # K5 compact: int32[Hkv], full index or -1 - compact index
+    key: str = ""  # the name attncc::serve_run finds this plan by (`torch_ops_serving`)
 
     @property
     def rows(self) -> int:
@@ -103,6 +104,7 @@ class ServingAttention:
         self.memory = spec.memory
         self.kernels = TritonServe(run_spec_passes(spec))
         self.name = self.kernels.name
+        self.key = torch_ops_serving.register(self)  # the name attncc::serve_run finds it by
         if self.kernels.reads_every_tile:
             warnings.warn(f"{self.name}: the mask's kv ranges depend on the head, and a tile "
                           "packs several heads, so the serving kernel evaluates the mask on every "
@@ -170,7 +172,7 @@ class ServingAttention:
         scale = self.spec.scale if scale is None else scale
         split = num_splits > 1
         head_map, n_stream = self._head_map(stream_heads, num_kv_heads, device)
-        return ServePlan(
+        plan = ServePlan(
             batch=batch, hq=num_heads, hkv=num_kv_heads, dqk=head_dim, dv=dv, dtype=dtype,
             device=device, q_rows=q_rows, ragged_q=ragged, kv_capacity=kv_capacity,
             num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=num_warps,
@@ -184,6 +186,8 @@ class ServingAttention:
             sm_scale=1.0 / math.sqrt(head_dim) if scale is None else scale, extra=extra,
             slots=getattr(self.memory, "slots", 0), max_q=max(lens, default=1),
             n_stream=n_stream, head_map=head_map)
+        plan.key = torch_ops_serving.register_plan(plan)
+        return plan
 
     def _head_map(self, stream_heads: Tensor | None, hkv: int, device: torch.device
                   ) -> tuple[Tensor | None, int]:
@@ -222,13 +226,14 @@ class ServingAttention:
         int32[Hkv] or [Hq]; K5 compact (`per_head_lengths(sink, window)`): k/v hold the full heads
         only ([B, Hkv_full, Lk, D] or paged), k_stream/v_stream [B, Hkv_stream, sink + R, D]
         (see `attncc.serving_stream`). Returns plan.o (and plan.lse when planned with
-        return_lse)."""
-        args, cx = serving_run.arguments(self, plan, q, k, v, page_table, kv_len, cu_seqlens_q,
-                                         cu_seqlens_k, mem_k, mem_v, head_kv_len, kv_layout,
-                                         k_stream, v_stream)
-        if _visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
-            args["VISITS"], cx["COUNT_VISITS"] = _visits, True
-        serving_run.launch_plan(self, plan, args, cx, split_base=0, parts=plan.num_splits)
+        return_lse). Under torch.compile / torch.export this is the op `attncc::serve_run`
+        (`attncc.torch_ops_serving`); eagerly the same implementation runs without the
+        dispatcher."""
+        inputs = {"page_table": page_table, "kv_len": kv_len, "cu_seqlens_q": cu_seqlens_q,
+                  "cu_seqlens_k": cu_seqlens_k, "mem_k": mem_k, "mem_v": mem_v,
+                  "head_kv_len": head_kv_len, "k_stream": k_stream, "v_stream": v_stream,
+                  "_visits": _visits}  # _visits (tests): int32[B] += kv tiles read
+        torch_ops_serving.run(self, plan, q, k, v, kv_layout, inputs)  # attncc::serve_run
         return (plan.o, plan.lse) if plan.lse is not None else plan.o
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False,
