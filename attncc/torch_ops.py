@@ -19,7 +19,6 @@ and for each captured tensor that requires grad (ALiBi slopes, bias tables, sink
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -28,46 +27,20 @@ import torch
 from attncc import config
 from attncc.binding import unpack_params
 from attncc.ir.reorder import inverse
+from attncc.op_registry import OpRegistry
 from attncc.validate import check_nondecreasing
 
 if TYPE_CHECKING:
     from attncc.kernel import CompiledAttention
 
 Tensor = torch.Tensor
-_KERNELS: dict[str, CompiledAttention] = {}
-_CALLER = threading.local()
+_REGISTRY: OpRegistry[CompiledAttention] = OpRegistry("an attention")
+calling, lookup = _REGISTRY.calling, _REGISTRY.lookup
 
 
 def register(attn: CompiledAttention) -> str:
-    """Put `attn` in the registry under its key; the latest compile of a spec is the one a
-    compiled graph or an exported program runs (eager calls run their own object: `calling`)."""
-    key = f"{attn.spec.tag}-{attn.spec.key}"
-    _KERNELS[key] = attn
-    return key
-
-
-@contextlib.contextmanager
-def calling(attn: CompiledAttention) -> Iterator[None]:
-    """Within this block an eager op call with `attn.key` runs `attn` itself (its own caches
-    and cache entry), not whichever compile of the same spec the registry holds."""
-    previous = getattr(_CALLER, "attn", None)
-    _CALLER.attn = attn
-    try:
-        yield
-    finally:
-        _CALLER.attn = previous
-
-
-def lookup(kernel: str) -> CompiledAttention:
-    caller = getattr(_CALLER, "attn", None)
-    if caller is not None and caller.key == kernel:
-        return caller
-    try:
-        return _KERNELS[kernel]
-    except KeyError:
-        raise ValueError(f"kernel: expected the key of an attention compiled in this process, "
-                         f"got {kernel!r}; call attncc.compile(spec) for that spec first (an "
-                         f"exported program needs it too before it runs)") from None
+    """Put `attn` in the registry under its key (`attncc.op_registry`)."""
+    return _REGISTRY.register(f"{attn.spec.tag}-{attn.spec.key}", attn)
 
 
 @contextlib.contextmanager

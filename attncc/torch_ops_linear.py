@@ -19,55 +19,27 @@ the reference (backend "reference", or a rule without a backward kernel, with a 
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
 from attncc import config
+from attncc.op_registry import OpRegistry
 from attncc.torch_ops import _autograd_dispatch
 
 if TYPE_CHECKING:
     from attncc.linear_attention import CompiledLinearAttention
 
 Tensor = torch.Tensor
-_KERNELS: dict[str, CompiledLinearAttention] = {}
-_CALLER = threading.local()
+_REGISTRY: OpRegistry[CompiledLinearAttention] = OpRegistry("a linear attention")
+calling, lookup = _REGISTRY.calling, _REGISTRY.lookup
 OPTIONAL = ("g", "beta", "initial_state")  # the inputs besides q, k, v that have gradients
 
 
 def register(attn: CompiledLinearAttention) -> str:
-    """Put `attn` in the registry under its key (the latest compile of a spec wins for compiled
-    graphs and exported programs; eager calls run their own object: `calling`)."""
-    key = f"linear_{attn.node.rule}-{attn.spec.key}"
-    _KERNELS[key] = attn
-    return key
-
-
-@contextlib.contextmanager
-def calling(attn: CompiledLinearAttention) -> Iterator[None]:
-    """Within this block an eager op call with `attn.key` runs `attn` itself (its kernels)."""
-    previous = getattr(_CALLER, "attn", None)
-    _CALLER.attn = attn
-    try:
-        yield
-    finally:
-        _CALLER.attn = previous
-
-
-def lookup(kernel: str) -> CompiledLinearAttention:
-    caller = getattr(_CALLER, "attn", None)
-    if caller is not None and caller.key == kernel:
-        return caller
-    try:
-        return _KERNELS[kernel]
-    except KeyError:
-        raise ValueError(f"kernel: expected the key of a linear attention compiled in this "
-                         f"process, got {kernel!r}; call attncc.compile(spec) for that spec "
-                         f"first (an exported program needs it too before it runs)") from None
+    """Put `attn` in the registry under its key (`attncc.op_registry`)."""
+    return _REGISTRY.register(f"linear_{attn.node.rule}-{attn.spec.key}", attn)
 
 
 def scale_tensor(scale: float | Tensor | None) -> Tensor | None:
