@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from attncc.backends.triton_printer import capture_arg_names
-from attncc.backends.triton_source import CachedSource, load_module
+from attncc.backends.triton_source import CachedSource, GeneratedKernel, load_module
 from attncc.backends.triton_render import (block_map_kernel_name, kernel_arguments, kernel_name,
                                            render, render_block_map, template_hash)
 from attncc.ir.nodes import Schedule
@@ -46,7 +46,7 @@ def target_of(device: torch.device) -> str:
     return "interpreter"
 
 
-class TritonForward:
+class TritonForward(GeneratedKernel):
     """The forward kernel of one plan. Building it renders (or loads) the source on disk."""
 
     def __init__(self, plan: KernelPlan) -> None:
@@ -57,13 +57,6 @@ class TritonForward:
         self.entry = self.kernel.entry
         self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
-
-    def jit_function(self):
-        return self.kernel.jit_function()
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""

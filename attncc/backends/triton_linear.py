@@ -23,7 +23,7 @@ from torch import Tensor
 from attncc.backends.triton_backend import version_stamp
 from attncc.backends.triton_linear_launch import prepare_launch
 from attncc.backends.triton_render import jinja_environment, template_source
-from attncc.backends.triton_source import CachedSource
+from attncc.backends.triton_source import CachedSource, GeneratedKernel
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
@@ -134,7 +134,7 @@ def _unsupported(node: LinearState) -> str | None:
     return None
 
 
-class TritonRecurrentLinear:
+class TritonRecurrentLinear(GeneratedKernel):
     """One LinearState's recurrent kernel. Building it renders (or loads) the source on disk.
 
     block_v: value columns per program (a power of two >= 16); default min(padded Dv, 64).
@@ -153,13 +153,6 @@ class TritonRecurrentLinear:
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
-
-    def jit_function(self):
-        return self.kernel.jit_function()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,

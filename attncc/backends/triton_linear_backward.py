@@ -35,7 +35,7 @@ from attncc.backends.triton_linear import (
 )
 from attncc.backends.triton_linear_backward_norm import augment
 from attncc.backends.triton_render import jinja_environment
-from attncc.backends.triton_source import CachedSource
+from attncc.backends.triton_source import CachedSource, GeneratedKernel
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
@@ -162,7 +162,7 @@ def default_chunk(length: int) -> int:
     return min(CHUNK_MAX, max(CHUNK_MIN, padded(math.isqrt(max(length, 1) - 1) + 1)))
 
 
-class TritonLinearBackward:
+class TritonLinearBackward(GeneratedKernel):
     """One LinearState's backward kernel. block_v: value columns per program (a power of two
     >= 16; default `value_block_backward`); chunk: tokens per checkpoint (a power of two;
     default `default_chunk` of the longest sequence: one compiled variant per chunk size)."""
@@ -182,13 +182,6 @@ class TritonLinearBackward:
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
-
-    def jit_function(self):
-        return self.kernel.jit_function()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, do: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,

@@ -30,7 +30,7 @@ from attncc import config
 from attncc.backends import triton_linear as recurrent
 from attncc.backends.triton_linear_launch import prepare_launch
 from attncc.backends.triton_render import jinja_environment
-from attncc.backends.triton_source import CachedSource
+from attncc.backends.triton_source import CachedSource, GeneratedKernel
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
 
@@ -148,7 +148,7 @@ def gpu_chunk(node: LinearState, f_dim: int) -> int:
     return max(16, min(CHUNK_GPU_RULE.get(node.rule, CHUNK_GPU), 8192 // padded(f_dim)))
 
 
-class TritonChunkedLinear:
+class TritonChunkedLinear(GeneratedKernel):
     """One LinearState's chunked kernel. Building it renders (or loads) the source on disk.
 
     chunk: tokens per chunk (a power of two >= 16, tl.dot's least tile side); default 64 on a
@@ -168,13 +168,6 @@ class TritonChunkedLinear:
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
-
-    def jit_function(self):
-        return self.kernel.jit_function()
 
     def chunk_for(self, device: torch.device, f_dim: int) -> int:
         if self.chunk is not None:

@@ -1,7 +1,7 @@
 """One generated Triton source: rendered once into the disk cache, loaded once per process.
 
 Every kernel holder (the softmax forward, the linear-recurrence kernels) keeps one of these for
-the cache and module plumbing."""
+the cache and module plumbing, and derives from `GeneratedKernel` to read through to it."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ class CachedSource:
         if self._module is None:
             self._module = load_module(str(self.entry.files["kernel.py"]), self.name)
         return getattr(self._module, self.name)
+
+
+class GeneratedKernel:
+    """Base of the kernel holders whose `self.kernel` is a `CachedSource`."""
+
+    kernel: CachedSource
+
+    @property
+    def source(self) -> str:
+        return self.kernel.source
+
+    def jit_function(self):
+        return self.kernel.jit_function()
