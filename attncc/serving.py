@@ -116,13 +116,15 @@ class ServingAttention:
              max_pages: int | None = None, kv_capacity: int | None = None,
              dtype: torch.dtype = torch.float16, device: Any = "cpu",
              num_splits: int | None = None, return_lse: bool = False, scale: float | None = None,
-             stream_heads: Tensor | None = None, **runtime: Any) -> ServePlan:
+             stream_heads: Tensor | None = None, block_n: int | None = None,
+             **runtime: Any) -> ServePlan:
         """Host-side work for one batch shape. Paged: `max_pages` (the page table's width) sets
         the capacity; otherwise `kv_capacity` (the most keys of one request). Ragged (K3):
         `cu_seqlens_q` int32[B + 1] (read here, once). `runtime`: parameter values and
         captured tensors, bound for every run of this plan. K5 compact caches
         (`per_head_lengths(sink, window)`): `stream_heads` int [Hkv], -1 for a full head, else
-        the head's index in k_stream / v_stream (read here, once)."""
+        the head's index in k_stream / v_stream (read here, once). `block_n`: keys per kv tile
+        (a power of two >= 16), else chosen by head dim."""
         device = torch.device(device)
         if device.type != "cuda" and not config.triton_interpret():
             raise ValueError(f"device: serving kernels run on CUDA, or on the CPU under "
@@ -152,7 +154,11 @@ class ServingAttention:
         else:
             lens, q_rows = [max_q_len] * batch, max_q_len
         block_m = 16 if max(lens, default=0) * group <= 16 else 64
-        block_n, num_warps = schedule(max(head_dim, dv), target_of(device) == "interpreter")
+        chosen_n, num_warps = schedule(max(head_dim, dv), target_of(device) == "interpreter")
+        if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int)
+                                    or block_n < 16 or block_n & (block_n - 1)):
+            raise ValueError(f"block_n: expected a power of two >= 16, got {block_n!r}")
+        block_n = chosen_n if block_n is None else block_n
         items = [(b, t) for b, n in enumerate(lens) for t in range(-(-n * group // block_m))]
         programs = max(len(items) * num_kv_heads, 1)
         tiles = max(-(-kv_capacity // block_n), 1)

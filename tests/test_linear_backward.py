@@ -78,7 +78,7 @@ def oracle(node, x, do, ds):
 
 def assert_near(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
     assert actual.shape == expected.shape, f"d{name}: shape {actual.shape} vs {expected.shape}"
-    err = (actual.double() - expected).abs().max().item()
+    err = (actual.double().cpu() - expected.cpu()).abs().max().item()
     ref = expected.abs().max().item()
     assert err <= tol * max(ref, 1.0), f"d{name}: max error {err:.3g} vs reference max {ref:.3g}"
 
@@ -131,31 +131,32 @@ def test_split_value_blocks_and_dk_ne_dv(name, device):
     run_and_check(name, 17, dk=32, dv=40, block_v=16, device=device)
 
 
-def test_small_chunk_many_checkpoints():
-    run_and_check("L3", 17, chunk=4)
+def test_small_chunk_many_checkpoints(device):
+    run_and_check("L3", 17, chunk=4, device=device)
 
 
-def test_only_the_final_state_is_used():
+def test_only_the_final_state_is_used(device):
     """do = 0 (o unused): every gradient flows from the final state alone."""
     spec = attncc.Attention(memory=attncc.recurrent_state(update="additive", decay="scalar"))
     attn = attncc.compile(spec)
     x, do, ds = make_inputs(spec.memory, 1, 2, 17, 16, 16, initial=True, seed=4)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    leaves = {n: t.clone().to(device).requires_grad_(True) for n, t in x.items()}  # oracle: x
     _, state = attn(leaves["q"], leaves["k"], leaves["v"], g=leaves["g"],
                     initial_state=leaves["initial_state"], return_state=True)
-    (state * ds).sum().backward()
+    (state * ds.to(device)).sum().backward()
     want = oracle(spec.memory, x, torch.zeros_like(do), ds)
     assert leaves["q"].grad is None or leaves["q"].grad.abs().max() == 0
     for n in ("k", "v", "g", "initial_state"):
         assert_near(n, leaves[n].grad, want[n], 1e-4)
 
 
-def test_dropping_the_dbeta_term_is_detected():
+def test_dropping_the_dbeta_term_is_detected(device):
     """The comparison can fail: the reference with beta's gradient zeroed is rejected."""
     node = NODES["L5"]
     x, do, ds = make_inputs(node, 1, 2, 17, 16, 16, initial=True)
-    got = kernel("L5")(x["q"], x["k"], x["v"], do, beta=x["beta"],
-                       initial_state=x["initial_state"], d_final_state=ds)
+    on = {n: t.to(device) for n, t in x.items()}
+    got = kernel("L5")(on["q"], on["k"], on["v"], do.to(device), beta=on["beta"],
+                       initial_state=on["initial_state"], d_final_state=ds.to(device))
     want = oracle(node, x, do, ds)
     assert_near("beta", got["beta"], want["beta"], 1e-4)
     with pytest.raises(AssertionError, match="dbeta"):
@@ -165,24 +166,24 @@ def test_dropping_the_dbeta_term_is_detected():
 @pytest.mark.parametrize("rule,decay,L", [("delta", "scalar", 17), ("additive", "vector", 17),
                                           ("delta", "none", 1)],
                          ids=["L6-L17-chunked_fwd", "L4-L17-chunked_fwd", "L5-L1-recurrent_fwd"])
-def test_autograd_through_compiled_attention(rule, decay, L):
+def test_autograd_through_compiled_attention(rule, decay, L, device):
     """(o * do).sum() plus the final state's term, backward through the user API (chunked
     forward for L > 1, recurrent for L = 1; the generated backward kernel): every input's grad."""
     spec = attncc.Attention(memory=attncc.recurrent_state(update=rule, decay=decay))
     attn = attncc.compile(spec)
     node = spec.memory
     x, do, ds = make_inputs(node, 1, 2, L, 16, 16, initial=True, seed=1)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    leaves = {n: t.clone().to(device).requires_grad_(True) for n, t in x.items()}  # oracle: x
     o, state = attn(leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"),
                     beta=leaves.get("beta"), initial_state=leaves["initial_state"],
                     return_state=True)
-    ((o * do).sum() + (state * ds).sum()).backward()
+    ((o * do.to(device)).sum() + (state * ds.to(device)).sum()).backward()
     want = oracle(node, x, do, ds)
     for n, t in leaves.items():
         assert_near(n, t.grad, want[n], 1e-4)
 
 
-def test_normaliser_through_compiled_attention_varlen():
+def test_normaliser_through_compiled_attention_varlen(device):
     """L1 elu1 + normaliser, packed (two sequences): o and the final state (z column included)."""
     spec = attncc.Attention(memory=attncc.recurrent_state(feature_map="elu1", normalize=True))
     attn = attncc.compile(spec)
@@ -192,25 +193,25 @@ def test_normaliser_through_compiled_attention_varlen():
     dop = do[0].transpose(0, 1).contiguous()
     gen = torch.Generator().manual_seed(8)
     s0, dsn = torch.rand(2, 2, 16, 17, generator=gen), torch.randn(2, 2, 16, 17, generator=gen)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in packed.items()}
-    s0l = s0.clone().requires_grad_(True)
-    o, state = attn(leaves["q"], leaves["k"], leaves["v"], initial_state=s0l, cu_seqlens=cu,
-                    return_state=True)
-    ((o * dop).sum() + (state * dsn).sum()).backward()
+    leaves = {n: t.clone().to(device).requires_grad_(True) for n, t in packed.items()}
+    s0l = s0.clone().to(device).requires_grad_(True)
+    o, state = attn(leaves["q"], leaves["k"], leaves["v"], initial_state=s0l,
+                    cu_seqlens=cu.to(device), return_state=True)
+    ((o * dop.to(device)).sum() + (state * dsn.to(device)).sum()).backward()
     want = reference_backward(packed["q"], packed["k"], packed["v"], spec.memory, dop,
                               initial_state=s0, d_final_state=dsn, cu_seqlens=cu)
     for n, t in [*leaves.items(), ("initial_state", s0l)]:
         assert_near(n, t.grad, want[n], 1e-4)
 
 
-def test_o_sum_backward_with_expanded_grad():
+def test_o_sum_backward_with_expanded_grad(device):
     """o.sum().backward() hands the kernel a do with zero strides; bshd-strided q, k, v."""
     spec = attncc.Attention(memory=attncc.recurrent_state(update="delta"))
     attn = attncc.compile(spec)
     x, do, _ = make_inputs(spec.memory, 1, 2, 17, 16, 16, seed=5)
-    leaves = {n: t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    leaves = {n: t.to(device).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
               for n, t in x.items() if n in ("q", "k", "v")}
-    attn(leaves["q"], leaves["k"], leaves["v"], beta=x["beta"]).sum().backward()
+    attn(leaves["q"], leaves["k"], leaves["v"], beta=x["beta"].to(device)).sum().backward()
     want = oracle(spec.memory, x, torch.ones_like(do), None)
     for n, t in leaves.items():
         assert_near(n, t.grad, want[n], 1e-4)
@@ -230,24 +231,26 @@ def test_reference_backend_is_differentiable():
         assert_near(n, t.grad, want[n], 1e-4)  # the reference computes in fp32
 
 
-def test_no_backward_kernel_warns_and_differentiates_the_reference():
+def test_no_backward_kernel_warns_and_differentiates_the_reference(device):
     spec = attncc.Attention(memory=attncc.recurrent_state(block=4))
     attn = attncc.compile(spec)
     x, do, _ = make_inputs(spec.memory, 1, 1, 6, 16, 16)
-    q = x["q"].clone().requires_grad_(True)
+    on = {n: t.to(device) for n, t in x.items()}  # the forward kernel runs on `device`
+    q = on["q"].clone().requires_grad_(True)
     with pytest.warns(UserWarning, match="block_causal"):
-        o = attn(q, x["k"], x["v"])
-    (o * do).sum().backward()
+        o = attn(q, on["k"], on["v"])
+    (o * do.to(device)).sum().backward()
     want = reference_backward(x["q"], x["k"], x["v"], spec.memory, do)
     assert_near("q", q.grad, want["q"], 1e-4)
     qp = x["q"][0].transpose(0, 1).contiguous().requires_grad_(True)  # packed: [T, H, D]
     kp, vp = (x[n][0].transpose(0, 1) for n in "kv")
+    qpd = qp.detach().to(device).requires_grad_(True)
     cu = torch.tensor([0, 2, 6])
     with pytest.warns(UserWarning, match="block_causal"):
-        o = attn(qp, kp, vp, cu_seqlens=cu)
-    (o * do[0].transpose(0, 1)).sum().backward()
+        o = attn(qpd, kp.to(device), vp.to(device), cu_seqlens=cu.to(device))
+    (o * do[0].transpose(0, 1).to(device)).sum().backward()
     want = reference_backward(qp, kp, vp, spec.memory, do[0].transpose(0, 1), cu_seqlens=cu)
-    assert_near("q", qp.grad, want["q"], 1e-4)
+    assert_near("q", qpd.grad, want["q"], 1e-4)
 
 
 def test_unsupported_rules_raise():
@@ -265,7 +268,7 @@ def test_bad_do_shape_raises_before_launch():
         kernel("L1")(x["q"], x["k"], x["v"], do[..., :8])
 
 
-def test_varlen_matches_reference():
+def test_varlen_matches_reference(device):
     node = NODES["L6"]
     cu = torch.tensor([0, 5, 5, 22])
     x, do, _ = make_inputs(node, 1, 2, 22, 16, 16, seed=2)
@@ -273,8 +276,10 @@ def test_varlen_matches_reference():
     dop = do[0].transpose(0, 1).contiguous()
     s0 = torch.randn(3, 2, 16, 16)
     dsn = torch.randn(3, 2, 16, 16)
-    got = kernel("L6")(packed["q"], packed["k"], packed["v"], dop, g=packed["g"],
-                       beta=packed["beta"], initial_state=s0, d_final_state=dsn, cu_seqlens=cu)
+    on = {n: t.to(device) for n, t in packed.items()}  # the oracle keeps the CPU copies
+    got = kernel("L6")(on["q"], on["k"], on["v"], dop.to(device), g=on["g"], beta=on["beta"],
+                       initial_state=s0.to(device), d_final_state=dsn.to(device),
+                       cu_seqlens=cu.to(device))
     want = reference_backward(packed["q"], packed["k"], packed["v"], node, dop, g=packed["g"],
                               beta=packed["beta"], initial_state=s0, d_final_state=dsn,
                               cu_seqlens=cu)

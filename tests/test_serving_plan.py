@@ -16,7 +16,7 @@ from attncc import config
 from attncc.backends import triton_serve
 from attncc.backends.reference_memory import paged_reference
 from attncc.backends.triton_serve_aot import compile_serve_for_target
-from tests.test_serving_paged import HKV, HQ, SINKS, close, paged_inputs, specs
+from tests.test_serving_paged import HKV, HQ, SINKS, close, cpu64, paged_inputs, specs
 
 
 class HostOps(TorchDispatchMode):
@@ -47,23 +47,24 @@ class HostOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("spec_id", ["M1", "N2"])
-def test_run_has_no_sync_and_no_allocation(spec_id, monkeypatch):
+def test_run_has_no_sync_and_no_allocation(spec_id, monkeypatch, device):
     P, D = 16, 32
     spec = specs(attncc.paged(P))[spec_id]
     attn = attncc.compile(spec)
     plan = attn.plan(batch=2, num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_q_len=1,
-                     max_pages=10, dtype=torch.float32, num_splits=3, return_lse=True)
+                     max_pages=10, dtype=torch.float32, num_splits=3, return_lse=True,
+                     device=device)
     recorder = HostOps()
     monkeypatch.setattr(triton_serve, "LAUNCH_HOOKS", [recorder.hook])
     outputs = []
     for seed, lens in enumerate([[17, 63], [140, 1]]):  # a replay with new tables and lengths
-        kc, vc, table, kv_len = paged_inputs(lens, P, D, torch.float32, seed=seed)
+        kc, vc, table, kv_len = paged_inputs(lens, P, D, torch.float32, seed=seed, device=device)
         table = torch.cat([table, table.new_zeros(2, 10 - table.shape[1])], 1)
-        q = torch.randn(2, HQ, 1, D)
+        q = torch.randn(2, HQ, 1, D).to(device)  # inputs are made (and moved) outside the mode
         with recorder:
             o, lse = attn.run(plan, q, kc, vc, page_table=table, kv_len=kv_len)
         outputs.append((o.data_ptr(), lse.data_ptr()))
-        ro, rl = paged_reference(spec, q.double(), kc.double(), vc.double(), table, kv_len)
+        ro, rl = paged_reference(spec, *cpu64(q, kc, vc), table.cpu(), kv_len.cpu())
         close(o, lse, ro, rl, torch.float32)
     # no aten op at all on the host: nothing allocated, nothing read back (.item(), .tolist(),
     # .cpu() and friends are aten ops: _local_scalar_dense, _to_copy, ...)
@@ -83,10 +84,10 @@ def test_the_recorder_sees_syncs_and_allocations():
     assert any("_local_scalar_dense" in op for op in recorder.ops)
 
 
-def _paged_call(changes):
+def _paged_call(changes, device):
     P, D = 16, 32
-    kc, vc, table, kv_len = paged_inputs([17, 40], P, D, torch.float32)
-    inputs = {"q": torch.randn(2, HQ, 1, D), "k": kc, "v": vc, "page_table": table,
+    kc, vc, table, kv_len = paged_inputs([17, 40], P, D, torch.float32, device=device)
+    inputs = {"q": torch.randn(2, HQ, 1, D).to(device), "k": kc, "v": vc, "page_table": table,
               "kv_len": kv_len}
     inputs.update(changes(inputs))
     attn = attncc.compile(specs(attncc.paged(P))["M1"])
@@ -101,7 +102,8 @@ def _bad_page(i):
 
 
 def _long(i):
-    return {"kv_len": torch.tensor([17, i["page_table"].shape[1] * 16 + 1], dtype=torch.int32)}
+    return {"kv_len": torch.tensor([17, i["page_table"].shape[1] * 16 + 1], dtype=torch.int32,
+                                   device=i["kv_len"].device)}
 
 
 DEBUG_ERRORS = {  # checked on the host under ATTNCC_DEBUG=1 (unchecked in the fast path)
@@ -110,7 +112,8 @@ DEBUG_ERRORS = {  # checked on the host under ATTNCC_DEBUG=1 (unchecked in the f
                                       r"page_size")),
 }
 ALWAYS_ERRORS = {  # metadata only: checked on every call
-    "batch-mismatch": (lambda i: {"kv_len": torch.tensor([1, 2, 3], dtype=torch.int32)},
+    "batch-mismatch": (lambda i: {"kv_len": torch.tensor([1, 2, 3], dtype=torch.int32,
+                                                         device=i["kv_len"].device)},
                        r"kv_len: expected a int32 tensor \[B\] = \[2\]"),
     "table-dtype": (lambda i: {"page_table": i["page_table"].long()},
                     r"page_table: expected a int32 tensor \[B, max_pages\]"),
@@ -120,28 +123,28 @@ ALWAYS_ERRORS = {  # metadata only: checked on every call
 
 
 @pytest.mark.parametrize("case", list(DEBUG_ERRORS))
-def test_debug_errors(case):
+def test_debug_errors(case, device):
     change, message = DEBUG_ERRORS[case]
     with config.override(ATTNCC_DEBUG="1"), pytest.raises(ValueError, match=message):
-        _paged_call(change)
+        _paged_call(change, device)
 
 
 @pytest.mark.parametrize("case", list(ALWAYS_ERRORS))
-def test_metadata_errors(case):
+def test_metadata_errors(case, device):
     change, message = ALWAYS_ERRORS[case]
     with config.override(ATTNCC_DEBUG="0"), pytest.raises(ValueError, match=message):
-        _paged_call(change)
+        _paged_call(change, device)
 
 
-def test_non_monotone_cu_seqlens():
+def test_non_monotone_cu_seqlens(device):
     attn = attncc.compile(specs(attncc.ragged())["M1"])
-    cq = torch.tensor([0, 3, 2, 5], dtype=torch.int32)
+    cq = torch.tensor([0, 3, 2, 5], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=r"cu_seqlens_q: expected N \+ 1 >= 2 non-decreasing"):
         attn.plan(batch=3, num_heads=HQ, num_kv_heads=HKV, head_dim=16, cu_seqlens_q=cq,
-                  kv_capacity=8, dtype=torch.float32)
-    ck = torch.tensor([0, 4, 1, 6], dtype=torch.int32)
-    q, k = torch.randn(5, HQ, 16), torch.randn(6, HKV, 16)
-    good = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
+                  kv_capacity=8, dtype=torch.float32, device=device)
+    ck = torch.tensor([0, 4, 1, 6], dtype=torch.int32, device=device)
+    q, k = torch.randn(5, HQ, 16).to(device), torch.randn(6, HKV, 16).to(device)
+    good = torch.tensor([0, 2, 3, 5], dtype=torch.int32, device=device)
     with config.override(ATTNCC_DEBUG="1"), pytest.raises(ValueError, match="cu_seqlens_k"):
         attn(q, k, k, cu_seqlens_q=good, cu_seqlens_k=ck)
 
@@ -168,20 +171,21 @@ def test_serving_kernels_compile_for_gpu(case, tmp_path, monkeypatch):
     assert re.search(rf"^\.target\s+sm_{arch}", art.ptx, re.MULTILINE)
 
 
-def test_sinks_are_bound_per_plan():
+def test_sinks_are_bound_per_plan(device):
     """A plan binds captured tensors: a new sink tensor at plan time changes the result."""
     spec = specs(attncc.paged(16))["N2"]
     attn = attncc.compile(spec)
-    kc, vc, table, kv_len = paged_inputs([17, 40], 16, 32, torch.float32)
-    q = torch.randn(2, HQ, 1, 32)
+    kc, vc, table, kv_len = paged_inputs([17, 40], 16, 32, torch.float32, device=device)
+    q = torch.randn(2, HQ, 1, 32).to(device)
     kw = {"batch": 2, "num_heads": HQ, "num_kv_heads": HKV, "head_dim": 32,
-          "max_pages": table.shape[1], "dtype": torch.float32, "return_lse": True}
+          "max_pages": table.shape[1], "dtype": torch.float32, "return_lse": True,
+          "device": device}
     o1, _ = attn.run(attn.plan(**kw), q, kc, vc, page_table=table, kv_len=kv_len)
     new = SINKS + 3.0
     o2, lse2 = attn.run(attn.plan(**kw, sink=new), q, kc, vc, page_table=table, kv_len=kv_len)
     ro, rl = paged_reference(attncc.Attention(mask=attncc.causal(), normaliser=attncc.sink(new),
                                               memory=attncc.paged(16)),
-                             q.double(), kc.double(), vc.double(), table, kv_len)
+                             *cpu64(q, kc, vc), table.cpu(), kv_len.cpu())
     close(o2, lse2, ro, rl, torch.float32)
     assert not torch.allclose(o1, o2)
 

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, layout="bhsd", seed=0):
-    g = torch.Generator().manual_seed(seed)
+def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, layout="bhsd", seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # seeded on the CPU: same values on every device
     shapes = [(B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)]
-    out = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+    out = [torch.randn(*s, generator=g).to(dtype).to(device) for s in shapes]
     if layout == "bshd":
         out = [t.transpose(1, 2).contiguous() for t in out]
     return [t.requires_grad_() for t in out]
@@ -75,10 +75,11 @@ def test_opcheck(case):
     opcheck(torch.ops.attncc.attention_fwd.default, _op_args(attn, q, k, v, caps, layout))
 
 
-def test_opcheck_triton_forward_interpreter():
+def test_opcheck_triton_forward_interpreter(device):
     spec, caps = _specs(2)["sw-alibi"]
+    caps = {n: t.to(device) for n, t in caps.items()}
     attn = attncc.compile(spec)
-    q, k, v = (t.detach() for t in _qkv(1, 2, 1, 17, 17, 16))
+    q, k, v = (t.detach() for t in _qkv(1, 2, 1, 17, 17, 16, device=device))
     opcheck(torch.ops.attncc.attention_fwd.default,
             _op_args(attn, q, k, v, caps, backend="triton"))
 
@@ -279,13 +280,13 @@ def test_two_compiles_of_a_spec_share_the_key_and_eager_runs_its_own_object():
     assert ran == ["a", "b"]
 
 
-def test_triton_backward_through_the_op_matches_reference_backend():
+def test_triton_backward_through_the_op_matches_reference_backend(device):
     """backend="auto": the Triton forward and backward (interpreter on CPU) through the ops
     give the reference backend's gradients, capture gradients included (fp32, 1e-4)."""
     spec, caps = _specs(2)["sw-alibi"]
     attn = attncc.compile(spec)
-    q, k, v = _qkv(1, 2, 1, 17, 17, 16)
-    slopes = caps["alibi_slopes"].clone().requires_grad_()
+    q, k, v = _qkv(1, 2, 1, 17, 17, 16, device=device)
+    slopes = caps["alibi_slopes"].to(device).clone().requires_grad_()
     grads = []
     for backend in ("triton", "reference"):
         o, lse = attn(q, k, v, return_lse=True, backend=backend, alibi_slopes=slopes)

@@ -54,7 +54,9 @@ CASES = {  # id -> (rule, L, initial state, varlen cu_seqlens or None, backend)
 }
 
 
-def _case(case):
+def _case(case, device):
+    """(attn, inputs, do, d_state, cu_seqlens, backend), tensors drawn on the CPU generator and
+    moved to `device` (values do not depend on the device)."""
     rule, L, initial, cu, backend = CASES[case]
     attn = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(**RULES[rule])))
     x, do, ds = make_inputs(attn.node, 1, 2, L, 16, 16, initial=initial, seed=3)
@@ -66,8 +68,9 @@ def _case(case):
         shape = (n_seq, 2, 16, attn.node.state_dv(16))
         x["initial_state"], ds = torch.rand(*shape, generator=gen), torch.randn(*shape,
                                                                                 generator=gen)
-        cu = torch.tensor(cu)
-    return attn, x, do, ds, cu, backend
+        cu = torch.tensor(cu).to(device)
+    x = {n: t.to(device) for n, t in x.items()}
+    return attn, x, do.to(device), ds.to(device), cu, backend
 
 
 def _op_args(attn, x, cu, backend, return_state=True, scale=None):
@@ -76,16 +79,16 @@ def _op_args(attn, x, cu, backend, return_state=True, scale=None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_opcheck_linear_fwd(case):
-    attn, x, _, _, cu, backend = _case(case)
+def test_opcheck_linear_fwd(case, device):
+    attn, x, _, _, cu, backend = _case(case, device)
     leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
     return_state = "decode" not in case  # the decode case returns o only (state: empty [0])
     opcheck(torch.ops.attncc.linear_fwd.default,
             _op_args(attn, leaves, cu, backend, return_state=return_state))
 
 
-def test_opcheck_linear_bwd():
-    attn, x, do, ds, _, _ = _case("L6-B1H2-L17-d16-state-triton")
+def test_opcheck_linear_bwd(device):
+    attn, x, do, ds, _, _ = _case("L6-B1H2-L17-d16-state-triton", device)
     scale = torch.tensor(0.3, dtype=torch.float64)
     args = (attn.key, x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"], None,
             scale, None, do, ds, "triton")
@@ -94,14 +97,16 @@ def test_opcheck_linear_bwd():
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_values_and_gradients_match_fp64_oracle(case):
+def test_values_and_gradients_match_fp64_oracle(case, device):
     """o, the final state and every input's gradient through the op, against fp64."""
-    attn, x, do, ds, cu, backend = _case(case)
+    attn, x, do, ds, cu, backend = _case(case, device)
     leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
     o, state = attn(leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"),
                     beta=leaves.get("beta"), initial_state=leaves.get("initial_state"),
                     cu_seqlens=cu, return_state=True, backend=backend)
     ((o * do).sum() + (state * ds).sum()).backward()
+    x, do, ds = {n: t.cpu() for n, t in x.items()}, do.cpu(), ds.cpu()  # oracles on the CPU
+    cu = None if cu is None else cu.cpu()
     f64 = {n: t.double() for n, t in x.items()}
     run = varlen_reference if cu is not None else recurrent_reference
     extra = {"cu_seqlens": cu} if cu is not None else {}
@@ -140,19 +145,20 @@ class GatedDeltaBlock(torch.nn.Module):
         return self.out(o.transpose(1, 2).reshape(B, L, -1)), s
 
 
-def _block_inputs(seed, L=17):
+def _block_inputs(seed, device, L=17):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, L, 32, generator=gen), torch.randn(1, 2, 16, 16, generator=gen))
+    return (torch.randn(1, L, 32, generator=gen).to(device),
+            torch.randn(1, 2, 16, 16, generator=gen).to(device))
 
 
-def test_fullgraph_l6_model_matches_eager_with_gradients_and_never_recompiles():
+def test_fullgraph_l6_model_matches_eager_with_gradients_and_never_recompiles(device):
     torch._dynamo.reset()
-    model = GatedDeltaBlock()
+    model = GatedDeltaBlock().to(device)
     counter = CountingBackend()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     params = list(model.parameters())
     for seed, scale in [(0, 0.25), (1, 0.5)]:  # new inputs, gates, states and scale: data
-        x, s0 = _block_inputs(seed)
+        x, s0 = _block_inputs(seed, device)
         s0.requires_grad_(True)
         scale_t = torch.tensor(scale, dtype=torch.float64)
         results = []
@@ -168,14 +174,14 @@ def test_fullgraph_l6_model_matches_eager_with_gradients_and_never_recompiles():
     assert counter.compiles == 1  # fullgraph=True: a graph break would have raised
 
 
-def test_decode_step_compiled_matches_eager_and_reference():
+def test_decode_step_compiled_matches_eager_and_reference(device):
     """L = 1 (the recurrent kernel) under torch.compile, the state carried across steps: equal
     to eager at each step, and the steps together to one fp64 reference prefill."""
     torch._dynamo.reset()
-    model = GatedDeltaBlock()
+    model = GatedDeltaBlock().to(device)
     counter = CountingBackend()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    x, s0 = _block_inputs(5, L=3)
+    x, s0 = _block_inputs(5, device, L=3)
     scale = torch.tensor(0.25, dtype=torch.float64)
     s, s_eager, ys = s0, s0, []
     with torch.no_grad():
@@ -185,20 +191,20 @@ def test_decode_step_compiled_matches_eager_and_reference():
             torch.testing.assert_close(y, y_e, atol=1e-5, rtol=1e-5)
             ys.append(y)
         y_full, s_full = GatedDeltaBlock(backend="reference").double()(
-            x.double(), s0.double(), scale)
+            x.double().cpu(), s0.double().cpu(), scale)
     assert_near("decode o", torch.cat(ys, 1), y_full, 1e-4)
     assert_near("decode state", s, s_full, 1e-4)
     assert counter.compiles == 1
 
 
-def test_export_l6_model_runs_and_matches():
-    model = GatedDeltaBlock()
-    x, s0 = _block_inputs(0)
+def test_export_l6_model_runs_and_matches(device):
+    model = GatedDeltaBlock().to(device)
+    x, s0 = _block_inputs(0, device)
     scale = torch.tensor(0.25, dtype=torch.float64)
     ep = torch.export.export(model, (x, s0, scale))
     assert "torch.ops.attncc.linear_fwd.default('linear_gated_delta-" in ep.graph_module.code
     for seed in (0, 1):
-        x, s0 = _block_inputs(seed)
+        x, s0 = _block_inputs(seed, device)
         for got, want in zip(ep.module()(x, s0, scale), model(x, s0, scale)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -36,8 +36,10 @@ def kernel(name: str, block_v: int | None = None) -> TritonRecurrentLinear:
 
 
 def make_inputs(node: LinearState, B: int, H: int, L: int, dk: int, dv: int, *,
-                dtype: torch.dtype = torch.float32, initial: bool = False, seed: int = 0):
-    """Inputs in `dtype` (state in fp32); delta rules get unit-norm keys, as their users do."""
+                device: str, dtype: torch.dtype = torch.float32, initial: bool = False,
+                seed: int = 0):
+    """Inputs in `dtype` (state in fp32) on `device`; delta rules get unit-norm keys, as their
+    users do. Drawn on the CPU generator then moved, so values do not depend on the device."""
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, L, dk, generator=gen) for _ in range(2))
     v = torch.randn(B, H, L, dv, generator=gen)
@@ -55,12 +57,13 @@ def make_inputs(node: LinearState, B: int, H: int, L: int, dk: int, dv: int, *,
         state = torch.randn(B, H, dk, node.state_dv(dv), generator=gen)
         if node.normalize:
             state[..., -1] = state[..., -1].abs()  # z sums phi(k) > 0
-    q, k, v = (x.to(dtype) for x in (q, k, v))
-    return q, k, v, {name: x.to(dtype) for name, x in extra.items()}, state
+    q, k, v = (x.to(dtype).to(device) for x in (q, k, v))
+    state = None if state is None else state.to(device)
+    return q, k, v, {name: x.to(dtype).to(device) for name, x in extra.items()}, state
 
 
 def d(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.double()
+    return None if x is None else x.double().cpu()  # the fp64 reference runs on the CPU
 
 
 def reference(node, q, k, v, extra, state):
@@ -69,15 +72,16 @@ def reference(node, q, k, v, extra, state):
 
 
 def assert_near(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    err = (actual.double() - expected).abs().max().item()
+    err = (actual.double().cpu() - expected).abs().max().item()
     ref = expected.abs().max().item()
     assert err <= tol * max(ref, 1.0), f"max error {err:.3g} vs reference max {ref:.3g}"
 
 
-def run_and_check(name: str, L: int, *, dtype=torch.float32, initial=False, B=1, H=2,
-                  dk=16, dv=16, block_v=None) -> None:
+def run_and_check(name: str, L: int, device: str, *, dtype=torch.float32, initial=False, B=1,
+                  H=2, dk=16, dv=16, block_v=None) -> None:
     node = NODES[name]
-    q, k, v, extra, state = make_inputs(node, B, H, L, dk, dv, dtype=dtype, initial=initial)
+    q, k, v, extra, state = make_inputs(node, B, H, L, dk, dv, device=device, dtype=dtype,
+                                        initial=initial)
     o, s = kernel(name, block_v)(q, k, v, initial_state=state, return_state=True, **extra)
     ro, rs = reference(node, q, k, v, extra, state)
     assert o.dtype == dtype and o.shape == (B, H, L, dv)
@@ -89,42 +93,42 @@ def run_and_check(name: str, L: int, *, dtype=torch.float32, initial=False, B=1,
 @pytest.mark.parametrize("initial", [False, True], ids=["zero_state", "state_in"])
 @pytest.mark.parametrize("L", [1, 63, 64, 65])
 @pytest.mark.parametrize("name", list(NODES))
-def test_fp32_matches_reference(name, L, initial):
-    run_and_check(name, L, initial=initial)
+def test_fp32_matches_reference(name, L, initial, device):
+    run_and_check(name, L, device, initial=initial)
 
 
 @pytest.mark.parametrize("name", ["linear_elu1_norm", "gated_delta"])
-def test_long_sequence_L300(name):
-    run_and_check(name, 300, initial=True, H=1)
+def test_long_sequence_L300(name, device):
+    run_and_check(name, 300, device, initial=True, H=1)
 
 
 @pytest.mark.parametrize("name", ["linear_elu1_norm", "vector_gate", "gated_delta"])
-def test_split_dv_and_dk_ne_dv(name):
+def test_split_dv_and_dk_ne_dv(name, device):
     # Dk 16, Dv 40 padded to 64 and split into 16-column programs; z written once
-    run_and_check(name, 33, initial=True, dk=16, dv=40, block_v=16)
+    run_and_check(name, 33, device, initial=True, dk=16, dv=40, block_v=16)
 
 
 @pytest.mark.parametrize("name", ["delta", "decay"])
-def test_head_dims_32_and_odd(name):
-    run_and_check(name, 37, initial=True, dk=32, dv=24)
+def test_head_dims_32_and_odd(name, device):
+    run_and_check(name, 37, device, initial=True, dk=32, dv=24)
 
 
 @pytest.mark.parametrize("dk,dv", [(20, 24), (128, 128)], ids=["dk20_dv24", "dk128_dv128"])
 @pytest.mark.parametrize("name", ["linear_elu1_norm", "gated_delta"])
-def test_padded_and_largest_head_dims(name, dk, dv):
+def test_padded_and_largest_head_dims(name, dk, dv, device):
     # dk 20: padded key lanes must stay 0 after phi (elu1(0) = 1); dk 128: the largest tile
-    run_and_check(name, 9, initial=True, dk=dk, dv=dv)
+    run_and_check(name, 9, device, initial=True, dk=dk, dv=dv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["scalar_gate", "gated_delta"])
-def test_half_precision(name, dtype):
-    run_and_check(name, 65, dtype=dtype, initial=True)
+def test_half_precision(name, dtype, device):
+    run_and_check(name, 65, device, dtype=dtype, initial=True)
 
 
-def test_strided_inputs_bshd_views():
+def test_strided_inputs_bshd_views(device):
     node = NODES["vector_gate"]
-    q, k, v, extra, state = make_inputs(node, 2, 2, 40, 16, 16, initial=True)
+    q, k, v, extra, state = make_inputs(node, 2, 2, 40, 16, 16, device=device, initial=True)
     # the same values laid out as BSHD memory, viewed as BHSD (non-contiguous strides)
     qs, ks, vs = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     o, s = kernel("vector_gate")(qs, ks, vs, initial_state=state, return_state=True, **extra)
@@ -134,9 +138,10 @@ def test_strided_inputs_bshd_views():
 
 
 @pytest.mark.parametrize("name", ["linear_elu1_norm", "gated_delta", "decay"])
-def test_prefill_then_decode_equals_one_run(name):
+def test_prefill_then_decode_equals_one_run(name, device):
     node, L = NODES[name], 50
-    q, k, v, extra, state = make_inputs(node, 1, 2, L, 16, 16, initial=True, seed=3)
+    q, k, v, extra, state = make_inputs(node, 1, 2, L, 16, 16, device=device, initial=True,
+                                        seed=3)
     kern = kernel(name)
     o_all, s_all = kern(q, k, v, initial_state=state, return_state=True, **extra)
     head = {n: x[:, :, :L - 1] for n, x in extra.items()}
@@ -149,17 +154,17 @@ def test_prefill_then_decode_equals_one_run(name):
     torch.testing.assert_close(s_dec, s_all, rtol=1e-5, atol=1e-5)
 
 
-def test_no_state_returned_and_default_zero_state():
+def test_no_state_returned_and_default_zero_state(device):
     node = NODES["scalar_gate"]
-    q, k, v, extra, _ = make_inputs(node, 1, 1, 20, 16, 16)
+    q, k, v, extra, _ = make_inputs(node, 1, 1, 20, 16, 16, device=device)
     o = kernel("scalar_gate")(q, k, v, **extra)
     assert isinstance(o, torch.Tensor)
     assert_near(o, reference(node, q, k, v, extra, None)[0], 1e-4)
 
 
-def test_normalised_zero_denominator_gives_zero_not_nan():
+def test_normalised_zero_denominator_gives_zero_not_nan(device):
     node = LinearState("linear", normalize=True)  # identity phi: z . q can be exactly 0
-    q, k, v, _, _ = make_inputs(node, 1, 1, 6, 16, 16)
+    q, k, v, _, _ = make_inputs(node, 1, 1, 6, 16, 16, device=device)
     q[:, :, :3] = 0
     o = TritonRecurrentLinear(node)(q, k, v)
     assert torch.isfinite(o).all() and (o[:, :, :3] == 0).all()
@@ -190,16 +195,17 @@ def test_block_causal_has_no_one_token_kernel():
 @pytest.mark.parametrize("initial", [False, True], ids=["zero_state", "state_in"])
 @pytest.mark.parametrize("dk,L", [(16, 17), (5, 33)], ids=["dk16_L17", "dk5_L33"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "norm"])
-def test_taylor2_feature_map(normalize, dk, L, initial):
+def test_taylor2_feature_map(normalize, dk, L, initial, device):
     # F = 1 + D + D^2 (273 for D = 16, padded to 512): phi built from two gathered loads
     node = LinearState("linear", feature_map="taylor2", normalize=normalize)
-    q, k, v, extra, state = make_inputs(node, 1, 2, L, dk, 24, initial=False)
+    q, k, v, extra, state = make_inputs(node, 1, 2, L, dk, 24, device=device, initial=False)
     q, k = q * 0.5, k * 0.5  # BASED scales q, k by D^(-1/4); keeps phi(q).phi(k) moderate
     if initial:
         gen = torch.Generator().manual_seed(5)
         state = torch.randn(1, 2, node.feature_dim(dk), node.state_dv(24), generator=gen)
         if normalize:
             state[..., -1] = state[..., -1].abs() + 1  # z . phi(q) stays away from 0
+        state = state.to(device)
     o, s = TritonRecurrentLinear(node)(q, k, v, initial_state=state, return_state=True)
     ro, rs = reference(node, q, k, v, extra, state)
     assert s.shape == (1, 2, node.feature_dim(dk), node.state_dv(24))
