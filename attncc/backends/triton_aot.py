@@ -94,11 +94,8 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     job = {"path": str(forward.entry.files["kernel.py"]), "name": forward.name,
            "aligned": list(ALIGNED) if contiguous else []}
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
-    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, sched, what)
-    return CompiledArtifact(
-        name=forward.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_qk, head_dim_v=head_dim_v,
-        schedule=sched, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, signature, constexprs, sched, what,
+                            dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
 
 
 def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str = "float16",
@@ -119,12 +116,9 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     job = {"path": str(forward.entry.files["block_map.py"]), "name": name,
            "aligned": ["CLASSES"]}
     launch = dataclasses.replace(sched, num_warps=4, num_stages=1)
-    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, launch,
-                                           f"tiles {sched.block_m}x{sched.block_n}")
-    return CompiledArtifact(
-        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim_v,
-        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, signature, constexprs, launch,
+                            f"tiles {sched.block_m}x{sched.block_n}",
+                            dtype=dtype, head_dims=(head_dim, head_dim_v))
 
 
 def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
@@ -158,13 +152,9 @@ def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: in
     launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
            "aligned": pointers}
-    result, ptx, cubin = compile_in_child(
-        job, arch, signature, constexprs, launch,
-        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}")
-    return CompiledArtifact(
-        name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
-        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, signature, constexprs, launch,
+                            f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}",
+                            dtype=dtype, head_dims=(head_dim_k, head_dim_v))
 
 
 def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
@@ -195,13 +185,21 @@ def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_
     launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
            "aligned": list(pointers)}
-    result, ptx, cubin = compile_in_child(
-        job, arch, signature, constexprs, launch,
-        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}")
+    return compile_artifact(job, arch, signature, constexprs, launch,
+                            f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}",
+                            dtype=dtype, head_dims=(head_dim_k, head_dim_v))
+
+
+def compile_artifact(job: dict[str, Any], arch: int, signature: dict[str, str],
+                     constexprs: dict[str, Any], sched: Schedule, what: str, *, dtype: str,
+                     head_dims: tuple[int, int]) -> CompiledArtifact:
+    """`compile_in_child` for one kernel of `job`, returned as the artifact every ahead-of-time
+    compile produces (cubin, PTX, registers, shared memory, stack)."""
+    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, sched, what)
     return CompiledArtifact(
-        name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
-        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+        name=job["name"], arch=arch, dtype=dtype, head_dim_qk=head_dims[0],
+        head_dim_v=head_dims[1], schedule=sched, shared_bytes=result["shared"],
+        n_regs=result["n_regs"], stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
 
 
 def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],

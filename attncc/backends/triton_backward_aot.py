@@ -8,7 +8,7 @@ pipeline, ptxas included, in a child process with the interpreter off (the machi
 
 from __future__ import annotations
 
-from attncc.backends.triton_aot import CompiledArtifact, compile_in_child
+from attncc.backends.triton_aot import CompiledArtifact, compile_artifact
 from attncc.backends.triton_backward import TritonBackward, backward_constexprs
 from attncc.backends.triton_backward_render import backward_arguments, fixed_arguments
 
@@ -33,8 +33,5 @@ def compile_backward_for_target(backward: TritonBackward, kernel: str, dtype: st
     job = {"path": str(backward.entry.files["kernel.py"]), "name": name,
            "aligned": list(ALIGNED)}
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
-    result, ptx, cubin = compile_in_child(job, arch, signature, constexprs, sched, what)
-    return CompiledArtifact(
-        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim_qk, head_dim_v=head_dim_v,
-        schedule=sched, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, signature, constexprs, sched, what,
+                            dtype=dtype, head_dims=(head_dim_qk, head_dim_v))

@@ -230,7 +230,7 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
     `triton_aot.compile_linear_for_target` does for the recurrent one (g, beta, lam and the
     states are fp32; q/k/v/o are `dtype`). Returns a `CompiledArtifact`; raises
     `AOTCompileError`."""
-    from attncc.backends.triton_aot import CompiledArtifact, compile_in_child, linear_signature
+    from attncc.backends.triton_aot import compile_artifact, linear_signature
     from attncc.ir.nodes import Schedule
 
     signature, pointers = linear_signature(dtype)
@@ -244,10 +244,7 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
     launch = Schedule(num_warps=NUM_WARPS, num_stages=3)  # num_stages: Triton's default
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
            "aligned": pointers}
-    result, ptx, cubin = compile_in_child(
-        job, arch, signature, constexprs, launch,
-        f"{dtype}, head dims {head_dim_k}/{head_dim_v}, chunk {chunk}, varlen {varlen}")
-    return CompiledArtifact(
-        name=kernel.name, arch=arch, dtype=dtype, head_dim_qk=head_dim_k, head_dim_v=head_dim_v,
-        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, signature, constexprs, launch,
+                            f"{dtype}, head dims {head_dim_k}/{head_dim_v}, chunk {chunk}, "
+                            f"varlen {varlen}",
+                            dtype=dtype, head_dims=(head_dim_k, head_dim_v))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attncc.backends.triton_aot import CompiledArtifact, compile_in_child
+from attncc.backends.triton_aot import CompiledArtifact, compile_artifact
 from attncc.backends.triton_serve import TritonServe, schedule, signature
 from attncc.ir.nodes import Schedule
 from attncc.passes.select_tiles import padded
@@ -57,8 +57,5 @@ def compile_serve_for_target(kernels: TritonServe, arch: int, dtype: str = "floa
     aligned = [n for n, t in sig.items() if t.startswith("*")]
     job = {"path": str(kernels.entry.files["kernel.py"]), "name": name, "aligned": aligned}
     what = f"{variant}, {dtype}, head dim {head_dim}, splits {num_splits}"
-    result, ptx, cubin = compile_in_child(job, arch, sig, cx, launch, what)
-    return CompiledArtifact(
-        name=name, arch=arch, dtype=dtype, head_dim_qk=head_dim, head_dim_v=head_dim,
-        schedule=launch, shared_bytes=result["shared"], n_regs=result["n_regs"],
-        stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+    return compile_artifact(job, arch, sig, cx, launch, what,
+                            dtype=dtype, head_dims=(head_dim, head_dim))
