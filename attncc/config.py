@@ -4,8 +4,8 @@
 `TRITON_INTERPRET`   when "1", kernels run on the CPU under Triton's interpreter.
 `ATTNCC_DEBUG`       when "1", calls also run checks that need a device sync (e.g. that a
                      captured tensor promised nondecreasing is), before any launch.
-`ATTNCC_OFFLINE`     when "1", `precompile` only loads kernels `attncc build` made ahead of time:
-                     a missing one raises instead of compiling (production processes).
+`ATTNCC_OFFLINE`     when "1", `precompile` and GPU launches only load kernels `attncc build` made
+                     ahead of time: a missing one raises instead of compiling (production).
 """
 
 from __future__ import annotations

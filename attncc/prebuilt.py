@@ -5,23 +5,24 @@ artifact if a build made it (no Triton compile: the cubin and PTX are read from 
 compile it with `triton_aot`, store it, and say so. With `ATTNCC_OFFLINE=1` a missing kernel
 raises `NotPrebuiltError` naming the kernel, the target and the signature instead.
 
-One entry per (kernel, kind, arch, dtype, head dims), through `cache.load_or_build` (atomic,
-checksummed, locked, so racing builders build it once and `attncc cache verify` covers it):
+One entry per (kernel, kind, arch, dtype, head dims, variant), through `cache.load_or_build`
+(atomic, checksummed, locked, so racing builders build it once and `attncc cache verify` covers
+it):
 
     kernels/<kernel name>.sm90.fp16.d128-<key[:16]>/
-        kernel.cubin  kernel.ptx  artifact.json  meta.json
+        kernel.cubin  kernel.ptx  triton.json  artifact.json  meta.json
 
-meta.json adds `kind` ("forward" | "block_map"), `kernel`, `target` ("sm_90"), `arch`, `dtype`,
-`head_dim_qk`, `head_dim_v`, `schedule` and `source_key` (the key of the source entry it was
-compiled from). Key: sha256 of the source key (canonical IR, templates, attncc/torch/triton
-versions), kind, arch, dtype, head dims, the schedule and the triton version.
+triton.json is Triton's own metadata file for the binary. meta.json adds `kind` ("forward" |
+"block_map"), `kernel`, `target` ("sm_90"), `arch`, `dtype`, `head_dim_qk`, `head_dim_v`,
+`variant`, `schedule` and `source_key` (the key of the source entry it was compiled from). Key:
+sha256 of the source key (canonical IR, templates, attncc/torch/triton versions), kind, arch,
+dtype, head dims, the variant, the schedule and the triton version.
 
-On a GPU, launches still go through Triton's JIT, whose own cache is `$ATTNCC_CACHE_DIR/triton`
-(where the build's compiles also land). The JIT reuses a build's binary only when its cache key
-matches: same specialisation (16-byte aligned pointers, unit last-dim strides, which integer
-arguments are divisible by 16, constexprs such as WRITE_LSE) and options. That GPU path has not
-been verified on a GPU here; the artifacts themselves (cubin, PTX, registers, shared memory) are
-what this module guarantees.
+On a GPU, `TritonForward.launch` runs these entries: `direct_kernel` loads (or, not prebuilt,
+compiles and logs) the entry for the launch's variant (`launch_spec.forward_variant`) and
+launches its cubin through Triton's launcher (`triton_direct`), never through Triton's JIT.
+`attncc build` builds the default variant (contiguous q/k/v/o, lse written, original token
+order, 32-bit integers); a launch that needs another compiles it once, with a log line.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from attncc import config
 from attncc.backends import cache, triton_aot
+from attncc.backends.launch_spec import (DEFAULT_VARIANT, ForwardVariant, block_map_spec,
+                                         forward_spec)
 from attncc.backends.triton_aot import SUPPORTED_ARCHS, CompiledArtifact, artifact_stem
+from attncc.backends.triton_direct import METADATA_FILE, DirectKernel
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import Signature
 from attncc.passes.select_tiles import MAX_HEAD_DIM
@@ -48,7 +52,7 @@ log = logging.getLogger("attncc")
 KINDS = ("forward", "block_map")
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
-FORMAT = 1  # bump when the entry's files or fields change
+FORMAT = 2  # bump when the entry's files or fields change
 
 
 class NotPrebuiltError(RuntimeError):
@@ -97,27 +101,32 @@ def kernel_name(forward: TritonForward, kind: str) -> str:
 
 
 def artifact_key(forward: TritonForward, kind: str, arch: int, dtype: str, head_dim_qk: int,
-                 head_dim_v: int) -> str:
+                 head_dim_v: int, variant: ForwardVariant = DEFAULT_VARIANT) -> str:
     import triton
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
     text = "\n".join(map(str, [forward.entry.meta["key"], kind, f"sm{arch}", dtype, head_dim_qk,
-                               head_dim_v, sched.text(), f"triton={triton.__version__}",
-                               f"format={FORMAT}"]))
+                               head_dim_v, variant, sched.text(),
+                               f"triton={triton.__version__}", f"format={FORMAT}"]))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_or_compile(forward: TritonForward, kind: str, dtype: str, head_dim_qk: int,
-                    head_dim_v: int, arch: int) -> Prebuilt:
-    """The artifact of one kernel for sm_<arch> and one signature: loaded when a build made it,
-    else compiled (no GPU needed) and stored; with ATTNCC_OFFLINE=1, NotPrebuiltError."""
+                    head_dim_v: int, arch: int, variant: ForwardVariant = DEFAULT_VARIANT
+                    ) -> Prebuilt:
+    """The artifact of one kernel for sm_<arch>, one signature and (forward kernels) one
+    variant: loaded when a build made it, else compiled (no GPU needed) and stored; with
+    ATTNCC_OFFLINE=1, NotPrebuiltError."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if kind not in kinds(forward):
         raise ValueError(f"{forward.name} has no {kind} kernel")
+    if kind == "block_map" and variant != DEFAULT_VARIANT:
+        raise ValueError(f"the block-map kernel has one variant, got {variant}")
     dtype, arch = parse_dtype(dtype), parse_arch(arch)
     head_dim_qk, head_dim_v = check_head_dim(head_dim_qk), check_head_dim(head_dim_v)
-    key = artifact_key(forward, kind, arch, dtype, head_dim_qk, head_dim_v)
-    name = artifact_stem(kernel_name(forward, kind), arch, dtype, head_dim_qk, head_dim_v)
+    key = artifact_key(forward, kind, arch, dtype, head_dim_qk, head_dim_v, variant)
+    name = (artifact_stem(kernel_name(forward, kind), arch, dtype, head_dim_qk, head_dim_v)
+            + variant.suffix())
     start = time.perf_counter()
     if config.offline():
         entry = cache.load(key, name)
@@ -129,18 +138,19 @@ def load_or_compile(forward: TritonForward, kind: str, dtype: str, head_dim_qk: 
                 f"`attncc build MANIFEST --arch sm_{arch}` or unset ATTNCC_OFFLINE")
     else:
         def build() -> dict[str, bytes]:
-            art = _compile(forward, kind, dtype, head_dim_qk, head_dim_v, arch)
+            art = _compile(forward, kind, dtype, head_dim_qk, head_dim_v, arch, variant)
             info = {f: getattr(art, f) for f in ("name", "arch", "dtype", "head_dim_qk",
                                                  "head_dim_v", "shared_bytes", "n_regs",
                                                  "stack_bytes")}
             info["schedule"] = asdict(art.schedule)
             return {"kernel.cubin": art.cubin, "kernel.ptx": art.ptx.encode(),
+                    METADATA_FILE: art.triton_metadata.encode(),
                     "artifact.json": json.dumps(info, indent=1, sort_keys=True).encode()}
 
         sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
         meta = {"kind": kind, "kernel": kernel_name(forward, kind), "target": f"sm_{arch}",
                 "arch": arch, "dtype": dtype, "head_dim_qk": head_dim_qk,
-                "head_dim_v": head_dim_v, "schedule": sched.text(),
+                "head_dim_v": head_dim_v, "variant": asdict(variant), "schedule": sched.text(),
                 "source_key": forward.entry.meta["key"]}
         entry = cache.load_or_build(key, name, build, extra_meta=meta)
     return Prebuilt(_artifact(entry), entry.built, time.perf_counter() - start, entry)
@@ -161,10 +171,31 @@ def precompile(attention: CompiledAttention, dtype: Any, head_dim_qk: int,
     results = [load_or_compile(attention.triton, kind, dtype, head_dim_qk, head_dim_v, arch)
                for kind in kinds(attention.triton)]
     for r in results:
-        if r.built:
-            log.warning("attncc: compiled %s in %.1fs (not prebuilt; `attncc build` makes it "
-                        "ahead of time)", r.entry.meta["name"], r.seconds)
+        _say_if_compiled(r)
     return results[0].artifact
+
+
+def direct_kernel(forward: TritonForward, kind: str, dtype: str, head_dim_qk: int,
+                  head_dim_v: int, arch: int, variant: ForwardVariant = DEFAULT_VARIANT
+                  ) -> DirectKernel:
+    """The prebuilt binary of one kernel, ready to launch with no compile: loaded from the
+    cache, or compiled now (one WARNING line; NotPrebuiltError with ATTNCC_OFFLINE=1)."""
+    result = load_or_compile(forward, kind, dtype, head_dim_qk, head_dim_v, arch, variant)
+    _say_if_compiled(result)
+    dtype, arch = result.artifact.dtype, result.artifact.arch
+    if kind == "forward":
+        spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
+        fn = forward.jit_function()
+    else:
+        spec = block_map_spec(forward, dtype, head_dim_qk, head_dim_v, arch)
+        fn = forward.block_map_function()
+    return DirectKernel(fn, spec, result.entry.files)
+
+
+def _say_if_compiled(result: Prebuilt) -> None:
+    if result.built:
+        log.warning("attncc: compiled %s in %.1fs (not prebuilt; `attncc build` makes it "
+                    "ahead of time)", result.entry.meta["name"], result.seconds)
 
 
 def _current_arch() -> int:
@@ -177,10 +208,11 @@ def _current_arch() -> int:
 
 
 def _compile(forward: TritonForward, kind: str, dtype: str, head_dim_qk: int, head_dim_v: int,
-             arch: int) -> CompiledArtifact:
+             arch: int, variant: ForwardVariant) -> CompiledArtifact:
     # through the module, so a test (or a caller) can replace the compilers
     if kind == "forward":
-        return triton_aot.compile_for_target(forward, dtype, head_dim_qk, head_dim_v, arch)
+        return triton_aot.compile_for_target(forward, dtype, head_dim_qk, head_dim_v, arch,
+                                             variant=variant)
     return triton_aot.compile_block_map_for_target(forward, arch, dtype, head_dim_qk, head_dim_v)
 
 
@@ -191,4 +223,5 @@ def _artifact(entry: cache.CacheEntry) -> CompiledArtifact:
         head_dim_qk=info["head_dim_qk"], head_dim_v=info["head_dim_v"],
         schedule=Schedule(**info["schedule"]), shared_bytes=info["shared_bytes"],
         n_regs=info["n_regs"], stack_bytes=info["stack_bytes"],
-        ptx=entry.files["kernel.ptx"].read_text(), cubin=entry.files["kernel.cubin"].read_bytes())
+        ptx=entry.files["kernel.ptx"].read_text(), cubin=entry.files["kernel.cubin"].read_bytes(),
+        triton_metadata=entry.files[METADATA_FILE].read_text())

@@ -102,7 +102,8 @@ def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
             kv_tiles = attn.block_maps.get(
                 B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
                 block_n=sched.block_n, params=values, tensors=tensors, positions=positions,
-                device=q.device)
+                device=q.device, prebuilt_for=(str(q.dtype).removeprefix("torch."),
+                                               qb.shape[3], vb.shape[3]))
         attn.triton.launch(qb, kb, vb, _bhsd(o, layout), lse, sm_scale=sm_scale, params=values,
                            tensors=tensors, kv_tiles=kv_tiles, positions=positions,
                            gather_rows=not permuted, visits=visits)

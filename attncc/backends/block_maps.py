@@ -111,18 +111,27 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
                    block_m: int, block_n: int, params: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor],
                    positions: tuple[torch.Tensor, torch.Tensor] | None,
-                   device: torch.device) -> torch.Tensor:
-    """Launch the generated block-map kernel: one program per (query tile, group)."""
-    from attncc.backends.triton_backend import argument_values
+                   device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
+                   ) -> torch.Tensor:
+    """Launch the generated block-map kernel: one program per (query tile, group).
+    `prebuilt_for`: the forward launch's (dtype, Dqk, Dv) whose tiles these are; on a GPU its
+    prebuilt block-map binary runs (`attncc.prebuilt`), otherwise Triton's JIT."""
+    from attncc.backends.triton_backend import argument_values, prebuilt_arch
     from attncc.backends.triton_render import block_map_arguments
 
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
     classes = torch.empty(Gb, Gh, n_m, n_n, dtype=torch.int8, device=device)
-    values = argument_values(forward.plan, params, tensors, None, positions,
-                             block_map_arguments(forward.plan))
-    forward.block_map_function()[(n_m, Gb * Gh)](
-        classes, *classes.stride()[:3], Gh, Lq, Lk, Hq, Hkv, *values,
-        BLOCK_M=block_m, BLOCK_N=block_n)
+    arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
+    values = dict(zip((name for name, _ in arguments), [
+        classes, *classes.stride()[:3], Gh, Lq, Lk, Hq, Hkv,
+        *argument_values(forward.plan, params, tensors, None, positions,
+                         block_map_arguments(forward.plan))], strict=True))
+    values.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    grid = (n_m, Gb * Gh)
+    if prebuilt_for is not None and prebuilt_arch(device) is not None:
+        forward.run_prebuilt("block_map", grid, values, device, prebuilt_for)
+    else:
+        forward.block_map_function()[grid](**values)
     return classes
 
 
@@ -161,7 +170,9 @@ class BlockMaps:
     def get(self, *, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, block_m: int, block_n: int,
             params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
             positions: tuple[torch.Tensor, torch.Tensor] | None,
-            device: torch.device) -> torch.Tensor:
+            device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
+            ) -> torch.Tensor:
+        """The block map for one call; `prebuilt_for`: see `device_classes`."""
         source = self.plan.block_map.source
         reads = {c.name: tensors[c.name] for c in self.plan.spec.mask.captures}
         key = (B, Hq, Hkv, Lq, Lk, block_m, block_n, device, tuple(sorted(params.items())),
@@ -177,7 +188,8 @@ class BlockMaps:
             classes = topk_classes(self.plan, B=B, Hq=Hq, tensors=tensors, **shape)
         if classes is None and source in ("topk", "device"):
             classes = device_classes(self.forward, Gb=Gb, Gh=Gh, Hq=Hq, Hkv=Hkv, tensors=tensors,
-                                     positions=positions, device=device, **shape)
+                                     positions=positions, device=device,
+                                     prebuilt_for=prebuilt_for, **shape)
         if classes is None:
             classes = analytic_classes(self.plan, Gb=Gb, Gh=Gh, B=B, Hq=Hq, Hkv=Hkv,
                                        tensors=reads, positions=positions, device=device,

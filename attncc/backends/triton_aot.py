@@ -14,7 +14,6 @@ inside the parent-side functions.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -26,13 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from attncc.backends.launch_spec import ForwardVariant, LaunchSpec
     from attncc.backends.triton_backend import TritonForward
     from attncc.ir.nodes import Schedule
 
-# A launch with contiguous last dims specializes these: 16-byte aligned pointers, unit strides
-# (Triton turns an int argument equal to 1 into the constexpr 1).
-ALIGNED = ("Q", "K", "V", "O", "LSE", "VISITS")
-UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
 SUPPORTED_ARCHS = (80, 86, 89, 90)
@@ -63,6 +59,8 @@ class CompiledArtifact:
     stack_bytes: int | None
     ptx: str = field(repr=False)
     cubin: bytes = field(repr=False)
+    # Triton's own metadata file for the binary: what `triton.compiler.CompiledKernel` loads
+    triton_metadata: str = field(default="", repr=False)
 
     @property
     def file_stem(self) -> str:
@@ -77,25 +75,18 @@ def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v
 
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
-                       arch: int, *, write_lse: bool = True,
-                       contiguous: bool = True) -> CompiledArtifact:
+                       arch: int, *, write_lse: bool = True, contiguous: bool = True,
+                       variant: ForwardVariant | None = None) -> CompiledArtifact:
     """Compile `forward` for sm_<arch> and one call signature; raises `AOTCompileError` with
-    Triton's message when it does not compile. `contiguous` compiles the variant a launch with
-    contiguous last dims gets (see ALIGNED, UNIT_STRIDES); False, the one for any strides."""
-    from attncc.backends.triton_render import fixed_arguments, kernel_arguments
-    from attncc.backends.triton_backend import launch_constexprs
-    from attncc.ir.plan import Signature
+    Triton's message when it does not compile. `variant` (default: from `write_lse` and
+    `contiguous`) is the specialisation compiled: `contiguous` is the one a launch with aligned,
+    unit-stride last dims gets (see `launch_spec.ALIGNED`); False, the one for any strides."""
+    from attncc.backends.launch_spec import ForwardVariant, forward_spec
 
-    sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
-    signature = dict(fixed_arguments(dtype) + kernel_arguments(forward.plan))
-    constexprs = launch_constexprs(sched, head_dim_qk, head_dim_v, write_lse)
-    if contiguous:
-        constexprs.update({name: 1 for name in UNIT_STRIDES})
-    job = {"path": str(forward.entry.files["kernel.py"]), "name": forward.name,
-           "aligned": list(ALIGNED) if contiguous else []}
-    what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
-    return compile_artifact(job, arch, signature, constexprs, sched, what,
-                            dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
+    variant = variant or ForwardVariant(write_lse=write_lse, contiguous=contiguous)
+    spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
+    what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {spec.schedule.text()}"
+    return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
 
 
 def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str = "float16",
@@ -104,21 +95,19 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     """Compile `forward`'s block-map kernel (plans whose tiles come from a device-built block
     map) with the tile sizes the forward kernel of (dtype, head_dim, head_dim_v) uses on
     sm_<arch>; `head_dim_v` defaults to `head_dim`."""
-    from attncc.backends.block_maps import block_map_launch_arguments
-    from attncc.backends.triton_render import block_map_arguments, block_map_kernel_name
-    from attncc.ir.plan import Signature
+    from attncc.backends.launch_spec import block_map_spec
 
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    sched = forward.plan_for(Signature(dtype, head_dim, head_dim_v, f"sm{arch}")).schedule
-    signature = dict(block_map_launch_arguments() + block_map_arguments(forward.plan))
-    constexprs = {"BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n}
-    name = block_map_kernel_name(forward.plan)
-    job = {"path": str(forward.entry.files["block_map.py"]), "name": name,
-           "aligned": ["CLASSES"]}
-    launch = dataclasses.replace(sched, num_warps=4, num_stages=1)
-    return compile_artifact(job, arch, signature, constexprs, launch,
-                            f"tiles {sched.block_m}x{sched.block_n}",
-                            dtype=dtype, head_dims=(head_dim, head_dim_v))
+    spec = block_map_spec(forward, dtype, head_dim, head_dim_v, arch)
+    what = f"tiles {spec.constexprs['BLOCK_M']}x{spec.constexprs['BLOCK_N']}"
+    return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim, head_dim_v))
+
+
+def compile_spec(spec: LaunchSpec, arch: int, what: str, *, dtype: str,
+                 head_dims: tuple[int, int]) -> CompiledArtifact:
+    job = {"path": spec.path, "name": spec.name, "aligned": list(spec.aligned)}
+    return compile_artifact(job, arch, dict(spec.signature), dict(spec.constexprs),
+                            spec.schedule, what, dtype=dtype, head_dims=head_dims)
 
 
 def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
@@ -199,7 +188,8 @@ def compile_artifact(job: dict[str, Any], arch: int, signature: dict[str, str],
     return CompiledArtifact(
         name=job["name"], arch=arch, dtype=dtype, head_dim_qk=head_dims[0],
         head_dim_v=head_dims[1], schedule=sched, shared_bytes=result["shared"],
-        n_regs=result["n_regs"], stack_bytes=result["stack"], ptx=ptx, cubin=cubin)
+        n_regs=result["n_regs"], stack_bytes=result["stack"], ptx=ptx, cubin=cubin,
+        triton_metadata=result["triton_metadata"])
 
 
 def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
@@ -275,8 +265,10 @@ def _child(job_path: str) -> None:
                               capture_output=True, text=True).stdout
         found = _RES_USAGE.search(text.split(f"Function {job['name']}:", 1)[-1])
         n_regs, stack = (int(found[1]), int(found[2])) if found else (None, None)
+    metadata = next(Path(p) for f, p in compiled.metadata_group.items() if f.endswith(".json"))
     (out / "result.json").write_text(json.dumps(
-        {"shared": int(compiled.metadata.shared), "n_regs": n_regs, "stack": stack}))
+        {"shared": int(compiled.metadata.shared), "n_regs": n_regs, "stack": stack,
+         "triton_metadata": metadata.read_text()}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """The Triton backend: source from the disk cache (rendered once), module loaded once per
 process, one launch per call. Block sizes and flags are constexprs chosen per call signature,
 so one cached source serves every dtype, head dim and GPU.
+
+On a GPU that `attncc build` can target, the forward kernel (and its block-map kernel) run the
+prebuilt binary of `attncc.prebuilt`, launched by Triton's launcher without Triton's JIT; under
+the interpreter, they go through the JIT.
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ from typing import Any, Mapping
 
 import torch
 
+from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, ForwardVariant,
+                                         forward_variant)
+from attncc.backends.triton_aot import SUPPORTED_ARCHS
 from attncc.backends.triton_printer import capture_arg_names
 from attncc.backends.triton_source import CachedSource, GeneratedKernel, load_module
-from attncc.backends.triton_render import (block_map_kernel_name, kernel_arguments, kernel_name,
-                                           render, render_block_map, template_hash)
+from attncc.backends.triton_render import (block_map_kernel_name, fixed_arguments,
+                                           kernel_arguments, kernel_name, render,
+                                           render_block_map, template_hash)
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan, Signature
 from attncc.passes.pipeline import run_plan_passes
@@ -57,6 +65,7 @@ class TritonForward(GeneratedKernel):
         self.entry = self.kernel.entry
         self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
+        self._prebuilt: dict[tuple, Any] = {}  # (kind, signature, arch, variant) -> DirectKernel
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""
@@ -88,22 +97,60 @@ class TritonForward(GeneratedKernel):
         and scatters o back) rather than already in the reordered layout."""
         B, Hq, Lq, dqk = q.shape
         Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
+        dtype = str(q.dtype).removeprefix("torch.")
         target = target_of(q.device)
         sched = self.schedule_for(q, k, v)
         extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
-        constexprs = launch_constexprs(sched, dqk, dv, write_lse=lse is not None,
-                                       gather_rows=gather_rows)
-        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
-        # there, and only there, bf16 tiles are upcast to fp32 before each dot
-        constexprs["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
-        constexprs["COUNT_VISITS"] = visits is not None
-        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
-        self.jit_function()[grid](
+        names = [name for name, _ in fixed_arguments(dtype) + kernel_arguments(self.plan)]
+        values = dict(zip(names, [
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Lq, Lk, Hq, Hkv, float(sm_scale), *extra, **constexprs,
-            num_warps=sched.num_warps, num_stages=sched.num_stages,
-        )
+            Lq, Lk, Hq, Hkv, float(sm_scale), *extra], strict=True))
+        values.update(launch_constexprs(sched, dqk, dv, write_lse=lse is not None,
+                                        gather_rows=gather_rows))
+        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
+        # there, and only there, bf16 tiles are upcast to fp32 before each dot
+        values["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
+        values["COUNT_VISITS"] = visits is not None
+        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
+        if prebuilt_arch(q.device) is not None and visits is None:
+            variant = forward_variant({n: values[n] for n in ALIGNED}, values,
+                                      write_lse=lse is not None, gather_rows=gather_rows)
+            self.run_prebuilt("forward", grid, values, q.device, (dtype, dqk, dv), variant)
+        else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
+            self.jit_function()[grid](**values, num_warps=sched.num_warps,
+                                      num_stages=sched.num_stages)
+
+    def run_prebuilt(self, kind: str, grid: tuple[int, ...], values: Mapping[str, Any],
+                     device: torch.device, signature: tuple[str, int, int],
+                     variant: ForwardVariant = DEFAULT_VARIANT) -> None:
+        """Launch the prebuilt `kind` kernel ("forward" | "block_map") for (dtype, Dqk, Dv) and
+        `variant` on `device` (see `attncc.prebuilt`): loaded from the cache once per process,
+        compiled first (one log line) if `attncc build` did not make it."""
+        arch = prebuilt_arch(device)
+        key = (kind, *signature, arch, variant, device.index)
+        kernel = self._prebuilt.get(key)
+        if kernel is None:
+            from attncc import prebuilt
+            kernel = prebuilt.direct_kernel(self, kind, *signature, arch, variant)
+            self._prebuilt[key] = kernel
+        with torch.cuda.device(device):
+            kernel(grid, values)
+
+
+def prebuilt_arch(device: torch.device) -> int | None:
+    """The compute capability whose prebuilt kernels a launch on `device` runs: None off CUDA,
+    or on a GPU `attncc build` has no tile tables for (those launch through Triton's JIT)."""
+    if device.type != "cuda":
+        return None
+    if device.index not in _ARCHS:
+        major, minor = torch.cuda.get_device_capability(device)
+        _ARCHS[device.index] = major * 10 + minor
+    arch = _ARCHS[device.index]
+    return arch if arch in SUPPORTED_ARCHS else None
+
+
+_ARCHS: dict[int | None, int] = {}
 
 
 def argument_values(plan: KernelPlan, params: Mapping[str, int | float],

@@ -1,0 +1,142 @@
+"""Run by tests/test_direct_launch.py in a new process with TRITON_INTERPRET=0, after the test
+built sm_90 kernels into ATTNCC_CACHE_DIR. A fake CUDA driver stands in for the GPU, so all of a
+prebuilt launch runs for real on a CPU except the driver calls: choosing the variant, loading the
+cache entry into Triton's `CompiledKernel`, and handing the arguments to a launcher with the
+contract of Triton's (`CudaLauncher(src, metadata)`, then
+`launcher(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+exit_hook, *arguments)`, constexprs among the arguments). It prints one JSON record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+
+import torch
+import triton
+from triton.runtime import driver
+
+import attncc
+from attncc import prebuilt
+from attncc.backends import cache, triton_aot, triton_backend
+
+LAUNCHES: list[dict] = []
+LOADS: list[dict] = []
+COMPILES = {"triton.compile": 0, "compile_in_child": 0}
+
+
+def describe(value):
+    if isinstance(value, torch.Tensor):
+        return ["ptr", value.data_ptr() % 16]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", value]
+    return ["float", value]
+
+
+class FakeLauncher:
+    def __init__(self, src, metadata):
+        self.types = list(src.signature.values())
+        self.name = metadata.name
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+                 enter_hook, exit_hook, *args):
+        LAUNCHES.append({"name": self.name, "grid": [gx, gy, gz], "function": function,
+                         "n_args": len(args),
+                         "args": [describe(a) for a, t in zip(args, self.types, strict=True)
+                                  if t != "constexpr"]})
+
+
+class FakeUtils:
+    def load_binary(self, name, kernel, shared, device):
+        LOADS.append({"name": name, "sha": hashlib.sha256(kernel).hexdigest(), "shared": shared})
+        return 1, 2, 64, 0, 1024  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448}  # an H100's
+
+    def unload_module(self, module):
+        pass
+
+
+class FakeDriver:
+    utils = FakeUtils()
+    launcher_cls = FakeLauncher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):  # triton 3.6 asks for the warp size here
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+def counted(name, fn):
+    def wrapper(*args, **kwargs):
+        COMPILES[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def main() -> None:
+    driver.set_active(FakeDriver())
+    triton.compile = counted("triton.compile", triton.compile)
+    triton_aot.compile_in_child = counted("compile_in_child", triton_aot.compile_in_child)
+    # this CPU plays an sm_90 GPU: its tensors launch the sm_90 prebuilt binaries
+    triton_backend.prebuilt_arch = lambda device: 90
+    triton_backend.target_of = lambda device: "sm90"
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("attncc").addHandler(handler)
+
+    out: dict = {}
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=gen).half() for _ in range(3))
+    causal = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    doc = torch.tensor([0] * 13 + [1] * 20 + [2] * 7, dtype=torch.int32)
+    document = attncc.compile(attncc.Attention(mask=attncc.document(doc)))
+    causal(q, k, v, backend="triton")
+    causal(q, k, v, backend="triton")  # the second launch reuses the loaded binary
+    document(q, k, v, backend="triton")
+    out["prebuilt"] = {"compiles": dict(COMPILES), "cache_builds": cache.stats.builds,
+                       "launches": list(LAUNCHES), "loads": list(LOADS), "logged": list(logged)}
+
+    # a launch whose head-dim stride is not 1 needs the ".strided" variant, which no build made
+    strided_q = torch.randn(1, 2, 32, 40, generator=gen).half().transpose(2, 3)
+    os.environ["ATTNCC_OFFLINE"] = "1"
+    try:
+        causal(strided_q, k, v, backend="triton")
+        out["offline_error"] = None
+    except prebuilt.NotPrebuiltError as e:
+        out["offline_error"] = str(e)
+    del os.environ["ATTNCC_OFFLINE"]
+    before = len(LAUNCHES)
+    causal(strided_q, k, v, backend="triton")  # compiled now, with a log line
+    causal(strided_q, k, v, backend="triton")  # and then reused
+    out["strided"] = {"compiles": dict(COMPILES), "launches": LAUNCHES[before:],
+                      "logged": logged[len(out["prebuilt"]["logged"]):]}
+
+    # a launch that does not match the binary's constexprs or integer widths never reaches it
+    kernel = prebuilt.direct_kernel(causal.triton, "forward", "float16", 32, 32, 90)
+    values = {name: 0 for name in kernel.spec.signature} | kernel.spec.constexprs
+    errors = []
+    for change in ({"D_QK": 64}, {"stride_qb": 2**31}):
+        try:
+            kernel((1, 1), values | change)
+        except ValueError as e:
+            errors.append(str(e))
+    out["refused"] = errors
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
