@@ -21,8 +21,9 @@ dtype, head dims, the variant, the schedule and the triton version.
 On a GPU, `TritonForward.launch` runs these entries: `direct_kernel` loads (or, not prebuilt,
 compiles and logs) the entry for the launch's variant (`launch_spec.forward_variant`) and
 launches its cubin through Triton's launcher (`triton_direct`), never through Triton's JIT.
-`attncc build` builds the default variant (contiguous q/k/v/o, lse written, original token
-order, 32-bit integers); a launch that needs another compiles it once, with a log line.
+`attncc build` and `precompile` make the default variant (contiguous q/k/v/o, lse written,
+original token order, 32-bit integers), and for a reordered spec the `permuted=True` one too
+(`build_targets`); a launch that needs another compiles it once, with a log line.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def kinds(forward: TritonForward) -> tuple[str, ...]:
     return KINDS if "block_map.py" in forward.entry.files else KINDS[:1]
 
 
+def build_targets(forward: TritonForward) -> list[tuple[str, ForwardVariant]]:
+    """The (kind, variant) pairs `attncc build` makes per signature: the usual forward; with a
+    reorder also the one for tokens kept in the reordered order (`permuted=True`, how a model
+    that stays permuted across layers calls it); the block-map kernel when there is one."""
+    targets = [("forward", DEFAULT_VARIANT)]
+    if forward.plan.spec.reorder is not None:
+        targets.append(("forward", ForwardVariant(gather_rows=False)))
+    return targets + [("block_map", DEFAULT_VARIANT)] * ("block_map" in kinds(forward))
+
+
 def kernel_name(forward: TritonForward, kind: str) -> str:
     from attncc.backends.triton_render import block_map_kernel_name
     return forward.name if kind == "forward" else block_map_kernel_name(forward.plan)
@@ -161,15 +172,16 @@ def precompile(attention: CompiledAttention, dtype: Any, head_dim_qk: int,
                ) -> CompiledArtifact:
     """The forward kernel of `attention` for sm_<arch> (None: this machine's GPU) and one call
     signature, loaded from the cache when `attncc build` made it; also its block-map kernel
-    when it has one. Each kernel compiled here (not prebuilt) logs one WARNING line on the
-    "attncc" logger with its name and compile time."""
+    when it has one, and a reordered spec's `permuted=True` forward (`build_targets`). Each
+    kernel compiled here (not prebuilt) logs one WARNING line on the "attncc" logger with its
+    name and compile time."""
     if attention.triton is None:
         raise ValueError(f"precompile: memory {attention.spec.memory.text()!r} has no kernel")
     if arch is None:
         arch = _current_arch()
     head_dim_v = head_dim_qk if head_dim_v is None else head_dim_v
-    results = [load_or_compile(attention.triton, kind, dtype, head_dim_qk, head_dim_v, arch)
-               for kind in kinds(attention.triton)]
+    results = [load_or_compile(attention.triton, kind, dtype, head_dim_qk, head_dim_v, arch,
+                               variant) for kind, variant in build_targets(attention.triton)]
     for r in results:
         _say_if_compiled(r)
     return results[0].artifact

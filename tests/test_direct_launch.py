@@ -180,3 +180,15 @@ def test_on_a_gpu_a_built_kernel_runs_with_zero_compiles_and_is_correct(tmp_path
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     assert float(run.stdout.strip().splitlines()[-1]) < 2e-3
+
+
+def test_build_targets_add_the_permuted_forward_for_a_reordered_spec():
+    plain = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
+    document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
+    hilbert = attncc.compile(attncc.Attention(
+        mask=attncc.neighbourhood_2d(8, 8, 3, 3), reorder=attncc.hilbert((8, 8)))).triton
+    assert prebuilt.build_targets(plain) == [("forward", DEFAULT_VARIANT)]
+    assert prebuilt.build_targets(document) == [("forward", DEFAULT_VARIANT),
+                                                ("block_map", DEFAULT_VARIANT)]
+    assert prebuilt.build_targets(hilbert)[:2] == [
+        ("forward", DEFAULT_VARIANT), ("forward", ForwardVariant(gather_rows=False))]

@@ -130,5 +130,12 @@ def test_varlen_errors_before_launch():
         kern(q, k, v, cu_seqlens=cu, initial_state=state[:1], **extra)
     with pytest.raises(ValueError, match=r"q: expected a packed tensor \[T, H, D\]"):
         kern(q[None], k[None], v[None], cu_seqlens=cu, **extra)
-    with pytest.raises(ValueError, match=r"g: expected shape \[B, H, L\]"):
+    # shapes are reported in the caller's packed layout, not the kernel's [1, H, T, D] view
+    with pytest.raises(ValueError, match=r"g: expected shape \[T, H\] = \[11, 2\], got \[10, 2\]"):
         kern(q, k, v, cu_seqlens=cu, g=extra["g"][:-1])
+    with pytest.raises(ValueError, match=r"k: expected shape \[T, H, Dk\] = \[11, 2, "):
+        kern(q, k[:-1], v, cu_seqlens=cu, **extra)
+    delta = TritonChunkedLinear(NODES["gated_delta"], chunk=16)
+    q, k, v, extra, state, cu = packed_inputs(NODES["gated_delta"], [5, 6], device="cpu")
+    with pytest.raises(ValueError, match=r"beta: expected shape \[T, H\] = \[11, 2\]"):
+        delta(q, k, v, cu_seqlens=cu, g=extra["g"], beta=extra["beta"][:, :1])

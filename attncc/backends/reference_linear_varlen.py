@@ -36,6 +36,24 @@ def _bhl(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.transpose(0, 1).unsqueeze(0)
 
 
+def _check_packed_shapes(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
+                         beta: Tensor | None) -> None:
+    """Shape errors in the caller's packed layout, before the [1, H, T, D] views would report
+    them in the kernel's."""
+    T, H, Dk = q.shape
+    if list(k.shape) != [T, H, Dk]:
+        raise ValueError(f"k: expected shape [T, H, Dk] = {[T, H, Dk]}, got {list(k.shape)}")
+    if list(v.shape[:2]) != [T, H]:
+        raise ValueError(f"v: expected shape [T, H, Dv] with [T, H] = {[T, H]}, "
+                         f"got {list(v.shape)}")
+    gate = {"vector_gate": ([T, H, Dk], "[T, H, Dk]"), "scalar_gate": ([T, H], "[T, H]"),
+            "gated_delta": ([T, H], "[T, H]")}.get(node.rule)
+    if gate is not None and g is not None:
+        _check_tensor("g", g, *gate)
+    if node.rule in ("delta", "gated_delta") and beta is not None:
+        _check_tensor("beta", beta, [T, H], "[T, H]")
+
+
 def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
                  beta: Tensor | None, initial_state: Tensor | None, cu_seqlens: Tensor
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int]:
@@ -46,10 +64,9 @@ def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
             raise ValueError(f"{name}: expected a packed tensor [T, H, D] with cu_seqlens, "
                              f"got {got}")
     n = check_cu_seqlens(cu_seqlens, q.shape[0])
+    _check_packed_shapes(q, k, v, node, g, beta)
     qv, kv, vv, gv, bv = _bhl(q), _bhl(k), _bhl(v), _bhl(g), _bhl(beta)
-    if g is not None and g.dim() not in (2, 3):
-        raise ValueError(f"g: expected [T, H] or [T, H, Dk] with cu_seqlens, got {list(g.shape)}")
-    check_inputs(qv, kv, vv, node, gv, bv, None)
+    check_inputs(qv, kv, vv, node, gv, bv, None)  # dtypes, gate signs, decays
     if initial_state is not None:
         _, H, Dk = q.shape
         shape = [n, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attncc.backends.launch_spec import DEFAULT_VARIANT, ForwardVariant
 from attncc.cli.output import SHORT, dims, error, one_line, size
 
 if TYPE_CHECKING:
@@ -55,10 +56,12 @@ class Job:
     dtype: str
     dqk: int
     dv: int
+    variant: ForwardVariant = DEFAULT_VARIANT
 
     def label(self) -> str:
         kind = "" if self.kind == "forward" else f"/{self.kind}"
-        return f"{self.entry}{kind} sm{self.arch} {SHORT[self.dtype]} {dims(self.dqk, self.dv)}"
+        return (f"{self.entry}{kind}{self.variant.suffix()} sm{self.arch} {SHORT[self.dtype]} "
+                f"{dims(self.dqk, self.dv)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,8 +115,8 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
                 for dtype in entry.dtypes:
                     for dqk, dv in entry.head_dims:
                         forward.plan_for(Signature(dtype, dqk, dv, f"sm{arch}"))
-                        jobs += [Job(entry.name, forward, kind, arch, dtype, dqk, dv)
-                                 for kind in prebuilt.kinds(forward)]
+                        jobs += [Job(entry.name, forward, kind, arch, dtype, dqk, dv, variant)
+                                 for kind, variant in prebuilt.build_targets(forward)]
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")
             bad += 1
@@ -129,7 +132,7 @@ def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:
         start = time.perf_counter()
         try:
             result = prebuilt.load_or_compile(job.forward, job.kind, job.dtype, job.dqk, job.dv,
-                                              job.arch)
+                                              job.arch, job.variant)
         except Exception as e:
             detail = f"{type(e).__name__}: {e}" if verbose else one_line(e)
             return "failed", time.perf_counter() - start, detail
