@@ -125,13 +125,15 @@ class CompiledAttention:
         return (o, lse) if return_lse else o
 
     def precompile(self, dtype: Any, head_dim_qk: int, head_dim_v: int | None = None,
-                   arch: int | str | None = None) -> CompiledArtifact:
+                   arch: int | str | None = None, *, backward: bool = False
+                   ) -> CompiledArtifact:
         """The compiled kernel for GPU sm_<arch> (None: this machine's; "sm_90" or 90 names one,
         no GPU needed) and one signature: loaded from the cache if `attncc build` made it, else
         compiled now (one WARNING log line); with ATTNCC_OFFLINE=1 a missing kernel raises
-        `attncc.prebuilt.NotPrebuiltError`. See `attncc.prebuilt`."""
+        `attncc.prebuilt.NotPrebuiltError`. `backward`: the gradient kernels too. See
+        `attncc.prebuilt`."""
         from attncc.prebuilt import precompile
-        return precompile(self, dtype, head_dim_qk, head_dim_v, arch)
+        return precompile(self, dtype, head_dim_qk, head_dim_v, arch, backward=backward)
 
     def _reference(self, q, k, v, sm_scale, params, tensors, reorder_inputs, permuted_positions):
         """The PyTorch reference; with `permuted=True`, un-permute in and permute out."""

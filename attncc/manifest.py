@@ -12,6 +12,7 @@
     head_dims = [128]                 # or [[192, 128]] for Dqk != Dv; default [128]
     shapes = [[1, 32, 8, 4096]]       # (B, Hq, Hkv, L) buckets: explain's tile map, bench
     archs = ["sm_90"]                 # optional: this kernel's targets instead of --arch
+    backward = true                   # optional: also the gradient kernels (training)
 
     [[kernel]]
     name = "custom"
@@ -42,7 +43,7 @@ from attncc.prebuilt import check_head_dim, parse_arch, parse_dtype
 _NOT_MASKS = {"document_inputs", "bigbird_random_blocks"}  # helpers that build mask inputs
 _NOT_SCORES = {"sink"}  # a normaliser, not a score mod
 FIELDS = {"name", "mask", "mask_args", "score", "score_args", "reorder", "reorder_args", "spec",
-          "dtypes", "head_dims", "shapes", "archs"}
+          "dtypes", "head_dims", "shapes", "archs", "backward"}
 
 
 class ManifestError(ValueError):
@@ -57,6 +58,7 @@ class KernelEntry:
     head_dims: tuple[tuple[int, int], ...]  # (Dqk, Dv)
     shapes: tuple[tuple[int, int, int, int], ...]  # (B, Hq, Hkv, L)
     archs: tuple[int, ...] | None  # None: the command line's --arch
+    backward: bool = False  # build the dq/dkdv kernels too
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,10 @@ def _entry(fields: dict[str, Any], base: Path) -> KernelEntry:
     head_dims = tuple(_each(fields, "head_dims", [128], _head_dims))
     shapes = tuple(_each(fields, "shapes", [], _shape))
     archs = tuple(_each(fields, "archs", [], parse_arch)) if "archs" in fields else None
-    return KernelEntry(name, _spec(fields, base), dtypes, head_dims, shapes, archs)
+    backward = fields.get("backward", False)
+    if not isinstance(backward, bool):
+        raise _FieldError("backward", f"expected true or false, got {backward!r}")
+    return KernelEntry(name, _spec(fields, base), dtypes, head_dims, shapes, archs, backward)
 
 
 def _each(fields: dict[str, Any], field: str, default: list, parse: Callable) -> list:

@@ -21,7 +21,8 @@ from triton.runtime import driver
 
 import attncc
 from attncc import prebuilt
-from attncc.backends import cache, triton_aot, triton_backend
+from attncc.backends import (cache, triton_aot, triton_backend, triton_backward,
+                             triton_backward_launch)
 
 LAUNCHES: list[dict] = []
 LOADS: list[dict] = []
@@ -41,11 +42,12 @@ def describe(value):
 class FakeLauncher:
     def __init__(self, src, metadata):
         self.types = list(src.signature.values())
-        self.name = metadata.name
+        self.name, self.hash = metadata.name, metadata.hash
 
     def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
                  enter_hook, exit_hook, *args):
-        LAUNCHES.append({"name": self.name, "grid": [gx, gy, gz], "function": function,
+        LAUNCHES.append({"name": self.name, "hash": self.hash, "grid": [gx, gy, gz],
+                         "function": function,
                          "n_args": len(args),
                          "args": [describe(a) for a, t in zip(args, self.types, strict=True)
                                   if t != "constexpr"]})
@@ -90,8 +92,8 @@ def main() -> None:
     triton.compile = counted("triton.compile", triton.compile)
     triton_aot.compile_in_child = counted("compile_in_child", triton_aot.compile_in_child)
     # this CPU plays an sm_90 GPU: its tensors launch the sm_90 prebuilt binaries
-    triton_backend.prebuilt_arch = lambda device: 90
-    triton_backend.target_of = lambda device: "sm90"
+    triton_backend.prebuilt_arch = triton_backward.prebuilt_arch = lambda device: 90
+    triton_backend.target_of = triton_backward_launch.target_of = lambda device: "sm90"
     torch.cuda.device = lambda device: contextlib.nullcontext()
     logged: list[str] = []
     handler = logging.Handler()
@@ -110,6 +112,15 @@ def main() -> None:
     out["prebuilt"] = {"compiles": dict(COMPILES), "cache_builds": cache.stats.builds,
                        "launches": list(LAUNCHES), "loads": list(LOADS), "logged": list(logged)}
 
+    # training: the backward's dq and dk/dv kernels (and the document mask's block map at the
+    # backward's tiles) run their prebuilt binaries too
+    before = len(LAUNCHES)
+    for attn in (causal, document):
+        qg = q.clone().requires_grad_()
+        attn(qg, k, v, backend="triton").float().sum().backward()
+    out["backward"] = {"compiles": dict(COMPILES), "cache_builds": cache.stats.builds,
+                       "launches": LAUNCHES[before:], "logged": list(logged)}
+
     # a launch whose head-dim stride is not 1 needs the ".strided" variant, which no build made
     strided_q = torch.randn(1, 2, 32, 40, generator=gen).half().transpose(2, 3)
     os.environ["ATTNCC_OFFLINE"] = "1"
@@ -123,10 +134,11 @@ def main() -> None:
     causal(strided_q, k, v, backend="triton")  # compiled now, with a log line
     causal(strided_q, k, v, backend="triton")  # and then reused
     out["strided"] = {"compiles": dict(COMPILES), "launches": LAUNCHES[before:],
-                      "logged": logged[len(out["prebuilt"]["logged"]):]}
+                      "logged": list(logged)}
 
     # a launch that does not match the binary's constexprs or integer widths never reaches it
-    kernel = prebuilt.direct_kernel(causal.triton, "forward", "float16", 32, 32, 90)
+    target = prebuilt.forward_target(causal.triton, "forward", "float16", 32, 32, 90)
+    kernel = prebuilt.direct_kernel(target, causal.triton.jit_function())
     values = {name: 0 for name in kernel.spec.signature} | kernel.spec.constexprs
     errors = []
     for change in ({"D_QK": 64}, {"stride_qb": 2**31}):

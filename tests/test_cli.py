@@ -35,6 +35,8 @@ BAD = {  # entry name -> (TOML body, the field its error names, words the error 
                      "head dim 300 is not supported (1..256)"),
     "bad-arch": ('mask = "causal"\narchs = ["sm_75"]', "archs", "unknown arch 'sm_75'"),
     "bad-dtype": ('mask = "causal"\ndtypes = ["float8"]', "dtypes", "unknown dtype 'float8'"),
+    "bad-backward": ('mask = "causal"\nbackward = "yes"', "backward",
+                     "expected true or false, got 'yes'"),
 }
 
 
@@ -97,7 +99,7 @@ def test_help_for_every_command(capsys):
 def test_bad_entries_are_one_line_each_and_the_good_one_builds(built):
     root, run = built
     assert run.returncode == 1, run.stderr
-    assert re.search(r"1 built, 0 cached, 0 failed, 6 bad entries \(1 kernels\)", run.stdout)
+    assert re.search(r"1 built, 0 cached, 0 failed, 7 bad entries \(1 kernels\)", run.stdout)
     assert not (root.parent / "not-this-one").exists()  # --out chose the cache dir
     errors = [line for line in run.stderr.splitlines() if line.startswith("attncc build: error")]
     assert len(errors) == len(BAD), run.stderr
@@ -111,6 +113,22 @@ def test_bad_entries_are_one_line_each_and_the_good_one_builds(built):
     assert re.search(r"forward\s+sm_90 fp16 d16\s+\d+\.\d KiB", row), row
     (source,) = [r for r in listing.stdout.splitlines() if " source " in r]
     assert "compiled for sm_90" in source
+
+
+def test_backward_true_builds_the_gradient_kernels_too(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", {
+        "train": 'mask = "causal"\ndtypes = ["float16"]\nhead_dims = [16]\nbackward = true'})
+    run = attncc_cli("build", str(manifest), "--arch", "sm_90", "--jobs", "2",
+                     root=tmp_path / "cache")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"3 built, 0 cached, 0 failed, 0 bad entries \(3 kernels\)", run.stdout)
+    for label in ("train sm90", "train/dq sm90", "train/dkdv sm90"):
+        assert re.search(rf"\] {re.escape(label)} fp16 d16 built", run.stderr), run.stderr
+    kinds = sorted(e.meta.get("kind", "source") for e in cache.list_entries(tmp_path / "cache"))
+    assert kinds == ["backward", "dkdv", "dq", "forward", "source"]  # + the two sources
+    listing = attncc_cli("cache", "ls", root=tmp_path / "cache")  # a backward source lists too
+    assert listing.returncode == 0, listing.stderr
+    assert len(re.findall(r" source +compiled for sm_90", listing.stdout)) == 2, listing.stdout
 
 
 def test_cache_info_verify_clean(built, tmp_path, capsys):

@@ -27,8 +27,8 @@ import torch
 
 import attncc
 from attncc import config, prebuilt
-from attncc.backends.launch_spec import (DEFAULT_VARIANT, ForwardVariant, check_int_arguments,
-                                         forward_variant)
+from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
+                                         check_int_arguments, choose_variant)
 
 HERE = Path(__file__).resolve().parent
 PTX_PARAM = re.compile(r"\.param \.(u64|u32|f32|u8|u16)\b")
@@ -44,8 +44,10 @@ def built(tmp_path_factory) -> dict:
     with config.override(ATTNCC_CACHE_DIR=str(root)):
         causal = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
         document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
-        entries = {(fwd.name, kind): prebuilt.load_or_compile(fwd, kind, "float16", 32, 32, 90)
-                   for fwd in (causal, document) for kind in prebuilt.kinds(fwd)}
+        targets = [t for fwd in (causal, document)
+                   for t in prebuilt.build_targets(fwd, "float16", 32, 32, 90, backward=True)]
+        entries = {(t.spec.name, t.kind, t.spec.schedule.block_m):
+                   prebuilt.load_or_compile_target(t) for t in targets}
     return {"root": root, "entries": entries}
 
 
@@ -66,34 +68,53 @@ def ptx_parameters(entry: prebuilt.Prebuilt) -> list[str]:
     return PTX_PARAM.findall(header)
 
 
+def by_hash(built) -> dict[str, prebuilt.Prebuilt]:
+    """Entries by the hash in their Triton metadata (what a launch reports)."""
+    return {json.loads(e.entry.files["triton.json"].read_text())["hash"]: e
+            for e in built["entries"].values()}
+
+
 def test_prebuilt_binaries_launch_with_zero_compiles(built, child):
     record = child["prebuilt"]
     assert record["compiles"] == {"triton.compile": 0, "compile_in_child": 0}
     assert record["cache_builds"] == 0 and record["logged"] == []
     # each binary is loaded once per process, and it is the stored cubin
-    by_name = {name: entry for (name, kind), entry in built["entries"].items()
-               if kind == "forward"}
-    by_name |= {entry.artifact.name: entry for (_, kind), entry in built["entries"].items()
-                if kind == "block_map"}
-    assert sorted(load["name"] for load in record["loads"]) == sorted(by_name)
+    entries = by_hash(built)
+    cubins = {hashlib.sha256(e.artifact.cubin).hexdigest(): e for e in entries.values()}
     for load in record["loads"]:
-        art = by_name[load["name"]].artifact
-        assert load["sha"] == hashlib.sha256(art.cubin).hexdigest()
-        assert load["shared"] == art.shared_bytes
-    # causal twice, then the document mask's block map before its forward
+        assert cubins[load["sha"]].artifact.shared_bytes == load["shared"]
+        assert cubins[load["sha"]].artifact.name == load["name"]
+    # causal twice (loaded once), then the document mask's block map before its forward
+    kinds = [entries[launch["hash"]].entry.meta["kind"] for launch in record["launches"]]
+    assert kinds == ["forward", "forward", "block_map", "forward"]
+    assert len(record["loads"]) == 3
     names = [launch["name"] for launch in record["launches"]]
-    causal, document = (f for f, kind in built["entries"] if kind == "forward")
-    block_map = next(e.artifact.name for (_, kind), e in built["entries"].items()
-                     if kind == "block_map")
-    assert names == [causal, causal, block_map, document]
+    assert names[0] == names[1] != names[3]
+
+
+def test_the_backward_kernels_launch_prebuilt_too(built, child):
+    record = child["backward"]
+    assert record["compiles"] == {"triton.compile": 0, "compile_in_child": 0}
+    assert record["cache_builds"] == 0 and record["logged"] == []
+    entries = by_hash(built)
+    launched = [entries[launch["hash"]] for launch in record["launches"]]
+    # causal: forward, dq, dk/dv; document: forward (its map is cached from before), the map
+    # at the backward's tiles, dq, dk/dv
+    assert [e.entry.meta["kind"] for e in launched] == [
+        "forward", "dq", "dkdv", "forward", "block_map", "dq", "dkdv"]
+    forward_map, backward_map = (e for e in entries.values()
+                                 if e.entry.meta["kind"] == "block_map")
+    assert launched[4].artifact.schedule.block_m == backward_map.artifact.schedule.block_m
+    assert backward_map.artifact.schedule != forward_map.artifact.schedule
 
 
 def test_launch_arguments_match_the_binarys_parameters(built, child):
     """Order and width of every non-constexpr argument against the PTX entry's parameters
-    (Triton appends two scratch pointers of its own)."""
-    entries = {e.artifact.name: e for e in built["entries"].values()}
-    for launch in child["prebuilt"]["launches"]:
-        params = ptx_parameters(entries[launch["name"]])
+    (Triton appends two scratch pointers of its own), for all four kinds of kernel."""
+    entries = by_hash(built)
+    launches = child["prebuilt"]["launches"] + child["backward"]["launches"]
+    for launch in launches:
+        params = ptx_parameters(entries[launch["hash"]])
         widths = [ARG_WIDTH[kind] for kind, _ in launch["args"]]
         assert widths + ["u64", "u64"] == params, launch["name"]
         assert launch["function"] == 2  # the handle load_binary returned
@@ -104,6 +125,8 @@ def test_launch_arguments_match_the_binarys_parameters(built, child):
     assert forward["grid"][1:] == [2, 1] and forward["grid"][0] >= 1
     pointers = [misalign for kind, misalign in forward["args"] if kind == "ptr"]
     assert len(pointers) == 6 and set(pointers) == {0}  # Q K V O LSE VISITS, 16-byte aligned
+    dq = child["backward"]["launches"][1]
+    assert [v for kind, v in dq["args"] if kind == "int"][-4:] == [40, 40, 2, 2]
 
 
 def test_a_missing_variant_raises_offline_else_compiles_once_with_a_log_line(child):
@@ -124,18 +147,18 @@ def test_a_launch_that_does_not_fit_the_binary_is_refused(child):
     assert "stride_qb = 2147483648 does not fit" in wide
 
 
-def test_forward_variant_follows_alignment_strides_and_integer_range():
+def test_choose_variant_follows_alignment_strides_and_integer_range():
     t = torch.empty(64, dtype=torch.float16)
-    aligned = {name: t for name in ("Q", "K", "V", "O", "LSE", "VISITS")}
-    unit = {f"stride_{x}d": 1 for x in "qkvo"}
-    assert forward_variant(aligned, unit, write_lse=True, gather_rows=True) == DEFAULT_VARIANT
-    shifted = aligned | {"K": t[1:]}  # 2 bytes past a 16-byte boundary
-    assert not forward_variant(shifted, unit, write_lse=True, gather_rows=True).contiguous
-    assert not forward_variant(aligned, unit | {"stride_vd": 3}, write_lse=True,
-                               gather_rows=True).contiguous
-    wide = forward_variant(aligned, unit | {"stride_qb": 2**31}, write_lse=False,
-                           gather_rows=False)
-    assert wide == ForwardVariant(write_lse=False, gather_rows=False, wide_ints=True)
+    base = {name: t for name in ALIGNED} | {name: 1 for name in UNIT_STRIDES}
+
+    def choose(changes, **flags):
+        return choose_variant(base | changes, ALIGNED, UNIT_STRIDES, **flags)
+
+    assert choose({}) == DEFAULT_VARIANT
+    assert not choose({"K": t[1:]}).contiguous  # 2 bytes past a 16-byte boundary
+    assert not choose({"stride_vd": 3}).contiguous
+    wide = choose({"stride_qb": 2**31}, write_lse=False, gather_rows=False)
+    assert wide == Variant(write_lse=False, gather_rows=False, wide_ints=True)
     assert wide.suffix() == ".nolse.permuted.i64" and DEFAULT_VARIANT.suffix() == ""
     with pytest.raises(ValueError, match="argument Lq = -2147483649 does not fit"):
         check_int_arguments("k", [("Lq", "i32")], {"Lq": -2**31 - 1})
@@ -143,23 +166,24 @@ def test_forward_variant_follows_alignment_strides_and_integer_range():
 
 
 def test_variants_are_separate_entries(built):
-    causal = next(e for (f, kind), e in built["entries"].items()
-                  if kind == "forward" and f.startswith("attn_fwd_causal"))
+    causal = next(e for (name, kind, _), e in built["entries"].items()
+                  if kind == "forward" and name.startswith("attn_fwd_causal"))
     assert causal.entry.meta["variant"] == {"write_lse": True, "gather_rows": True,
                                             "contiguous": True, "wide_ints": False}
     assert "triton.json" in causal.entry.files
     with config.override(ATTNCC_CACHE_DIR=str(built["root"])):
         fwd = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
         keys = {prebuilt.artifact_key(fwd, "forward", 90, "float16", 32, 32, variant)
-                for variant in (DEFAULT_VARIANT, ForwardVariant(contiguous=False),
-                                ForwardVariant(wide_ints=True))}
-    assert len(keys) == 3
+                for variant in (DEFAULT_VARIANT, Variant(contiguous=False),
+                                Variant(wide_ints=True))}
+    assert len(keys) == 3 and causal.entry.meta["key"] in keys
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_a_built_kernel_runs_with_zero_compiles_and_is_correct(tmp_path):
-    """On a real GPU: precompile for this GPU, then a new process with every compiler refused
-    launches the binary and matches the fp64 reference (fp16 tolerance 2e-3)."""
+def test_on_a_gpu_built_kernels_run_with_zero_compiles_and_are_correct(tmp_path):
+    """On a real GPU: precompile forward and backward for this GPU, then a new process with every
+    compiler refused trains one step and matches the fp64 reference (fp16: o within 2e-3,
+    dq/dk/dv within 2e-2)."""
     from tests.test_prebuilt import env_for
     script = (
         "import torch, triton, attncc\n"
@@ -168,27 +192,44 @@ def test_on_a_gpu_a_built_kernel_runs_with_zero_compiles_and_is_correct(tmp_path
         "triton.compile = triton_aot.compile_in_child = refuse\n"
         "from attncc.backends.reference import attention_reference\n"
         "attn = attncc.compile(attncc.Attention(mask=attncc.causal()))\n"
-        "q, k, v = (torch.randn(2, 4, 333, 64, device='cuda', dtype=torch.float16)"
-        " for _ in range(3))\n"
+        "g = torch.Generator(device='cuda').manual_seed(0)\n"
+        "q, k, v, do = (torch.randn(2, 4, 333, 64, device='cuda', generator=g)"
+        ".half() for _ in range(4))\n"
+        "q, k, v = (t.requires_grad_() for t in (q, k, v))\n"
         "o = attn(q, k, v)\n"
-        "ref, _ = attention_reference(attn.spec, q.double(), k.double(), v.double())\n"
-        "print(float((o.double() - ref).abs().max()))\n")
+        "o.backward(do)\n"
+        "q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
+        "ref, _ = attention_reference(attn.spec, q64, k64, v64)\n"
+        "ref.backward(do.double())\n"
+        "errors = [float((a.double() - b).abs().max()) for a, b in "
+        "((o, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad))]\n"
+        "print(errors)\n")
     attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
     with config.override(ATTNCC_CACHE_DIR=str(tmp_path)):
-        attn.precompile("float16", 64)
+        attn.precompile("float16", 64, backward=True)
     run = subprocess.run([sys.executable, "-c", script], env=env_for(tmp_path), cwd=HERE.parent,
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert float(run.stdout.strip().splitlines()[-1]) < 2e-3
+    o_error, *grad_errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert o_error < 2e-3 and max(grad_errors) < 2e-2, (o_error, grad_errors)
 
 
-def test_build_targets_add_the_permuted_forward_for_a_reordered_spec():
+def test_build_targets_add_the_permuted_forward_and_the_backward_kernels():
     plain = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
     document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
     hilbert = attncc.compile(attncc.Attention(
         mask=attncc.neighbourhood_2d(8, 8, 3, 3), reorder=attncc.hilbert((8, 8)))).triton
-    assert prebuilt.build_targets(plain) == [("forward", DEFAULT_VARIANT)]
-    assert prebuilt.build_targets(document) == [("forward", DEFAULT_VARIANT),
-                                                ("block_map", DEFAULT_VARIANT)]
-    assert prebuilt.build_targets(hilbert)[:2] == [
-        ("forward", DEFAULT_VARIANT), ("forward", ForwardVariant(gather_rows=False))]
+
+    def described(forward, **kw):
+        return [(t.kind, t.variant, t.spec.schedule.block_m, t.spec.schedule.block_n)
+                for t in prebuilt.build_targets(forward, "float16", 64, 64, 90, **kw)]
+
+    assert described(plain) == [("forward", DEFAULT_VARIANT, 128, 64)]
+    assert described(document) == [("forward", DEFAULT_VARIANT, 128, 64),
+                                   ("block_map", DEFAULT_VARIANT, 128, 64)]
+    assert [k for k, *_ in described(hilbert)][:2] == ["forward", "forward"]
+    assert described(hilbert)[1][1] == Variant(gather_rows=False)
+    # training: dq and dkdv, and the block map again at the backward's smaller tiles
+    kinds = described(document, backward=True)
+    assert [k for k, *_ in kinds] == ["forward", "block_map", "dq", "dkdv", "block_map"]
+    assert kinds[2][2:] == kinds[3][2:] == kinds[4][2:] != kinds[1][2:]

@@ -116,7 +116,7 @@ LOAD_CHILD = textwrap.dedent("""
     def refuse(*args, **kwargs):
         raise AssertionError("a compiler was called")
 
-    triton.compile = triton_aot.compile_for_target = refuse
+    triton.compile = triton_aot.compile_for_target = triton_aot.compile_spec = refuse
     triton_aot.compile_block_map_for_target = triton_aot.compile_in_child = refuse
     out = {"loaded": []}
     for text in json.loads(sys.argv[1]):
@@ -166,7 +166,7 @@ def test_precompile_compiles_once_then_loads(tmp_path, monkeypatch, caplog):
     assert re.search(r"in \d+\.\ds", record.getMessage())
     caplog.clear()
     calls = []
-    monkeypatch.setattr("attncc.backends.triton_aot.compile_for_target",
+    monkeypatch.setattr("attncc.backends.triton_aot.compile_spec",
                         lambda *a, **k: calls.append(a))
     with caplog.at_level(logging.INFO, logger="attncc"):
         again = attn.precompile("fp16", 16, 16, arch=90)
@@ -194,7 +194,7 @@ def test_precompile_builds_the_block_map_kernel_too(tmp_path, monkeypatch, caplo
     stored = {e.meta["kind"]: e for e in cache.list_entries(tmp_path) if "kind" in e.meta}
     assert sorted(stored) == ["block_map", "forward"]
     assert stored["block_map"].path.name.startswith(
-        f"{attn.name.replace('attn_fwd_', 'block_map_', 1)}.sm80.fp16.d32_16-")
+        f"{attn.name.replace('attn_fwd_', 'block_map_', 1)}.sm80.fp16.d32_16.t128x64-")
     bm, fwd = (prebuilt._artifact(stored[k]).schedule for k in ("block_map", "forward"))
     assert (bm.block_m, bm.block_n) == (fwd.block_m, fwd.block_n) == (128, 64)
 
@@ -289,7 +289,7 @@ RO_CHILD = textwrap.dedent("""
     def refuse(*args, **kwargs):
         raise AssertionError("a compiler was called")
 
-    triton_aot.compile_for_target = refuse
+    triton_aot.compile_spec = refuse
     attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
     art = attn.precompile("float16", 64, arch="sm_90")  # built: loads without a lock
     try:

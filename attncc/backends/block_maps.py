@@ -114,8 +114,9 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
                    device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
                    ) -> torch.Tensor:
     """Launch the generated block-map kernel: one program per (query tile, group).
-    `prebuilt_for`: the forward launch's (dtype, Dqk, Dv) whose tiles these are; on a GPU its
-    prebuilt block-map binary runs (`attncc.prebuilt`), otherwise Triton's JIT."""
+    `prebuilt_for`: the (dtype, Dqk, Dv) of the forward or backward launch the map is for; on
+    a GPU the prebuilt block-map binary at these tiles runs (`attncc.prebuilt`), otherwise
+    Triton's JIT."""
     from attncc.backends.triton_backend import argument_values, prebuilt_arch
     from attncc.backends.triton_render import block_map_arguments
 
@@ -129,7 +130,8 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
     values.update(BLOCK_M=block_m, BLOCK_N=block_n)
     grid = (n_m, Gb * Gh)
     if prebuilt_for is not None and prebuilt_arch(device) is not None:
-        forward.run_prebuilt("block_map", grid, values, device, prebuilt_for)
+        forward.run_prebuilt("block_map", grid, values, device, prebuilt_for,
+                             tiles=(block_m, block_n))
     else:
         forward.block_map_function()[grid](**values)
     return classes

@@ -4,34 +4,38 @@ values and the pointers it assumes 16-byte aligned.
 `attncc build` compiles from a `LaunchSpec` and a GPU process launches the stored binary with the
 same one, so the two cannot disagree about the argument list. Triton's JIT would specialise a
 launch on its own (alignment, unit strides, 64-bit integers); a launch of a prebuilt binary
-has to pick the variant that matches its arguments instead, which `forward_variant` does.
+has to pick the variant that matches its arguments instead, which `choose_variant` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 if TYPE_CHECKING:
     from attncc.backends.triton_backend import TritonForward
+    from attncc.backends.triton_backward import TritonBackward
     from attncc.ir.nodes import Schedule
 
 # A launch with contiguous last dims specializes these: 16-byte aligned pointers, unit strides
-# (Triton turns an int argument equal to 1 into the constexpr 1).
+# (Triton turns an int argument equal to 1 into the constexpr 1); forward, then backward kernels.
 ALIGNED = ("Q", "K", "V", "O", "LSE", "VISITS")
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+BACKWARD_ALIGNED = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV")
+BACKWARD_UNIT_STRIDES = tuple(f"stride_{x}d" for x in ("q", "k", "v", "do", "dq", "dk", "dv"))
+BACKWARD_KERNELS = ("dq", "dkdv")
 INT32_MAX = 2**31 - 1
 _INT_TYPES = ("i32", "i64")
 
 
 @dataclass(frozen=True)
-class ForwardVariant:
-    """How a forward launch is specialised beyond (dtype, head dims, arch)."""
+class Variant:
+    """How a launch is specialised beyond (dtype, head dims, arch); the backward kernels always
+    write their gradients, so `write_lse` stays True for them."""
 
     write_lse: bool = True
     gather_rows: bool = True  # q/k/v/o in the original token order (see TritonForward.launch)
-    contiguous: bool = True  # ALIGNED pointers 16-byte aligned, UNIT_STRIDES equal to 1
+    contiguous: bool = True  # (BACKWARD_)ALIGNED 16-byte aligned, (BACKWARD_)UNIT_STRIDES 1
     wide_ints: bool = False  # an integer argument (a stride, a length) needs 64 bits
 
     def suffix(self) -> str:
@@ -41,7 +45,7 @@ class ForwardVariant:
         return "".join(f".{word}" for on, word in flags if on)
 
 
-DEFAULT_VARIANT = ForwardVariant()
+DEFAULT_VARIANT = Variant()
 
 
 @dataclass(frozen=True)
@@ -58,50 +62,71 @@ class LaunchSpec:
 
 
 def forward_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
-                 arch: int, variant: ForwardVariant = DEFAULT_VARIANT) -> LaunchSpec:
+                 arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
     """The forward kernel of `forward` for sm_<arch>, one call signature and one variant."""
     from attncc.backends.triton_backend import launch_constexprs
     from attncc.backends.triton_render import fixed_arguments, kernel_arguments
     from attncc.ir.plan import Signature
 
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
-    arguments = fixed_arguments(dtype) + kernel_arguments(forward.plan)
-    if variant.wide_ints:
-        arguments = [(n, "i64" if t == "i32" else t) for n, t in arguments]
     constexprs = launch_constexprs(sched, head_dim_qk, head_dim_v, variant.write_lse,
                                    variant.gather_rows)
-    if variant.contiguous:
-        constexprs.update({name: 1 for name in UNIT_STRIDES})
-    return LaunchSpec(str(forward.entry.files["kernel.py"]), forward.name,
-                      _with_constexprs(arguments, constexprs), constexprs,
-                      ALIGNED if variant.contiguous else (), sched)
+    return _spec(str(forward.entry.files["kernel.py"]), forward.name,
+                 fixed_arguments(dtype) + kernel_arguments(forward.plan), constexprs, sched,
+                 variant, ALIGNED, UNIT_STRIDES)
 
 
-def block_map_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
-                   arch: int) -> LaunchSpec:
-    """`forward`'s block-map kernel with the tile sizes its forward kernel of (dtype, head dims)
-    uses on sm_<arch>; the launch allocates CLASSES, so it is always aligned."""
-    from attncc.backends.block_maps import block_map_launch_arguments
-    from attncc.backends.triton_render import block_map_arguments, block_map_kernel_name
+def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk: int,
+                  head_dim_v: int, arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
+    """The backward's `kernel` ("dq" | "dkdv") for sm_<arch>, one call signature and variant."""
+    from attncc.backends.triton_backward import backward_constexprs
+    from attncc.backends.triton_backward_render import backward_arguments, fixed_arguments
+
+    if kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"kernel: expected one of {BACKWARD_KERNELS}, got {kernel!r}")
+    if not variant.write_lse:
+        raise ValueError("the backward kernels have no write_lse=False variant")
+    sched = backward.schedule(dtype, head_dim_qk, head_dim_v, f"sm{arch}")
+    constexprs = backward_constexprs(sched, head_dim_qk, head_dim_v,
+                                     gather_rows=variant.gather_rows)
+    return _spec(str(backward.entry.files["kernel.py"]), f"{backward.name}_{kernel}",
+                 fixed_arguments(dtype) + backward_arguments(backward.plan, backward.loads),
+                 constexprs, sched, variant, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES)
+
+
+def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
+                  arch: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of `forward` for one call signature on sm_<arch>."""
     from attncc.ir.plan import Signature
 
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
+    return sched.block_m, sched.block_n
+
+
+def block_map_spec(forward: TritonForward, arch: int, tiles: tuple[int, int]) -> LaunchSpec:
+    """`forward`'s block-map kernel for (BLOCK_M, BLOCK_N) = `tiles` on sm_<arch> (the forward's
+    or the backward's tiles); the launch allocates CLASSES, so it is always aligned."""
+    from attncc.backends.block_maps import block_map_launch_arguments
+    from attncc.backends.triton_render import block_map_arguments, block_map_kernel_name
+    from attncc.ir.nodes import Schedule
+
     arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
-    constexprs = {"BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n}
-    launch = dataclasses.replace(sched, num_warps=4, num_stages=1)
+    constexprs = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     return LaunchSpec(str(forward.entry.files["block_map.py"]), block_map_kernel_name(forward.plan),
-                      _with_constexprs(arguments, constexprs), constexprs, ("CLASSES",), launch)
+                      _with_constexprs(arguments, constexprs), constexprs, ("CLASSES",),
+                      Schedule(block_m=tiles[0], block_n=tiles[1], num_warps=4, num_stages=1))
 
 
-def forward_variant(pointers: Mapping[str, Any], values: Mapping[str, Any], *, write_lse: bool,
-                    gather_rows: bool) -> ForwardVariant:
-    """The variant a launch needs: `pointers` maps ALIGNED names to tensors, `values` every
-    argument by name (the unit strides among them)."""
-    contiguous = (all(t.data_ptr() % 16 == 0 for t in pointers.values())
-                  and all(values[name] == 1 for name in UNIT_STRIDES))
+def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],
+                   unit_strides: Iterable[str], *, write_lse: bool = True,
+                   gather_rows: bool = True) -> Variant:
+    """The variant a launch needs: `values` names every argument; `aligned` and
+    `unit_strides` are the kernel's pointers and strides the contiguous variant specialises."""
+    contiguous = (all(values[name].data_ptr() % 16 == 0 for name in aligned)
+                  and all(values[name] == 1 for name in unit_strides))
     wide = any(isinstance(v, int) and not -INT32_MAX - 1 <= v <= INT32_MAX
                for v in values.values())
-    return ForwardVariant(write_lse, gather_rows, contiguous, wide)
+    return Variant(write_lse, gather_rows, contiguous, wide)
 
 
 def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
@@ -111,6 +136,17 @@ def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
         if kind == "i32" and not -INT32_MAX - 1 <= values[arg] <= INT32_MAX:
             raise ValueError(f"{name}: argument {arg} = {values[arg]} does not fit the kernel's "
                              "32-bit integer; split the tensor or make it smaller")
+
+
+def _spec(path: str, name: str, arguments: list[tuple[str, str]], constexprs: dict[str, Any],
+          sched: Schedule, variant: Variant, aligned: tuple[str, ...],
+          unit_strides: tuple[str, ...]) -> LaunchSpec:
+    if variant.wide_ints:
+        arguments = [(n, "i64" if t == "i32" else t) for n, t in arguments]
+    if variant.contiguous:
+        constexprs.update({n: 1 for n in unit_strides})
+    return LaunchSpec(path, name, _with_constexprs(arguments, constexprs), constexprs,
+                      aligned if variant.contiguous else (), sched)
 
 
 def _with_constexprs(arguments: list[tuple[str, str]], constexprs: Mapping[str, Any]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from attncc.backends.launch_spec import ForwardVariant, LaunchSpec
+    from attncc.backends.launch_spec import Variant, LaunchSpec
     from attncc.backends.triton_backend import TritonForward
     from attncc.ir.nodes import Schedule
 
@@ -76,14 +76,14 @@ def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
                        arch: int, *, write_lse: bool = True, contiguous: bool = True,
-                       variant: ForwardVariant | None = None) -> CompiledArtifact:
+                       variant: Variant | None = None) -> CompiledArtifact:
     """Compile `forward` for sm_<arch> and one call signature; raises `AOTCompileError` with
     Triton's message when it does not compile. `variant` (default: from `write_lse` and
     `contiguous`) is the specialisation compiled: `contiguous` is the one a launch with aligned,
     unit-stride last dims gets (see `launch_spec.ALIGNED`); False, the one for any strides."""
-    from attncc.backends.launch_spec import ForwardVariant, forward_spec
+    from attncc.backends.launch_spec import Variant, forward_spec
 
-    variant = variant or ForwardVariant(write_lse=write_lse, contiguous=contiguous)
+    variant = variant or Variant(write_lse=write_lse, contiguous=contiguous)
     spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {spec.schedule.text()}"
     return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
@@ -95,10 +95,10 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     """Compile `forward`'s block-map kernel (plans whose tiles come from a device-built block
     map) with the tile sizes the forward kernel of (dtype, head_dim, head_dim_v) uses on
     sm_<arch>; `head_dim_v` defaults to `head_dim`."""
-    from attncc.backends.launch_spec import block_map_spec
+    from attncc.backends.launch_spec import block_map_spec, forward_tiles
 
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    spec = block_map_spec(forward, dtype, head_dim, head_dim_v, arch)
+    spec = block_map_spec(forward, arch, forward_tiles(forward, dtype, head_dim, head_dim_v, arch))
     what = f"tiles {spec.constexprs['BLOCK_M']}x{spec.constexprs['BLOCK_N']}"
     return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim, head_dim_v))
 

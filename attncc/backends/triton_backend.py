@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 import torch
 
-from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, ForwardVariant,
-                                         forward_variant)
+from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
+                                         choose_variant)
 from attncc.backends.triton_aot import SUPPORTED_ARCHS
+from attncc.backends.triton_direct import DirectKernels
 from attncc.backends.triton_printer import capture_arg_names
 from attncc.backends.triton_source import CachedSource, GeneratedKernel, load_module
 from attncc.backends.triton_render import (block_map_kernel_name, fixed_arguments,
@@ -65,7 +66,7 @@ class TritonForward(GeneratedKernel):
         self.entry = self.kernel.entry
         self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
-        self._prebuilt: dict[tuple, Any] = {}  # (kind, signature, arch, variant) -> DirectKernel
+        self._prebuilt = DirectKernels()
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""
@@ -114,8 +115,8 @@ class TritonForward(GeneratedKernel):
         values["COUNT_VISITS"] = visits is not None
         grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
         if prebuilt_arch(q.device) is not None and visits is None:
-            variant = forward_variant({n: values[n] for n in ALIGNED}, values,
-                                      write_lse=lse is not None, gather_rows=gather_rows)
+            variant = choose_variant(values, ALIGNED, UNIT_STRIDES, write_lse=lse is not None,
+                                     gather_rows=gather_rows)
             self.run_prebuilt("forward", grid, values, q.device, (dtype, dqk, dv), variant)
         else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
             self.jit_function()[grid](**values, num_warps=sched.num_warps,
@@ -123,19 +124,23 @@ class TritonForward(GeneratedKernel):
 
     def run_prebuilt(self, kind: str, grid: tuple[int, ...], values: Mapping[str, Any],
                      device: torch.device, signature: tuple[str, int, int],
-                     variant: ForwardVariant = DEFAULT_VARIANT) -> None:
-        """Launch the prebuilt `kind` kernel ("forward" | "block_map") for (dtype, Dqk, Dv) and
-        `variant` on `device` (see `attncc.prebuilt`): loaded from the cache once per process,
-        compiled first (one log line) if `attncc build` did not make it."""
+                     variant: Variant = DEFAULT_VARIANT,
+                     tiles: tuple[int, int] | None = None) -> None:
+        """Launch the prebuilt `kind` kernel ("forward" | "block_map", the latter at `tiles`)
+        for (dtype, Dqk, Dv) and `variant` on `device` (see `attncc.prebuilt`): loaded from the
+        cache once per process, compiled first (one log line) if `attncc build` did not make
+        it."""
+        from attncc import prebuilt
+
         arch = prebuilt_arch(device)
-        key = (kind, *signature, arch, variant, device.index)
-        kernel = self._prebuilt.get(key)
-        if kernel is None:
-            from attncc import prebuilt
-            kernel = prebuilt.direct_kernel(self, kind, *signature, arch, variant)
-            self._prebuilt[key] = kernel
-        with torch.cuda.device(device):
-            kernel(grid, values)
+
+        def load():
+            target = prebuilt.forward_target(self, kind, *signature, arch, variant, tiles)
+            fn = self.jit_function() if kind == "forward" else self.block_map_function()
+            return prebuilt.direct_kernel(target, fn)
+
+        self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,
+                              values)
 
 
 def prebuilt_arch(device: torch.device) -> int | None:

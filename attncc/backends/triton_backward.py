@@ -5,7 +5,8 @@ of grad-requiring captures), module loaded once per process, two launches per ca
 program per kv tile of one (batch, kv head), summing its GQA group in-program): no atomics, so
 dq, dk, dv and capture gradients are bitwise reproducible. Tile sizes are chosen here by head
 dim (`choose_backward`): the dk/dv kernel keeps k, v and their fp32 gradients resident while
-streaming q and do, so it needs smaller tiles than the forward.
+streaming q and do, so it needs smaller tiles than the forward. On a GPU `attncc build` can
+target, both run their prebuilt binaries (`attncc.prebuilt`), not Triton's JIT.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ from typing import Any
 
 import torch
 
-from attncc.backends.triton_backend import BACKEND, TritonForward, version_stamp, argument_values
+from attncc.backends.launch_spec import (BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES, Variant,
+                                         choose_variant)
+from attncc.backends.triton_backend import (BACKEND, TritonForward, argument_values,
+                                            prebuilt_arch, version_stamp)
 from attncc.backends.triton_backward_render import (
     backward_arguments,
+    fixed_arguments,
     grad_loads,
     kernel_name,
     render,
     template_hash,
 )
+from attncc.backends.triton_direct import DirectKernels
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan
@@ -92,6 +98,7 @@ class TritonBackward:
         self.entry = self.kernel.entry
         self._module: ModuleType | None = None
         self._schedules: dict[tuple, Schedule] = {}
+        self._prebuilt = DirectKernels()
 
     @property
     def source(self) -> str:
@@ -146,9 +153,36 @@ class TritonBackward:
         args = (q, k, v, do, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
                 Lq, Lk, Hq, Hkv, float(sm_scale), *values)
-        dq_fn, dkdv_fn = self.functions()
+        grids = {"dq": (-(-Lq // sched.block_m), B * Hq), "dkdv": (-(-Lk // sched.block_n),
+                                                                  B * Hkv)}
+        if prebuilt_arch(q.device) is not None:
+            dtype = str(q.dtype).removeprefix("torch.")
+            names = [n for n, _ in fixed_arguments(dtype) + backward_arguments(self.plan,
+                                                                                 self.loads)]
+            named = dict(zip(names, args, strict=True)) | constexprs
+            variant = choose_variant(named, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
+                                     gather_rows=gather_rows)
+            for kernel, grid in grids.items():
+                self._run_prebuilt(kernel, grid, named, q.device, (dtype, dqk, d_v), variant)
+            return bufs
+        dq_fn, dkdv_fn = self.functions()  # the interpreter, or a GPU attncc build cannot target
         launch = dict(num_warps=sched.num_warps, num_stages=sched.num_stages, **constexprs)
-        dq_fn[(-(-Lq // sched.block_m), B * Hq)](*args, **launch)
-        dkdv_fn[(-(-Lk // sched.block_n), B * Hkv)](*args, **launch)
+        dq_fn[grids["dq"]](*args, **launch)
+        dkdv_fn[grids["dkdv"]](*args, **launch)
         return bufs
+
+    def _run_prebuilt(self, kernel: str, grid: tuple[int, int], values: Mapping[str, Any],
+                      device: torch.device, signature: tuple[str, int, int],
+                      variant: Variant) -> None:
+        """Launch the prebuilt `kernel` ("dq" | "dkdv") binary (see `attncc.prebuilt`)."""
+        from attncc import prebuilt
+
+        arch = prebuilt_arch(device)
+
+        def load():
+            dq_fn, dkdv_fn = self.functions()
+            target = prebuilt.backward_target(self, kernel, *signature, arch, variant)
+            return prebuilt.direct_kernel(target, dq_fn if kernel == "dq" else dkdv_fn)
+
+        self._prebuilt.launch((kernel, signature, arch, variant), device, load, grid, values)
 

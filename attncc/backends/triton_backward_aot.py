@@ -8,30 +8,17 @@ pipeline, ptxas included, in a child process with the interpreter off (the machi
 
 from __future__ import annotations
 
-from attncc.backends.triton_aot import CompiledArtifact, compile_artifact
-from attncc.backends.triton_backward import TritonBackward, backward_constexprs
-from attncc.backends.triton_backward_render import backward_arguments, fixed_arguments
-
-KERNELS = ("dq", "dkdv")
-# contiguous launches: 16-byte aligned tensors and unit head-dim strides
-ALIGNED = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV")
-UNIT_STRIDES = tuple(f"stride_{x}d" for x in ("q", "k", "v", "do", "dq", "dk", "dv"))
+from attncc.backends.launch_spec import backward_spec
+from attncc.backends.triton_aot import CompiledArtifact, compile_spec
+from attncc.backends.triton_backward import TritonBackward
 
 
 def compile_backward_for_target(backward: TritonBackward, kernel: str, dtype: str,
                                 head_dim_qk: int, head_dim_v: int, arch: int
                                 ) -> CompiledArtifact:
-    """Compile `backward`'s `kernel` ("dq" or "dkdv") for sm_<arch> and one call signature;
-    raises `triton_aot.AOTCompileError` with Triton's message when it does not compile."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    sched = backward.schedule(dtype, head_dim_qk, head_dim_v, f"sm{arch}")
-    signature = dict(fixed_arguments(dtype) + backward_arguments(backward.plan, backward.loads))
-    constexprs = backward_constexprs(sched, head_dim_qk, head_dim_v)
-    constexprs.update({name: 1 for name in UNIT_STRIDES})
-    name = f"{backward.name}_{kernel}"
-    job = {"path": str(backward.entry.files["kernel.py"]), "name": name,
-           "aligned": list(ALIGNED)}
-    what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {sched.text()}"
-    return compile_artifact(job, arch, signature, constexprs, sched, what,
-                            dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
+    """Compile `backward`'s `kernel` ("dq" or "dkdv") for sm_<arch> and one call signature
+    (contiguous launches: `launch_spec.BACKWARD_ALIGNED`); raises `triton_aot.AOTCompileError`
+    with Triton's message when it does not compile."""
+    spec = backward_spec(backward, kernel, dtype, head_dim_qk, head_dim_v, arch)
+    what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {spec.schedule.text()}"
+    return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim_qk, head_dim_v))

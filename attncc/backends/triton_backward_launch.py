@@ -78,7 +78,7 @@ def triton_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
             kv_tiles = attn.block_maps.get(
                 B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
                 block_n=sched.block_n, params=params, tensors=tensors, positions=positions,
-                device=q.device)
+                device=q.device, prebuilt_for=(dtype, dqk, d_v))
             q_tiles = q_tile_lists(kv_tiles)
         # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584)
         upcast = target == "interpreter" and q.dtype == torch.bfloat16

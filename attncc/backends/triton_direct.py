@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from attncc.backends.launch_spec import LaunchSpec, check_int_arguments
 
@@ -55,3 +55,23 @@ class DirectKernel:
                                  f"binary, the launch passes {values[name]!r}")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled[grid](*(values[name] for name in self.spec.signature))
+
+
+class DirectKernels:
+    """The direct kernels one kernel holder has loaded in this process, one per (what, device):
+    Triton loads a binary's module onto the device current at its first launch."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, DirectKernel] = {}
+
+    def launch(self, what: tuple, device: Any, load: Callable[[], DirectKernel],
+               grid: tuple[int, ...], values: Mapping[str, Any]) -> None:
+        """Launch the kernel `what` names on `device`, `load()`ing it on first use."""
+        import torch
+
+        key = (what, device.index)
+        kernel = self._loaded.get(key)
+        if kernel is None:
+            kernel = self._loaded[key] = load()
+        with torch.cuda.device(device):
+            kernel(grid, values)

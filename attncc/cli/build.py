@@ -1,7 +1,9 @@
 """`attncc build MANIFEST`: compile every kernel a manifest names for GPU targets, no GPU needed.
 
-Each (entry, kernel, arch, dtype, head dims) is one `prebuilt.load_or_compile` call, the function
-`precompile` uses at run time, run `--jobs` at a time (each compile is a child process). Progress
+Each (entry, arch, dtype, head dims) gives the targets of `prebuilt.build_targets` (forward,
+block map, a reordered spec's permuted forward, with `backward = true` the gradient kernels); each
+target is one `prebuilt.load_or_compile_target` call, the function `precompile` and GPU launches
+use at run time, run `--jobs` at a time (each compile is a child process). Progress
 goes to stderr, one line per kernel; a bad entry or a failed kernel is one line there too and the
 others still build. The summary goes to stdout. Exit status 0 iff everything built or loaded.
 """
@@ -17,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attncc.backends.launch_spec import DEFAULT_VARIANT, ForwardVariant
 from attncc.cli.output import SHORT, dims, error, one_line, size
 
 if TYPE_CHECKING:
-    from attncc.backends.triton_backend import TritonForward
+    from attncc.prebuilt_targets import Target
 
 DEFAULT_ARCHS = "sm_80,sm_90"
 
@@ -49,19 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @dataclass(frozen=True)
 class Job:
-    entry: str
-    forward: TritonForward
-    kind: str
-    arch: int
-    dtype: str
-    dqk: int
-    dv: int
-    variant: ForwardVariant = DEFAULT_VARIANT
+    entry: str  # the manifest entry's name
+    target: Target
 
     def label(self) -> str:
-        kind = "" if self.kind == "forward" else f"/{self.kind}"
-        return (f"{self.entry}{kind}{self.variant.suffix()} sm{self.arch} {SHORT[self.dtype]} "
-                f"{dims(self.dqk, self.dv)}")
+        t = self.target
+        kind = "" if t.kind == "forward" else f"/{t.kind}"
+        return (f"{self.entry}{kind}{t.variant.suffix()}{t.tiles_suffix()} sm{t.arch} "
+                f"{SHORT[t.dtype]} {dims(t.head_dim_qk, t.head_dim_v)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +98,6 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
     """Every kernel to build, and the number of entries that could not be compiled at all.
     Plans are made here, in one thread: the worker threads only look them up."""
     from attncc import prebuilt
-    from attncc.ir.plan import Signature
     from attncc.kernel import CompiledAttention
 
     jobs, bad = [], 0
@@ -114,9 +109,8 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
             for arch in entry.archs or archs:
                 for dtype in entry.dtypes:
                     for dqk, dv in entry.head_dims:
-                        forward.plan_for(Signature(dtype, dqk, dv, f"sm{arch}"))
-                        jobs += [Job(entry.name, forward, kind, arch, dtype, dqk, dv, variant)
-                                 for kind, variant in prebuilt.build_targets(forward)]
+                        jobs += [Job(entry.name, target) for target in prebuilt.build_targets(
+                            forward, dtype, dqk, dv, arch, backward=entry.backward)]
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")
             bad += 1
@@ -131,8 +125,7 @@ def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:
     def one(job: Job) -> tuple[str, float, str]:
         start = time.perf_counter()
         try:
-            result = prebuilt.load_or_compile(job.forward, job.kind, job.dtype, job.dqk, job.dv,
-                                              job.arch, job.variant)
+            result = prebuilt.load_or_compile_target(job.target)
         except Exception as e:
             detail = f"{type(e).__name__}: {e}" if verbose else one_line(e)
             return "failed", time.perf_counter() - start, detail

@@ -43,7 +43,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _describe(entry) -> tuple[str, str]:
     meta = entry.meta
-    if "kind" in meta:
+    if "source_key" in meta:  # a compiled kernel; sources (forward, backward, ...) have none
         return meta["kind"], (f"{meta['target']} {SHORT.get(meta['dtype'], meta['dtype'])} "
                               f"{dims(meta['head_dim_qk'], meta['head_dim_v'])}")
     return "source", ""
