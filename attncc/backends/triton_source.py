@@ -17,8 +17,12 @@ from attncc.backends import cache
 
 def load_module(path: str, name: str) -> ModuleType:
     """Import a generated source file as module `attncc_kernels.<name>`."""
-    if "TRITON_CACHE_DIR" not in os.environ:  # compiled binaries live beside the source
-        os.environ["TRITON_CACHE_DIR"] = str(config.cache_dir() / "triton")
+    # Triton's own files (JIT binaries; launcher stubs on Triton versions that compile one per
+    # signature, 3.6 among them) live beside the source, unless that cache is read-only
+    # (shipped): then Triton keeps its default, writable place
+    root = config.cache_dir()
+    if "TRITON_CACHE_DIR" not in os.environ and os.access(root, os.W_OK):
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
     module_name = f"attncc_kernels.{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
