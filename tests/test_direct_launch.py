@@ -201,7 +201,7 @@ def test_on_a_gpu_built_kernels_run_with_zero_compiles_and_are_correct(tmp_path)
         "q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))\n"
         "ref, _ = attention_reference(attn.spec, q64, k64, v64)\n"
         "ref.backward(do.double())\n"
-        "errors = [float((a.double() - b).abs().max()) for a, b in "
+        "errors = [float((a.detach().double() - b.detach()).abs().max()) for a, b in "
         "((o, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad))]\n"
         "print(errors)\n")
     attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
