@@ -43,9 +43,10 @@ from attncc.backends.launch_spec import DEFAULT_VARIANT, Variant
 from attncc.backends.triton_aot import CompiledArtifact
 from attncc.backends.triton_direct import METADATA_FILE, DirectKernel
 from attncc.ir.nodes import Schedule
-from attncc.prebuilt_targets import (DTYPES, KINDS, Target, backward_target,  # noqa: F401
-                                     build_targets, check_head_dim, forward_target, kinds,
-                                     parse_arch, parse_dtype)
+# the target helpers are part of this module's interface (the CLI, manifests, tests use them)
+from attncc.prebuilt_targets import (Target, backward_target, build_targets,  # noqa: F401
+                                     check_head_dim, forward_target, kinds, parse_arch,
+                                     parse_dtype)
 
 if TYPE_CHECKING:
     from attncc.backends.triton_backend import TritonForward

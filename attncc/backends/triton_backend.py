@@ -67,6 +67,10 @@ class TritonForward(GeneratedKernel):
         self._block_map_module: ModuleType | None = None
         self._plans: dict[Signature, KernelPlan] = {}
         self._prebuilt = DirectKernels()
+        # every argument's name in order (names do not depend on the dtype): built once, not
+        # on each launch
+        self.argument_names = [name for name, _ in fixed_arguments("float16")
+                               + kernel_arguments(plan)]
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""
@@ -102,8 +106,7 @@ class TritonForward(GeneratedKernel):
         target = target_of(q.device)
         sched = self.schedule_for(q, k, v)
         extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
-        names = [name for name, _ in fixed_arguments(dtype) + kernel_arguments(self.plan)]
-        values = dict(zip(names, [
+        values = dict(zip(self.argument_names, [
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Lq, Lk, Hq, Hkv, float(sm_scale), *extra], strict=True))

@@ -99,6 +99,9 @@ class TritonBackward:
         self._module: ModuleType | None = None
         self._schedules: dict[tuple, Schedule] = {}
         self._prebuilt = DirectKernels()
+        # every argument's name in order (names do not depend on the dtype)
+        self.argument_names = [n for n, _ in fixed_arguments("float16")
+                               + backward_arguments(self.plan, self.loads)]
 
     @property
     def source(self) -> str:
@@ -157,9 +160,7 @@ class TritonBackward:
                                                                   B * Hkv)}
         if prebuilt_arch(q.device) is not None:
             dtype = str(q.dtype).removeprefix("torch.")
-            names = [n for n, _ in fixed_arguments(dtype) + backward_arguments(self.plan,
-                                                                                 self.loads)]
-            named = dict(zip(names, args, strict=True)) | constexprs
+            named = dict(zip(self.argument_names, args, strict=True)) | constexprs
             variant = choose_variant(named, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
                                      gather_rows=gather_rows)
             for kernel, grid in grids.items():
