@@ -22,10 +22,10 @@ import torch
 from attncc.ir.nodes import Capture, Param
 from attncc.ir.reorder import SegmentSort, UserPermutation
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load
 from attncc.validate import check_param_value, sort_runtime
 
-_EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk"}
+_EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk", QP: "Lk"}  # qp < Lk
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class CallSignature:
     """What a call binds, precomputed from the spec.
 
     extent_checks: (capture name, axis, index name, extent name) for each axis of a captured
-    tensor indexed by a plain index (b, h, q_idx, kv_idx), whose size must cover that extent.
+    tensor indexed by a plain index (b, h, q_idx, kv_idx, or the aligned query position
+    q_idx + Lk - Lq), whose size must cover that extent.
     reorder_keys: the `permutation()` keywords of the reorder's call tensors, in op order.
     """
 

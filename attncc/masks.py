@@ -1,7 +1,10 @@
-"""Named masks M1–M20 (CATALOG.md Section 1) as `Mask` IR values.
+"""Named masks M1–M20 as `Mask` IR values (semantics: docs/semantics.md).
 
 Every size (window, chunk, grid dims) is a runtime `Param`: changing it never recompiles.
-Named masks align the last query with the last key: `qp = q_idx + Lk - Lq`.
+Named masks align the last query with the last key: `qp = q_idx + Lk - Lq` is the query's
+position (docs/semantics.md, "Query positions when Lq != Lk"), so a decode row (Lq = 1) sits at
+Lk - 1. Masks over a per-row captured table (M11 `doc`, M19 `ancestors`) and the grid masks
+(M12-M15) index by the raw row `q_idx`.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ import sympy
 import torch
 
 from attncc.ir.nodes import Capture, Mask, Param
-from attncc.ir.symbols import H_IDX, KV_IDX, LK, LQ, Q_IDX, Load, buffer_symbol
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load, buffer_symbol
 
 Q, KV, H = Q_IDX, KV_IDX, H_IDX
-QP = Q_IDX + LK - LQ  # query position aligned so the last query meets the last key
 
 
 def _int(name: str, value: int, minimum: int = 1) -> Param:
@@ -60,16 +62,16 @@ def sliding_window(window: int) -> Mask:
 
 
 def bidirectional_window(window: int) -> Mask:
-    """M3: `abs(q - kv) <= window`."""
+    """M3: `abs(qp - kv) <= window`."""
     w = _int("window", window, minimum=0)
-    return Mask(sympy.Le(sympy.Abs(Q - KV), w.symbol), (w,), tag="biwin")
+    return Mask(sympy.Le(sympy.Abs(QP - KV), w.symbol), (w,), tag="biwin")
 
 
 def dilated_window(window: int, dilation: int, causal: bool = False) -> Mask:
-    """M4: `abs(q - kv) <= window and (q - kv) % dilation == 0`, optionally `& causal()`."""
+    """M4: `abs(qp - kv) <= window and (qp - kv) % dilation == 0`, optionally `& causal()`."""
     w, d = _int("window", window, minimum=0), _int("dilation", dilation)
-    expr = sympy.And(sympy.Le(sympy.Abs(Q - KV), w.symbol),
-                     sympy.Eq(sympy.Mod(Q - KV, d.symbol), 0))
+    expr = sympy.And(sympy.Le(sympy.Abs(QP - KV), w.symbol),
+                     sympy.Eq(sympy.Mod(QP - KV, d.symbol), 0))
     if causal:
         expr = sympy.And(expr, sympy.Le(KV, QP))
     return Mask(expr, (w, d), tag="dilated")
@@ -88,9 +90,9 @@ def sinks_window(sinks: int, window: int) -> Mask:
 
 
 def chunked(chunk: int) -> Mask:
-    """M7: `q // chunk == kv // chunk and kv <= qp`."""
+    """M7: `qp // chunk == kv // chunk and kv <= qp`: a decode query attends to its own chunk."""
     c = _int("chunk", chunk)
-    same = sympy.Eq(sympy.floor(Q / c.symbol), sympy.floor(KV / c.symbol))
+    same = sympy.Eq(sympy.floor(QP / c.symbol), sympy.floor(KV / c.symbol))
     return Mask(sympy.And(same, sympy.Le(KV, QP)), (c,), tag="chunked")
 
 
@@ -102,21 +104,22 @@ def block_causal(block: int) -> Mask:
 
 
 def strided_heads(block: int, n_local: int, stride: int, delta: int) -> Mask:
-    """M9 (S2-Attention): on blocks `I = q // block`, `J = kv // block`:
+    """M9 (S2-Attention): on blocks `I = qp // block`, `J = kv // block`:
     `J <= I and (I - J < n_local or (J + h * delta + 1) % stride == 0)`."""
     b, n, s = _int("block", block), _int("n_local", n_local), _int("stride", stride)
     dl = _int("delta", delta, minimum=0)
-    i, j = sympy.floor(Q / b.symbol), sympy.floor(KV / b.symbol)
+    i, j = sympy.floor(QP / b.symbol), sympy.floor(KV / b.symbol)
     strided = sympy.Eq(sympy.Mod(j + H * dl.symbol + 1, s.symbol), 0)
     expr = sympy.And(sympy.Le(j, i), sympy.Or(sympy.Lt(i - j, n.symbol), strided))
     return Mask(expr, (b, n, s, dl), tag="s2")
 
 
 def global_tokens(window: int, is_global: torch.Tensor) -> Mask:
-    """M10 (Longformer): `abs(q - kv) <= window or is_global[q] or is_global[kv]`."""
+    """M10 (Longformer): `abs(qp - kv) <= window or is_global[qp] or is_global[kv]`;
+    `is_global`: bool[Lk], indexed by position."""
     w = _int("window", window, minimum=0)
     g = _tensor("is_global", is_global, 1, _BOOL)
-    expr = sympy.Or(sympy.Le(sympy.Abs(Q - KV), w.symbol), _bool_load(g, Q), _bool_load(g, KV))
+    expr = sympy.Or(sympy.Le(sympy.Abs(QP - KV), w.symbol), _bool_load(g, QP), _bool_load(g, KV))
     return Mask(expr, (w,), (g,), tag="global")
 
 
@@ -241,12 +244,12 @@ def criss_cross(height: int, width: int) -> Mask:
 
 
 def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:
-    """M16 (MoBA/NSA): `kv // block in indices[b, h, q // block, :]` (entries < 0 are unused),
-    the diagonal block always on, `& causal()` when `causal`."""
+    """M16 (MoBA/NSA): `kv // block in indices[b, h, qp // block, :]` (entries < 0 are unused),
+    the diagonal block `qp // block` always on, `& causal()` when `causal`. `indices`:
+    int[B, Hq, ceil(Lk / block), k], one row per block of positions."""
     idx = _tensor("block_idx", indices, 4, _INT)
     bs = _int("block", block)
-    from attncc.ir.symbols import B_IDX
-    qb, kb = sympy.floor(Q / bs.symbol), sympy.floor(KV / bs.symbol)
+    qb, kb = sympy.floor(QP / bs.symbol), sympy.floor(KV / bs.symbol)
     picks = [sympy.Eq(_load(idx, B_IDX, H, qb, j), kb) for j in range(indices.shape[-1])]
     expr = sympy.Or(sympy.Eq(qb, kb), *picks)
     if causal:
@@ -256,14 +259,15 @@ def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:
 
 def bigbird(block: int, radius: int, global_blocks: torch.Tensor, random_blocks: torch.Tensor
             ) -> Mask:
-    """M17: on blocks `I, J`: `abs(I - J) <= radius or G[I] or G[J] or R[I, J]`.
+    """M17: on blocks `I = qp // block`, `J = kv // block`:
+    `abs(I - J) <= radius or G[I] or G[J] or R[I, J]`.
 
     `global_blocks`: bool[n_blocks]; `random_blocks`: bool[n_blocks, n_blocks], drawn once by the
     caller (see `bigbird_random_blocks` for the fixed-seed draw)."""
     bs, r = _int("block", block), _int("radius", radius, minimum=0)
     g = _tensor("global_blocks", global_blocks, 1, _BOOL)
     rnd = _tensor("random_blocks", random_blocks, 2, _BOOL)
-    i, j = sympy.floor(Q / bs.symbol), sympy.floor(KV / bs.symbol)
+    i, j = sympy.floor(QP / bs.symbol), sympy.floor(KV / bs.symbol)
     expr = sympy.Or(sympy.Le(sympy.Abs(i - j), r.symbol), _bool_load(g, i), _bool_load(g, j),
                     _bool_load(rnd, i, j))
     return Mask(expr, (bs, r), (g, rnd), tag="bigbird")
