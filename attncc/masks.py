@@ -130,7 +130,8 @@ def document(doc: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None
     `doc=`: int[L] document ids, any order (a document may be non-contiguous), so no closed-form
     kv range follows from them: tiles are classified by evaluating the mask.
 
-    `cu_seqlens=`: int[N + 1], `0 = cu[0] <= ... <= cu[N]`, sequence i holding tokens
+    `cu_seqlens=`: int[N + 1], `0 = cu[0] <= ... <= cu[N] <= total` (checked: on the host for a
+    CPU tensor, else on the device without a sync when `total` is given), sequence i holding tokens
     `[cu[i], cu[i + 1])`. The mask becomes one interval of keys per query row,
     `doc_start[q] <= kv <= q` (or `<= doc_end[q]`), captured as int32[total] tensors built on
     cu_seqlens' device in O(total) memory by `document_inputs` (`total` defaults to `cu[N]`,
@@ -174,13 +175,24 @@ def document_inputs(cu_seqlens: torch.Tensor, *, total: int | None = None,
     `doc_end`: int32[total], its last token (inclusive). Tokens in `[cu[-1], total)` form one
     more sequence. Built on cu_seqlens' device in O(total) memory (a binary search per token),
     with no device sync when `total` is given (else `total = cu_seqlens[-1]`, read back with one
-    sync)."""
+    sync).
+
+    `cu_seqlens` must hold `0 = cu[0] <= cu[1] <= ... <= cu[-1] <= total`: a CPU tensor (or one
+    read back for `total`) is checked on the host and a violation raises ValueError here; a
+    device tensor with `total` given is checked on the device with `torch._assert_async` (no
+    sync: CUDA reports a violation at the next synchronisation)."""
     _tensor("cu_seqlens", cu_seqlens, 1, _INT)
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens: expected at least one entry (0), got an empty tensor")
-    if total is None:
-        total = int(cu_seqlens[-1])
-    _int("total", total, minimum=0)
+    if total is not None:
+        _int("total", total, minimum=0)
+    if cu_seqlens.device.type == "cpu" or total is None:
+        # on the host already, or total needs a read-back anyway: one copy, checked here
+        offsets = cu_seqlens.tolist()
+        total = offsets[-1] if total is None else total
+        check_cu_seqlens_host(offsets, total)
+    else:
+        check_cu_seqlens_async(cu_seqlens, total)
     cu = cu_seqlens.contiguous()
     pos = torch.arange(total, device=cu.device, dtype=cu.dtype)
     seq = torch.searchsorted(cu[1:], pos, right=True)  # sequence of each token; N past cu[N]
@@ -189,6 +201,33 @@ def document_inputs(cu_seqlens: torch.Tensor, *, total: int | None = None,
     if not causal:
         out["doc_end"] = (bounds[seq + 1] - 1).to(torch.int32)
     return out
+
+
+def check_cu_seqlens_host(offsets: list[int], total: int) -> None:
+    """`0 = cu[0] <= cu[1] <= ... <= cu[-1] <= total`, on host values, before anything is built:
+    an unsorted `cu_seqlens` would give sequences with negative lengths and a `doc_start` that
+    decreases, which the kernel trusts when it skips kv tiles."""
+    shown = offsets if len(offsets) <= 12 else [*offsets[:5], "...", *offsets[-5:]]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0 (the first sequence starts at "
+                         f"token 0), got cu_seqlens[0] = {offsets[0]} in {shown}")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(f"cu_seqlens: expected nondecreasing offsets (sequence i holds tokens "
+                             f"[cu_seqlens[i], cu_seqlens[i + 1])), got cu_seqlens[{i}] = "
+                             f"{offsets[i]} < cu_seqlens[{i - 1}] = {offsets[i - 1]} in {shown}")
+    if offsets[-1] > total:
+        raise ValueError(f"total: expected at least cu_seqlens[-1] = {offsets[-1]} (every "
+                         f"sequence's tokens), got {total}")
+
+
+def check_cu_seqlens_async(cu_seqlens: torch.Tensor, total: int) -> None:
+    """The checks of `check_cu_seqlens_host` on the device, without a host sync: a violation
+    fails the stream (CUDA reports it at the next synchronisation) with this message."""
+    cu = cu_seqlens
+    ok = (cu[0] == 0) & (cu[1:] >= cu[:-1]).all() & (cu[-1] <= total)
+    torch._assert_async(ok, f"cu_seqlens: expected 0 = cu_seqlens[0] <= cu_seqlens[1] <= ... <= "
+                            f"cu_seqlens[-1] <= total = {total}, got offsets that break it")
 
 
 def _clamped_centre(coord: sympy.Basic, size: sympy.Basic, kernel: sympy.Basic) -> sympy.Basic:
