@@ -136,8 +136,9 @@ def document(doc: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None
     `doc_start[q] <= kv <= q` (or `<= doc_end[q]`), captured as int32[total] tensors built on
     cu_seqlens' device in O(total) memory by `document_inputs` (`total` defaults to `cu[N]`,
     read back with one device sync; pass it to avoid that). Tokens in `[cu[N], total)` form one
-    more sequence (padding attends only padding); a call with more than `total` queries is an
-    error (the tensors must cover every query row). Tiles are then exact: the kernel loads
+    more sequence (padding attends only padding); a call with more than `total` queries, or with
+    fewer than `total` tokens (max(Lq, Lk) < total: offsets of another batch), is an error before
+    any launch. Tiles are then exact: the kernel loads
     `doc_start` (and `doc_end`) at each query tile's first and last row, O(1) per tile, and
     visits only tiles holding allowed pairs. Pass new sequences at call time with
     `attn(q, k, v, **attncc.document_inputs(cu_seqlens))`.
