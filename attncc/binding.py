@@ -22,10 +22,10 @@ import torch
 from attncc.ir.nodes import Capture, Param
 from attncc.ir.reorder import SegmentSort, UserPermutation
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load
 from attncc.validate import check_param_value, sort_runtime
 
-_EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk"}
+_EXTENTS = {B_IDX: "B", H_IDX: "Hq", Q_IDX: "Lq", KV_IDX: "Lk", QP: "Lk"}  # qp < Lk
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,19 @@ class CallSignature:
     """What a call binds, precomputed from the spec.
 
     extent_checks: (capture name, axis, index name, extent name) for each axis of a captured
-    tensor indexed by a plain index (b, h, q_idx, kv_idx), whose size must cover that extent.
+    tensor indexed by a plain index (b, h, q_idx, kv_idx, or the aligned query position
+    q_idx + Lk - Lq), whose size must cover that extent.
     reorder_keys: the `permutation()` keywords of the reorder's call tensors, in op order.
+    token_tables: nondecreasing captures read at q_idx (M11's `doc_start` / `doc_end` from
+    cu_seqlens): one entry per token of the packed sequence, so never longer than the call's
+    max(Lq, Lk) tokens (a longer one describes sequences this call does not have).
     """
 
     params: tuple[Param, ...]
     captures: tuple[Capture, ...]
     extent_checks: tuple[tuple[str, int, str, str], ...]
     reorder_keys: tuple[str, ...]
+    token_tables: tuple[str, ...] = ()
 
     @staticmethod
     def of(spec: AttentionSpec) -> CallSignature:
@@ -54,7 +59,10 @@ class CallSignature:
                         checks.append((ld.args[0].name, axis, str(index), _EXTENTS[index]))
         keys = (("key_score",) if isinstance(spec.reorder, SegmentSort) else
                 ("perm",) if isinstance(spec.reorder, UserPermutation) else ())
-        return CallSignature(spec.params, spec.captures, tuple(checks), keys)
+        at_q = {ld.args[0].name for ld in spec.mask.expr.atoms(Load)
+                if ld.args[1:] == (Q_IDX,)} if spec.mask is not None else set()
+        tables = tuple(c.name for c in spec.captures if c.nondecreasing and c.name in at_q)
+        return CallSignature(spec.params, spec.captures, tuple(checks), keys, tables)
 
 
 def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
@@ -104,6 +112,12 @@ def _check_captures(sig: CallSignature, caps: list[torch.Tensor], device: torch.
         if t.shape[axis] < n:
             raise ValueError(f"{name}: dimension {axis} is indexed by {index} up to {n - 1}, "
                              f"so it needs size >= {n}, got shape {tuple(t.shape)}")
+    tokens = max(extents["Lq"], extents["Lk"])
+    for name in sig.token_tables:
+        if by_name[name].shape[0] > tokens:
+            raise ValueError(f"{name}: expected one entry per token, at most max(Lq, Lk) = "
+                             f"{tokens}, got {by_name[name].shape[0]}: its cu_seqlens (last "
+                             f"entry, or total=) describe more tokens than this call has")
 
 
 def unpack_params(sig: CallSignature, params: torch.Tensor

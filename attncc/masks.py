@@ -1,7 +1,10 @@
-"""Named masks M1–M20 (CATALOG.md Section 1) as `Mask` IR values.
+"""Named masks M1–M20 as `Mask` IR values (semantics: docs/semantics.md).
 
 Every size (window, chunk, grid dims) is a runtime `Param`: changing it never recompiles.
-Named masks align the last query with the last key: `qp = q_idx + Lk - Lq`.
+Named masks align the last query with the last key: `qp = q_idx + Lk - Lq` is the query's
+position (docs/semantics.md, "Query positions when Lq != Lk"), so a decode row (Lq = 1) sits at
+Lk - 1. Masks over a per-row captured table (M11 `doc`, M19 `ancestors`) and the grid masks
+(M12-M15) index by the raw row `q_idx`.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ import sympy
 import torch
 
 from attncc.ir.nodes import Capture, Mask, Param
-from attncc.ir.symbols import H_IDX, KV_IDX, LK, LQ, Q_IDX, Load, buffer_symbol
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load, buffer_symbol
 
 Q, KV, H = Q_IDX, KV_IDX, H_IDX
-QP = Q_IDX + LK - LQ  # query position aligned so the last query meets the last key
 
 
 def _int(name: str, value: int, minimum: int = 1) -> Param:
@@ -60,16 +62,16 @@ def sliding_window(window: int) -> Mask:
 
 
 def bidirectional_window(window: int) -> Mask:
-    """M3: `abs(q - kv) <= window`."""
+    """M3: `abs(qp - kv) <= window`."""
     w = _int("window", window, minimum=0)
-    return Mask(sympy.Le(sympy.Abs(Q - KV), w.symbol), (w,), tag="biwin")
+    return Mask(sympy.Le(sympy.Abs(QP - KV), w.symbol), (w,), tag="biwin")
 
 
 def dilated_window(window: int, dilation: int, causal: bool = False) -> Mask:
-    """M4: `abs(q - kv) <= window and (q - kv) % dilation == 0`, optionally `& causal()`."""
+    """M4: `abs(qp - kv) <= window and (qp - kv) % dilation == 0`, optionally `& causal()`."""
     w, d = _int("window", window, minimum=0), _int("dilation", dilation)
-    expr = sympy.And(sympy.Le(sympy.Abs(Q - KV), w.symbol),
-                     sympy.Eq(sympy.Mod(Q - KV, d.symbol), 0))
+    expr = sympy.And(sympy.Le(sympy.Abs(QP - KV), w.symbol),
+                     sympy.Eq(sympy.Mod(QP - KV, d.symbol), 0))
     if causal:
         expr = sympy.And(expr, sympy.Le(KV, QP))
     return Mask(expr, (w, d), tag="dilated")
@@ -88,9 +90,9 @@ def sinks_window(sinks: int, window: int) -> Mask:
 
 
 def chunked(chunk: int) -> Mask:
-    """M7: `q // chunk == kv // chunk and kv <= qp`."""
+    """M7: `qp // chunk == kv // chunk and kv <= qp`: a decode query attends to its own chunk."""
     c = _int("chunk", chunk)
-    same = sympy.Eq(sympy.floor(Q / c.symbol), sympy.floor(KV / c.symbol))
+    same = sympy.Eq(sympy.floor(QP / c.symbol), sympy.floor(KV / c.symbol))
     return Mask(sympy.And(same, sympy.Le(KV, QP)), (c,), tag="chunked")
 
 
@@ -102,21 +104,22 @@ def block_causal(block: int) -> Mask:
 
 
 def strided_heads(block: int, n_local: int, stride: int, delta: int) -> Mask:
-    """M9 (S2-Attention): on blocks `I = q // block`, `J = kv // block`:
+    """M9 (S2-Attention): on blocks `I = qp // block`, `J = kv // block`:
     `J <= I and (I - J < n_local or (J + h * delta + 1) % stride == 0)`."""
     b, n, s = _int("block", block), _int("n_local", n_local), _int("stride", stride)
     dl = _int("delta", delta, minimum=0)
-    i, j = sympy.floor(Q / b.symbol), sympy.floor(KV / b.symbol)
+    i, j = sympy.floor(QP / b.symbol), sympy.floor(KV / b.symbol)
     strided = sympy.Eq(sympy.Mod(j + H * dl.symbol + 1, s.symbol), 0)
     expr = sympy.And(sympy.Le(j, i), sympy.Or(sympy.Lt(i - j, n.symbol), strided))
     return Mask(expr, (b, n, s, dl), tag="s2")
 
 
 def global_tokens(window: int, is_global: torch.Tensor) -> Mask:
-    """M10 (Longformer): `abs(q - kv) <= window or is_global[q] or is_global[kv]`."""
+    """M10 (Longformer): `abs(qp - kv) <= window or is_global[qp] or is_global[kv]`;
+    `is_global`: bool[Lk], indexed by position."""
     w = _int("window", window, minimum=0)
     g = _tensor("is_global", is_global, 1, _BOOL)
-    expr = sympy.Or(sympy.Le(sympy.Abs(Q - KV), w.symbol), _bool_load(g, Q), _bool_load(g, KV))
+    expr = sympy.Or(sympy.Le(sympy.Abs(QP - KV), w.symbol), _bool_load(g, QP), _bool_load(g, KV))
     return Mask(expr, (w,), (g,), tag="global")
 
 
@@ -127,13 +130,15 @@ def document(doc: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None
     `doc=`: int[L] document ids, any order (a document may be non-contiguous), so no closed-form
     kv range follows from them: tiles are classified by evaluating the mask.
 
-    `cu_seqlens=`: int[N + 1], `0 = cu[0] <= ... <= cu[N]`, sequence i holding tokens
+    `cu_seqlens=`: int[N + 1], `0 = cu[0] <= ... <= cu[N] <= total` (checked: on the host for a
+    CPU tensor, else on the device without a sync when `total` is given), sequence i holding tokens
     `[cu[i], cu[i + 1])`. The mask becomes one interval of keys per query row,
     `doc_start[q] <= kv <= q` (or `<= doc_end[q]`), captured as int32[total] tensors built on
     cu_seqlens' device in O(total) memory by `document_inputs` (`total` defaults to `cu[N]`,
     read back with one device sync; pass it to avoid that). Tokens in `[cu[N], total)` form one
-    more sequence (padding attends only padding); a call with more than `total` queries is an
-    error (the tensors must cover every query row). Tiles are then exact: the kernel loads
+    more sequence (padding attends only padding); a call with more than `total` queries, or with
+    fewer than `total` tokens (max(Lq, Lk) < total: offsets of another batch), is an error before
+    any launch. Tiles are then exact: the kernel loads
     `doc_start` (and `doc_end`) at each query tile's first and last row, O(1) per tile, and
     visits only tiles holding allowed pairs. Pass new sequences at call time with
     `attn(q, k, v, **attncc.document_inputs(cu_seqlens))`.
@@ -171,13 +176,24 @@ def document_inputs(cu_seqlens: torch.Tensor, *, total: int | None = None,
     `doc_end`: int32[total], its last token (inclusive). Tokens in `[cu[-1], total)` form one
     more sequence. Built on cu_seqlens' device in O(total) memory (a binary search per token),
     with no device sync when `total` is given (else `total = cu_seqlens[-1]`, read back with one
-    sync)."""
+    sync).
+
+    `cu_seqlens` must hold `0 = cu[0] <= cu[1] <= ... <= cu[-1] <= total`: a CPU tensor (or one
+    read back for `total`) is checked on the host and a violation raises ValueError here; a
+    device tensor with `total` given is checked on the device with `torch._assert_async` (no
+    sync: CUDA reports a violation at the next synchronisation)."""
     _tensor("cu_seqlens", cu_seqlens, 1, _INT)
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens: expected at least one entry (0), got an empty tensor")
-    if total is None:
-        total = int(cu_seqlens[-1])
-    _int("total", total, minimum=0)
+    if total is not None:
+        _int("total", total, minimum=0)
+    if cu_seqlens.device.type == "cpu" or total is None:
+        # on the host already, or total needs a read-back anyway: one copy, checked here
+        offsets = cu_seqlens.tolist()
+        total = offsets[-1] if total is None else total
+        check_cu_seqlens_host(offsets, total)
+    else:
+        check_cu_seqlens_async(cu_seqlens, total)
     cu = cu_seqlens.contiguous()
     pos = torch.arange(total, device=cu.device, dtype=cu.dtype)
     seq = torch.searchsorted(cu[1:], pos, right=True)  # sequence of each token; N past cu[N]
@@ -186,6 +202,33 @@ def document_inputs(cu_seqlens: torch.Tensor, *, total: int | None = None,
     if not causal:
         out["doc_end"] = (bounds[seq + 1] - 1).to(torch.int32)
     return out
+
+
+def check_cu_seqlens_host(offsets: list[int], total: int) -> None:
+    """`0 = cu[0] <= cu[1] <= ... <= cu[-1] <= total`, on host values, before anything is built:
+    an unsorted `cu_seqlens` would give sequences with negative lengths and a `doc_start` that
+    decreases, which the kernel trusts when it skips kv tiles."""
+    shown = offsets if len(offsets) <= 12 else [*offsets[:5], "...", *offsets[-5:]]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0 (the first sequence starts at "
+                         f"token 0), got cu_seqlens[0] = {offsets[0]} in {shown}")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(f"cu_seqlens: expected nondecreasing offsets (sequence i holds tokens "
+                             f"[cu_seqlens[i], cu_seqlens[i + 1])), got cu_seqlens[{i}] = "
+                             f"{offsets[i]} < cu_seqlens[{i - 1}] = {offsets[i - 1]} in {shown}")
+    if offsets[-1] > total:
+        raise ValueError(f"total: expected at least cu_seqlens[-1] = {offsets[-1]} (every "
+                         f"sequence's tokens), got {total}")
+
+
+def check_cu_seqlens_async(cu_seqlens: torch.Tensor, total: int) -> None:
+    """The checks of `check_cu_seqlens_host` on the device, without a host sync: a violation
+    fails the stream (CUDA reports it at the next synchronisation) with this message."""
+    cu = cu_seqlens
+    ok = (cu[0] == 0) & (cu[1:] >= cu[:-1]).all() & (cu[-1] <= total)
+    torch._assert_async(ok, f"cu_seqlens: expected 0 = cu_seqlens[0] <= cu_seqlens[1] <= ... <= "
+                            f"cu_seqlens[-1] <= total = {total}, got offsets that break it")
 
 
 def _clamped_centre(coord: sympy.Basic, size: sympy.Basic, kernel: sympy.Basic) -> sympy.Basic:
@@ -241,12 +284,12 @@ def criss_cross(height: int, width: int) -> Mask:
 
 
 def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:
-    """M16 (MoBA/NSA): `kv // block in indices[b, h, q // block, :]` (entries < 0 are unused),
-    the diagonal block always on, `& causal()` when `causal`."""
+    """M16 (MoBA/NSA): `kv // block in indices[b, h, qp // block, :]` (entries < 0 are unused),
+    the diagonal block `qp // block` always on, `& causal()` when `causal`. `indices`:
+    int[B, Hq, ceil(Lk / block), k], one row per block of positions."""
     idx = _tensor("block_idx", indices, 4, _INT)
     bs = _int("block", block)
-    from attncc.ir.symbols import B_IDX
-    qb, kb = sympy.floor(Q / bs.symbol), sympy.floor(KV / bs.symbol)
+    qb, kb = sympy.floor(QP / bs.symbol), sympy.floor(KV / bs.symbol)
     picks = [sympy.Eq(_load(idx, B_IDX, H, qb, j), kb) for j in range(indices.shape[-1])]
     expr = sympy.Or(sympy.Eq(qb, kb), *picks)
     if causal:
@@ -256,14 +299,15 @@ def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:
 
 def bigbird(block: int, radius: int, global_blocks: torch.Tensor, random_blocks: torch.Tensor
             ) -> Mask:
-    """M17: on blocks `I, J`: `abs(I - J) <= radius or G[I] or G[J] or R[I, J]`.
+    """M17: on blocks `I = qp // block`, `J = kv // block`:
+    `abs(I - J) <= radius or G[I] or G[J] or R[I, J]`.
 
     `global_blocks`: bool[n_blocks]; `random_blocks`: bool[n_blocks, n_blocks], drawn once by the
     caller (see `bigbird_random_blocks` for the fixed-seed draw)."""
     bs, r = _int("block", block), _int("radius", radius, minimum=0)
     g = _tensor("global_blocks", global_blocks, 1, _BOOL)
     rnd = _tensor("random_blocks", random_blocks, 2, _BOOL)
-    i, j = sympy.floor(Q / bs.symbol), sympy.floor(KV / bs.symbol)
+    i, j = sympy.floor(QP / bs.symbol), sympy.floor(KV / bs.symbol)
     expr = sympy.Or(sympy.Le(sympy.Abs(i - j), r.symbol), _bool_load(g, i), _bool_load(g, j),
                     _bool_load(rnd, i, j))
     return Mask(expr, (bs, r), (g, rnd), tag="bigbird")

@@ -1,4 +1,10 @@
-"""Named score modifications S1–S8 and normalisers N1–N2 (CATALOG.md Sections 2 and 3)."""
+"""Named score modifications S1–S8 and normalisers N1–N2 (semantics: docs/semantics.md).
+
+Position-dependent scores read the aligned query position `qp = q_idx + Lk - Lq` (docs/
+semantics.md, "Query positions when Lq != Lk"): S3 and S4 measure the distance `kv - qp` between
+token positions, so a decode row (Lq = 1) sits at Lk - 1. S5's `bias[b, h, q, kv]` is a tensor
+with one row per query and stays indexed by the raw row `q_idx`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import sympy
 import torch
 
 from attncc.ir.nodes import Capture, Normaliser, Param, ScoreMod
-from attncc.ir.symbols import B_IDX, H_IDX, HQ, KV_IDX, Q_IDX, SCORE, Load, buffer_symbol
+from attncc.ir.symbols import B_IDX, H_IDX, HQ, KV_IDX, Q_IDX, QP, SCORE, Load, buffer_symbol
 
 
 def _float(name: str, value: float, positive: bool = False) -> Param:
@@ -43,22 +49,22 @@ def softcap(cap: float) -> ScoreMod:
 
 
 def alibi(slopes: torch.Tensor | None = None) -> ScoreMod:
-    """S3: `score + slope[h] * (kv - q)`; `slope[h] = 2^(-8 (h + 1) / Hq)` unless given."""
+    """S3: `score + slope[h] * (kv - qp)`; `slope[h] = 2^(-8 (h + 1) / Hq)` unless given."""
     if slopes is None:
         slope = 2 ** (-8 * (H_IDX + 1) / HQ)
-        return ScoreMod(SCORE + slope * (KV_IDX - Q_IDX), tag="alibi")
+        return ScoreMod(SCORE + slope * (KV_IDX - QP), tag="alibi")
     cap = _capture("alibi_slopes", slopes, 1)
-    return ScoreMod(SCORE + _load(cap, H_IDX) * (KV_IDX - Q_IDX), (), (cap,), tag="alibi")
+    return ScoreMod(SCORE + _load(cap, H_IDX) * (KV_IDX - QP), (), (cap,), tag="alibi")
 
 
 def relative_bias(table: torch.Tensor) -> ScoreMod:
-    """S4 (T5 / Music Transformer): `score + table[h, clamp(q - kv, -m, m) + m]` for a learnable
+    """S4 (T5 / Music Transformer): `score + table[h, clamp(qp - kv, -m, m) + m]` for a learnable
     `table` of shape [Hq, 2m + 1] (relative distances beyond m share the edge buckets)."""
     cap = _capture("rel_table", table, 2)
     if table.shape[1] % 2 != 1:
         raise ValueError(f"rel_table: expected [Hq, 2m+1] (odd last dim), got {list(table.shape)}")
     m = Param("max_distance", "int", (table.shape[1] - 1) // 2)
-    bucket = sympy.Min(sympy.Max(Q_IDX - KV_IDX, -m.symbol), m.symbol) + m.symbol
+    bucket = sympy.Min(sympy.Max(QP - KV_IDX, -m.symbol), m.symbol) + m.symbol
     return ScoreMod(SCORE + _load(cap, H_IDX, bucket), (m,), (cap,), tag="relbias")
 
 

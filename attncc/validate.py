@@ -12,7 +12,7 @@ import torch
 from attncc import config
 from attncc.ir.nodes import Param
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, Load
+from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load
 from attncc.passes.select_tiles import MAX_HEAD_DIM
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -151,4 +151,4 @@ def check_nondecreasing(name: str, t: torch.Tensor) -> None:
 
 
 def index_extents(B: int, Hq: int, Lq: int, Lk: int) -> dict[sympy.Symbol, int]:
-    return {B_IDX: B, H_IDX: Hq, Q_IDX: Lq, KV_IDX: Lk}
+    return {B_IDX: B, H_IDX: Hq, Q_IDX: Lq, KV_IDX: Lk, QP: Lk}  # the aligned position qp < Lk

@@ -93,14 +93,14 @@ def m_sliding(Lq, Lk, w):  # M2
     return (kv <= qp) & (qp - kv < w)
 
 
-def m_biwin(Lq, Lk, w):  # M3 (the formula reads q, not qp)
-    q, kv, _ = grid(Lq, Lk)
-    return (q - kv).abs() <= w
+def m_biwin(Lq, Lk, w):  # M3 (q in the table is qp, Section 0)
+    _, kv, qp = grid(Lq, Lk)
+    return (qp - kv).abs() <= w
 
 
 def m_dilated(Lq, Lk, w, d, causal=False):  # M4
-    q, kv, _ = grid(Lq, Lk)
-    out = ((q - kv).abs() <= w) & ((q - kv) % d == 0)
+    _, kv, qp = grid(Lq, Lk)
+    out = ((qp - kv).abs() <= w) & ((qp - kv) % d == 0)
     return out & m_causal(Lq, Lk) if causal else out
 
 
@@ -115,8 +115,8 @@ def m_sinks(Lq, Lk, s, w):  # M6
 
 
 def m_chunked(Lq, Lk, c):  # M7
-    q, kv, qp = grid(Lq, Lk)
-    return (q // c == kv // c) & (kv <= qp)
+    _, kv, qp = grid(Lq, Lk)
+    return (qp // c == kv // c) & (kv <= qp)
 
 
 def m_block_causal(Lq, Lk, c):  # M8
@@ -125,14 +125,21 @@ def m_block_causal(Lq, Lk, c):  # M8
 
 
 def m_strided(H, Lq, Lk, b, n_local, stride, delta):  # M9 -> [H, Lq, Lk]
-    q, kv, _ = grid(Lq, Lk)
-    i, j, h = q // b, kv // b, heads(H)
+    _, kv, qp = grid(Lq, Lk)
+    i, j, h = qp // b, kv // b, heads(H)
     return (j <= i) & ((i - j < n_local) | ((j + h * delta + 1) % stride == 0))
 
 
-def m_global(Lq, Lk, w, is_global):  # M10
-    q, kv, _ = grid(Lq, Lk)
-    return ((q - kv).abs() <= w) | is_global[q] | is_global[kv]
+def _read(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] with the IR's out-of-range rule: an index outside the table reads 0."""
+    inside = (index >= 0) & (index < table.shape[0])
+    return torch.where(inside, table[index.clamp(0, table.shape[0] - 1)],
+                       torch.zeros((), dtype=table.dtype))
+
+
+def m_global(Lq, Lk, w, is_global):  # M10; qp < 0 (Lq > Lk) reads no global flag
+    _, kv, qp = grid(Lq, Lk)
+    return ((qp - kv).abs() <= w) | _read(is_global, qp) | is_global[kv]
 
 
 def m_document(doc):  # M11 (Lq == Lk == len(doc))
@@ -222,21 +229,28 @@ def m_hilberta(rank, Hg, Wg, tile, shift, centre):  # M15 in original positions
 
 
 def m_block_topk(idx, Lq, Lk, block, causal=True):  # M16 -> [B, H, Lq, Lk], explicit loops
+    """The query's block is that of its aligned position qp; a block outside idx reads 0s."""
     B, H = idx.shape[:2]
     key_block = torch.arange(Lk) // block
     out = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
             for i in range(Lq):
-                picked = [int(x) for x in idx[b, h, i // block] if x >= 0] + [i // block]
+                qb = (i + Lk - Lq) // block
+                row = idx[b, h, qb] if 0 <= qb < idx.shape[2] else [0] * idx.shape[3]
+                picked = [int(x) for x in row if x >= 0] + [qb]
                 out[b, h, i] = torch.isin(key_block, torch.tensor(picked))
     return out & m_causal(Lq, Lk) if causal else out
 
 
-def m_bigbird(L, block, radius, G, R):  # M17
-    q, kv, _ = grid(L, L)
-    i, j = q // block, kv // block
-    return ((i - j).abs() <= radius) | G[i] | G[j] | R[i, j]
+def m_bigbird(L, block, radius, G, R, Lk=None):  # M17 on Lq = L queries, Lk (default L) keys
+    _, kv, qp = grid(L, L if Lk is None else Lk)
+    i, j = qp // block, kv // block
+    rand = torch.zeros_like(i - j, dtype=torch.bool)
+    for a in range(i.shape[0]):  # R[i, j] with the out-of-range rule (i < 0 when Lq > Lk)
+        if 0 <= int(i[a, 0]) < R.shape[0]:
+            rand[a] = _read(R[int(i[a, 0])], j[0])
+    return ((i - j).abs() <= radius) | _read(G, i) | G[j] | rand
 
 
 def m_head_classes(H, Lq, Lk, cls, s, w):  # M18 -> [H, Lq, Lk]

@@ -200,8 +200,8 @@ def test_named_mask_matches_dense(shape, build):
     pytest.param(M.strided_heads(8, 2, 3, 1), lambda Lq, Lk: D.m_strided(2, Lq, Lk, 8, 2, 3, 1),
                  id="M9-b8-n2-s3-d1"),
 ])
-def test_raw_q_formulas_for_lq_ne_lk(mask, oracle):
-    """M3/M7/M9 read `q` (not `qp`) in CATALOG's table; with Lq != Lk that is what they mean."""
+def test_aligned_q_formulas_for_lq_ne_lk(mask, oracle):
+    """M3/M7/M9 read the aligned position `qp = q + Lk - Lq` (docs/semantics.md)."""
     q, k, v = D.make_qkv(1, 2, 1, 63, 200)
     D.check(AttentionSpec(mask=mask), q, k, v, oracle(63, 200))
 

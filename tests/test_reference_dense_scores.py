@@ -83,14 +83,14 @@ SCORE_CASES = [
           lambda s, b, h, q, kv: 50.0 * torch.tanh(s / 50.0)),
     _case("S3-alibi", (2, 4, 2, 63, 63), S.alibi(),
           lambda s, b, h, q, kv: s + _alibi(4) * (kv - q)),
-    _case("S3-alibi", (1, 4, 1, 63, 200), S.alibi(),  # the formula reads q, not qp
-          lambda s, b, h, q, kv: s + _alibi(4) * (kv - q)),
+    _case("S3-alibi", (1, 4, 1, 63, 200), S.alibi(),  # q is the aligned qp = q + 137
+          lambda s, b, h, q, kv: s + _alibi(4) * (kv - (q + 137))),
     _case("S3-alibi-captured", (2, 2, 2, 63, 63), S.alibi(SLOPES_2),
           lambda s, b, h, q, kv: s + SLOPES_2[h] * (kv - q), masked=False),
     _case("S4-relbias-m4", (2, 4, 2, 63, 63), S.relative_bias(REL_4x9),
           lambda s, b, h, q, kv: s + REL_4x9[h, _rel_bucket(q, kv, 4)]),
-    _case("S4-relbias-m300", (1, 2, 1, 63, 200), S.relative_bias(REL_2x601),
-          lambda s, b, h, q, kv: s + REL_2x601[h, q - kv + 300], masked=False),
+    _case("S4-relbias-m300", (1, 2, 1, 63, 200), S.relative_bias(REL_2x601),  # qp = q + 137
+          lambda s, b, h, q, kv: s + REL_2x601[h, q + 137 - kv + 300], masked=False),
     _case("S5-bias-BHQK", (2, 2, 1, 63, 63), S.bias(BIAS_BHQK),
           lambda s, b, h, q, kv: s + BIAS_BHQK),
     _case("S5-bias-1HQK", (2, 4, 2, 63, 200), S.bias(BIAS_1HQK),

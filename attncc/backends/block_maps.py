@@ -56,16 +56,19 @@ def kv_tile_lists(classes: torch.Tensor, Lk: int, block_n: int) -> torch.Tensor:
 def topk_classes(plan: KernelPlan, *, B: int, Hq: int, Lq: int, Lk: int, block_m: int,
                  block_n: int, params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
                  ) -> torch.Tensor | None:
-    """M16: the index tensor `block_idx[b, h, I, :]` names the kv blocks of query block I (plus
-    the diagonal block), so its entries become kv tiles directly: O(B Hq nM (k + nN)) device
-    work. Needs tiles nested in blocks (block a multiple of both tile sizes); None otherwise."""
+    """M16: the index tensor `block_idx[b, h, I, :]` names the kv blocks of query block
+    I = qp // block (plus the diagonal block), so its entries become kv tiles directly:
+    O(B Hq nM (k + nN)) device work. Needs tiles nested in blocks (block a multiple of both
+    tile sizes, and the query offset Lk - Lq a non-negative multiple of block, so a query
+    tile's aligned positions stay in one block and none is negative); None otherwise."""
     block = int(params["block"])
-    if block % block_m or block % block_n:
+    if block % block_m or block % block_n or Lk < Lq or (Lk - Lq) % block:
         return None
     idx = tensors["block_idx"][:B, :Hq].long()
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
     per_block = block // block_n
-    q_block = torch.arange(n_m, device=idx.device) * block_m // block
+    # the aligned position qp = q + Lk - Lq of each query tile's first row picks its block
+    q_block = (torch.arange(n_m, device=idx.device) * block_m + Lk - Lq) // block
     picks = idx[:, :, q_block.clamp(max=idx.shape[2] - 1), :]  # [B, Hq, nM, k]
     # a query block past the index tensor reads 0s (the IR's out-of-range rule): kv block 0
     picks = torch.where((q_block < idx.shape[2]).view(1, 1, -1, 1), picks, 0)

@@ -23,6 +23,10 @@ INDEX_SYMBOLS = (B_IDX, H_IDX, Q_IDX, KV_IDX)
 SHAPE_SYMBOLS = (LQ, LK, HQ, HKV)
 RESERVED_NAMES = frozenset(s.name for s in (*INDEX_SYMBOLS, *SHAPE_SYMBOLS, SCORE))
 
+# The aligned query position of named masks and scores (docs/semantics.md, "Query positions when
+# Lq != Lk"): the last query meets the last key, so a decode row (Lq = 1) sits at Lk - 1.
+QP = Q_IDX + LK - LQ
+
 
 class Load(sympy.Function):
     """`Load(buffer, i0, i1, ...)`: element of a captured tensor; out-of-range indices read 0.
