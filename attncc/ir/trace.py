@@ -3,13 +3,22 @@
 The function runs once with `Traced` stand-ins: Python operators and the torch calls listed in
 `_TORCH_FUNCTIONS` build a sympy expression; indexing a captured tensor with traced indices
 becomes a `Load`. Anything that needs a concrete value (`if`, `and`, `.item()`, `int()`, an
-unsupported torch call) raises `TraceError` naming the function, the line and the construct.
+unsupported torch call) raises `TraceError` naming the function, the line and the construct; so
+does any other exception the function raises while traced (recursion included).
+
+A captured tensor indexed in its leading dimensions only and then reduced (`buf[b].sum()`) becomes
+a new captured tensor (`buf_sum[b]`, see `attncc.ir.derived`) that each call recomputes in torch
+before the launch, so the kernel reads one number. A call to a random torch function (`torch.rand`)
+runs once, at trace time: its values are frozen into the kernel, so it warns.
 """
 
 from __future__ import annotations
 
 import inspect
+import linecache
+import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import Any, Callable
@@ -17,6 +26,9 @@ from typing import Any, Callable
 import sympy
 import torch
 
+from torch.overrides import TorchFunctionMode
+
+from attncc.ir.derived import REDUCTIONS, Reduction
 from attncc.ir.nodes import Capture, Mask, Param, ScoreMod
 from attncc.ir.symbols import (B_IDX, H_IDX, KV_IDX, Q_IDX, RESERVED_NAMES, SCORE, Load,
                                Sigmoid, buffer_symbol)
@@ -29,21 +41,46 @@ class TraceError(TypeError):
 @dataclass
 class _Context:
     fn: Callable
-    captures: dict[int, Capture] = field(default_factory=dict)
+    captures: dict[Any, Capture] = field(default_factory=dict)  # by id(tensor) / reduction
     params: dict[str, Param] = field(default_factory=dict)
 
-    def fail(self, construct: str, hint: str) -> TraceError:
-        where = _user_line(self.fn.__code__)
+    def fail(self, construct: str, hint: str, where: str | None = None) -> TraceError:
+        where = where or _user_line(self.fn.__code__)
         name = getattr(self.fn, "__qualname__", repr(self.fn))
         return TraceError(f"cannot trace {name} ({where}): {construct}; {hint}")
 
     def capture(self, tensor: torch.Tensor) -> Capture:
         found = self.captures.get(id(tensor))
         if found is None:
-            name = _closure_name(self.fn, tensor) or f"t{len(self.captures)}"
-            found = Capture.of(name, tensor)
+            found = Capture.of(self._fresh(_closure_name(self.fn, tensor) or "t"), tensor)
             self.captures[id(tensor)] = found
         return found
+
+    def derive(self, source: torch.Tensor, op: str, keep: int) -> Capture:
+        """The captured tensor `op` of `source` over every dimension from `keep` on."""
+        key = (id(source), op, keep)
+        found = self.captures.get(key)
+        if found is None:
+            src = _closure_name(self.fn, source) or "t"
+            reduction = Reduction(op, src, source.dim(), keep)
+            try:
+                value = reduction.apply(source)
+            except RuntimeError as e:
+                raise self.fail(f"`.{op}()` of a {source.dtype} captured tensor",
+                                f"torch refuses it: {e}") from None
+            found = Capture.of(self._fresh(f"{src}_{op}"), value, reduction=reduction,
+                               source=source)
+            self.captures[key] = found
+        return found
+
+    def _fresh(self, name: str) -> str:
+        taken = {c.name for c in self.captures.values()}
+        if name not in taken and name != "t":
+            return name
+        n = 0 if name == "t" else 1
+        while f"{name}{n}" in taken or f"{name}_{n}" in taken:
+            n += 1
+        return f"{name}{n}" if name == "t" else f"{name}_{n}"
 
 
 _active: list[_Context] = []
@@ -97,6 +134,49 @@ class Traced:
     def item(self) -> Any:
         raise _ctx().fail(".item() on a traced value", "keep the value symbolic")
 
+    def __hash__(self) -> int:
+        raise _ctx().fail("a traced value used as a dict key or set member",
+                          "index a captured tensor instead (torch.tensor(list)[q_idx])")
+
+    def __len__(self) -> int:
+        raise _ctx().fail("len() of a traced value", "a traced value is one scalar")
+
+    # --- casts: int/bool -> float is exact; float -> int has no single meaning ---------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"int": torch.int64, "float": torch.float32, "bool": torch.bool}[self.kind]
+
+    def float(self) -> "Traced": return self._cast("float", "float()")
+    def double(self) -> "Traced": return self._cast("float", "double()")
+    def long(self) -> "Traced": return self._cast("int", "long()")
+    def int(self) -> "Traced": return self._cast("int", "int()")
+    def bool(self) -> "Traced": return self._cast("bool", "bool()")
+
+    def to(self, *args, **kwargs) -> "Traced":
+        target = kwargs.get("dtype", args[0] if args else None)
+        kind = _CASTS.get(target)
+        if kind is None or len(args) + len(kwargs) != 1:
+            raise _ctx().fail(f"`.to({', '.join(map(repr, [*args, *kwargs.values()]))})` on a "
+                              "traced value", "supported: .to(dtype) with dtype one of "
+                              "float, int, bool, torch.float32/float64/int32/int64/bool")
+        return self._cast(kind, f"to({target!r})")
+
+    def type_as(self, other: Any) -> "Traced":
+        return self._cast(_lift(other).kind, "type_as()")
+
+    def _cast(self, kind: str, what: str) -> "Traced":
+        if kind == self.kind or (kind == "float" and self.kind == "int"):
+            return Traced(self.expr, kind)
+        if kind == "float":  # bool -> 0.0 / 1.0
+            return Traced(sympy.Piecewise((sympy.Integer(1), self.expr), (0, True)), "float")
+        if kind == "bool":
+            return Traced(sympy.Ne(self.expr, 0), "bool")
+        if self.kind == "bool":  # bool -> 0 / 1
+            return Traced(sympy.Piecewise((sympy.Integer(1), self.expr), (0, True)), "int")
+        raise _ctx().fail(f"`.{what}` of a float value", "a float -> int cast rounds in a way the "
+                          "kernel need not match; use torch.floor/torch.ceil (or torch.trunc) "
+                          "and keep the value float")
+
     # --- arithmetic -----------------------------------------------------------------------
     def _bin(self, other: Any, op: Callable, kind: str | None = None, rev: bool = False):
         o = _lift(other)
@@ -111,12 +191,20 @@ class Traced:
     def __rsub__(self, o): return self._bin(o, lambda a, b: a - b, rev=True)
     def __mul__(self, o): return self._bin(o, lambda a, b: a * b)
     def __rmul__(self, o): return self._bin(o, lambda a, b: a * b, rev=True)
-    def __truediv__(self, o): return self._bin(o, lambda a, b: a / b, "float")
-    def __rtruediv__(self, o): return self._bin(o, lambda a, b: a / b, "float", rev=True)
-    def __floordiv__(self, o): return self._bin(o, _floordiv)
-    def __rfloordiv__(self, o): return self._bin(o, _floordiv, rev=True)
-    def __mod__(self, o): return self._bin(o, sympy.Mod)
-    def __rmod__(self, o): return self._bin(o, sympy.Mod, rev=True)
+    def __truediv__(self, o): return self._div(o, lambda a, b: a / b, "/", "float")
+    def __rtruediv__(self, o): return self._div(o, lambda a, b: a / b, "/", "float", rev=True)
+    def __floordiv__(self, o): return self._div(o, _floordiv, "//")
+    def __rfloordiv__(self, o): return self._div(o, _floordiv, "//", rev=True)
+    def __mod__(self, o): return self._div(o, sympy.Mod, "%")
+    def __rmod__(self, o): return self._div(o, sympy.Mod, "%", rev=True)
+
+    def _div(self, other: Any, op: Callable, sign: str, kind: str | None = None,
+             rev: bool = False) -> "Traced":
+        divisor = self if rev else _lift(other)
+        if divisor.expr.is_zero:  # sympy would make it zoo or raise; no kernel computes that
+            raise _ctx().fail(f"`{sign}` by zero (`{divisor.expr}`)",
+                              "the divisor is always 0: guard it with torch.where or drop it")
+        return self._bin(other, op, kind, rev)
     def __pow__(self, o): return self._bin(o, lambda a, b: a ** b, "float")
     def __rpow__(self, o): return self._bin(o, lambda a, b: a ** b, "float", rev=True)
     def __neg__(self): return Traced(-self.expr, self.kind)
@@ -152,14 +240,11 @@ class Traced:
             raise _ctx().fail("`~` on a non-boolean value", "bitwise not is not supported")
         return Traced(sympy.Not(_as_bool(self.expr)), "bool")
 
-    # --- tensor-style methods people write on scores --------------------------------------
-    def tanh(self): return _call(torch.tanh, self)
-    def exp(self): return _call(torch.exp, self)
-    def log(self): return _call(torch.log, self)
+    # --- tensor-style methods people write on scores (the unary ones are added below) ------
     def abs(self): return abs(self)
-    def sigmoid(self): return _call(torch.sigmoid, self)
-    def sqrt(self): return _call(torch.sqrt, self)
     def clamp(self, min=None, max=None): return _call(torch.clamp, self, min, max)
+    def pow(self, exponent): return self ** exponent
+    def where(self, cond, other): return _where(cond, self, other)
 
     def __getitem__(self, item):
         raise _ctx().fail("indexing a traced value", "only captured tensors can be indexed")
@@ -177,7 +262,8 @@ def _floordiv(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
 
 
 def _as_bool(expr: sympy.Basic) -> sympy.Basic:
-    return expr if isinstance(expr, sympy.logic.boolalg.Boolean) else sympy.Ne(expr, 0)
+    is_bool = isinstance(expr, sympy.logic.boolalg.Boolean) and not expr.is_Symbol
+    return expr if is_bool else sympy.Ne(expr, 0)  # a Symbol is a sympy Boolean, ours are numbers
 
 
 def _lift(value: Any) -> Traced:
@@ -187,15 +273,75 @@ def _lift(value: Any) -> Traced:
         return Traced(sympy.true if value else sympy.false, "bool")
     if isinstance(value, int):
         return Traced(sympy.Integer(value), "int")
-    if isinstance(value, float):
-        return Traced(sympy.Float(value), "float")
+    if isinstance(value, float):  # sympy.Float(-inf) is -oo: printed as float("-inf")
+        return Traced(sympy.nan if math.isnan(value) else sympy.Float(value), "float")
+    if isinstance(value, _Partial):
+        raise _ctx().fail(f"a {value.tensor.dim()}-d captured tensor indexed with "
+                          f"{len(value.index)} indices, used as a value",
+                          "index every dimension, or reduce the rest (.sum(), .mean(), .amax(), "
+                          "...)")
+    if value is None:
+        raise _ctx().fail("a None operand (a missing `return`?)",
+                          "every path must return a value")
     if isinstance(value, torch.Tensor) and value.dim() == 0:
         return _load(value, ())  # a captured scalar: runtime data, never a constant
     raise _ctx().fail(f"a {type(value).__name__} operand",
                       "operands must be traced values, Python numbers or 0-d tensors")
 
 
-def _load(tensor: torch.Tensor, index: tuple) -> Traced:
+def _getitem(tensor: torch.Tensor, item: Any) -> "Traced | _Partial":
+    index = item if isinstance(item, tuple) else (item,)
+    while index and isinstance(index[-1], slice) and index[-1] == slice(None):
+        index = index[:-1]  # `buf[b, :]` is `buf[b]`
+    if len(index) < tensor.dim():
+        return _Partial(tensor, index)
+    return _load(tensor, index)
+
+
+class _Partial:
+    """A captured tensor indexed in its leading dimensions only: `buf[b]` of a 2-d `buf`.
+
+    Indexing on or reducing the remaining dimensions are the only uses; a reduction becomes a
+    derived captured tensor (`attncc.ir.derived`) read at the same leading index."""
+
+    __slots__ = ("tensor", "index")
+
+    def __init__(self, tensor: torch.Tensor, index: tuple) -> None:
+        self.tensor, self.index = tensor, index
+
+    def __getitem__(self, item: Any) -> "Traced | _Partial":
+        more = item if isinstance(item, tuple) else (item,)
+        return _getitem(self.tensor, (*self.index, *more))
+
+    def _reduce(self, op: str, dim: Any = None, keepdim: bool = False) -> Traced:
+        rest = tuple(range(self.tensor.dim() - len(self.index)))
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if dim is not None else rest
+        if sorted(d % len(rest) for d in dims) != list(rest) or keepdim:
+            raise _ctx().fail(f"`.{op}(dim={dim!r}{', keepdim=True' if keepdim else ''})` of a "
+                              f"captured tensor indexed in {len(self.index)} of its "
+                              f"{self.tensor.dim()} dimensions",
+                              "reduce every remaining dimension (no dim=), then it is one number")
+        cap = _ctx().derive(self.tensor, op, len(self.index))
+        return _load(cap.tensor, self.index, cap)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _call(func, *args, **(kwargs or {}))
+
+
+def _reduction_method(op: str) -> Callable:
+    def method(self: _Partial, dim: Any = None, keepdim: bool = False) -> Traced:
+        return self._reduce(op, dim, keepdim)
+    method.__name__ = op
+    return method
+
+
+for _op in REDUCTIONS:
+    setattr(_Partial, _op, _reduction_method(_op))
+_Partial.max, _Partial.min = _Partial.amax, _Partial.amin  # no dim: plain values, no indices
+
+
+def _load(tensor: torch.Tensor, index: tuple, cap: Capture | None = None) -> Traced:
     ctx = _ctx()
     if tensor.dim() != len(index):
         raise ctx.fail(f"a {tensor.dim()}-d captured tensor indexed with {len(index)} indices",
@@ -207,7 +353,7 @@ def _load(tensor: torch.Tensor, index: tuple) -> Traced:
             raise ctx.fail(f"a captured tensor indexed with a {t.kind} value",
                            "indices must be integer expressions")
         idx.append(t.expr)
-    cap = ctx.capture(tensor)
+    cap = cap or ctx.capture(tensor)
     expr = Load(buffer_symbol(cap.name), *idx)
     if tensor.dtype == torch.bool:
         return Traced(sympy.Ne(expr, 0), "bool")
@@ -216,6 +362,23 @@ def _load(tensor: torch.Tensor, index: tuple) -> Traced:
 
 def _unary(op: Callable) -> Callable:
     return lambda x: Traced(op(_lift(x).expr), "float")
+
+
+def _same_kind(op: Callable) -> Callable:  # floor, ceil, trunc, sign, neg keep int as int
+    return lambda x: Traced(op(_lift(x).expr), _lift(x).kind if _lift(x).kind != "bool"
+                            else "int")
+
+
+def _trunc(x: sympy.Basic) -> sympy.Basic:
+    return sympy.Piecewise((sympy.floor(x), x >= 0), (sympy.ceiling(x), True))
+
+
+def _pow(a, b) -> Traced:
+    return _lift(a) ** b
+
+
+def _binary(method: str) -> Callable:
+    return lambda a, b, **kw: getattr(_lift(a), method)(b)
 
 
 def _where(cond, a, b) -> Traced:
@@ -240,19 +403,58 @@ def _clamp(x, min=None, max=None) -> Traced:
     return out
 
 
+# elementwise functions: each prints with Triton functions present in triton 3.6 and 3.9 (tl.*,
+# never a libdevice name that moved) and differentiates with sympy for the backward
+_UNARY: dict[str, Callable] = {
+    "tanh": sympy.tanh, "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt,
+    "sigmoid": Sigmoid, "exp2": lambda x: 2 ** x, "log2": lambda x: sympy.log(x) / sympy.log(2),
+    "log10": lambda x: sympy.log(x) / sympy.log(10), "rsqrt": lambda x: 1 / sympy.sqrt(x),
+    "log1p": lambda x: sympy.log(1 + x), "expm1": lambda x: sympy.exp(x) - 1,
+    "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sinh": sympy.sinh,
+    "cosh": sympy.cosh, "erf": sympy.erf, "reciprocal": lambda x: 1 / x,
+    "square": lambda x: x ** 2, "relu": lambda x: sympy.Max(x, 0),
+}
+_SAME_KIND: dict[str, Callable] = {
+    "floor": sympy.floor, "ceil": sympy.ceiling, "trunc": _trunc, "fix": _trunc,
+    "sign": sympy.sign, "neg": lambda x: -x, "negative": lambda x: -x,
+}
+_BINARY = {"add": "__add__", "sub": "__sub__", "subtract": "__sub__", "mul": "__mul__",
+           "multiply": "__mul__", "div": "__truediv__", "divide": "__truediv__",
+           "true_divide": "__truediv__", "eq": "__eq__", "ne": "__ne__", "lt": "__lt__",
+           "le": "__le__", "gt": "__gt__", "ge": "__ge__"}
+
 _TORCH_FUNCTIONS: dict[Any, Callable] = {
-    torch.tanh: _unary(sympy.tanh), torch.exp: _unary(sympy.exp), torch.log: _unary(sympy.log),
-    torch.sqrt: _unary(sympy.sqrt), torch.sigmoid: _unary(Sigmoid),
-    torch.exp2: _unary(lambda x: 2 ** x), torch.log2: _unary(lambda x: sympy.log(x) / sympy.log(2)),
-    torch.rsqrt: _unary(lambda x: 1 / sympy.sqrt(x)),
+    **{getattr(torch, n): _unary(f) for n, f in _UNARY.items()},
+    **{getattr(torch, n): _same_kind(f) for n, f in _SAME_KIND.items()},
+    **{getattr(torch, n): _binary(m) for n, m in _BINARY.items() if hasattr(torch, n)},
+    torch.pow: _pow, torch.float_power: _pow,
     torch.abs: lambda x: abs(_lift(x)), torch.where: _where,
     torch.minimum: _minmax(sympy.Min), torch.maximum: _minmax(sympy.Max),
     torch.clamp: _clamp, torch.clip: _clamp,
     torch.floor_divide: lambda a, b: _lift(a) // b, torch.remainder: lambda a, b: _lift(a) % b,
     torch.logical_and: lambda a, b: _lift(a) & b, torch.logical_or: lambda a, b: _lift(a) | b,
     torch.logical_not: lambda a: ~_lift(a),
-    torch.Tensor.__getitem__: lambda t, i: _load(t, i if isinstance(i, tuple) else (i,)),
+    torch.Tensor.__getitem__: _getitem,
+    torch.sum: lambda x, *a, **k: _as_partial(x, "sum").sum(*a, **k),
+    torch.mean: lambda x, *a, **k: _as_partial(x, "mean").mean(*a, **k),
+    torch.prod: lambda x, *a, **k: _as_partial(x, "prod").prod(*a, **k),
+    torch.amax: lambda x, *a, **k: _as_partial(x, "amax").amax(*a, **k),
+    torch.amin: lambda x, *a, **k: _as_partial(x, "amin").amin(*a, **k),
+    torch.any: lambda x, *a, **k: _as_partial(x, "any").any(*a, **k),
+    torch.all: lambda x, *a, **k: _as_partial(x, "all").all(*a, **k),
 }
+
+for _name, _f in [*_UNARY.items(), *_SAME_KIND.items()]:  # score.sin(), h.floor(), ...
+    if not hasattr(Traced, _name):
+        setattr(Traced, _name, (lambda fn: lambda self: _call(fn, self))(getattr(torch, _name)))
+
+
+def _as_partial(x: Any, op: str) -> _Partial:
+    if not isinstance(x, _Partial):
+        raise _ctx().fail(f"torch.{op} of a {type(x).__name__}",
+                          f"reduce a captured tensor indexed in its leading dimensions "
+                          f"(`buf[b].{op}()`); a traced value is already one number")
+    return x
 
 
 def _call(func, *args, **kwargs) -> Traced:
@@ -268,14 +470,82 @@ def _supported_names() -> set[str]:
     return {getattr(f, "__name__", str(f)) for f in _TORCH_FUNCTIONS}
 
 
+_RANDOM = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+    "bernoulli", "multinomial", "normal", "poisson", "uniform_", "normal_", "random_",
+    "exponential_", "geometric_", "cauchy_", "log_normal_", "bernoulli_", "dropout",
+})
+_FACTORIES = frozenset({"tensor", "as_tensor", "full", "scalar_tensor", "asarray"})
+
+
+class _TraceMode(TorchFunctionMode):
+    """Sees every torch call made while a function is traced, also those on plain tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _RANDOM:
+            frame = _user_frame(_ctx().fn.__code__)
+            warnings.warn_explicit(
+                f"{_ctx().fn.__qualname__} calls torch.{name}: it runs once, when the function "
+                f"is traced, so its values are frozen into the compiled kernel (the function is "
+                f"not deterministic; draw the tensor outside and capture it instead)",
+                UserWarning, frame.f_code.co_filename if frame else "<unknown>",
+                frame.f_lineno if frame else 0, module=(frame.f_globals.get("__name__")
+                                                        if frame else None))
+        if name in _FACTORIES and any(isinstance(a, (Traced, _Partial))
+                                      for a in (*args, *kwargs.values())):
+            raise _ctx().fail(f"torch.{name}() of a traced value",
+                              "use the traced value directly: it already acts as a 0-d tensor")
+        return func(*args, **kwargs)
+
+
+def _user_frame(code: CodeType):
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame
+
+
 def _run(fn: Callable, args: tuple[Traced, ...]) -> tuple[Traced, _Context]:
     ctx = _Context(fn)
     _active.append(ctx)
     try:
-        result = fn(*args)
+        with _TraceMode():
+            result = fn(*args)
+        if result is None:
+            raise ctx.fail("the function returned None (a missing `return`?)",
+                           "return the mask (bool) or the modified score")
         return _lift(result) if not isinstance(result, Traced) else result, ctx
+    except TraceError:
+        raise
+    except RecursionError as e:
+        raise ctx.fail("unbounded recursion (RecursionError)",
+                       "a traced function must finish with no concrete values to stop on; "
+                       "unroll it to a fixed depth", _raising_line(e, fn)) from None
+    except Exception as e:  # anything else the function raised, named at its line
+        where = _raising_line(e, fn)
+        filename, lineno = where.rsplit(":", 1)
+        line = linecache.getline(filename, int(lineno)).strip()
+        raise ctx.fail(f"`{line}` raised {type(e).__name__}: {e}",
+                       "only Python numbers, traced values and captured tensors can be "
+                       "combined", where) from e
     finally:
         _active.pop()
+
+
+def _raising_line(e: BaseException, fn: Callable) -> str:
+    """file:line of the innermost frame of `fn`'s code (else the outermost frame of its file)
+    in the traceback of `e`."""
+    code, found, tb = fn.__code__, None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code or (found is None and
+                                          tb.tb_frame.f_code.co_filename == code.co_filename):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return f"{code.co_filename}:{code.co_firstlineno}"
+    return f"{found.tb_frame.f_code.co_filename}:{found.tb_lineno}"
 
 
 def _index_args() -> tuple[Traced, ...]:
