@@ -154,7 +154,7 @@ class Traced:
 
     def to(self, *args, **kwargs) -> "Traced":
         target = kwargs.get("dtype", args[0] if args else None)
-        kind = _CASTS.get(target)
+        kind = _CASTS.get(target) if isinstance(target, (type, torch.dtype)) else None
         if kind is None or len(args) + len(kwargs) != 1:
             raise _ctx().fail(f"`.to({', '.join(map(repr, [*args, *kwargs.values()]))})` on a "
                               "traced value", "supported: .to(dtype) with dtype one of "
@@ -218,7 +218,6 @@ class Traced:
     def __ge__(self, o): return self._bin(o, sympy.Ge, "bool")
     def __eq__(self, o): return self._bin(o, sympy.Eq, "bool")  # type: ignore[override]
     def __ne__(self, o): return self._bin(o, sympy.Ne, "bool")  # type: ignore[override]
-    __hash__ = None  # type: ignore[assignment]
 
     def _logic(self, o: Any, op: Callable, rev: bool = False) -> "Traced":
         a, b = (_lift(o), self) if rev else (self, _lift(o))
@@ -255,6 +254,13 @@ class Traced:
 
     def __repr__(self) -> str:
         return f"Traced({self.kind}: {self.expr})"
+
+
+# `.to(dtype)` targets: kernels compute in fp32/int32-or-wider, so these casts are exact or no-ops;
+# a cast to fp16/bf16 would round, which the kernel does not model: refused
+_CASTS: dict[Any, str] = {float: "float", int: "int", bool: "bool", torch.float32: "float",
+                          torch.float64: "float", torch.int32: "int", torch.int64: "int",
+                          torch.bool: "bool"}
 
 
 def _floordiv(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
