@@ -83,8 +83,12 @@ def reduced_buffer(score, b, h, q_idx, kv_idx):
     return score + buf[b].sum()
 
 
+def reduced_buffer_kv(score, b, h, q_idx, kv_idx):  # a per-row constant cancels in softmax:
+    return score + buf[b].sum() * (kv_idx - q_idx) * 0.1  # this one moves the output
+
+
 MODS = [identity, times_two, squared, causal, inverse_causal, rel_bias, rel_causal, alibi,
-        windowed, head_offset_mod, trig, trig2, reduced_buffer]
+        windowed, head_offset_mod, trig, trig2, reduced_buffer, reduced_buffer_kv]
 _compiled: dict = {}
 
 
@@ -135,20 +139,20 @@ def test_rows_with_every_score_minus_inf_give_zero_and_minus_inf():
 
 
 def test_reduced_buffer_is_recomputed_each_call():
-    attn = compiled(reduced_buffer)
+    attn = compiled(reduced_buffer_kv)
     q, k, v = inputs(SHAPES[0], torch.float32)
     before = attn(q, k, v)
     saved = buf.clone()
     try:
         buf[1] += 2.0  # new values in the captured tensor: the next call must see them
-        o_ref, _ = flex(q, k, v, reduced_buffer)
+        o_ref, _ = flex(q, k, v, reduced_buffer_kv)
         assert (attn(q, k, v).double() - o_ref).abs().max() <= TOL[torch.float32]
-        assert not torch.allclose(attn(q, k, v), before)
+        assert (attn(q, k, v) - before).abs().max() > 1e-2
         # a replacement passed under the source's name is reduced instead of the captured one
         new = torch.randn(B, 3, generator=G)
         o_new = attn(q, k, v, buf=new)
         buf.copy_(new)
-        o_ref, _ = flex(q, k, v, reduced_buffer)
+        o_ref, _ = flex(q, k, v, reduced_buffer_kv)
         assert (o_new.double() - o_ref).abs().max() <= TOL[torch.float32]
     finally:
         buf.copy_(saved)
@@ -181,7 +185,7 @@ def dense_reference(q, k, v, mod):
 
 def test_dense_reference_agrees_with_flex_attention():
     q, k, v = inputs((4, 2, 11, 5), torch.float32)
-    for mod in (inverse_causal, trig2, reduced_buffer):
+    for mod in (inverse_causal, trig2, reduced_buffer_kv):
         assert torch.allclose(dense_reference(q, k, v, mod), flex(q, k, v, mod)[0], atol=1e-12)
 
 def sin_mod(score, b, h, q_idx, kv_idx):
@@ -231,3 +235,18 @@ def test_flex_mod_backward_matches_autograd(mod):
         assert w.abs().max() > 1e-3, f"{mod.__name__} {name}: a vacuous comparison"
         err = (g.double() - w.double()).abs().max().item() / (1 + w.abs().max().item())
         assert err <= GRAD_TOL, f"{mod.__name__} {name}: relative error {err:.2e}"
+
+
+def test_module_holds_the_source_of_a_reduction_and_learns_it():
+    module = attncc.nn.Attention(score=learnable_reduced, learnable=["learn_buf"])
+    assert isinstance(module.learn_buf, torch.nn.Parameter) and not hasattr(module,
+                                                                           "learn_buf_sum")
+    q, k, v = inputs((4, 1, 7, 13), torch.float32)
+    do = torch.randn(B, 4, 7, D, generator=G)
+    module(q, k, v).backward(do)
+    learn_buf.grad = None
+    with torch.no_grad():
+        learn_buf.copy_(module.learn_buf)
+    dense_reference(q, k, v, learnable_reduced).backward(do.double())
+    err = (module.learn_buf.grad - learn_buf.grad).abs().max() / learn_buf.grad.abs().max()
+    assert err <= GRAD_TOL

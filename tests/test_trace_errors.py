@@ -286,3 +286,19 @@ def test_deterministic_mask_does_not_warn():
 def test_printer_refuses_complex_infinity():
     with expect(NotImplementedError, "complex infinity"):
         TritonPrinter({}).doprint(sympy.zoo)
+
+
+def test_a_source_read_directly_and_reduced_takes_one_override():
+    buf = torch.randn(B, 3, generator=G)
+
+    def both(score, b, h, q_idx, kv_idx):
+        return score * (1 + 0.1 * buf[b, 0] * buf[b].sum())  # not a per-row shift
+
+    attn = attncc.compile(both)
+    assert sorted(c.name for c in attn.spec.captures) == ["buf", "buf_sum"]
+    q, k, v = (torch.randn(B, 2, 5, 16, generator=G) for _ in range(3))
+    new = torch.randn(B, 3, generator=G)
+    got = attn(q, k, v, buf=new)
+    buf.copy_(new)  # the closure now holds the override's values: the reference reads them
+    assert (got - attn(q, k, v, backend="reference")).abs().max() < 1e-5
+    assert (got - attn(q, k, v, buf=torch.zeros(B, 3), backend="reference")).abs().max() > 1e-3

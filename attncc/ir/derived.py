@@ -64,14 +64,29 @@ def split_sources(captures: tuple, runtime: Mapping[str, Any], taken: set[str]
                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(runtime without the sources of derived captures, {derived capture name: its value now}).
 
-    A derived capture's value is its reduction of the source given in `runtime` under the
+    A derived capture's value is its reduction of the tensor given in `runtime` under the
     source's name, else of the tensor captured at trace time (re-read: its values may have
-    changed). `taken`: names that are parameters or captures themselves (never sources)."""
-    sources = {c.reduction.source for c in captures if c.reduction is not None} - taken
-    rest = {k: v for k, v in runtime.items() if k not in sources}
+    changed). `taken`: names of the spec's parameters and captures; a source that is also a
+    plain capture (`buf[b, 0] + buf[b].sum()`) stays in `runtime` for it and feeds both."""
+    sources = {c.reduction.source for c in captures if c.reduction is not None}
+    rest = {k: v for k, v in runtime.items() if k in taken or k not in sources}
     values = {}
     for c in captures:
         if c.reduction is not None:
-            src = runtime.get(c.reduction.source, c.source)
-            values[c.name] = c.reduction.apply(src)
+            given = runtime.get(c.reduction.source)
+            if c.reduction.source in taken and not isinstance(given, torch.Tensor):
+                given = None  # a parameter of the same name, not this tensor
+            values[c.name] = c.reduction.apply(c.source if given is None else given)
     return rest, values
+
+
+def held_tensors(captures: tuple) -> dict[str, torch.Tensor]:
+    """{name: tensor} a module holds to call a kernel with these captures: each plain capture,
+    and for a derived one its source (reduced again on every call), never the stale result."""
+    out = {}
+    for c in captures:
+        if c.reduction is None:
+            out[c.name] = c.tensor
+        else:
+            out.setdefault(c.reduction.source, c.source)
+    return out
