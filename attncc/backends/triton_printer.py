@@ -19,6 +19,9 @@ import sympy
 from attncc.ir.symbols import Load, Sigmoid
 
 LOG2E = 1.4426950408889634
+# part of every cache key that holds printed expressions: bump it when a rule prints differently,
+# so entries printed by the old rules (a bare `-inf` under version 1) are never loaded again
+PRINTER_VERSION = 2
 
 
 def capture_arg_names(name: str, ndim: int) -> tuple[str, list[str], list[str]]:
