@@ -210,7 +210,12 @@ def learnable_reduced(score, b, h, q_idx, kv_idx):
     return torch.erf(score) + learn_buf[b].sum() * torch.sigmoid(score)
 
 
-GRAD_MODS = [sin_mod, exp_mod, causal, learnable_where, learnable_reduced]
+def step_mod(score, b, h, q_idx, kv_idx):  # floor/sign differentiate to 0, maximum to a step
+    return (score + torch.floor(score * 2) * 0.25 + torch.maximum(score, 0.5 * score)
+            + torch.sign(score) * 0.1 + torch.tan(score * 0.2))
+
+
+GRAD_MODS = [sin_mod, exp_mod, causal, learnable_where, learnable_reduced, step_mod]
 GRAD_TOL = 3e-4  # fp32 inputs: |grad - grad_fp64| / (1 + max |grad_fp64|)
 
 

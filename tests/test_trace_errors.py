@@ -234,6 +234,10 @@ def mod_by_zero(b, h, q_idx, kv_idx):
     return q_idx % (kv_idx - kv_idx) == 0
 
 
+def log_zero(score, b, h, q_idx, kv_idx):
+    return score + torch.log(q_idx * 0)
+
+
 def forever(score, b, h, q_idx, kv_idx):
     return forever(score, b, h, q_idx, kv_idx)
 
@@ -255,6 +259,7 @@ ERRORS = [
     (divide_by_zero, "/ 0", "`/` by zero"),
     (floordiv_by_zero, "// 0", "`//` by zero"),
     (mod_by_zero, "%", "`%` by zero"),
+    (log_zero, "def log_zero", "infinite for every input"),
     (forever, "return forever", "unbounded recursion"),
     (no_return, "def no_return", "returned None"),
     (other_exception, "no_such_method", "AttributeError"),

@@ -21,6 +21,7 @@ import warnings
 from types import CodeType
 from typing import Callable
 
+import sympy
 from torch.overrides import TorchFunctionMode
 
 from attncc.ir.nodes import Mask, ScoreMod
@@ -76,7 +77,12 @@ def _run(fn: Callable, args: tuple[Traced, ...]) -> tuple[Traced, _Context]:
         if result is None:
             raise ctx.fail("the function returned None (a missing `return`?)",
                            "return the mask (bool) or the modified score")
-        return _lift(result) if not isinstance(result, Traced) else result, ctx
+        result = _lift(result) if not isinstance(result, Traced) else result
+        if result.expr.has(sympy.zoo):  # log(0), x / (y - y) after simplification
+            raise ctx.fail(f"an expression that is infinite for every input (`{result.expr}`)",
+                           "sympy made it complex infinity: a division by zero or log(0); "
+                           "write float(\"-inf\") or guard it with torch.where")
+        return result, ctx
     except TraceError:
         raise
     except RecursionError as e:
