@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from attncc.ir.derived import split_sources
 from attncc.ir.nodes import Capture, Param
 from attncc.ir.reorder import SegmentSort, UserPermutation
 from attncc.ir.spec import AttentionSpec
@@ -72,8 +73,10 @@ def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
     (captures in the spec's order, params float64 CPU [1 + number of parameters])."""
     params = {p.name: p for p in sig.params}
     captures = {c.name: c for c in sig.captures}
+    # derived captures (`buf[b].sum()`) are recomputed from their source on every call
+    runtime, derived = split_sources(sig.captures, runtime, {*params, *captures})
     values, tensors = sort_runtime(params, captures, runtime, _param_value)
-    caps = [tensors.get(c.name, c.tensor) for c in sig.captures]
+    caps = [tensors.get(c.name, derived.get(c.name, c.tensor)) for c in sig.captures]
     _check_captures(sig, caps, device, extents)
     row = [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
     if any(isinstance(x, torch.Tensor) for x in row):

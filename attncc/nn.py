@@ -24,6 +24,7 @@ from torch import nn
 
 from attncc.api import Attention as AttentionSpecOf
 from attncc.api import compile as compile_attention
+from attncc.ir.derived import held_tensors
 from attncc.ir.spec import AttentionSpec
 
 
@@ -42,19 +43,21 @@ class Attention(nn.Module):
             raise TypeError("Attention: give a spec or mask=/score=, not both")
         self.kernel = compile_attention(spec, backend=backend)
         self.layout, self.scale = layout, scale
-        captures = {c.name: c for c in self.kernel.spec.captures}
+        # a derived capture (`buf[b].sum()`) is held as its source `buf`: reduced on each call,
+        # so a learnable `buf` gets its gradient through the reduction
+        captures = held_tensors(self.kernel.spec.captures)
         learnable = list(learnable)
         for name in learnable:
-            if name not in captures or not captures[name].tensor.is_floating_point():
+            if name not in captures or not captures[name].is_floating_point():
                 raise ValueError(f"learnable: expected names of floating captured tensors of "
                                  f"this spec {sorted(captures)}, got {name!r}")
         self._captures = tuple(captures)
-        self._capture_dtypes = tuple(getattr(torch, c.dtype) for c in captures.values())
-        for name, c in captures.items():
+        self._capture_dtypes = tuple(t.dtype for t in captures.values())
+        for name, t in captures.items():
             if name in learnable:
-                self.register_parameter(name, nn.Parameter(c.tensor.detach().clone()))
+                self.register_parameter(name, nn.Parameter(t.detach().clone()))
             else:
-                self.register_buffer(name, c.tensor, persistent=False)
+                self.register_buffer(name, t, persistent=False)
         self._params = tuple(p.name for p in self.kernel.spec.params)
         # a plain attribute, not a buffer: `.to(device)` keeps it on the CPU, where the op reads it
         self.scalars = torch.tensor([float(p.value) for p in self.kernel.spec.params],

@@ -10,6 +10,7 @@ import sympy
 import torch
 
 from attncc import config
+from attncc.ir.derived import split_sources
 from attncc.ir.nodes import Param
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load
@@ -107,9 +108,10 @@ def split_runtime(spec: AttentionSpec, runtime: Mapping[str, Any]
     """Sort call keyword arguments into parameter values and replacement captured tensors."""
     params = {p.name: p for p in spec.params}
     captures = {c.name: c for c in spec.captures}
+    runtime, derived = split_sources(spec.captures, runtime, {*params, *captures})
     values, tensors = sort_runtime(params, captures, runtime, check_param_value)
     return ({n: values.get(n, p.value) for n, p in params.items()},
-            {n: tensors.get(n, c.tensor) for n, c in captures.items()})
+            {n: tensors.get(n, derived.get(n, c.tensor)) for n, c in captures.items()})
 
 
 def check_captures(spec: AttentionSpec, tensors: Mapping[str, torch.Tensor],

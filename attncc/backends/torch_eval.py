@@ -106,7 +106,11 @@ def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, Value],
             return bool(e)
         if e.is_Integer:
             return int(e)
-        if e.is_Number:  # fp64, so `0.1 * kv_idx` on int64 indices is not computed in fp32
+        if e is sympy.zoo:
+            raise NotImplementedError("reference evaluator: complex infinity (a division by "
+                                      "zero) has no value")
+        if e.is_number:  # fp64, so `0.1 * kv_idx` on int64 indices is not computed in fp32;
+            # -oo, nan and pi (erf's derivative) included
             return torch.tensor(float(e), dtype=torch.float64)
         if isinstance(e, Load):
             return _load([ev(a) for a in e.args[1:]], tensors, e.args[0].name)
@@ -133,6 +137,16 @@ def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, Value],
     return ev(expr)
 
 
+def _fl(x: Value) -> torch.Tensor:
+    """`x` as a float tensor: integer indices (`torch.sin(b)`) compute in fp64, like numbers."""
+    t = _t(x)
+    return t.double() if not t.dtype.is_floating_point else t
+
+
+def _heaviside(x: torch.Tensor, at_zero: Value) -> torch.Tensor:
+    return torch.heaviside(x, _fl(at_zero).to(x.dtype))
+
+
 def _and(a: list[Value]) -> Value:
     return _reduce(lambda x, y: _t(x).bool() & _t(y).bool(), a)
 
@@ -149,10 +163,18 @@ _OPS: dict[type, Callable[[list[Value]], Value]] = {
     sympy.Min: lambda a: _reduce(_min, a),
     sympy.Max: lambda a: _reduce(_max, a),
     sympy.Abs: lambda a: abs(a[0]),
-    sympy.exp: lambda a: torch.exp(_t(a[0]).double() if _is_int(a[0]) else _t(a[0])),
-    sympy.log: lambda a: torch.log(_t(a[0]).double() if _is_int(a[0]) else _t(a[0])),
-    sympy.tanh: lambda a: torch.tanh(_t(a[0])),
-    Sigmoid: lambda a: torch.sigmoid(_t(a[0])),
+    sympy.exp: lambda a: torch.exp(_fl(a[0])),
+    sympy.log: lambda a: torch.log(_fl(a[0])),
+    sympy.tanh: lambda a: torch.tanh(_fl(a[0])),
+    Sigmoid: lambda a: torch.sigmoid(_fl(a[0])),
+    sympy.sin: lambda a: torch.sin(_fl(a[0])),
+    sympy.cos: lambda a: torch.cos(_fl(a[0])),
+    sympy.tan: lambda a: torch.tan(_fl(a[0])),
+    sympy.sinh: lambda a: torch.sinh(_fl(a[0])),
+    sympy.cosh: lambda a: torch.cosh(_fl(a[0])),
+    sympy.erf: lambda a: torch.erf(_fl(a[0])),
+    sympy.sign: lambda a: torch.sign(_t(a[0])),
+    sympy.Heaviside: lambda a: _heaviside(_fl(a[0]), a[1] if len(a) > 1 else 0.5),
     sympy.Eq: lambda a: _t(a[0]) == _t(a[1]),
     sympy.Ne: lambda a: _t(a[0]) != _t(a[1]),
     sympy.Lt: lambda a: _t(a[0]) < _t(a[1]),

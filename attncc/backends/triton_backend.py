@@ -18,7 +18,7 @@ from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES,
                                          choose_variant)
 from attncc.backends.triton_aot import SUPPORTED_ARCHS
 from attncc.backends.triton_direct import DirectKernels
-from attncc.backends.triton_printer import capture_arg_names
+from attncc.backends.triton_printer import PRINTER_VERSION, capture_arg_names
 from attncc.backends.triton_source import CachedSource, GeneratedKernel, load_module
 from attncc.backends.triton_render import (block_map_kernel_name, fixed_arguments,
                                            kernel_arguments, kernel_name, render,
@@ -44,7 +44,8 @@ def version_stamp() -> str:
 def cache_key(plan: KernelPlan) -> str:
     """Canonical IR hash + template bytes + backend + versions (DESIGN.md, Cache)."""
     import hashlib
-    text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp()])
+    text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp(),
+                      f"printer={PRINTER_VERSION}"])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

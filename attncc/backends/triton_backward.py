@@ -32,6 +32,7 @@ from attncc.backends.triton_backward_render import (
     template_hash,
 )
 from attncc.backends.triton_direct import DirectKernels
+from attncc.backends.triton_printer import PRINTER_VERSION
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan
@@ -41,7 +42,7 @@ from attncc.passes.select_tiles import fit_shared_memory, padded
 def cache_key(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
     """Canonical IR hash + backward template bytes + grad set + backend + versions."""
     text = "\n".join([plan.spec.key, template_hash(), "backward", ",".join(grad_captures),
-                      BACKEND, version_stamp()])
+                      BACKEND, version_stamp(), f"printer={PRINTER_VERSION}"])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -89,11 +89,27 @@ def grad_loads(plan: KernelPlan, grad_captures: Sequence[str]) -> tuple[tuple[Gr
         index_symbols = set().union(*(a.free_symbols for a in load.args[1:])) if load.args[1:] \
             else set()
         out.append(GradLoad(load.args[0].name, load,
-                            sympy.diff(expr, dummies[load]).xreplace(back),
+                            _derivative(expr, dummies[load]).xreplace(back),
                             _kind(index_symbols & {Q_IDX, KV_IDX})))
     # kernel arguments GA0.., GK0.., GB0.. follow this order, and so do the launcher's buffers
     out.sort(key=lambda g: KINDS.index(g.kind))
-    return tuple(out), sympy.diff(expr, SCORE).xreplace(back)
+    return tuple(out), _derivative(expr, SCORE).xreplace(back)
+
+
+def _derivative(expr: sympy.Basic, wrt: sympy.Symbol) -> sympy.Basic:
+    """d expr / d wrt as autograd computes it: the step functions (floor, ceil, sign, the
+    comparisons inside Piecewise) are flat almost everywhere, so their derivative is 0, where
+    sympy leaves an unevaluated `Derivative(floor(x), x)` or a `DiracDelta`."""
+    d = sympy.diff(expr, wrt)
+    d = d.replace(lambda e: isinstance(e, sympy.Derivative) and isinstance(
+        e.expr, (sympy.floor, sympy.ceiling, sympy.sign)), lambda e: sympy.Integer(0))
+    d = d.replace(lambda e: isinstance(e, sympy.DiracDelta), lambda e: sympy.Integer(0))
+    # the chain rule through floor(2 x) leaves Subs(<the 0 above>, xi, 2 x)
+    d = d.replace(lambda e: isinstance(e, sympy.Subs), lambda e: e.doit())
+    if d.has(sympy.Derivative):
+        raise NotImplementedError(f"backward: sympy cannot differentiate {expr} by {wrt}: "
+                                  f"got {d}")
+    return d
 
 
 KINDS = ("reduced", "kv", "tile")

@@ -4,10 +4,14 @@
 `Mod(a, c)` print as the template's `_floordiv`/`_mod` helpers, which give floor semantics
 whatever Triton's `//` does (truncating when compiled, flooring in the interpreter). `Load`
 prints as a masked `tl.load` that reads 0 outside the tensor, the IR's defined semantics.
+Non-finite constants print as `float("-inf")` (a Triton constexpr), never as a bare name.
+Elementwise functions use only what `triton.language` offers in both triton 3.6 and 3.9
+(tl.sin/cos/exp/log/sqrt/rsqrt/erf/floor/ceil/sigmoid/...); the others are compositions.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import sympy
@@ -15,6 +19,9 @@ import sympy
 from attncc.ir.symbols import Load, Sigmoid
 
 LOG2E = 1.4426950408889634
+# part of every cache key that holds printed expressions: bump it when a rule prints differently,
+# so entries printed by the old rules (a bare `-inf` under version 1) are never loaded again
+PRINTER_VERSION = 2
 
 
 def capture_arg_names(name: str, ndim: int) -> tuple[str, list[str], list[str]]:
@@ -41,8 +48,11 @@ class TritonPrinter:
             return "False"
         if e.is_Integer:
             return str(int(e))
-        if e.is_Number:
-            return repr(float(e))
+        if e is sympy.zoo:
+            raise NotImplementedError("triton printer: complex infinity (a division by zero) "
+                                      "has no kernel value")
+        if e.is_number:  # 1/3, -oo, nan, pi, 2/sqrt(pi) (erf's derivative): one float literal
+            return _float_literal(e)
         method = getattr(self, "_print_" + type(e).__name__, None)
         if method is None:
             raise NotImplementedError(f"triton printer: no rule for {type(e).__name__} ({e})")
@@ -66,8 +76,9 @@ class TritonPrinter:
             return f"tl.sqrt({self._float(base)})"
         if exp == -sympy.Rational(1, 2):
             return f"tl.rsqrt({self._float(base)})"
-        if exp.is_Integer and 2 <= exp <= 4:
-            return "(" + " * ".join([self._p(base)] * int(exp)) + ")"
+        if exp.is_Integer and 2 <= abs(exp) <= 8:  # exact for negative bases too
+            product = "(" + " * ".join([self._p(base)] * abs(int(exp))) + ")"
+            return product if exp > 0 else f"(1.0 / {product})"
         if base == 2:
             return f"tl.exp2({self._float(exp)})"
         return f"tl.exp2({self._float(exp)} * tl.log2({self._float(base)}))"
@@ -118,6 +129,35 @@ class TritonPrinter:
     def _print_log(self, e):
         return f"tl.log({self._float(e.args[0])})"
 
+    def _print_sin(self, e):
+        return f"tl.sin({self._float(e.args[0])})"
+
+    def _print_cos(self, e):
+        return f"tl.cos({self._float(e.args[0])})"
+
+    def _print_tan(self, e):
+        x = self._float(e.args[0])
+        return f"(tl.sin({x}) / tl.cos({x}))"
+
+    def _print_sinh(self, e):
+        x = self._float(e.args[0])
+        return f"(0.5 * (tl.exp({x}) - tl.exp(-{x})))"
+
+    def _print_cosh(self, e):
+        x = self._float(e.args[0])
+        return f"(0.5 * (tl.exp({x}) + tl.exp(-{x})))"
+
+    def _print_erf(self, e):
+        return f"tl.erf({self._float(e.args[0])})"
+
+    def _print_sign(self, e):
+        x = self._p(e.args[0])
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+
+    def _print_Heaviside(self, e):  # the derivative of Max/Min: H(0) is sympy's 1/2
+        x, h0 = self._p(e.args[0]), self._p(e.args[1] if len(e.args) > 1 else sympy.Rational(1, 2))
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, 0.0, {h0}))"
+
     def _print_tanh(self, e):  # tanh(x) = 2 sigmoid(2x) - 1: tl.sigmoid exists on every version
         return f"(2.0 * tl.sigmoid(2.0 * {self._float(e.args[0])}) - 1.0)"
 
@@ -167,6 +207,15 @@ class TritonPrinter:
             for raw, i, n in zip(index, idx, sizes))
         # `!= 0`: the interpreter rejects a load mask that mixes scalar and block booleans
         return f"tl.load({ptr} + {offset}, mask=({inside}) != 0, other=0)"
+
+
+def _float_literal(e: sympy.Basic) -> str:
+    value = float(e)  # raises TypeError on zoo: no kernel value (the tracer refuses x / 0)
+    if math.isnan(value):
+        return 'float("nan")'
+    if math.isinf(value):
+        return 'float("inf")' if value > 0 else 'float("-inf")'
+    return repr(value)
 
 
 _ = (Load, Sigmoid)  # the printer dispatches on these class names

@@ -23,7 +23,7 @@ import jinja2
 import sympy
 
 from attncc.backends.triton_backend import version_stamp
-from attncc.backends.triton_printer import TritonPrinter
+from attncc.backends.triton_printer import PRINTER_VERSION, TritonPrinter
 from attncc.backends.triton_render import BLOCK_MAP_ARGS, kernel_arguments, printer_names
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import DenseMemory
@@ -142,7 +142,7 @@ def _nest(fn: str, items: list[str]) -> str:
 def cache_key(plan: KernelPlan) -> str:
     templates = "".join(template_source(n) for n in TEMPLATES)
     text = "\n".join([plan.spec.key, hashlib.sha256(templates.encode()).hexdigest(), BACKEND,
-                      version_stamp()])
+                      version_stamp(), f"printer={PRINTER_VERSION}"])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -5,8 +5,11 @@ the cache and module plumbing, and derives from `GeneratedKernel` to read throug
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import os
+import re
+import symtable
 import sys
 from types import ModuleType
 from typing import Callable
@@ -31,14 +34,58 @@ def load_module(path: str, name: str) -> ModuleType:
     return module
 
 
+class SourceError(RuntimeError):
+    """A rendered kernel source that would not compile: a bug in attncc, never stored."""
+
+
+def check_source(text: str, filename: str) -> None:
+    """Raise SourceError unless `text` is valid Python whose functions read no undefined name.
+
+    Triton parses a jit function only at its first launch, so a bad expression (a bare `inf`
+    printed for `float("-inf")`) would otherwise surface as a NameError inside the kernel, with
+    the broken source already in the disk cache; checked here, before the entry is written."""
+    try:
+        compile(text, filename, "exec")
+        table = symtable.symtable(text, filename, "exec")
+    except SyntaxError as e:
+        raise SourceError(f"{filename}: rendered source does not parse: {e.msg} at line "
+                          f"{e.lineno}: {(e.text or '').strip()!r}") from None
+    defined = set(table.get_identifiers()) | set(dir(builtins))
+    lines = text.splitlines()
+    stack = list(table.get_children())
+    while stack:
+        scope = stack.pop()
+        stack.extend(scope.get_children())
+        for sym in scope.get_symbols():
+            if sym.is_global() and sym.is_referenced() and sym.get_name() not in defined:
+                line = next((f"line {i + 1}: {ln.strip()!r}" for i, ln in enumerate(lines)
+                             if _reads(ln, sym.get_name())), "")
+                raise SourceError(f"{filename}: rendered source reads the undefined name "
+                                  f"{sym.get_name()!r} in {scope.get_name()}() ({line})")
+
+
+def _reads(line: str, name: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", line) is not None
+
+
+def _checked(build: Callable[[], dict[str, bytes]]) -> Callable[[], dict[str, bytes]]:
+    def checked_build() -> dict[str, bytes]:
+        files = build()
+        for fname, data in files.items():
+            if fname.endswith(".py"):
+                check_source(data.decode(), fname)
+        return files
+    return checked_build
+
+
 class CachedSource:
-    """Cache entry `name` (its files made by `build` on a miss) and the jit function `name` of
-    its `kernel.py`."""
+    """Cache entry `name` (its files made by `build` on a miss, each `.py` checked by
+    `check_source` before it is stored) and the jit function `name` of its `kernel.py`."""
 
     def __init__(self, key: str, name: str, build: Callable[[], dict[str, bytes]],
                  meta: dict) -> None:
         self.name = name
-        self.entry = cache.load_or_build(key, name, build, extra_meta=meta)
+        self.entry = cache.load_or_build(key, name, _checked(build), extra_meta=meta)
         self._module: ModuleType | None = None
 
     @property

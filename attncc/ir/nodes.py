@@ -14,6 +14,7 @@ from typing import Any
 import sympy
 import torch
 
+from attncc.ir.derived import Reduction
 from attncc.ir.symbols import RESERVED_NAMES, SCORE, buffer_symbol, param_symbol
 
 
@@ -63,6 +64,8 @@ class Capture:
     `static` says the tensor is a function of the spec's shape parameters (a curve's ranks), not
     per-batch data: its tile classes may then come from the host interval classifier, O(tiles),
     instead of a device kernel that evaluates every pair.
+    `reduction` (with the trace-time `source` tensor) says each call computes this tensor from
+    another one (`attncc.ir.derived`); `tensor` then holds its trace-time value.
     """
 
     name: str
@@ -71,6 +74,8 @@ class Capture:
     tensor: torch.Tensor | None = field(default=None, compare=False, repr=False)
     nondecreasing: bool = False
     static: bool = False
+    reduction: Reduction | None = None
+    source: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name in RESERVED_NAMES:
@@ -82,12 +87,13 @@ class Capture:
 
     @staticmethod
     def of(name: str, tensor: torch.Tensor, nondecreasing: bool = False,
-           static: bool = False) -> "Capture":
+           static: bool = False, reduction: Reduction | None = None,
+           source: torch.Tensor | None = None) -> "Capture":
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"captured {name!r}: expected a torch.Tensor, "
                             f"got {type(tensor).__name__}")
         return Capture(name, str(tensor.dtype).removeprefix("torch."), tensor.dim(), tensor,
-                       nondecreasing, static)
+                       nondecreasing, static, reduction, source)
 
     @property
     def symbol(self) -> sympy.Symbol:
@@ -96,7 +102,8 @@ class Capture:
     def text(self) -> str:
         flags = (", nondecreasing" if self.nondecreasing else "") + (", static" if self.static
                                                                       else "")
-        return f"{self.name}:{self.dtype}[{self.ndim}d{flags}]"
+        derived = f" = {self.reduction.text()}" if self.reduction is not None else ""
+        return f"{self.name}:{self.dtype}[{self.ndim}d{flags}]{derived}"
 
 
 def _merge(first: tuple, second: tuple, what: str) -> tuple[tuple, dict]:

@@ -50,6 +50,9 @@ class Sigmoid(sympy.Function):
             return 1 / (1 + sympy.exp(-x))
         return None
 
+    def fdiff(self, argindex=1):  # noqa: D102 - the backward differentiates score mods
+        return self * (1 - self)
+
 
 def param_symbol(name: str, kind: str, positive: bool = False) -> sympy.Symbol:
     """The symbol of a runtime scalar; `positive` lets passes divide by it safely."""

@@ -49,6 +49,12 @@ def _positive(axis: str, divisor: sympy.Basic, where: sympy.Basic) -> None:
                           "provably positive (a positive literal or a positive parameter)")
 
 
+def _is_boolean(expr: sympy.Basic) -> bool:
+    """True for relations, logic and true/false; a bare Symbol is a sympy Boolean too (it may
+    stand for a truth value), but attncc's symbols are numbers: the identity score `score`."""
+    return isinstance(expr, sympy.logic.boolalg.Boolean) and not isinstance(expr, sympy.Symbol)
+
+
 def verify(spec: AttentionSpec) -> AttentionSpec:
     """Return `spec` unchanged if well formed, else raise VerifyError."""
     captures = {c.name: c.ndim for c in spec.captures}
@@ -56,11 +62,11 @@ def verify(spec: AttentionSpec) -> AttentionSpec:
     if len(names) != len(set(names)):
         raise VerifyError(f"parameters: duplicate names in {names}")
     if spec.mask is not None:
-        if not isinstance(spec.mask.expr, sympy.logic.boolalg.Boolean):
+        if not _is_boolean(spec.mask.expr):
             raise VerifyError(f"mask: expected a boolean expression, got {spec.mask.expr}")
         _check_expr("mask", spec.mask, captures)
     if spec.score is not None:
-        if isinstance(spec.score.expr, sympy.logic.boolalg.Boolean):
+        if _is_boolean(spec.score.expr):
             raise VerifyError(f"score: expected a numeric expression, got {spec.score.expr}")
         _check_expr("score", spec.score, captures)
     if spec.normaliser.sink is not None and spec.normaliser.sink.ndim != 1:
