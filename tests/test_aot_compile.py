@@ -7,7 +7,8 @@ with many loads and spills, are the slowest), so not every combination is compil
 
 - sm_90: every catalogue mask (tests/catalog_cases.py, M1-M19 and an and/or/not mix) plus full(),
   every score mod, the sink normaliser, causal & sliding_window + softcap, and a traced
-  FlexAttention-style mask_mod and score_mod; fp16, head dim 128.
+  FlexAttention-style mask_mod and score_mod (and one with -inf, sin/cos/erf/floor/sigmoid and a
+  reduced captured buffer); fp16, head dim 128.
 - sm_80: a representative subset of those (SM80): the exact-piece masks, each kind of captured
   tensor (1-d int, 4-d int, 2-d bool, 4-d float), the sink, a traced mask. (All of them on
   both targets measured 220 s on 2 cores against 116 s for this selection.)
@@ -57,6 +58,14 @@ def capped_alibi(score, b, h, q_idx, kv_idx):  # a FlexAttention score_mod
     return 30.0 * torch.tanh(score / 30.0) + _head_slope[h] * (kv_idx - q_idx)
 
 
+_buf = torch.rand(B, 3, generator=_g)
+
+
+def flex_suite_mix(score, b, h, q_idx, kv_idx):  # FlexAttention test-suite constructs in one mod
+    s = torch.where(q_idx >= kv_idx, score * torch.sin(h.float()) + torch.cos(b), float("-inf"))
+    return s + torch.erf(score) + torch.floor(score) + torch.sigmoid(score) + _buf[b].sum()
+
+
 SPECS = {
     **{name: attncc.Attention(mask=m) for name, m in masks(B, HQ, L, L).items()},
     "M20-full": attncc.Attention(mask=attncc.full()),
@@ -67,6 +76,7 @@ SPECS = {
                                           score=attncc.softcap(30.0)),
     "traced-mask_mod": attncc.Attention(mask=doc_window),
     "traced-score_mod": attncc.Attention(score=capped_alibi),
+    "traced-flex-suite-mods": attncc.Attention(score=flex_suite_mix),
     "causal+softcap": attncc.Attention(mask=attncc.causal(), score=attncc.softcap(30.0)),
     "M12-hilbert": attncc.Attention(mask=attncc.neighbourhood_2d(16, 16, 7, 7),
                                     reorder=attncc.Hilbert2D(16, 16)),
