@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -181,6 +182,16 @@ CORRUPTIONS = {
         json.dumps({**e.meta, "files": {"../x": {"sha256": "", "size": 0}}})
     ),
     "entry_is_a_file": lambda e: (__import__("shutil").rmtree(e.path), e.path.write_bytes(b"")),
+    "entry_is_a_dangling_symlink": lambda e: (
+        __import__("shutil").rmtree(e.path), e.path.symlink_to(e.path.parent / "gone")
+    ),
+    "entry_is_a_symlink_loop": lambda e: (
+        __import__("shutil").rmtree(e.path), e.path.symlink_to(e.path.name)
+    ),
+    "entry_is_a_symlink_to_a_file": lambda e: (
+        __import__("shutil").rmtree(e.path), (e.path.parent / "f").write_bytes(b""),
+        e.path.symlink_to("f"),
+    ),
 }
 
 
@@ -196,7 +207,39 @@ def test_corrupt_entry_is_rebuilt_not_loaded(tmp_path, corrupt):
     assert cache.stats.rebuilt_corrupt == 1
     assert_valid(entry)
     assert_valid(cache.load(KEY, NAME, root=tmp_path))
-    assert kernel_dirs(tmp_path) == [entry.path.name]
+    assert not entry.path.is_symlink()
+    assert sorted(set(kernel_dirs(tmp_path)) - {"f"}) == [entry.path.name]
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_broken_symlink_entry_is_listed_as_corrupt_and_cleared(tmp_path, link):
+    path = tmp_path / "kernels" / cache.entry_name(NAME, KEY)
+    path.parent.mkdir()
+    path.symlink_to(path.name if link == "loop" else tmp_path / "gone")
+    [(where, entry, why)] = cache.inspect_all(tmp_path)
+    assert where == path and entry is None
+    assert ("loop" if link == "loop" else "dangling symbolic link") in why
+    assert cache.clear(tmp_path) == 1 and kernel_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling_symlink", "symlink_loop", "file"])
+def test_cache_dir_that_is_no_directory_gives_one_clear_error(tmp_path, kind):
+    root = tmp_path / "cache"
+    if kind == "dangling_symlink":
+        root.symlink_to(tmp_path / "missing")
+        expected = f"{root} is a dangling symbolic link to {tmp_path / 'missing'}; create"
+    elif kind == "symlink_loop":
+        root.symlink_to(root.name)
+        expected = f"{root} is a symbolic link loop; create"
+    else:
+        root.write_bytes(b"")
+        expected = f"{root} is not a directory; remove it"
+    build = CountingBuild()
+    with pytest.raises(cache.CacheError, match=re.escape(expected)) as info:
+        cache.load_or_build(KEY, NAME, build, root=root)
+    assert "\n" not in str(info.value) and "ATTNCC_CACHE_DIR" in str(info.value)
+    assert build.calls == 0
+    assert cache.load(KEY, NAME, root=root) is None  # reading a missing cache is no error
 
 
 def test_orphaned_temp_dir_is_removed_on_build(tmp_path):

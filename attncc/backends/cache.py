@@ -161,6 +161,9 @@ def inspect_all(root: Path | None = None) -> list[tuple[Path, CacheEntry | None,
     for path in sorted(kernels.iterdir()):
         if path.name.startswith("."):
             continue
+        if not path.exists() and (broken := _broken_link(path)):
+            found.append((path, None, broken))
+            continue
         try:
             meta = json.loads((path / META).read_text())
             key, readable_name = meta["key"], meta["name"]
@@ -258,6 +261,7 @@ def _entry_lock(kernels: Path, name: str) -> Iterator[None]:
     with _thread_locks_guard:
         thread_lock = _thread_locks.setdefault(str(kernels / name), threading.Lock())
     with thread_lock:
+        _check_root(kernels)
         locks = kernels.parent / "locks"
         try:
             locks.mkdir(parents=True, exist_ok=True)
@@ -297,7 +301,9 @@ def _kernels(root: Path | None) -> Path:
 def _inspect(path: Path, key: str, readable_name: str) -> tuple[CacheEntry | None, str | None]:
     """(entry, None) if valid, (None, None) if absent, (None, why) if corrupt."""
     if not path.exists():
-        return None, None
+        # exists() is False for a symlink that dangles or loops: that is a corrupt entry, which
+        # the caller replaces under the lock, not an absent one (renaming onto it fails)
+        return None, _broken_link(path)
     try:
         meta = json.loads((path / META).read_text())
         if not isinstance(meta, dict):
@@ -317,6 +323,37 @@ def _inspect(path: Path, key: str, readable_name: str) -> tuple[CacheEntry | Non
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"unreadable: {type(e).__name__}: {e}"
     return CacheEntry(path, {f: path / f for f in listed}, meta, built=False), None
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why `path`, which does not resolve, is a broken symbolic link; None if it is no link."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "a symbolic link loop"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+    return f"a dangling symbolic link to {os.readlink(path)}"
+
+
+def _check_root(kernels: Path) -> None:
+    """Raise `CacheError` if the cache root or a directory in it is a broken link or a file:
+    mkdir would say only EEXIST or ENOTDIR."""
+    for where in (kernels.parent, kernels, kernels.parent / "locks"):
+        if where.is_dir():
+            continue
+        if broken := _broken_link(where):
+            problem = f"is {broken}"
+            todo = "create the link's target or set ATTNCC_CACHE_DIR to a directory"
+        elif where.exists():
+            problem = "is not a directory"
+            todo = "remove it or set ATTNCC_CACHE_DIR to a directory"
+        else:
+            continue  # absent: created on the first write
+        raise CacheError(f"attncc cache: the cache directory {where} {problem}; {todo}")
 
 
 def _check_files(files: dict[str, bytes]) -> None:
@@ -379,9 +416,10 @@ def _publish(kernels: Path, name: str, files: dict[str, bytes], meta: dict) -> N
         for fname, data in files.items():
             _write_file(tmp / fname, data)
         _write_file(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
-        if final.exists():
-            # os.replace cannot overwrite a non-empty dir; move the stale one aside atomically
-            # so readers see the old entry or nothing, then the new one.
+        if final.exists() or final.is_symlink():
+            # os.replace cannot overwrite a non-empty dir (nor a dir a symlink, ENOTDIR); move
+            # the stale one aside atomically so readers see the old entry or nothing, then the
+            # new one.
             trash = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, suffix=f".{name}", dir=kernels))
             os.replace(final, trash / "stale")
             os.replace(tmp, final)
