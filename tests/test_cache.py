@@ -268,3 +268,35 @@ def test_list_entries_and_clear(tmp_path):
     assert cache.clear(tmp_path) == 3
     assert kernel_dirs(tmp_path) == [] and cache.list_entries(tmp_path) == []
     assert cache.load(KEY, NAME, root=tmp_path) is None
+
+
+def test_any_name_finds_a_key_under_another_readable_name_and_builds_it_once(tmp_path):
+    """Threads building one key under two readable names (two spellings of one spec) share
+    the key's lock: one build, one entry, loaded under either name."""
+    import threading
+    import time
+
+    calls: list[str] = []
+
+    def build_as(name: str):
+        def build() -> dict[str, bytes]:
+            calls.append(name)
+            time.sleep(0.2)
+            return dict(FILES)
+        return build
+
+    results: list[cache.CacheEntry] = []
+    threads = [threading.Thread(target=lambda n=n: results.append(cache.load_or_build(
+        KEY, n, build_as(n), root=tmp_path, any_name=True))) for n in ("spelt_a", "spelt_b") * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(kernel_dirs(tmp_path)) == 1
+    assert len({r.path for r in results}) == 1 and sorted(r.built for r in results) == \
+        [False] * 5 + [True]
+    other = "spelt_b" if calls[0] == "spelt_a" else "spelt_a"
+    assert cache.load(KEY, other, root=tmp_path) is None  # by name only: not this one
+    assert cache.load(KEY, other, root=tmp_path, any_name=True).path == results[0].path
+    assert cache.load(hashlib.sha256(b"x").hexdigest(), other, root=tmp_path,
+                      any_name=True) is None
