@@ -108,13 +108,13 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(path, tuple(kernels), tuple(errors))
 
 
-def spec_from_fields(fields: dict[str, Any], base: Path | None = None) -> AttentionSpec:
-    """An AttentionSpec from the spec fields of an entry (mask, score, reorder with their args,
-    or spec); raises ManifestError naming the field."""
+def import_spec(path: str, base: Path | None = None) -> AttentionSpec:
+    """The AttentionSpec at import path `module:attribute` (or a zero-argument function's
+    result); ManifestError in one line naming the path, not a manifest field."""
     try:
-        return _spec(fields, base or Path.cwd())
+        return _import_spec(path, base or Path.cwd())
     except _FieldError as e:
-        raise ManifestError(f"field {e.field!r}: {e.message}") from e
+        raise ManifestError(e.message) from e
 
 
 def parse_archs(text: str) -> tuple[int, ...]:

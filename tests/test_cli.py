@@ -332,7 +332,10 @@ def test_explain_takes_combined_masks_and_speaks_no_manifest_fields(capsys):
             (["explain", "causal", "--score", "softcap(cap)"],
              "--score: softcap(): arguments must be literals"),
             (["explain", "causal", "--score", "softcap(1.0) & softcap(2.0)"],
-             "--score: expected catalogue score calls, like \"softcap(50.0)\"")):
+             "--score: expected catalogue score calls, like \"softcap(50.0)\""),
+            (["explain", "attncc.masks:no_such_spec"],
+             "cannot import 'attncc.masks:no_such_spec': module 'attncc.masks' has no "
+             "attribute 'no_such_spec'")):
         line = one_error_line(capsys, argv)
         assert words in line, (argv, line)
         assert "field" not in line and "_args" not in line, line

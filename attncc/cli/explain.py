@@ -125,12 +125,12 @@ def _pair(option: str, text: str) -> tuple[int, int]:
 
 def _spec(args: argparse.Namespace):
     from attncc.api import Attention
-    from attncc.manifest import spec_from_fields
+    from attncc.manifest import import_spec
 
     if ":" in args.spec:
         if args.score or args.reorder:
             raise ValueError("--score/--reorder go with a catalogue mask, not an import path")
-        return spec_from_fields({"spec": args.spec})
+        return import_spec(args.spec)
     parts = {kind: _expression(option, kind, text) for kind, option, text in (
         ("mask", "SPEC", args.spec), ("score", "--score", args.score),
         ("reorder", "--reorder", args.reorder)) if text}
