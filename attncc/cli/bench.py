@@ -4,8 +4,8 @@ Runs `python -m benchmarks.run --manifest MANIFEST` from the attncc source tree,
 `benchmarks/` lives (it is not part of the installed package): one workload per [[kernel]]
 entry, at its `shapes`, `dtypes` and head dims, checked against the reference, then timed on a
 CUDA GPU. Without a GPU it refuses (exit status 2): timings of the CPU interpreter say nothing
-about a kernel. `--smoke` runs the entries on the CPU instead, at tiny shapes, checking them and
-timing nothing. Results go to benchmarks/results/ (or --out) as JSON, Markdown and a PNG.
+about a kernel. `--smoke` runs the entries on the CPU instead (B = H = 1, head dim 16, the entry's
+smallest L), checking them and timing nothing. Results go to benchmarks/results/ (or --out) as JSON, Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n", 1)[1].replace("\n", " "))
     p.add_argument("manifest", help="TOML manifest (see examples/manifest.toml)")
     p.add_argument("--smoke", action="store_true",
-                   help="on the CPU: tiny shapes, every entry checked against the reference, "
-                        "nothing timed")
+                   help="on the CPU: B = H = 1, head dim 16, each entry's smallest L, "
+                        "checked against the reference, nothing timed")
     p.add_argument("--only", action="append", metavar="SUBSTRING",
                    help="only entries whose name contains SUBSTRING (repeatable)")
     p.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")
