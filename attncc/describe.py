@@ -75,6 +75,10 @@ def explain_text(spec: AttentionSpec, shape: Iterable[int] | None, block: tuple[
     out.append("== " + head)
     if m.shape[1] <= MAX_TEXT_TILES:
         out += ["".join(_CELL[int(c)] for c in row) for row in m]
+    elif png is None:  # say so, rather than end at the counts as if that were the map
+        out.append(f"(map not drawn: {m.shape[1]} kv tiles wide, more than {MAX_TEXT_TILES} "
+                   f"fit in text; png=FILE draws it as an image (`--png FILE` on the command "
+                   f"line), larger tiles (`--block`) narrow it)")
     if png is not None:
         save_png(m, png, f"{plan.spec.tag}: {head}")
         out.append(f"(tile map written to {png})")

@@ -85,6 +85,9 @@ def load_manifest(path: str | Path) -> Manifest:
         data = tomllib.loads(path.read_text())
     except OSError as e:
         raise ManifestError(f"{path}: cannot read it: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not a text file (byte {e.start} is not UTF-8); a manifest "
+                            f"is TOML text (see examples/manifest.toml)") from e
     except tomllib.TOMLDecodeError as e:
         raise ManifestError(f"{path}: not valid TOML: {e}") from e
     raw = data.get("kernel")
@@ -105,21 +108,25 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(path, tuple(kernels), tuple(errors))
 
 
-def spec_from_fields(fields: dict[str, Any], base: Path | None = None) -> AttentionSpec:
-    """An AttentionSpec from the spec fields of an entry (mask, score, reorder with their args,
-    or spec); raises ManifestError naming the field."""
+def import_spec(path: str, base: Path | None = None) -> AttentionSpec:
+    """The AttentionSpec at import path `module:attribute` (or a zero-argument function's
+    result); ManifestError in one line naming the path, not a manifest field."""
     try:
-        return _spec(fields, base or Path.cwd())
+        return _import_spec(path, base or Path.cwd())
     except _FieldError as e:
-        raise ManifestError(f"field {e.field!r}: {e.message}") from e
+        raise ManifestError(e.message) from e
 
 
 def parse_archs(text: str) -> tuple[int, ...]:
-    """"sm_80,sm_90" -> (80, 90); ManifestError on an unknown arch."""
+    """"sm_80,sm_90" -> (80, 90); ManifestError on an unknown arch or on none at all."""
     try:
-        return tuple(dict.fromkeys(parse_arch(a) for a in text.split(",") if a.strip()))
+        archs = tuple(dict.fromkeys(parse_arch(a) for a in text.split(",") if a.strip()))
     except ValueError as e:
         raise ManifestError(f"--arch: {e}") from e
+    if not archs:
+        raise ManifestError(f"--arch: expected one or more targets like sm_80,sm_90, got "
+                            f"{text!r}")
+    return archs
 
 
 class _FieldError(Exception):
@@ -188,29 +195,48 @@ def _spec(fields: dict[str, Any], base: Path) -> AttentionSpec:
         raise _FieldError(next(iter(parts)), f"{type(e).__name__}: {e}") from e
 
 
-def _call(kind: str, fields: dict[str, Any]) -> Any:
-    name, args = fields[kind], fields.get(f"{kind}_args", {})
-    table = CATALOGUE[kind]
+class CatalogueError(ValueError):
+    """A catalogue call is wrong; `part` says which: "name" (no such entry) or "args"."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+def call_catalogue(kind: str, name: Any, args: list | tuple = (),
+                   kwargs: dict[str, Any] | None = None) -> Any:
+    """`masks.<name>(*args, **kwargs)` (or scores, reorders: `kind`), arrays converted as the
+    manifest converts them (a tensor parameter gets `torch.tensor(array)`, another a tuple).
+    CatalogueError (one line, naming the call) on an unknown name or bad arguments."""
+    table, kwargs = CATALOGUE[kind], dict(kwargs or {})
     if not isinstance(name, str) or name not in table:
         close = difflib.get_close_matches(str(name), table, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _FieldError(kind, f"unknown catalogue {kind} {name!r}{hint} "
-                                f"(known: {', '.join(sorted(table))})")
+        raise CatalogueError("name", f"unknown catalogue {kind} {name!r}{hint} "
+                                     f"(known: {', '.join(sorted(table))})")
     fn = table[name]
-    if not isinstance(args, (dict, list)):
-        raise _FieldError(f"{kind}_args", f"expected a table or an array, got {args!r}")
     params = inspect.signature(fn).parameters
-    unknown = sorted(set(args) - set(params)) if isinstance(args, dict) else []
+    unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise _FieldError(f"{kind}_args", f"{name}() takes no argument {unknown[0]!r} "
-                                          f"(it takes: {', '.join(params)})")
+        raise CatalogueError("args", f"{name}() takes no argument {unknown[0]!r} "
+                                     f"(it takes: {', '.join(params)})")
     try:
-        bound = (inspect.signature(fn).bind(*args) if isinstance(args, list)
-                 else inspect.signature(fn).bind(**args))
+        bound = inspect.signature(fn).bind(*args, **kwargs)
         values = {k: _convert(v, str(params[k].annotation)) for k, v in bound.arguments.items()}
         return fn(**values)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise _FieldError(f"{kind}_args", f"{name}(): {e}") from e
+        raise CatalogueError("args", f"{name}(): {e}") from e
+
+
+def _call(kind: str, fields: dict[str, Any]) -> Any:
+    name, args = fields[kind], fields.get(f"{kind}_args", {})
+    if isinstance(name, str) and name in CATALOGUE[kind] and not isinstance(args, (dict, list)):
+        raise _FieldError(f"{kind}_args", f"expected a table or an array, got {args!r}")
+    try:
+        return call_catalogue(kind, name, args if isinstance(args, list) else (),
+                              args if isinstance(args, dict) else {})
+    except CatalogueError as e:
+        raise _FieldError(kind if e.part == "name" else f"{kind}_args", str(e)) from e
 
 
 def _convert(value: Any, annotation: str) -> Any:

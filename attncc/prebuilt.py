@@ -17,8 +17,11 @@ racing builders build it once and `attncc cache verify` covers it):
 triton.json is Triton's own metadata file for the binary. meta.json adds `kind`, `kernel`,
 `target` ("sm_90"), `arch`, `dtype`, `head_dim_qk`, `head_dim_v`, `variant`, `schedule` and
 `source_key` (the key of the source entry it was compiled from). Key: sha256 of the source key
-(canonical IR, templates, attncc/torch/triton versions), the launch spec, the arch and the triton
-version: whatever changes the binary changes the key.
+(canonical IR, templates, attncc/torch/triton versions), the kind, the launch spec, the arch and
+the triton version: whatever changes the binary changes the key, and the spelling of the spec
+(the readable kernel name) does not. Entries are looked up by key under any readable name, so
+`causal() & sliding_window(w)` and `sliding_window(w)` are stored once and either spelling loads
+the other's binary (the binary's own symbol name is read from its triton.json).
 
 On a GPU, `TritonForward.launch`, the block-map launch and `TritonBackward.launch` run these
 entries through `triton_direct` (Triton's launcher, never Triton's JIT), picking the variant
@@ -86,8 +89,9 @@ def load_or_compile_target(target: Target) -> Prebuilt:
     and stored; with ATTNCC_OFFLINE=1, NotPrebuiltError."""
     key, name = target.key(), target.entry_name()
     start = time.perf_counter()
+    # by key, under any readable name: another spelling of the spec may have built it
     if config.offline():
-        entry = cache.load(key, name)
+        entry = cache.load(key, name, any_name=True)
         if entry is None:
             raise NotPrebuiltError(
                 f"ATTNCC_OFFLINE=1 and {target.describe()} is not in the cache "
@@ -111,7 +115,7 @@ def load_or_compile_target(target: Target) -> Prebuilt:
                 "arch": target.arch, "dtype": target.dtype, "head_dim_qk": target.head_dim_qk,
                 "head_dim_v": target.head_dim_v, "variant": asdict(target.variant),
                 "schedule": target.spec.schedule.text(), "source_key": target.source_key}
-        entry = cache.load_or_build(key, name, build, extra_meta=meta)
+        entry = cache.load_or_build(key, name, build, extra_meta=meta, any_name=True)
     return Prebuilt(_artifact(entry), entry.built, time.perf_counter() - start, entry)
 
 

@@ -66,10 +66,14 @@ class Target:
     variant: Variant = DEFAULT_VARIANT
 
     def key(self) -> str:
+        """sha256 of what makes the binary: the source entry's key (canonical IR, templates,
+        versions), which kernel of it, the launch spec and the arch. Not the kernel's readable
+        name: two spellings of one spec (`causal() & sliding_window(w)` and
+        `sliding_window(w)`) share a source key and so one binary, loaded under either name."""
         import triton
         spec = self.spec
         text = "\n".join(map(str, [
-            self.source_key, spec.name, sorted(spec.signature.items()),
+            self.source_key, self.kind, sorted(spec.signature.items()),
             sorted(spec.constexprs.items()), spec.aligned, spec.schedule.num_warps,
             spec.schedule.num_stages, f"sm{self.arch}", f"triton={triton.__version__}",
             f"format={FORMAT}"]))

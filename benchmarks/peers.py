@@ -149,6 +149,8 @@ def _prepare_flex(case: Case) -> Prepared:
     if device.type != "cuda" and not case.smoke:
         raise Unavailable("no CUDA")
     variant, L = case.variant, case.shape.L
+    if variant.flex_reason is not None:
+        raise Unavailable(variant.flex_reason)
     # the mods here read neither b nor h in their masks: one block mask for every (b, h)
     block_mask = (create_block_mask(variant.mask_mod, None, None, L, L, device=device)
                   if variant.mask_mod is not None else None)

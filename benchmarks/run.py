@@ -5,6 +5,7 @@
     python -m benchmarks.run --only flex-doc --only sparse --out /tmp/bench
     python -m benchmarks.run --only dense --L 4096 --L 16384 --D 128 --dtype bfloat16
     python -m benchmarks.run --list
+    python -m benchmarks.run --manifest examples/manifest.toml   # its entries (attncc bench)
 
 Writes `<out>/<device>-<date>[-smoke].json` (schema in benchmarks/README.md) with a Markdown
 summary and a PNG plot of the same stem. Exit status 1 when an attncc entry is not "ok"
@@ -40,6 +41,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", action="append", choices=("bfloat16", "float16"),
                         help="only shapes of this dtype (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the workloads and exit")
+    parser.add_argument("--manifest", type=Path, metavar="FILE",
+                        help="benchmark this attncc manifest's [[kernel]] entries instead of "
+                             "the built-in grid (--only then narrows among them)")
     return parser.parse_args(argv)
 
 
@@ -87,6 +91,21 @@ def _line(result: dict[str, Any]) -> str:
             + " ".join(parts))
 
 
+def _workloads(args: argparse.Namespace) -> list[Any]:
+    """The built-in grid, or the manifest's entries; narrowed by --only (ValueError: none)."""
+    from benchmarks import workloads
+    if args.manifest is None:
+        return workloads.select(args.only)
+    from benchmarks.manifest_workloads import from_manifest
+    found = from_manifest(args.manifest)
+    chosen = [w for w in found if not args.only or any(s in w.name for s in args.only)]
+    if not chosen:
+        raise ValueError(f"{args.manifest}: no entry to benchmark"
+                         + (f" matches --only {args.only}; the entries are "
+                            f"{[w.name for w in found]}" if args.only and found else ""))
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.smoke:  # before attncc loads: its kernels run under Triton's CPU interpreter
@@ -95,20 +114,23 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import workloads
 
     try:
-        chosen = workloads.select(args.only)
-    except ValueError as e:
+        chosen = _workloads(args)
+    except ValueError as e:  # ManifestError too: one line
         print(e, file=sys.stderr)
         return 2
     grid = {w.name: _shapes(w, args) for w in chosen}
     chosen = [w for w in chosen if grid[w.name]]
     if not chosen:
-        print("--L / --D / --dtype leave no shape to run", file=sys.stderr)
+        print("no shape to run: --L / --D / --dtype leave none"
+              + (", or the manifest's entries list no shapes" if args.manifest else ""),
+              file=sys.stderr)
         return 2
     if args.list:
         for w in chosen:
             print(f"{w.name:<26} {w.family:<7} {len(grid[w.name]):>3} shapes  {w.about}")
-        for family, why in workloads.PENDING.items():
-            print(f"(not landed) {family}: {why}")
+        if args.manifest is None:
+            for family, why in workloads.PENDING.items():
+                print(f"(not benchmarked yet) {family}: {why}")
         return 0
 
     import torch

@@ -8,7 +8,7 @@ from typing import Any
 
 SCHEMA = "attncc-bench/1"
 STATUSES = ("ok", "wrong", "unavailable", "error")
-FAMILIES = ("dense", "flex", "sparse")
+FAMILIES = ("dense", "flex", "sparse", "manifest")
 SHAPE_INTS = ("B", "H", "L", "D")
 DTYPES = ("bfloat16", "float16", "float32")
 

@@ -2,8 +2,9 @@
 FlexAttention mask_mod/score_mod, how SDPA can express it, and its shape grid.
 
 Families: `dense` (causal and not), `flex` (the FlexAttention benchmark set), `sparse` (2-D
-neighbourhood and HilbertA on token grids, row-major and Hilbert order). Families that have not
-landed are listed in PENDING with the reason; add one by writing its builders and appending its
+neighbourhood and HilbertA on token grids, row-major and Hilbert order); `manifest` workloads
+come from a manifest (manifest_workloads.py). Kernel families the harness does not measure yet
+are listed in PENDING with the reason; add one by writing its builders and appending its
 `Workload`s to `WORKLOADS` (and removing it from PENDING): the harness, peers and report need no
 change for a new forward workload. Backward needs a harness that checks gradients too.
 """
@@ -26,10 +27,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # then fewer heads at B = 1), so every shape launches the same number of query tiles.
 TOKEN_HEADS = 16384 * 16
 
-PENDING = {
-    "linear": "chunked linear attention (L1-L8) has no kernel yet: reference only",
-    "decode": "paged / ragged decode kernels have not landed",
-    "backward": "backward kernels have not landed",
+PENDING = {  # kernels that exist, but no workload of the harness measures them yet
+    "linear": "linear-attention kernels (L1-L7, chunked and recurrent) exist; no workload "
+              "times them yet (flash-linear-attention would be their peer)",
+    "decode": "serving kernels (paged, ragged, split-KV decode) exist; no workload times them "
+              "yet (needs a plan/run timing loop)",
+    "backward": "backward kernels exist; no workload times them yet (the harness checks "
+                "outputs only, not gradients)",
 }
 
 
@@ -70,6 +74,7 @@ class Variant:
     sdpa_reason: str | None = None
     perm: torch.Tensor | None = None
     params: dict[str, Any] = field(default_factory=dict)  # recorded in the JSON
+    flex_reason: str | None = None  # set: FlexAttention cannot express it (no mask_mod known)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,12 @@
    the output is put back in grid order at the end. Each layer is checked against the fp64
    reference.
 
-On a CPU the kernels run under Triton's interpreter: only the 64x64 stack runs, with one head,
-5-10 s per layer (the whole script about 45 s). On a GPU the same code runs compiled, on both
-grids. `--png DIR` also writes every tile map as an image (needs matplotlib).
+On a CPU the kernels run under Triton's interpreter: only the 64x64 stack runs, with one head.
+Expected run time there: about 2.5 minutes on an idle core (measured: 150 s of CPU time, and
+9.4 minutes of wall time on a 2-core x86 VM shared with other jobs; two thirds of it the cost
+tables of the 128x128 grid, the two interpreted layers under a sixth). On a GPU the same code
+runs compiled, on both grids. `--png DIR` also writes every tile map as an image (needs
+matplotlib).
 """
 
 from __future__ import annotations

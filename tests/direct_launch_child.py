@@ -121,6 +121,16 @@ def main() -> None:
     out["backward"] = {"compiles": dict(COMPILES), "cache_builds": cache.stats.builds,
                        "launches": LAUNCHES[before:], "logged": list(logged)}
 
+    # another spelling of causal() (one canonical key): offline, its launch runs the binary
+    # built for causal(), though its own kernel has another readable name
+    os.environ["ATTNCC_OFFLINE"] = "1"
+    before = len(LAUNCHES)
+    respelt = attncc.compile(attncc.Attention(mask=attncc.causal() & attncc.causal()))
+    respelt(q, k, v, backend="triton")
+    del os.environ["ATTNCC_OFFLINE"]
+    out["respelt"] = {"compiles": dict(COMPILES), "launches": LAUNCHES[before:],
+                      "name": respelt.name, "logged": list(logged)}
+
     # a launch whose head-dim stride is not 1 needs the ".strided" variant, which no build made
     strided_q = torch.randn(1, 2, 32, 40, generator=gen).half().transpose(2, 3)
     os.environ["ATTNCC_OFFLINE"] = "1"

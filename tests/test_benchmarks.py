@@ -81,7 +81,9 @@ def test_list_and_only():
     assert proc.returncode == 0, proc.stderr
     for w in workloads.WORKLOADS:
         assert w.name in proc.stdout
-    assert "(not landed) backward" in proc.stdout
+    assert "not landed" not in proc.stdout  # linear, decode and backward kernels exist
+    for family in ("linear", "decode", "backward"):
+        assert f"(not benchmarked yet) {family}: " in proc.stdout and " exist" in proc.stdout
     proc = _run("-m", "benchmarks.run", "--list", "--only", "sparse-hilberta", "--only",
                 "flex-doc")
     listed = [line.split()[0] for line in proc.stdout.splitlines() if not line.startswith("(")]

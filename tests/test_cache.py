@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -181,6 +182,16 @@ CORRUPTIONS = {
         json.dumps({**e.meta, "files": {"../x": {"sha256": "", "size": 0}}})
     ),
     "entry_is_a_file": lambda e: (__import__("shutil").rmtree(e.path), e.path.write_bytes(b"")),
+    "entry_is_a_dangling_symlink": lambda e: (
+        __import__("shutil").rmtree(e.path), e.path.symlink_to(e.path.parent / "gone")
+    ),
+    "entry_is_a_symlink_loop": lambda e: (
+        __import__("shutil").rmtree(e.path), e.path.symlink_to(e.path.name)
+    ),
+    "entry_is_a_symlink_to_a_file": lambda e: (
+        __import__("shutil").rmtree(e.path), (e.path.parent / "f").write_bytes(b""),
+        e.path.symlink_to("f"),
+    ),
 }
 
 
@@ -196,7 +207,39 @@ def test_corrupt_entry_is_rebuilt_not_loaded(tmp_path, corrupt):
     assert cache.stats.rebuilt_corrupt == 1
     assert_valid(entry)
     assert_valid(cache.load(KEY, NAME, root=tmp_path))
-    assert kernel_dirs(tmp_path) == [entry.path.name]
+    assert not entry.path.is_symlink()
+    assert sorted(set(kernel_dirs(tmp_path)) - {"f"}) == [entry.path.name]
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_broken_symlink_entry_is_listed_as_corrupt_and_cleared(tmp_path, link):
+    path = tmp_path / "kernels" / cache.entry_name(NAME, KEY)
+    path.parent.mkdir()
+    path.symlink_to(path.name if link == "loop" else tmp_path / "gone")
+    [(where, entry, why)] = cache.inspect_all(tmp_path)
+    assert where == path and entry is None
+    assert ("loop" if link == "loop" else "dangling symbolic link") in why
+    assert cache.clear(tmp_path) == 1 and kernel_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling_symlink", "symlink_loop", "file"])
+def test_cache_dir_that_is_no_directory_gives_one_clear_error(tmp_path, kind):
+    root = tmp_path / "cache"
+    if kind == "dangling_symlink":
+        root.symlink_to(tmp_path / "missing")
+        expected = f"{root} is a dangling symbolic link to {tmp_path / 'missing'}; create"
+    elif kind == "symlink_loop":
+        root.symlink_to(root.name)
+        expected = f"{root} is a symbolic link loop; create"
+    else:
+        root.write_bytes(b"")
+        expected = f"{root} is not a directory; remove it"
+    build = CountingBuild()
+    with pytest.raises(cache.CacheError, match=re.escape(expected)) as info:
+        cache.load_or_build(KEY, NAME, build, root=root)
+    assert "\n" not in str(info.value) and "ATTNCC_CACHE_DIR" in str(info.value)
+    assert build.calls == 0
+    assert cache.load(KEY, NAME, root=root) is None  # reading a missing cache is no error
 
 
 def test_orphaned_temp_dir_is_removed_on_build(tmp_path):
@@ -225,3 +268,35 @@ def test_list_entries_and_clear(tmp_path):
     assert cache.clear(tmp_path) == 3
     assert kernel_dirs(tmp_path) == [] and cache.list_entries(tmp_path) == []
     assert cache.load(KEY, NAME, root=tmp_path) is None
+
+
+def test_any_name_finds_a_key_under_another_readable_name_and_builds_it_once(tmp_path):
+    """Threads building one key under two readable names (two spellings of one spec) share
+    the key's lock: one build, one entry, loaded under either name."""
+    import threading
+    import time
+
+    calls: list[str] = []
+
+    def build_as(name: str):
+        def build() -> dict[str, bytes]:
+            calls.append(name)
+            time.sleep(0.2)
+            return dict(FILES)
+        return build
+
+    results: list[cache.CacheEntry] = []
+    threads = [threading.Thread(target=lambda n=n: results.append(cache.load_or_build(
+        KEY, n, build_as(n), root=tmp_path, any_name=True))) for n in ("spelt_a", "spelt_b") * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(kernel_dirs(tmp_path)) == 1
+    assert len({r.path for r in results}) == 1 and sorted(r.built for r in results) == \
+        [False] * 5 + [True]
+    other = "spelt_b" if calls[0] == "spelt_a" else "spelt_a"
+    assert cache.load(KEY, other, root=tmp_path) is None  # by name only: not this one
+    assert cache.load(KEY, other, root=tmp_path, any_name=True).path == results[0].path
+    assert cache.load(hashlib.sha256(b"x").hexdigest(), other, root=tmp_path,
+                      any_name=True) is None

@@ -184,7 +184,8 @@ def test_bench_refuses_without_a_gpu(tmp_path):
     run = attncc_cli("bench", str(REPO / "examples" / "manifest.toml"), root=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == ("attncc bench: no CUDA GPU here; refusing to print "
-                                  "meaningless numbers")
+                                  "meaningless numbers (--smoke checks the entries on the CPU "
+                                  "without timing them)")
     assert run.stdout == ""
 
 
@@ -261,3 +262,110 @@ def test_the_example_manifest_is_valid():
     assert m.errors == ()
     assert [k.name for k in m.kernels] == ["llama-causal", "gemma2-local", "gemma2-global",
                                            "dit-hilberta", "dit-na2d-7x7"]
+
+
+# --- bad input: one line on stderr, a non-zero exit status, no traceback ----------------------
+
+def one_error_line(capsys, argv: list[str], status: int = 2) -> str:
+    assert main(argv) == status, argv
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+    return lines[0]
+
+
+def test_a_binary_manifest_is_one_error_line(tmp_path, capsys):
+    binary = tmp_path / "model.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for command in ("build", "explain", "bench"):
+        line = one_error_line(capsys, [command, str(binary)])
+        assert f"attncc {command}: error: {binary}: not a text file" in line, line
+        assert "a manifest is TOML text" in line
+
+
+@pytest.mark.parametrize("arch", ["", ",", " , "])
+def test_build_with_no_arch_is_an_error_not_an_empty_success(tmp_path, capsys, arch):
+    manifest = write_manifest(tmp_path / "m.toml", {"ok": GOOD.split("\n", 1)[1]})
+    line = one_error_line(capsys, ["build", str(manifest), "--arch", arch, "--out",
+                                   str(tmp_path / "cache")])
+    assert "--arch: expected one or more targets like sm_80,sm_90" in line, line
+    assert not (tmp_path / "cache" / "kernels").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling_symlink"])
+@pytest.mark.parametrize("action", ["ls", "info", "verify", "clean"])
+def test_cache_commands_refuse_a_dir_that_is_no_directory(tmp_path, capsys, action, kind):
+    where = tmp_path / "not-a-dir"
+    if kind == "file":
+        where.write_text("I am a file\n")
+    else:
+        where.symlink_to(tmp_path / "gone")
+    line = one_error_line(capsys, ["cache", action, "--dir", str(where)], status=1)
+    what = "is not a directory" if kind == "file" else "is a dangling symbolic link"
+    assert f"the cache directory {where} {what}" in line and "ATTNCC_CACHE_DIR" in line, line
+    if kind == "file":
+        assert where.read_text() == "I am a file\n"
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-inf", "-1"])
+def test_clean_older_than_must_be_a_finite_number_of_days(tmp_path, capsys, days):
+    line = one_error_line(capsys, ["cache", "clean", "--dir", str(tmp_path),
+                                   f"--older-than={days}"])
+    assert "--older-than: expected a finite number of DAYS >= 0" in line, line
+
+
+def test_explain_takes_combined_masks_and_speaks_no_manifest_fields(capsys):
+    assert main(["explain", "causal() & sliding_window(64)", "--score", "softcap(30.0)",
+                 "--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    assert "(kv_idx <= Lk - Lq + q_idx) & (Lk - Lq - kv_idx + q_idx < window)" in out
+    assert "softcap*tanh(score/softcap)  [softcap:float+=30.0]" in out
+    assert main(["explain", "~(causal() | sliding_window(8))"]) == 0
+    capsys.readouterr()
+    for argv, words in (
+            (["explain", "causal() & slidng_window(8)"],
+             "SPEC: unknown catalogue mask 'slidng_window'; did you mean 'sliding_window'?"),
+            (["explain", "sliding_window(width=3)"],
+             "SPEC: sliding_window() takes no argument 'width' (it takes: window)"),
+            (["explain", "causal() + 1"], "SPEC: expected catalogue mask calls combined with "
+                                          "&, | and ~, like \"causal() & sliding_window(1024)\""),
+            (["explain", "causal", "--score", "softcap(cap)"],
+             "--score: softcap(): arguments must be literals"),
+            (["explain", "causal", "--score", "softcap(1.0) & softcap(2.0)"],
+             "--score: expected catalogue score calls, like \"softcap(50.0)\""),
+            (["explain", "attncc.masks:no_such_spec"],
+             "cannot import 'attncc.masks:no_such_spec': module 'attncc.masks' has no "
+             "attribute 'no_such_spec'")):
+        line = one_error_line(capsys, argv)
+        assert words in line, (argv, line)
+        assert "field" not in line and "_args" not in line, line
+
+
+def test_explain_says_when_the_tile_map_is_too_wide_to_draw(capsys):
+    assert main(["explain", "causal", "--shape", "8192,8192", "--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    assert "== tile map Lq=8192 Lk=8192 tiles 64x64: " in out
+    assert "(map not drawn: 128 kv tiles wide, more than 64 fit in text; " in out
+    assert "`--png FILE`" in out
+    assert main(["explain", "causal", "--shape", "256,256", "--arch", "sm_90"]) == 0
+    assert "map not drawn" not in capsys.readouterr().out
+
+
+def test_bench_smoke_benchmarks_the_manifest_entries(tmp_path):
+    """`attncc bench MANIFEST --smoke`: each entry is a workload of the harness, run on the CPU
+    and checked against the reference (the entry names are not workload filters)."""
+    manifest = write_manifest(tmp_path / "m.toml", {
+        "tiny-window": 'mask = "sliding_window"\nmask_args = [16]\nhead_dims = [16]\n'
+                       'shapes = [[1, 2, 1, 64]]'})
+    run = attncc_cli("bench", str(manifest), "--smoke", "--out", str(tmp_path / "out"),
+                     root=tmp_path / "cache")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^manifest-tiny-window +B1 H1 L64 D16 float16 +attncc=ok ", run.stdout,
+                     re.MULTILINE), run.stdout
+    (result,) = (tmp_path / "out").glob("*-smoke.json")
+    obj = __import__("json").loads(result.read_text())
+    (case,) = obj["results"]
+    assert case["family"] == "manifest" and case["params"] == {"entry": "tiny-window",
+                                                               "kv_heads": 1}
+    assert case["entries"]["flex"]["status"] == "unavailable"
+    assert "no FlexAttention form" in case["entries"]["flex"]["reason"]

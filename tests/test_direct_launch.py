@@ -92,6 +92,19 @@ def test_prebuilt_binaries_launch_with_zero_compiles(built, child):
     assert names[0] == names[1] != names[3]
 
 
+def test_another_spelling_of_a_spec_launches_its_binary_offline(built, child):
+    """`causal() & causal()` has causal()'s canonical key: under ATTNCC_OFFLINE=1 it launches
+    the stored causal binary (its symbol name read from the binary's metadata)."""
+    record = child["respelt"]
+    assert record["compiles"] == {"triton.compile": 0, "compile_in_child": 0}
+    assert record["logged"] == []
+    (launch,) = record["launches"]
+    stored = by_hash(built)[launch["hash"]]
+    assert stored.entry.meta["kind"] == "forward" and launch["name"] == stored.artifact.name
+    assert record["name"].startswith("attn_fwd_causal_causal_")  # its own readable name ...
+    assert stored.artifact.name != record["name"]  # ... not the binary's (built for causal())
+
+
 def test_the_backward_kernels_launch_prebuilt_too(built, child):
     record = child["backward"]
     assert record["compiles"] == {"triton.compile": 0, "compile_in_child": 0}

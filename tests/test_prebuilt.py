@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import attncc
-from attncc import prebuilt
+from attncc import config, prebuilt
 from attncc.backends import cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,3 +385,57 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     assert cache.load(key, "k", root=tmp_path) is None
     monkeypatch.undo()
     assert cache.load_or_build(key, "k", lambda: files, root=tmp_path).built  # space freed
+
+
+# --- one canonical key, however the spec is spelt ---------------------------------------------
+
+SPELLINGS = textwrap.dedent("""
+    import attncc
+    both = attncc.Attention(mask=attncc.causal() & attncc.sliding_window(64))
+""")
+
+
+def kv_le_q(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def q_ge_kv(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def test_two_spellings_of_one_spec_build_once_and_serve_each_other_offline(tmp_path,
+                                                                          monkeypatch):
+    """`causal() & sliding_window(64)` and `sliding_window(64)` have one canonical key: a
+    manifest naming both builds one binary, and ATTNCC_OFFLINE=1 loads it for a third spelling
+    (`sliding_window(64) & causal()`) that no build named."""
+    root = tmp_path / "cache"
+    (tmp_path / "spellings.py").write_text(SPELLINGS)
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(
+        '[[kernel]]\nname = "window"\nmask = "sliding_window"\nmask_args = [64]\n'
+        'head_dims = [16]\n\n[[kernel]]\nname = "both"\nspec = "spellings:both"\n'
+        'head_dims = [16]\n')
+    run = attncc_cli("build", str(manifest), "--arch", "sm_90", root=root)
+    assert run.returncode == 0, run.stderr
+    assert summary(run.stdout) == {"built": 1, "cached": 0, "failed": 0, "bad": 0}
+    assert "kernel 'both' shares kernels with 'window' (same canonical spec)" in run.stderr
+    compiled = [e for e in cache.list_entries(root) if e.meta.get("kind") == "forward"]
+    assert len(compiled) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a compiler was called")
+
+    monkeypatch.setattr("attncc.backends.triton_aot.compile_spec", refuse)
+    with config.override(ATTNCC_CACHE_DIR=str(root), ATTNCC_OFFLINE="1"):
+        for mask in (attncc.sliding_window(64) & attncc.causal(),
+                     attncc.causal() & attncc.sliding_window(64), attncc.sliding_window(64)):
+            attn = attncc.compile(attncc.Attention(mask=mask))
+            art = attn.precompile("float16", 16, arch="sm_90")
+            assert art.cubin == prebuilt._artifact(compiled[0]).cubin
+    assert [e.meta.get("kind") for e in cache.list_entries(root)].count("forward") == 1
+
+
+def test_a_traced_mask_in_either_orientation_names_one_binary():
+    keys = {prebuilt.artifact_key(attncc.compile(fn).triton, "forward", 90, "float16", 16, 16)
+            for fn in (kv_le_q, q_ge_kv)}
+    assert len(keys) == 1

@@ -6,12 +6,15 @@ Layout under `root` (default `attncc.config.cache_dir()`):
         <file> ...                           whatever `build()` returned (source, cubin, ...)
         meta.json                            written last; see `_meta()` for the fields
     root/kernels/.tmp.<random>.<entry name>/ an entry being written (hidden, never loaded)
-    root/locks/<entry name>.lock             one file lock per entry
+    root/locks/<key[:16]>.lock               one file lock per key
 
 Protocol (Triton's cache manager, FlashInfer's `build_and_load`): look; lock; look again; build;
 write every file into a temporary directory next to the final one, `meta.json` last; rename the
 directory into place. An entry is valid only if `meta.json` parses, names the same full key and
 lists every file with its size and sha256; anything else is rebuilt under the lock, never loaded.
+An entry name that is a dangling symbolic link or a link loop is such a corrupt entry too.
+Entries whose files do not depend on their readable name (compiled kernels) are found by key
+(`any_name=True`): one key is stored once, whichever spelling of a spec built it first.
 
 The lock is a per-process `threading.Lock` (threads queue on it rather than poll) and then the
 file lock (processes). Looking takes no lock and writes nothing, so a read-only cache serves every
@@ -91,9 +94,15 @@ def entry_name(readable_name: str, key: str) -> str:
     return f"{readable_name}-{key[:16]}"
 
 
-def load(key: str, readable_name: str, *, root: Path | None = None) -> CacheEntry | None:
-    """The valid entry for `key`, or None when it is absent or corrupt (never raises on those)."""
-    entry, _ = _inspect(_kernels(root) / entry_name(readable_name, key), key, readable_name)
+def load(key: str, readable_name: str, *, root: Path | None = None,
+         any_name: bool = False) -> CacheEntry | None:
+    """The valid entry for `key`, or None when it is absent or corrupt (never raises on those).
+    With `any_name`, an entry of `key` stored under another readable name serves too (for
+    entries whose files do not depend on the name: one key, one entry, however it was spelt)."""
+    kernels = _kernels(root)
+    entry, _ = _inspect(kernels / entry_name(readable_name, key), key, readable_name)
+    if entry is None and any_name:
+        entry = _find_by_key(kernels, key)
     if entry is not None:
         stats.hits += 1
     return entry
@@ -106,11 +115,13 @@ def load_or_build(
     *,
     root: Path | None = None,
     extra_meta: dict | None = None,
+    any_name: bool = False,
 ) -> CacheEntry:
     """Load the entry for `key`, or call `build()` once (across processes) and store its files.
 
     `build` returns {file name: contents}; names are plain file names other than `meta.json`.
-    `extra_meta` (JSON-serialisable) is merged into `meta.json`.
+    `extra_meta` (JSON-serialisable) is merged into `meta.json`. With `any_name` (see `load`),
+    a valid entry of `key` under another readable name is loaded rather than built again.
     """
     name = entry_name(readable_name, key)
     extra = dict(extra_meta or {})
@@ -121,17 +132,21 @@ def load_or_build(
     path = kernels / name
 
     entry, _ = _inspect(path, key, readable_name)
+    if entry is None and any_name:
+        entry = _find_by_key(kernels, key)
     if entry is not None:  # the fast path takes no lock
         stats.hits += 1
         return entry
 
     with _entry_lock(kernels, name):
         entry, problem = _inspect(path, key, readable_name)
+        if entry is None and any_name:
+            entry = _find_by_key(kernels, key)
         if entry is not None:  # another process built it while we waited for the lock
             stats.hits += 1
             return entry
-        # Holding the lock, any temporary dir for this entry belongs to a writer that died.
-        _remove_temps(kernels, name)
+        # Holding the key's lock, any temporary dir for this key belongs to a writer that died.
+        _remove_temps(kernels, key)
         if problem is not None:
             warnings.warn(
                 f"attncc cache entry {path} is corrupt ({problem}); rebuilding it", stacklevel=2
@@ -160,6 +175,9 @@ def inspect_all(root: Path | None = None) -> list[tuple[Path, CacheEntry | None,
     found: list[tuple[Path, CacheEntry | None, str | None]] = []
     for path in sorted(kernels.iterdir()):
         if path.name.startswith("."):
+            continue
+        if not path.exists() and (broken := _broken_link(path)):
+            found.append((path, None, broken))
             continue
         try:
             meta = json.loads((path / META).read_text())
@@ -254,14 +272,18 @@ _thread_locks_guard = threading.Lock()
 
 @contextlib.contextmanager
 def _entry_lock(kernels: Path, name: str) -> Iterator[None]:
-    """Hold entry `name`'s lock: this process's threading.Lock for it, then its file lock."""
+    """Hold entry `name`'s lock: this process's threading.Lock for it, then its file lock.
+    The lock is its key's (`<key[:16]>.lock`), shared by every readable name of that key, so
+    that builders of one key under two names build it once (`any_name`)."""
+    lock_name = _key_part(name)
     with _thread_locks_guard:
-        thread_lock = _thread_locks.setdefault(str(kernels / name), threading.Lock())
+        thread_lock = _thread_locks.setdefault(str(kernels / lock_name), threading.Lock())
     with thread_lock:
+        _check_root(kernels)
         locks = kernels.parent / "locks"
         try:
             locks.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(locks / f"{name}.lock"))
+            lock = FileLock(str(locks / f"{lock_name}.lock"))
             lock.acquire()
         except OSError as e:
             raise CacheError(_why(f"cannot lock cache entry {name}", locks, e)) from e
@@ -297,7 +319,9 @@ def _kernels(root: Path | None) -> Path:
 def _inspect(path: Path, key: str, readable_name: str) -> tuple[CacheEntry | None, str | None]:
     """(entry, None) if valid, (None, None) if absent, (None, why) if corrupt."""
     if not path.exists():
-        return None, None
+        # exists() is False for a symlink that dangles or loops: that is a corrupt entry, which
+        # the caller replaces under the lock, not an absent one (renaming onto it fails)
+        return None, _broken_link(path)
     try:
         meta = json.loads((path / META).read_text())
         if not isinstance(meta, dict):
@@ -317,6 +341,43 @@ def _inspect(path: Path, key: str, readable_name: str) -> tuple[CacheEntry | Non
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"unreadable: {type(e).__name__}: {e}"
     return CacheEntry(path, {f: path / f for f in listed}, meta, built=False), None
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why `path`, which does not resolve, is a broken symbolic link; None if it is no link."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "a symbolic link loop"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+    return f"a dangling symbolic link to {os.readlink(path)}"
+
+
+def check_root(root: Path | None = None) -> None:
+    """Raise `CacheError` (one line: the path, what is wrong, what to do) if the cache directory
+    or a directory in it is a file, a dangling symbolic link or a link loop; an absent one is
+    fine (the first write creates it)."""
+    _check_root(_kernels(root))
+
+
+def _check_root(kernels: Path) -> None:
+    # mkdir would say only EEXIST or ENOTDIR, and a listing would look empty
+    for where in (kernels.parent, kernels, kernels.parent / "locks"):
+        if where.is_dir():
+            continue
+        if broken := _broken_link(where):
+            problem = f"is {broken}"
+            todo = "create the link's target or set ATTNCC_CACHE_DIR to a directory"
+        elif where.exists():
+            problem = "is not a directory"
+            todo = "remove it or set ATTNCC_CACHE_DIR to a directory"
+        else:
+            continue  # absent: created on the first write
+        raise CacheError(f"attncc cache: the cache directory {where} {problem}; {todo}")
 
 
 def _check_files(files: dict[str, bytes]) -> None:
@@ -379,9 +440,10 @@ def _publish(kernels: Path, name: str, files: dict[str, bytes], meta: dict) -> N
         for fname, data in files.items():
             _write_file(tmp / fname, data)
         _write_file(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
-        if final.exists():
-            # os.replace cannot overwrite a non-empty dir; move the stale one aside atomically
-            # so readers see the old entry or nothing, then the new one.
+        if final.exists() or final.is_symlink():
+            # os.replace cannot overwrite a non-empty dir (nor a dir a symlink, ENOTDIR); move
+            # the stale one aside atomically so readers see the old entry or nothing, then the
+            # new one.
             trash = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, suffix=f".{name}", dir=kernels))
             os.replace(final, trash / "stale")
             os.replace(tmp, final)
@@ -401,11 +463,32 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _remove_temps(kernels: Path, name: str) -> None:
+def _remove_temps(kernels: Path, key: str) -> None:
+    """Remove the temporary dirs of every entry of `key` (caller holds the key's lock)."""
     if kernels.is_dir():
         for path in kernels.iterdir():
-            if path.name.startswith(_TMP_PREFIX) and _temp_owner(path.name) == name:
+            if path.name.startswith(_TMP_PREFIX) and \
+                    _key_part(_temp_owner(path.name)) == key[:16]:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _key_part(name: str) -> str:
+    """The key prefix ending entry name `name` (`entry_name`), or the whole name when it has
+    none (a stray directory: it gets a lock of its own)."""
+    readable, sep, key16 = name.rpartition("-")
+    return key16 if sep and readable and _KEY_RE.fullmatch(key16) else name
+
+
+def _find_by_key(kernels: Path, key: str) -> CacheEntry | None:
+    """A valid entry of `key` under any readable name (the first in name order), else None."""
+    if not kernels.is_dir():
+        return None
+    for path in sorted(kernels.glob(f"*-{key[:16]}")):
+        if not path.name.startswith("."):
+            entry, _ = _inspect(path, key, path.name[: -len(key[:16]) - 1])
+            if entry is not None:
+                return entry
+    return None
 
 
 def _temp_owner(dirname: str) -> str:

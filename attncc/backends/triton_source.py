@@ -6,16 +6,27 @@ the cache and module plumbing, and derives from `GeneratedKernel` to read throug
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib.util
 import os
 import re
 import symtable
 import sys
+import threading
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
+
+from triton.runtime.interpreter import InterpretedFunction
 
 from attncc import config
 from attncc.backends import cache
+
+# Triton's CPU interpreter is not thread-safe: a launch swaps triton.language's functions for
+# interpreted ones process-wide and swaps them back when it ends, and keeps the grid position in
+# one global builder, so two threads launching at once break each other's kernels. Every
+# generated kernel module is loaded by `load_module`, which makes each interpreted kernel's launch
+# hold this lock; compiled (GPU) kernels are not InterpretedFunction and are left alone.
+_INTERPRETER_LAUNCH = threading.Lock()
 
 
 def load_module(path: str, name: str) -> ModuleType:
@@ -31,6 +42,9 @@ def load_module(path: str, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # triton reads the source back through the module
     spec.loader.exec_module(module)
+    for value in vars(module).values():
+        if isinstance(value, InterpretedFunction):  # only under TRITON_INTERPRET=1
+            _serialise_launches(value)
     return module
 
 
@@ -76,6 +90,18 @@ def _checked(build: Callable[[], dict[str, bytes]]) -> Callable[[], dict[str, by
                 check_source(data.decode(), fname)
         return files
     return checked_build
+def _serialise_launches(fn: InterpretedFunction) -> None:
+    """Make every launch of `fn` (`fn[grid](...)` ends in `fn.run`) hold the process-wide
+    interpreter lock. Calls of one jit function from another inside a kernel go through
+    `__call__`, within the launch that already holds it."""
+    run = fn.run
+
+    @functools.wraps(run)
+    def locked_run(*args: Any, **kwargs: Any) -> Any:
+        with _INTERPRETER_LAUNCH:
+            return run(*args, **kwargs)
+
+    fn.run = locked_run
 
 
 class CachedSource:

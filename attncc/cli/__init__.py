@@ -3,7 +3,7 @@
     attncc build MANIFEST [--arch sm_80,sm_90] [--jobs N] [--out DIR]   compile ahead of time
     attncc explain SPEC_OR_MANIFEST [--shape LQ,LK] [--png FILE] [--source]
     attncc cache ls|info|verify|clean [--older-than DAYS]
-    attncc bench MANIFEST                                                  (needs a CUDA GPU)
+    attncc bench MANIFEST [--smoke] [--only NAME] [--out DIR]    (a CUDA GPU, or --smoke: CPU)
 
 One module per command; each adds its parser and a `run(args) -> exit status`.
 """

@@ -95,26 +95,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
-    """Every kernel to build, and the number of entries that could not be compiled at all.
-    Plans are made here, in one thread: the worker threads only look them up."""
+    """Every kernel to build, once per key, and the number of entries that could not be compiled
+    at all. Plans are made here, in one thread: the worker threads only look them up."""
     from attncc import prebuilt
     from attncc.kernel import CompiledAttention
 
-    jobs, bad = [], 0
+    jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
+    bad = 0
     for entry in manifest.kernels:
         try:
             forward = CompiledAttention(entry.spec).triton
             if forward is None:
                 raise ValueError(f"memory {entry.spec.memory.text()!r} has no kernel yet")
-            for arch in entry.archs or archs:
-                for dtype in entry.dtypes:
-                    for dqk, dv in entry.head_dims:
-                        jobs += [Job(entry.name, target) for target in prebuilt.build_targets(
-                            forward, dtype, dqk, dv, arch, backward=entry.backward)]
+            targets = [target for arch in entry.archs or archs for dtype in entry.dtypes
+                       for dqk, dv in entry.head_dims for target in prebuilt.build_targets(
+                           forward, dtype, dqk, dv, arch, backward=entry.backward)]
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")
             bad += 1
-    return jobs, bad
+            continue
+        shared = sorted({jobs[t.key()].entry for t in targets if t.key() in jobs})
+        for target in targets:
+            jobs.setdefault(target.key(), Job(entry.name, target))
+        if shared:
+            print(f"attncc build: kernel {entry.name!r} shares kernels with "
+                  f"{', '.join(map(repr, shared))} (same canonical spec): built once",
+                  file=sys.stderr)
+    return list(jobs.values()), bad
 
 
 def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:

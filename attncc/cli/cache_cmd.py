@@ -7,6 +7,7 @@ target, dtype and head dims, made by `attncc build` or `precompile`; see `attncc
 from __future__ import annotations
 
 import argparse
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _root(args: argparse.Namespace) -> Path:
+    """The cache directory; `CacheError` (one line, exit status 1) when it is a file, a dangling
+    link or a link loop, rather than an empty listing."""
     from attncc import config
-    return Path(args.dir) if getattr(args, "dir", None) else config.cache_dir()
+    from attncc.backends import cache
+    root = Path(args.dir) if getattr(args, "dir", None) else config.cache_dir()
+    cache.check_root(root)
+    return root
 
 
 def _describe(entry) -> tuple[str, str]:
@@ -127,10 +133,12 @@ def _verify(args: argparse.Namespace) -> int:
 def _clean(args: argparse.Namespace) -> int:
     from attncc.backends import cache
 
-    root = _root(args)
-    if args.older_than is not None and args.older_than < 0:
-        error("cache clean", f"--older-than: expected DAYS >= 0, got {args.older_than}")
+    if args.older_than is not None and not (math.isfinite(args.older_than)
+                                            and args.older_than >= 0):
+        error("cache clean", f"--older-than: expected a finite number of DAYS >= 0, got "
+                             f"{args.older_than}")
         return 2
+    root = _root(args)
     before = cache.dir_size(root / "kernels")
     older = None if args.older_than is None else args.older_than * 86400
     removed = cache.clear(root, older_than=older)

@@ -1,11 +1,11 @@
 """`attncc explain SPEC_OR_MANIFEST`: what a spec compiles to.
 
-SPEC_OR_MANIFEST is a manifest (`*.toml`: every entry), an import path (`mymodel.attn:spec`) or a
-catalogue mask call (`causal`, `"sliding_window(4096)"`, with `--score "softcap(50.0)"` and
-`--reorder "hilbert((64, 64))"`). For each spec: `attncc.explain` (the IR after each pass, tile
-classes and tile source, the token-order cost table, the tile map for `--shape` or the entry's
-first shape), the tiles chosen per (dtype, head dims, target), and with `--source` the Triton
-source.
+SPEC_OR_MANIFEST is a manifest (`*.toml`: every entry), an import path (`mymodel.attn:spec`) or
+catalogue mask calls combined with &, | and ~ (`causal`, `"causal() & sliding_window(4096)"`,
+with `--score "softcap(50.0)"` and `--reorder "hilbert((64, 64))"`). For each spec:
+`attncc.explain` (the IR after each pass, tile classes and tile source, the token-order cost
+table, the tile map for `--shape` or the entry's first shape), the tiles chosen per (dtype, head
+dims, target), and with `--source` the Triton source.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "a spec or of every manifest entry",
                        description=__doc__.split("\n\n", 1)[1].replace("\n", " "))
     p.add_argument("spec", metavar="SPEC_OR_MANIFEST",
-                   help="manifest.toml, module:attribute, or a catalogue mask call")
+                   help='manifest.toml, module:attribute, or catalogue mask calls '
+                        'combined with &, |, ~, e.g. "causal() & sliding_window(1024)"')
     p.add_argument("--score", help='catalogue score mod call, e.g. "softcap(50.0)"')
     p.add_argument("--reorder", help='catalogue reorder call, e.g. "hilbert((64, 64))" or auto')
     p.add_argument("--shape", metavar="LQ,LK", help="draw the tile map for these lengths")
@@ -123,39 +124,65 @@ def _pair(option: str, text: str) -> tuple[int, int]:
 
 
 def _spec(args: argparse.Namespace):
-    from attncc.manifest import spec_from_fields
+    from attncc.api import Attention
+    from attncc.manifest import import_spec
 
     if ":" in args.spec:
         if args.score or args.reorder:
             raise ValueError("--score/--reorder go with a catalogue mask, not an import path")
-        return spec_from_fields({"spec": args.spec})
-    fields: dict[str, Any] = {}
-    for kind, text in (("mask", args.spec), ("score", args.score), ("reorder", args.reorder)):
-        if text:
-            fields[kind], fields[f"{kind}_args"] = _call(kind, text)
-    return spec_from_fields(fields)
+        return import_spec(args.spec)
+    parts = {kind: _expression(option, kind, text) for kind, option, text in (
+        ("mask", "SPEC", args.spec), ("score", "--score", args.score),
+        ("reorder", "--reorder", args.reorder)) if text}
+    return Attention(**parts)
 
 
-def _call(kind: str, text: str) -> tuple[str, Any]:
-    """`"sliding_window(4096)"` -> ("sliding_window", [4096]); literal arguments only."""
+EXAMPLES = {"mask": '"causal() & sliding_window(1024)"', "score": '"softcap(50.0)"',
+            "reorder": '"hilbert((64, 64))"'}
+
+
+def _expression(option: str, kind: str, text: str) -> Any:
+    """A catalogue call, or for masks calls combined with `&`, `|`, `~` and parentheses:
+    `"causal() & sliding_window(1024)"`; literal arguments only (nothing is executed). A bare
+    name is a call without arguments. ValueError naming `option` otherwise."""
     try:
-        node = ast.parse(text.strip(), mode="eval").body
-        if isinstance(node, ast.Name):
-            return node.id, {}
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-            if args and kwargs:
-                raise ValueError("mix of positional and keyword arguments")
-            return node.func.id, _lists(args) if args else _lists(kwargs)
-        raise ValueError("not a call")
-    except (SyntaxError, ValueError) as e:
-        raise ValueError(f"{kind}: expected a catalogue call like name(1, 2) or name(a=1), "
-                         f"got {text!r} ({e})") from None
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"{option}: not an expression: {text!r} ({e.msg})") from None
+    return _evaluate(option, kind, tree, text)
+
+
+def _evaluate(option: str, kind: str, node: ast.AST, text: str) -> Any:
+    from attncc.manifest import CatalogueError, call_catalogue
+
+    if kind == "mask" and isinstance(node, ast.BinOp) and isinstance(node.op,
+                                                                    (ast.BitAnd, ast.BitOr)):
+        left, right = (_evaluate(option, kind, n, text) for n in (node.left, node.right))
+        return left & right if isinstance(node.op, ast.BitAnd) else left | right
+    if kind == "mask" and isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
+        return ~_evaluate(option, kind, node.operand, text)
+    if isinstance(node, ast.Name):
+        name, args, kwargs = node.id, [], {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        try:
+            args = [_lists(ast.literal_eval(a)) for a in node.args]
+            kwargs = {k.arg: _lists(ast.literal_eval(k.value)) for k in node.keywords}
+        except ValueError:
+            raise ValueError(f"{option}: {node.func.id}(): arguments must be literals (numbers, "
+                             f"strings, lists), got {text!r}") from None
+        name = node.func.id
+    else:
+        combine = " combined with &, | and ~" if kind == "mask" else ""
+        raise ValueError(f"{option}: expected catalogue {kind} calls{combine}, like "
+                         f"{EXAMPLES[kind]}, got {text!r}")
+    try:
+        return call_catalogue(kind, name, args, kwargs)
+    except CatalogueError as e:
+        raise ValueError(f"{option}: {e}") from None
 
 
 def _lists(value: Any) -> Any:
-    # manifest arguments come from TOML, where sequences are lists
+    # the catalogue converts arrays as the manifest's TOML gives them: as lists
     if isinstance(value, dict):
         return {k: _lists(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

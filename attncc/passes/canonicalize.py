@@ -3,7 +3,10 @@
 Requires: a verified spec.
 Ensures: the mask means the same; `Abs` bounds are split into two relations, and every relation
 that is linear in `kv_idx` (or in `floor(kv_idx / c)`, c > 0) reads `kv_idx <= bound` or
-`kv_idx >= bound` with an integer bound free of `kv_idx`. Rules are a table run to a fixed point.
+`kv_idx >= bound` with an integer bound free of `kv_idx`; every other relation faces one way
+(`a >= b` reads `b <= a`, `a > b` reads `b < a`; `==` and `!=` put their sides in sympy's sort
+order), so spellings of one mask get one canonical text and one key. Rules are a table run to a
+fixed point.
 """
 
 from __future__ import annotations
@@ -83,9 +86,27 @@ def _bound(term: sympy.Basic, bound: sympy.Basic, upper: bool, strict: bool) -> 
     return sympy.Le(KV_IDX, bound) if upper else sympy.Ge(KV_IDX, bound)
 
 
+def _orient(atom: sympy.Basic) -> sympy.Basic | None:
+    """`a >= b` -> `b <= a`, `a > b` -> `b < a`; `b == a` -> `a == b` (and `!=`) when `a` sorts
+    first. sympy keeps the orientation it was given (`q_idx >= h` and `h <= q_idx` are
+    different trees), so without this two spellings of one mask get two keys. The `kv_idx`
+    bounds solve-for-kv makes (`kv_idx >= bound`) are the form the tile classifier reads: kept.
+    """
+    if atom.lhs == KV_IDX and isinstance(atom, sympy.Ge) and not atom.rhs.has(KV_IDX):
+        return None
+    if isinstance(atom, (sympy.Ge, sympy.Gt)):
+        return {sympy.Ge: sympy.Le, sympy.Gt: sympy.Lt}[type(atom)](atom.rhs, atom.lhs)
+    if isinstance(atom, (sympy.Eq, sympy.Ne)):
+        lhs, rhs = sorted(atom.args, key=sympy.default_sort_key)
+        if (lhs, rhs) != tuple(atom.args):
+            return type(atom)(lhs, rhs, evaluate=False)
+    return None
+
+
 RULES: tuple[tuple[str, Rule], ...] = (
     ("split-abs", _split_abs),
     ("solve-for-kv", _solve_for_kv),
+    ("orient", _orient),
 )
 
 
