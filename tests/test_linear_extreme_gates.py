@@ -6,6 +6,7 @@ gives (the fp64 `recurrent_reference`, where e^-inf = 0), in the chunked, recurr
 forms. Non-finite inputs: a NaN or inf at token t must leave every output before t exactly as
 the reference on the prefix gives it (finite), must not leak into another packed sequence, and
 later outputs must be non-finite exactly where the reference's are (and close elsewhere).
+The backward kernel with extreme gates: finite and close wherever the recurrence's gradient is.
 
 Chunk 16 under the interpreter, L = 40: three chunks, the last one partial. Tolerances (max
 error relative to max(reference max magnitude, 1)): fp32 1e-4, fp16 2e-2 (q, k, v rounded to
@@ -19,10 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from attncc.backends.reference_linear import recurrent_reference
+from attncc.backends.reference_linear_chunked import chunked_reference
 from attncc.backends.reference_linear_varlen import varlen_reference
 from attncc.backends.triton_linear import TritonRecurrentLinear
 from attncc.backends.triton_linear_chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
+from tests.test_linear_backward import NODES as BNODES
+from tests.test_linear_backward import kernel as bkernel
+from tests.test_linear_backward import make_inputs, oracle
 
 NODES = {
     "linear": LinearState("linear"),
@@ -211,3 +216,41 @@ def test_non_finite_gate_is_rejected(device):
         x["g"][0, 0, 5] = value
         with pytest.raises(ValueError, match=r"^g: expected all entries <= 0"):
             kernel("scalar_gate", "chunked")(**to(x, device, torch.float32))
+
+
+BACKWARD = {"scalar_gate": "L3", "vector_gate": "L4", "gated_delta": "L6"}
+
+
+@pytest.mark.parametrize("token,value", [(0, float("-inf")), (16, float("-inf")), (7, -1e9)],
+                         ids=["t0_-inf", "t16_-inf", "t7_-1e9"])
+@pytest.mark.parametrize("name", GATED)
+def test_extreme_gate_gradients(name, token, value, device):
+    # the backward kernel (reverse-time recurrent form) against autograd through the fp64 spec
+    # loop: finite, and close, wherever the recurrence's gradient is
+    node = BNODES[BACKWARD[name]]
+    x, do, ds = make_inputs(node, 1, 2, 33, DK, DV, initial=True)
+    set_gate(name, x["g"], token, value)
+    on = {n: t.to(device) for n, t in x.items()}
+    got = bkernel(BACKWARD[name])(on.pop("q"), on.pop("k"), on.pop("v"), do.to(device), **on,
+                                  d_final_state=ds.to(device))
+    want = oracle(node, x, do, ds)
+    for n in x:
+        assert torch.isfinite(want[n]).all()
+        assert_near(got[n], want[n], 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("token,value", GATE_CASES, ids=[f"t{t}_{v:g}" for t, v in GATE_CASES])
+@pytest.mark.parametrize("name", GATED)
+def test_chunked_reference_on_extreme_gates(name, token, value, dtype):
+    # the PyTorch chunked maths (attncc.backends.reference_linear_chunked) as well
+    x = inputs(name, (1, 2, L))
+    set_gate(name, x["g"], token, value)
+    x = {n: t.to(dtype) for n, t in x.items()}
+    rest = {n: t for n, t in x.items() if n not in "qkv"}
+    o, s = chunked_reference(x["q"], x["k"], x["v"], NODES[name], chunk=CHUNK,
+                             output_final_state=True, **rest)
+    ro, rs = reference(name, x, None)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert_near(o, ro, tol)
+    assert_near(s, rs, tol)

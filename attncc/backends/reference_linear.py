@@ -3,7 +3,9 @@
 Shapes: q, k [B, H, L, Dk]; v [B, H, L, Dv]; o [B, H, L, Dv]; state [B, H, F, Dv'] with
 F = node.feature_dim(Dk) and Dv' = node.state_dv(Dv) (Dv + 1 when normalising: the last column
 is z). Per-token inputs: g [B, H, L] (L3, L6) or [B, H, L, Dk] (L4), all entries <= 0;
-beta [B, H, L] (L5, L6).
+beta [B, H, L] (L5, L6). A gate may be -inf (a full forget: e^g = 0 wipes the state); NaN and
++inf gates are rejected. Every other input may hold NaN or inf: the loop carries them forward
+only, so token t's outputs never depend on a later token (the kernels keep to this too).
 
 Output: o_t = scale * S_t^T phi(q_t), read AFTER token t has updated the state (inclusive);
 scale defaults to 1/sqrt(Dk) with Dk the head dim of q as given (before phi, CATALOG 0).
