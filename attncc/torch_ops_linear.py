@@ -27,8 +27,8 @@ import torch
 from attncc import config
 from attncc.backends.reference_linear import check_devices
 from attncc.op_registry import OpRegistry
-from attncc.validate import check_scale
 from attncc.torch_ops import _autograd_dispatch
+from attncc.validate import check_scale
 
 if TYPE_CHECKING:
     from attncc.linear_attention import CompiledLinearAttention
