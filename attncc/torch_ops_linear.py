@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from attncc import config
+from attncc.backends.reference_linear import check_devices
 from attncc.op_registry import OpRegistry
 from attncc.torch_ops import _autograd_dispatch
+from attncc.validate import check_scale
 
 if TYPE_CHECKING:
     from attncc.linear_attention import CompiledLinearAttention
@@ -55,6 +57,7 @@ def scale_tensor(scale: float | Tensor | None) -> Tensor | None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a number, a one-element CPU tensor or None, "
                         f"got {type(scale).__name__}")
+    check_scale(scale)
     return torch.tensor(float(scale), dtype=torch.float64)
 
 
@@ -63,6 +66,8 @@ def linear(attn: CompiledLinearAttention, q: Tensor, k: Tensor, v: Tensor, g: Te
            scale: float | Tensor | None, return_state: bool, backend: str
            ) -> tuple[Tensor, Tensor]:
     """Call `attncc::linear_fwd` for `attn` (eagerly: `attn` itself, not the registry's)."""
+    check_devices(q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
+                  cu_seqlens=cu_seqlens)
     args = (attn.key, q, k, v, g, beta, initial_state, cu_seqlens, scale_tensor(scale),
             return_state, backend)
     if torch.compiler.is_compiling():  # the graph names the kernel by its key

@@ -37,9 +37,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), "
-                             f"got {t.device}")
+        check_device(name, t, q.device)
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"{name}: expected batch size {q.shape[0]} (as q), got {t.shape[0]}")
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
@@ -55,6 +53,17 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, d in (("q", q.shape[3]), ("v", v.shape[3])):
         if not 1 <= d <= MAX_HEAD_DIM:
             raise ValueError(f"{name}: expected a head dim between 1 and {MAX_HEAD_DIM}, got {d}")
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    """`t` holds data (a meta tensor has none: a kernel would read garbage) and, when `device`
+    is given, lives on it (the device of q)."""
+    if t.device.type == "meta":
+        where = ("a cpu or cuda device" if device is None or device.type == "meta"
+                 else f"device {device} (the device of q)")
+        raise ValueError(f"{name}: expected a tensor with data on {where}, got a meta tensor")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of q), got {t.device}")
 
 
 def check_scale(scale: Any) -> None:

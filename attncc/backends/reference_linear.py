@@ -3,7 +3,9 @@
 Shapes: q, k [B, H, L, Dk]; v [B, H, L, Dv]; o [B, H, L, Dv]; state [B, H, F, Dv'] with
 F = node.feature_dim(Dk) and Dv' = node.state_dv(Dv) (Dv + 1 when normalising: the last column
 is z). Per-token inputs: g [B, H, L] (L3, L6) or [B, H, L, Dk] (L4), all entries <= 0;
-beta [B, H, L] (L5, L6).
+beta [B, H, L] (L5, L6). A gate may be -inf (a full forget: e^g = 0 wipes the state); NaN and
++inf gates are rejected. Every other input may hold NaN or inf: the loop carries them forward
+only, so token t's outputs never depend on a later token (the kernels keep to this too).
 
 Output: o_t = scale * S_t^T phi(q_t), read AFTER token t has updated the state (inclusive);
 scale defaults to 1/sqrt(Dk) with Dk the head dim of q as given (before phi, CATALOG 0).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attncc.ir.linear import Hybrid, LinearState
+from attncc.validate import check_device, check_scale
 
 
 def feature_map(x: Tensor, name: str) -> Tensor:
@@ -69,6 +72,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
             got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name}: expected a floating-point tensor [B, H, L, D], got {got}")
+    check_device("q", q)
+    check_device("k", k, q.device)
+    check_device("v", v, q.device)
     B, H, L, Dk = q.shape
     if _shape(k) != [B, H, L, Dk]:
         raise ValueError(f"k: expected shape [B, H, L, Dk] = {[B, H, L, Dk]}, got {_shape(k)}")
@@ -82,6 +88,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
         shape, what = ([B, H, L, Dk], "[B, H, L, Dk]") if rule == "vector_gate" else (
             [B, H, L], "[B, H, L]")
         _check_tensor("g", g, shape, what)
+        check_device("g", g, q.device)
         if not bool((g <= 0).all()):
             raise ValueError(f"g: expected all entries <= 0 (log of a decay) for rule {rule!r}, "
                              f"got max {g.max().item()}")
@@ -89,6 +96,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
         raise ValueError(f"g: expected None for rule {rule!r} (it reads no gate), got a tensor")
     if rule in ("delta", "gated_delta"):
         _check_tensor("beta", beta, [B, H, L], "[B, H, L]")
+        check_device("beta", beta, q.device)
     elif beta is not None:
         raise ValueError(f"beta: expected None for rule {rule!r} (it reads no beta), got a tensor")
     if isinstance(node.decay, tuple) and len(node.decay) != H:
@@ -97,6 +105,20 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
     if initial_state is not None:
         shape = [B, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]
         _check_tensor(state_name, initial_state, shape, "[B, H, F, Dv']")
+        check_device(state_name, initial_state, q.device)
+
+
+def check_devices(q: Tensor, **tensors: Tensor | None) -> None:
+    """q holds data (not a meta tensor) and every other tensor given lives on q's device
+    (`cu_seqlens` may also be on the CPU: the kernels copy it). A custom op sends meta inputs to
+    its shape-only implementation, so the caller checks before calling it."""
+    if not isinstance(q, Tensor):
+        return  # check_inputs reports it
+    check_device("q", q)
+    for name, x in tensors.items():
+        if isinstance(x, Tensor):
+            cpu_ok = name == "cu_seqlens" and x.device.type == "cpu"
+            check_device(name, x, None if cpu_ok else q.device)
 
 
 @dataclass
@@ -116,6 +138,7 @@ class Prepared:
 def prepare(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
             beta: Tensor | None, scale: float | None, initial_state: Tensor | None) -> Prepared:
     """Cast to the compute dtype, apply phi, augment v with ones when normalising."""
+    check_scale(scale)
     ct = compute_dtype(q.dtype)
     B, H, L, Dk = q.shape
     qf = feature_map(q.to(ct), node.feature_map)

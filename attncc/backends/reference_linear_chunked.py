@@ -17,7 +17,9 @@ L5-L6 (delta rule via the UT transform, as in flash-linear-attention's naive chu
   triangular solve per chunk), and
     o_t   = e^{b_t} S^T q_t + sum_{s <= t} e^{b_t - b_s} (q_t . k_s) u_s
     S_new = e^{b_C} S + sum_s e^{b_C - b_s} k_s u_s^T.
-Decay exponents are masked to -inf before exp, so nothing here ever computes e^{-b}.
+Decay exponents are masked to -inf before exp, so nothing here ever computes e^{-b}. The gates
+are summed clamped at -GATE_FLOOR (per compute dtype), below which e^g is exactly 0: a -inf gate
+(a full forget) never meets another in (-inf) - (-inf), and every factor across it stays 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from torch import Tensor
 
 from attncc.backends.reference_linear import Prepared, check_inputs, finish, prepare
 from attncc.ir.linear import LinearState
+
+
+# e^-128 and e^-1024 round to 0 in fp32 and fp64, and clamped sums stay small enough that the
+# differences b_t - b_s of small gates keep their precision
+GATE_FLOOR = {torch.float32: 128.0, torch.float64: 1024.0}
 
 
 def _log_decay(p: Prepared, rule: str) -> Tensor | None:
@@ -111,7 +118,8 @@ def chunked_reference(
         if log_decay is None:
             b = qc.new_zeros(*qc.shape[:3], 1)
         else:
-            b = torch.cumsum(log_decay[:, :, sl], dim=2)
+            floor = GATE_FLOOR[log_decay.dtype]
+            b = torch.cumsum(log_decay[:, :, sl].clamp(min=-floor), dim=2)
         if rule in ("delta", "gated_delta"):
             o[:, :, sl], S = _delta_chunk(S, qc, kc, vc, b[..., 0], p.beta[:, :, sl])
             continue

@@ -15,15 +15,19 @@ from torch import Tensor
 
 from attncc.backends.reference_linear import _check_tensor, check_inputs, recurrent_reference
 from attncc.ir.linear import LinearState
+from attncc.validate import check_device
 
 
-def check_cu_seqlens(cu_seqlens: object, total: int) -> int:
-    """Raise ValueError unless `cu_seqlens` is a valid int [N + 1] ending at `total`; return N."""
+def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device | None = None) -> int:
+    """Raise ValueError unless `cu_seqlens` is a valid int [N + 1] ending at `total`, on the CPU
+    or on `device` (the device of q; the kernels copy it there); return N."""
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
             or cu_seqlens.dtype not in (torch.int32, torch.int64):
         got = (f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor)
                else type(cu_seqlens).__name__)
         raise ValueError(f"cu_seqlens: expected an int32 or int64 tensor [N + 1], got {got}")
+    check_device("cu_seqlens", cu_seqlens,
+                 None if device is None or cu_seqlens.device.type == "cpu" else device)
     cu = cu_seqlens.cpu()
     if cu[0].item() != 0 or cu[-1].item() != total or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens: expected 0 = cu[0] <= cu[1] <= ... <= cu[N] = T = {total} "
@@ -63,7 +67,8 @@ def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
             got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name}: expected a packed tensor [T, H, D] with cu_seqlens, "
                              f"got {got}")
-    n = check_cu_seqlens(cu_seqlens, q.shape[0])
+    check_device("q", q)
+    n = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     _check_packed_shapes(q, k, v, node, g, beta)
     qv, kv, vv, gv, bv = _bhl(q), _bhl(k), _bhl(v), _bhl(g), _bhl(beta)
     check_inputs(qv, kv, vv, node, gv, bv, None)  # dtypes, gate signs, decays
@@ -71,6 +76,7 @@ def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
         _, H, Dk = q.shape
         shape = [n, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]
         _check_tensor("initial_state", initial_state, shape, "[N, H, F, Dv']")
+        check_device("initial_state", initial_state, q.device)
     return qv, kv, vv, gv, bv, n
 
 

@@ -79,7 +79,13 @@ _LOAD_G = ("g_c = tl.load(g_base + rows * stride_gl, mask=mask_t, other=0.0)"
            ".to(tl.float32)")
 _LOAD_G_VEC = ("g_c = tl.load(g_base + rows[:, None] * stride_gl + offs_k[None, :] * stride_gd, "
                "mask=mask_q, other=0.0).to(tl.float32)")
-_CUMSUM = "b = tl.cumsum(g_c, 0)  # inclusive: token i has decayed by its own gate"
+# Gates are summed clamped at -GATE_FLOOR: e^{-128} is 0 in fp32, so every decay factor across
+# a clamped gate is still exactly 0 (as the recurrence's e^g S is in fp32), a -inf gate never
+# meets another in (-inf) - (-inf) = NaN, and a huge one (-1e9) cannot swamp the small gates
+# after it in the fp32 sums (the differences b_i - b_j stay within |b| <= CHUNK * GATE_FLOOR)
+GATE_FLOOR = 128.0
+_CUMSUM = (f"b = tl.cumsum(tl.maximum(g_c, -{GATE_FLOOR}), 0)  # inclusive: token i has "
+           "decayed by its own gate")
 _GATE = {"linear": "none", "decay": "scalar", "scalar_gate": "scalar", "vector_gate": "vector",
          "delta": "none", "gated_delta": "scalar"}
 

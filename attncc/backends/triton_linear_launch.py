@@ -19,6 +19,7 @@ from torch import Tensor
 from attncc.backends.reference_linear import check_inputs
 from attncc.backends.reference_linear_varlen import varlen_views
 from attncc.ir.linear import LinearState
+from attncc.validate import check_scale
 
 
 @dataclass
@@ -41,6 +42,7 @@ def prepare_launch(node: LinearState, q: Tensor, k: Tensor, v: Tensor, g: Tensor
                    beta: Tensor | None, scale: float | None, initial_state: Tensor | None,
                    return_state: bool, cu_seqlens: Tensor | None) -> LinearLaunch:
     """Check the inputs (ValueError before any launch) and lay out the kernel arguments."""
+    check_scale(scale)
     varlen = cu_seqlens is not None
     if varlen:
         qv, kv, vv, gv, bv, nb = varlen_views(q, k, v, node, g, beta, initial_state, cu_seqlens)
