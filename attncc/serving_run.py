@@ -115,6 +115,9 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
             raise ValueError(f"kv_layout: expected 'nhd' or 'hnd', got {kv_layout!r}")
         P = mem.page_size if isinstance(mem, PagedMemory) else k.shape[1 if kv_layout == "nhd"
                                                                           else 2]
+        if P < 1:  # K5 compact: the page size comes from the cache's shape
+            raise ValueError(f"k_cache: expected pages of page_size >= 1 tokens, got {P} "
+                             f"({list(k.shape)}, kv_layout {kv_layout!r})")
         shape = [None, P, Hc] if kv_layout == "nhd" else [None, Hc, P]
         what = "[num_pages, page_size, Hkv, D]" if kv_layout == "nhd" else \
             "[num_pages, Hkv, page_size, D]"
