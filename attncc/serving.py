@@ -240,7 +240,11 @@ class ServingAttention:
         int32[Hkv] or [Hq]; K5 compact (`per_head_lengths(sink, window)`): k/v hold the full heads
         only ([B, Hkv_full, Lk, D] or paged), k_stream/v_stream [B, Hkv_stream, sink + R, D]
         (see `attncc.serving_stream`). Returns plan.o (and plan.lse when planned with
-        return_lse). Under torch.compile / torch.export this is the op `attncc::serve_run`
+        return_lse). A page id outside [0, num_pages), a length outside [0, capacity], or
+        offsets that are not the planned ones (cu_seqlens_q) or not nondecreasing from 0 to
+        total_k (cu_seqlens_k) are never read out of range and raise: a ValueError on the CPU,
+        a device-side assert at the next sync on CUDA (`attncc.serving_checks`).
+        Under torch.compile / torch.export this is the op `attncc::serve_run`
         (`attncc.torch_ops_serving`); eagerly the same implementation runs without the
         dispatcher."""
         inputs = {"page_table": page_table, "kv_len": kv_len, "cu_seqlens_q": cu_seqlens_q,

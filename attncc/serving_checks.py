@@ -141,9 +141,9 @@ def _raise(err: Tensor, bounds: dict[str, Any]) -> None:
         msg = (f"cu_seqlens_k[{i}]: expected nondecreasing offsets from 0 to total_k = {cap} "
                f"(k.shape[0]), got {value} at index {i}")
     elif code == ERR_CU_Q:
-        msg = (f"cu_seqlens_q[{i}]: expected the offsets the plan was made for, "
-               f"{bounds['q_offsets'].tolist()}, got {value} at index {i} (plan again for new query "
-               f"lengths)")
+        planned = bounds["q_offsets"].tolist()
+        msg = (f"cu_seqlens_q[{i}]: expected the offsets the plan was made for, {planned}, got "
+               f"{value} at index {i} (plan again for new query lengths)")
     else:
         msg = f"head_kv_len[{i}]: expected 0 <= head_kv_len <= {what} = {cap}, got {value}"
     raise ValueError(msg) from None
