@@ -101,12 +101,12 @@ def check_plan_arguments(*, batch: Any, num_heads: Any, num_kv_heads: Any, head_
 # The serving kernel's error record int32[5]: ok (1: no error), code, i, j, value.
 ERR_PAGE, ERR_KV_LEN, ERR_CU_K, ERR_CU_Q, ERR_HEAD_LEN = 1, 2, 3, 4, 5
 CLEAN = (1, 0, 0, 0, 0)
+# torch copies the message into the CUDA assert kernel's arguments: at most 254 characters
+# (longer ones raise at once on CUDA: ATen/native/cuda/TensorCompare.cu, MAX_MSG_LENGTH 256)
 ASYNC_MESSAGE = (
-    "attncc serving run: an index input was out of range: a page_table id outside "
-    "[0, num_pages), kv_len outside [0, capacity], head_kv_len outside [0, Lk], cu_seqlens_k "
-    "not nondecreasing from 0 to total_k, or cu_seqlens_q not the offsets the plan was made "
-    "for (the kernel read nothing out of range); rerun with ATTNCC_DEBUG=1, or on the CPU, "
-    "for the argument and value")
+    "attncc serving run: an index input is out of range (a page_table id, kv_len, head_kv_len, "
+    "cu_seqlens_k, or cu_seqlens_q not the planned offsets); nothing was read out of range. "
+    "Rerun with ATTNCC_DEBUG=1 for the argument and value")
 
 
 def error_record(device: torch.device) -> Tensor:

@@ -20,6 +20,7 @@ from attncc import config
 from attncc.backends.reference_memory import paged_reference, ragged_reference
 from attncc.ir.nodes import DenseMemory
 from attncc.serving import ServingAttention
+from attncc.serving_checks import ASYNC_MESSAGE
 from tests.test_serving_paged import HKV, HQ, close, cpu64, paged_inputs
 
 F32 = torch.float32
@@ -225,3 +226,11 @@ def test_compact_paged_cache_with_page_size_zero():
                  page_table=torch.zeros(1, 2, dtype=torch.int32),
                  kv_len=torch.tensor([3], dtype=torch.int32), k_stream=_randn(1, 1, 5, D),
                  v_stream=_randn(1, 1, 5, D))
+
+
+def test_the_async_assert_message_fits_the_cuda_assert():
+    """torch copies the message into its CUDA assert kernel and refuses one of 255 characters
+    or more, at once, on every run: the message must stay short."""
+    assert len(ASYNC_MESSAGE) < 255
+    with pytest.raises(RuntimeError, match="^attncc serving run: an index input is out of range"):
+        torch._assert_async(torch.tensor([0], dtype=torch.int32), ASYNC_MESSAGE)
