@@ -12,8 +12,8 @@ plan splits); it allocates nothing, makes no decision from device data and never
 so a decode step can be captured in a CUDA graph and replayed with new page tables and lengths
 up to the planned capacity (the kernel reads kv_len at run time). Its outputs are the plan's
 buffers, overwritten by the next run. Index values are always checked, without a sync: the
-kernel never reads out of range whatever the page ids, lengths and offsets, and reports the
-first bad one through `torch._assert_async` (see `attncc.serving_checks`).
+kernel never reads out of range whatever the page ids, lengths and offsets, and reports a
+bad one through `torch._assert_async` (see `attncc.serving_checks`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ServePlan:
     head_map: Tensor | None = None  # K5 compact: int32[Hkv], full index or -1 - compact index
     key: str = ""  # the name attncc::serve_run finds this plan by (`torch_ops_serving`)
     cu_q: Tensor | None = None  # ragged: int32[B + 1], the query offsets the work list is for
-    # int32[5] the kernel's index-error record (`attncc.serving_checks`); err_ok = err[:1]
+    # int64[6] the kernel's index-error record (`attncc.serving_checks`); err_ok = err[:1]
     err: Tensor | None = field(default=None, repr=False)
     err_ok: Tensor | None = field(default=None, repr=False)
 

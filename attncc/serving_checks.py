@@ -4,8 +4,9 @@
 `check_plan_arguments` and `check_cu_seqlens` run in `plan`, on the host (`plan` reads the
 query offsets anyway to build its work list). Index VALUES given to `run` (page ids, kv_len,
 head_kv_len, cu_seqlens_k, and cu_seqlens_q against the planned offsets) are checked by the
-serving kernel itself, with no sync: it clamps them so that it never reads out of range, and
-writes the first bad value to the plan's error record `ServePlan.err`; `raise_index_errors`
+serving kernel itself, with no sync: it clamps them so that it never reads out of range (a
+bad page id is clamped into [0, num_pages), a length into [0, capacity]), and writes where a
+bad value is to the plan's error record `ServePlan.err`; `raise_index_errors`
 then asserts on the record with `torch._assert_async` (on a CPU tensor it raises at once and
 becomes the detailed ValueError below; on CUDA it fails at the next sync). With
 ATTNCC_DEBUG=1 `run` reads the record instead (a sync) and raises the detailed ValueError on
@@ -98,9 +99,10 @@ def check_plan_arguments(*, batch: Any, num_heads: Any, num_kv_heads: Any, head_
                          f"TRITON_INTERPRET=1")
 
 
-# The serving kernel's error record int32[5]: ok (1: no error), code, i, j, value.
+# The serving kernel's error record int64[6]: [0] ok (1: no error), [code] where a bad value is
+# (-1: none); the host reads the value itself from the input, only to report an error.
 ERR_PAGE, ERR_KV_LEN, ERR_CU_K, ERR_CU_Q, ERR_HEAD_LEN = 1, 2, 3, 4, 5
-CLEAN = (1, 0, 0, 0, 0)
+CLEAN = (1, -1, -1, -1, -1, -1)
 # torch copies the message into the CUDA assert kernel's arguments: at most 254 characters
 # (longer ones raise at once on CUDA: ATen/native/cuda/TensorCompare.cu, MAX_MSG_LENGTH 256)
 ASYNC_MESSAGE = (
@@ -110,40 +112,48 @@ ASYNC_MESSAGE = (
 
 
 def error_record(device: torch.device) -> Tensor:
-    return torch.tensor(CLEAN, dtype=torch.int32, device=device)
+    return torch.tensor(CLEAN, dtype=torch.int64, device=device)
 
 
-def raise_index_errors(err: Tensor, ok: Tensor, bounds: dict[str, Any]) -> None:
-    """After a launch: raise when the kernel wrote an index error into `err` (`ok` = err[:1],
-    a view made once). No sync unless ATTNCC_DEBUG=1 or on the CPU. `bounds`: num_pages,
-    kv_cap, cap_what (what kv_cap is), q_offsets (the planned cu_seqlens_q tensor, read only
-    to report an error)."""
+def raise_index_errors(err: Tensor, ok: Tensor, inputs: dict[str, Any]) -> None:
+    """After a launch: raise when the kernel flagged an index value in `err` (`ok` = err[:1],
+    a view made once). No sync unless ATTNCC_DEBUG=1 or on the CPU. `inputs`: the index
+    tensors by argument name, num_pages, kv_cap, cap_what (what kv_cap is) and q_offsets (the
+    planned cu_seqlens_q), read only to report an error."""
     if config.debug_checks():
         if int(err[0]) == 0:
-            _raise(err, bounds)
+            _raise(err, inputs)
         return
     try:
         torch._assert_async(ok, ASYNC_MESSAGE)
     except RuntimeError:  # a CPU tensor fails here; a CUDA one at the next sync
-        _raise(err, bounds)
+        _raise(err, inputs)
 
 
-def _raise(err: Tensor, bounds: dict[str, Any]) -> None:
-    _, code, i, j, value = err.tolist()
-    err.copy_(torch.tensor(CLEAN, dtype=torch.int32))  # the plan stays usable after the error
-    cap, what = bounds["kv_cap"], bounds["cap_what"]
+def _raise(err: Tensor, inputs: dict[str, Any]) -> None:
+    record = err.tolist()
+    err.copy_(torch.tensor(CLEAN, dtype=torch.int64))  # the plan stays usable after the error
+    code = next(c for c in range(1, len(CLEAN)) if record[c] >= 0)
+    where = record[code]
+    cap, what = inputs["kv_cap"], inputs["cap_what"]
     if code == ERR_PAGE:
-        msg = (f"page_table[{i}, {j}]: expected a page id in [0, num_pages) = "
-               f"[0, {bounds['num_pages']}) (num_pages: the k/v caches' first dim), got {value}")
+        b, j = divmod(where, 2**31)
+        msg = (f"page_table[{b}, {j}]: expected a page id in [0, num_pages) = "
+               f"[0, {inputs['num_pages']}) (num_pages: the k/v caches' first dim) for the "
+               f"pages below kv_len, got {int(inputs['page_table'][b, j])}")
     elif code == ERR_KV_LEN:
-        msg = f"kv_len[{i}]: expected 0 <= kv_len <= {what} = {cap}, got {value}"
+        msg = (f"kv_len[{where}]: expected 0 <= kv_len <= {what} = {cap}, got "
+               f"{int(inputs['kv_len'][where])}")
     elif code == ERR_CU_K:
-        msg = (f"cu_seqlens_k[{i}]: expected nondecreasing offsets from 0 to total_k = {cap} "
-               f"(k.shape[0]), got {value} at index {i}")
+        cu = inputs["cu_seqlens_k"].tolist()
+        msg = (f"cu_seqlens_k[{where}]: expected nondecreasing offsets from 0 to total_k = "
+               f"{cap} (k.shape[0]), got {cu[where]} (cu_seqlens_k = {cu})")
     elif code == ERR_CU_Q:
-        planned = bounds["q_offsets"].tolist()
-        msg = (f"cu_seqlens_q[{i}]: expected the offsets the plan was made for, {planned}, got "
-               f"{value} at index {i} (plan again for new query lengths)")
+        cu = inputs["cu_seqlens_q"].tolist()
+        msg = (f"cu_seqlens_q[{where}]: expected the offsets the plan was made for, "
+               f"{inputs['q_offsets'].tolist()}, got {cu[where]} (cu_seqlens_q = {cu}; plan "
+               f"again for new query lengths)")
     else:
-        msg = f"head_kv_len[{i}]: expected 0 <= head_kv_len <= {what} = {cap}, got {value}"
+        msg = (f"head_kv_len[{where}]: expected 0 <= head_kv_len <= {what} = {cap}, got "
+               f"{int(inputs['head_kv_len'][where])}")
     raise ValueError(msg) from None

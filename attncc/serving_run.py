@@ -123,6 +123,8 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
             "[num_pages, Hkv, page_size, D]"
         check_tensor("k_cache", k, shape + [D], dt, dev, what)
         check_tensor("v_cache", v, [k.shape[0]] + shape[1:] + [Dv], dt, dev, what)
+        if k.shape[0] < 1:  # the kernel clamps page ids into [0, num_pages)
+            raise ValueError(f"k_cache: expected at least one page {what}, got {list(k.shape)}")
         check_tensor("page_table", page_table, [B, plan.kv_capacity // P if not paged_full
                                                 else None], i32, dev, "[B, max_pages] (planned)")
         check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
@@ -228,7 +230,9 @@ def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
     if _checks and plan.work.shape[0]:
         raise_index_errors(plan.err, plan.err_ok, {
             "num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
-            "q_offsets": plan.cu_q})
+            "q_offsets": plan.cu_q, "page_table": a["PAGE_TABLE"], "kv_len": a["KV_LEN"],
+            "cu_seqlens_k": a["CU_K"], "cu_seqlens_q": a["CU_Q_IN"],
+            "head_kv_len": a["HEAD_LEN"]})
 
 
 def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Tensor,

@@ -2,7 +2,7 @@
 
 Index values given to `run` (page ids, kv_len, head_kv_len, cu_seqlens) are checked always, not
 only under ATTNCC_DEBUG: the kernel clamps them so that nothing is read out of range and
-records the first bad one; `run` asserts on that record (on the CPU interpreter: at once, as a
+records where a bad one is; `run` asserts on that record (on the CPU interpreter: at once, as a
 ValueError naming the argument, the expected range and the value found). Before this, a page id
 of 2**30 or a kv_len above the capacity crashed the interpreter (segfault), and the others read
 garbage or returned NaN. `plan` turns bad sizes, dtype and device into one clear ValueError.
@@ -56,7 +56,8 @@ def _set(t, index, value):
 PAGED = {  # id -> (change of (table, kv_len), message)
     "page-2**30": (lambda t, n: (_set(t, (1, 1), 2**30), n),
                    r"page_table\[1, 1\]: expected a page id in \[0, num_pages\) = \[0, 11\) "
-                   r"\(num_pages: the k/v caches' first dim\), got 1073741824"),
+                   r"\(num_pages: the k/v caches' first dim\) for the pages below kv_len, "
+                   r"got 1073741824"),
     "page--1": (lambda t, n: (_set(t, (1, 0), -1), n),
                 r"page_table\[1, 0\]: expected a page id in \[0, num_pages\) = \[0, 11\) .*"
                 r"got -1$"),
@@ -141,7 +142,8 @@ def test_ragged_run_with_other_query_lengths_than_planned():
     attn, plan, q, k, v, cq, ck = _ragged()
     other = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[1\]: expected the offsets the plan was "
-                                         r"made for, \[0, 2, 3, 5\], got 1 at index 1"):
+                                         r"made for, \[0, 2, 3, 5\], got 1 \(cu_seqlens_q = \[0, 1, 3, 5\]; "
+                                         r"plan again"):
         attn.run(plan, q, k, v, cu_seqlens_q=other, cu_seqlens_k=ck)
     # a different total is caught on the host, from q's shape
     with pytest.raises(ValueError, match=r"q: expected a float32 tensor \[total_q, Hq, Dqk\] = "

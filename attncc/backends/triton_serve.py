@@ -38,7 +38,7 @@ FIXED_ARGS = (
     + [(n, "*i32") for n in ("PAGE_TABLE", "KV_LEN", "CU_Q", "CU_K", "LK_MASK", "HEAD_LEN")]
     + [("MEM_K", "*{dt}"), ("MEM_V", "*{dt}"), ("WORK", "*i32"), ("VISITS", "*i32")]
     + [("K_S", "*{dt}"), ("V_S", "*{dt}"), ("HEAD_MAP", "*i32"), ("CU_Q_IN", "*i32"),
-       ("ERR", "*i32")]
+       ("ERR", "*i64")]
     + [(f"stride_{x}{d}", "i32") for x, dims in (("q", "bmhd"), ("k", "bnhd"), ("v", "bnhd"),
                                                    ("o", "bmhd"), ("l", "bmh"), ("p", "t"),
                                                    ("ks", "bnhd"), ("vs", "bnhd"))
