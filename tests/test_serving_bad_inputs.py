@@ -141,9 +141,9 @@ def test_ragged_run_with_other_query_lengths_than_planned():
     same total left rows unwritten (stale buffer contents) before."""
     attn, plan, q, k, v, cq, ck = _ragged()
     other = torch.tensor([0, 1, 3, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q\[1\]: expected the offsets the plan was "
-                                         r"made for, \[0, 2, 3, 5\], got 1 \(cu_seqlens_q = \[0, 1, 3, 5\]; "
-                                         r"plan again"):
+    message = (r"cu_seqlens_q\[1\]: expected the offsets the plan was made for, \[0, 2, 3, 5\], "
+               r"got 1 \(cu_seqlens_q = \[0, 1, 3, 5\]; plan again")
+    with pytest.raises(ValueError, match=message):
         attn.run(plan, q, k, v, cu_seqlens_q=other, cu_seqlens_k=ck)
     # a different total is caught on the host, from q's shape
     with pytest.raises(ValueError, match=r"q: expected a float32 tensor \[total_q, Hq, Dqk\] = "
