@@ -33,3 +33,24 @@ def test_the_unchecked_switch_turns_the_checks_off():
         attn.run(plan, q, kc, vc, page_table=table, kv_len=bad)
     with pytest.raises(ValueError, match=r"kv_len\[1\]: expected 0 <= kv_len"):
         attn.run(plan, q, kc, vc, page_table=table, kv_len=bad)
+
+
+@pytest.mark.parametrize("variant", ["paged", "ragged", "per_head_lengths"])
+def test_checked_kernel_spills_no_more_than_unchecked(variant, tmp_path, monkeypatch):
+    """ptxas for sm_90, fp16, head dim 128 (8 warps, the GPU schedule): the checks add no stack
+    (spills). A masked page load with an atomic report spilled 64-120 B on the paged kernel."""
+    from attncc.backends import triton_serve_aot as aot
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal(), memory=attncc.paged(16)))
+    forward_constexprs = aot.forward_constexprs
+    stack = {}
+    for check in (True, False):
+        monkeypatch.setattr(aot, "forward_constexprs", lambda *a, _c=check, **k: {
+            **forward_constexprs(*a, **k), "CHECK": _c})
+        art = aot.compile_serve_for_target(attn.kernels, 90, "float16", 128, variant,
+                                           num_splits=1)
+        if art.stack_bytes is None:
+            pytest.skip("cuobjdump is not available: no register report")
+        stack[check] = art.stack_bytes
+    assert stack[True] <= stack[False]
