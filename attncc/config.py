@@ -3,7 +3,9 @@
 `ATTNCC_CACHE_DIR`   where rendered sources and compiled kernels live (default ~/.cache/attncc).
 `TRITON_INTERPRET`   when "1", kernels run on the CPU under Triton's interpreter.
 `ATTNCC_DEBUG`       when "1", calls also run checks that need a device sync (e.g. that a
-                     captured tensor promised nondecreasing is), before any launch.
+                     captured tensor promised nondecreasing is), before any launch; serving
+                     `run` reads its kernel's index-error record back after the launch and
+                     raises the detailed error at once (without it: an async device assert).
 `ATTNCC_OFFLINE`     when "1", `precompile` and GPU launches only load kernels `attncc build` made
                      ahead of time: a missing one raises instead of compiling (production).
 """

@@ -11,8 +11,9 @@ captured tensors. `run` reads only tensor metadata and launches (forward, then m
 plan splits); it allocates nothing, makes no decision from device data and never synchronises,
 so a decode step can be captured in a CUDA graph and replayed with new page tables and lengths
 up to the planned capacity (the kernel reads kv_len at run time). Its outputs are the plan's
-buffers, overwritten by the next run. Index tensors are unchecked in this fast path; set
-ATTNCC_DEBUG=1 to check them on the host (see `attncc.serving_checks`).
+buffers, overwritten by the next run. Index values are always checked, without a sync: the
+kernel never reads out of range whatever the page ids, lengths and offsets, and reports a
+bad one through `torch._assert_async` (see `attncc.serving_checks`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from attncc.passes.pipeline import run_spec_passes
 from attncc.serving_checks import (
     check_absent,
     check_cu_seqlens,
+    check_plan_arguments,
     check_tensor,
     described,
+    error_record,
 )
 from attncc.validate import split_runtime
 
@@ -83,6 +86,10 @@ class ServePlan:
     n_stream: int = 0  # K5 compact: streaming kv heads (the full cache holds hkv - n_stream)
     head_map: Tensor | None = None  # K5 compact: int32[Hkv], full index or -1 - compact index
     key: str = ""  # the name attncc::serve_run finds this plan by (`torch_ops_serving`)
+    cu_q: Tensor | None = None  # ragged: int32[B + 1], the query offsets the work list is for
+    # int64[6] the kernel's index-error record (`attncc.serving_checks`); err_ok = err[:1]
+    err: Tensor | None = field(default=None, repr=False)
+    err_ok: Tensor | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -126,13 +133,14 @@ class ServingAttention:
         the head's index in k_stream / v_stream (read here, once). `block_n`: keys per kv tile
         (a power of two >= 16), else chosen by head dim."""
         device = torch.device(device)
+        check_plan_arguments(batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                             head_dim=head_dim, head_dim_v=head_dim_v, max_q_len=max_q_len,
+                             max_pages=max_pages, kv_capacity=kv_capacity, dtype=dtype,
+                             device=device, num_splits=num_splits, scale=scale)
         if device.type != "cuda" and not config.triton_interpret():
             raise ValueError(f"device: serving kernels run on CUDA, or on the CPU under "
                              f"TRITON_INTERPRET=1; got {device} without it (the CPU oracle is "
                              f"attncc.backends.reference_memory)")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads = {num_heads}, "
-                             f"got {num_kv_heads}")
         dv = head_dim if head_dim_v is None else head_dim_v
         group = num_heads // num_kv_heads
         if isinstance(self.memory, PagedMemory):
@@ -164,8 +172,6 @@ class ServingAttention:
         tiles = max(-(-kv_capacity // block_n), 1)
         if num_splits is None:  # enough programs to fill the GPU, no more splits than tiles
             num_splits = 1 if programs >= SMS else min(tiles, -(-SMS // programs), MAX_SPLITS)
-        if num_splits < 1:
-            raise ValueError(f"num_splits: expected an int >= 1, got {num_splits}")
         work = torch.tensor(items or [(0, 0)], dtype=torch.int32, device=device)[:len(items)]
         oshape = (q_rows, num_heads) if ragged else (batch, num_heads, q_rows)
         rows = q_rows if ragged else batch * q_rows
@@ -191,7 +197,9 @@ class ServingAttention:
                                   device=device) if split else None),
             sm_scale=1.0 / math.sqrt(head_dim) if scale is None else scale, extra=extra,
             slots=getattr(self.memory, "slots", 0), max_q=max(lens, default=1),
-            n_stream=n_stream, head_map=head_map)
+            n_stream=n_stream, head_map=head_map,
+            cu_q=cu_seqlens_q.clone() if ragged else None, err=error_record(device))
+        plan.err_ok = plan.err[:1]  # made once: run asserts on it without making a view
         plan.key = torch_ops_serving.register_plan(plan)
         return plan
 
@@ -232,7 +240,11 @@ class ServingAttention:
         int32[Hkv] or [Hq]; K5 compact (`per_head_lengths(sink, window)`): k/v hold the full heads
         only ([B, Hkv_full, Lk, D] or paged), k_stream/v_stream [B, Hkv_stream, sink + R, D]
         (see `attncc.serving_stream`). Returns plan.o (and plan.lse when planned with
-        return_lse). Under torch.compile / torch.export this is the op `attncc::serve_run`
+        return_lse). A page id outside [0, num_pages), a length outside [0, capacity], or
+        offsets that are not the planned ones (cu_seqlens_q) or not nondecreasing from 0 to
+        total_k (cu_seqlens_k) are never read out of range and raise: a ValueError on the CPU,
+        a device-side assert at the next sync on CUDA (`attncc.serving_checks`).
+        Under torch.compile / torch.export this is the op `attncc::serve_run`
         (`attncc.torch_ops_serving`); eagerly the same implementation runs without the
         dispatcher."""
         inputs = {"page_table": page_table, "kv_len": kv_len, "cu_seqlens_q": cu_seqlens_q,

@@ -2,33 +2,43 @@
 launch the forward kernel (and the merge kernel when the plan splits), and cascade attention.
 
 Nothing here reads device data or allocates (cascade excepted, which says so): argument values
-are tensors, their strides and the plan's integers.
+are tensors, their strides and the plan's integers. After the launches, one
+`torch._assert_async` on the plan's error record raises what the kernel found wrong in the
+index values (`attncc.serving_checks`), without a sync.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from attncc import config
 from attncc.backends.triton_backend import target_of
 from attncc.backends.triton_serve import FIXED_ARGS, MERGE_FIXED_ARGS, launch
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
 from attncc.passes.select_tiles import padded
-from attncc.serving_checks import (
-    check_absent,
-    check_cu_seqlens,
-    check_tensor,
-    debug_lengths,
-    debug_page_table,
-)
+from attncc.serving_checks import check_absent, check_tensor, raise_index_errors
 
 if TYPE_CHECKING:
     from attncc.serving import ServePlan, ServingAttention
 
 KV_DENSE, KV_PAGED, KV_RAGGED = 0, 1, 2
+_checks = True  # False only inside `_unchecked` (benchmarks time what the checks cost)
+
+
+@contextlib.contextmanager
+def _unchecked() -> Iterator[None]:
+    """Runs without the index checks (kernel CHECK off, no assert): for benchmarks only, to
+    measure the checks' cost; an out-of-range index then reads out of bounds."""
+    global _checks
+    _checks = False
+    try:
+        yield
+    finally:
+        _checks = True
 
 
 def _q_strides(x: Tensor, ragged: bool, prefix: str) -> dict[str, int]:
@@ -85,14 +95,18 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
                          "Hq": Hq, "Hkv": Hkv, "sm_scale": float(plan.sm_scale), "n_slots": 0,
                          "head_len_div": 1, "kv_pos0": 0, "split_base": 0,
                          "n_rows_total": plan.rows, "K_S": q, "V_S": q, "HEAD_MAP": dummy,
-                         "n_sink": 0, "window": 0, "ring": 1}
+                         "n_sink": 0, "window": 0, "ring": 1, "CU_Q_IN": dummy,
+                         "ERR": plan.err, "n_req": B, "num_pages": 0, "kv_cap": 0,
+                         "cap_what": ""}  # cap_what: for error messages, not an argument
+    if plan.ragged_q:  # the kernel reads the planned offsets and compares the run's with them
+        a.update(CU_Q=plan.cu_q, CU_Q_IN=cu_seqlens_q)
     a.update({f"stride_{x}{d}": 0 for x in ("ks", "vs") for d in "bnhd"})
     a.update(_q_strides(q, plan.ragged_q, "stride_q"))
     a.update(_q_strides(plan.o, plan.ragged_q, "stride_o"))
     a.update(_lse_strides(plan))
     cx = {"KV_MODE": KV_DENSE, "RAGGED_Q": plan.ragged_q, "HAS_KV_LEN": False,
           "HAS_LK_MASK": False, "HEAD_LENGTHS": False, "HAS_SLOTS": False, "STREAM": False,
-          "COUNT_VISITS": False}
+          "COUNT_VISITS": False, "CHECK": _checks}
     # K5 compact caches take the full heads' cache dense or paged (page size from its shape)
     paged_full = (isinstance(mem, PerHeadLengths) and mem.compact and page_table is not None
                   and isinstance(k, Tensor) and k.dim() == 4)
@@ -101,40 +115,39 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
             raise ValueError(f"kv_layout: expected 'nhd' or 'hnd', got {kv_layout!r}")
         P = mem.page_size if isinstance(mem, PagedMemory) else k.shape[1 if kv_layout == "nhd"
                                                                           else 2]
+        if P < 1:  # K5 compact: the page size comes from the cache's shape
+            raise ValueError(f"k_cache: expected pages of page_size >= 1 tokens, got {P} "
+                             f"({list(k.shape)}, kv_layout {kv_layout!r})")
         shape = [None, P, Hc] if kv_layout == "nhd" else [None, Hc, P]
         what = "[num_pages, page_size, Hkv, D]" if kv_layout == "nhd" else \
             "[num_pages, Hkv, page_size, D]"
         check_tensor("k_cache", k, shape + [D], dt, dev, what)
         check_tensor("v_cache", v, [k.shape[0]] + shape[1:] + [Dv], dt, dev, what)
+        if k.shape[0] < 1:  # the kernel clamps page ids into [0, num_pages)
+            raise ValueError(f"k_cache: expected at least one page {what}, got {list(k.shape)}")
         check_tensor("page_table", page_table, [B, plan.kv_capacity // P if not paged_full
                                                 else None], i32, dev, "[B, max_pages] (planned)")
         check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
-        if config.debug_checks():
-            debug_page_table(page_table, kv_len, P, k.shape[0])
         a.update(_kv_strides(k, kv_layout, "stride_k"), **_kv_strides(v, kv_layout, "stride_v"),
                  PAGE_TABLE=page_table, KV_LEN=kv_len, stride_pt=page_table.stride(0),
-                 page_size=P, kv_rows=0)
+                 page_size=P, kv_rows=0, num_pages=k.shape[0], kv_cap=page_table.shape[1] * P,
+                 cap_what="max_pages * page_size")
         cx.update(KV_MODE=KV_PAGED, HAS_KV_LEN=True)
     elif isinstance(mem, RaggedMemory):
         check_tensor("k", k, [None, Hkv, D], dt, dev, "[total_k, Hkv, Dqk]")
         check_tensor("v", v, [k.shape[0], Hkv, Dv], dt, dev, "[total_k, Hkv, Dv]")
         check_tensor("cu_seqlens_k", cu_seqlens_k, [B + 1], i32, dev, "[B + 1]")
-        if config.debug_checks():
-            check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
         a.update(_kv_strides(k, "packed", "stride_k"), **_kv_strides(v, "packed", "stride_v"),
-                 CU_K=cu_seqlens_k, kv_rows=0)
+                 CU_K=cu_seqlens_k, kv_rows=0, kv_cap=k.shape[0], cap_what="total_k")
         cx.update(KV_MODE=KV_RAGGED)
     else:
         what = "Hkv_full" if plan.n_stream else "Hkv"
         check_tensor("k", k, [B, Hc, None, D], dt, dev, f"[B, {what}, Lk, Dqk]")
         check_tensor("v", v, [B, Hc, k.shape[2], Dv], dt, dev, f"[B, {what}, Lk, Dv]")
         a.update(_kv_strides(k, "hnd", "stride_k"), **_kv_strides(v, "hnd", "stride_v"),
-                 kv_rows=k.shape[2])
+                 kv_rows=k.shape[2], kv_cap=k.shape[2], cap_what="Lk of k")
         if kv_len is not None:
             check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
-            if config.debug_checks():
-                debug_lengths("kv_len", kv_len, k.shape[2], "Lk of k")
             a["KV_LEN"] = kv_len
             cx["HAS_KV_LEN"] = True
     if isinstance(mem, PersistentMemory):
@@ -158,8 +171,6 @@ def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: 
             raise ValueError(f"head_kv_len: expected an int32 tensor [Hkv] = [{Hkv}] or [Hq] = "
                              f"[{Hq}], got {got}")
         check_tensor("head_kv_len", head_kv_len, [head_kv_len.shape[0]], i32, dev, "[Hkv]/[Hq]")
-        if config.debug_checks():
-            debug_lengths("head_kv_len", head_kv_len, k.shape[2], "Lk")
         a.update(HEAD_LEN=head_kv_len, head_len_div=Hq // head_kv_len.shape[0])
         cx["HEAD_LENGTHS"] = True
     else:
@@ -213,6 +224,17 @@ def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: 
         merge(attn, plan, plan.o_part, plan.lse_part, parts)
 
 
+def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
+    """After the launches of one run: raise what the kernel wrote to the plan's error record
+    (no sync; see `attncc.serving_checks.raise_index_errors`)."""
+    if _checks and plan.work.shape[0]:
+        raise_index_errors(plan.err, plan.err_ok, {
+            "num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
+            "q_offsets": plan.cu_q, "page_table": a["PAGE_TABLE"], "kv_len": a["KV_LEN"],
+            "cu_seqlens_k": a["CU_K"], "cu_seqlens_q": a["CU_Q_IN"],
+            "head_kv_len": a["HEAD_LEN"]})
+
+
 def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
           parts: int) -> None:
     o, lse = plan.o, plan.lse if plan.lse is not None else plan.work
@@ -262,4 +284,5 @@ def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor
                 merge_parts=False)
     launch_plan(attn, plan, suffix, cx, split_base=1, parts=2, num_splits=1, merge_parts=False)
     merge(attn, plan, o_part, lse_part, 2)
+    raise_errors(plan, suffix)
     return (plan.o, plan.lse) if plan.lse is not None else plan.o

@@ -105,6 +105,7 @@ def _launch(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Te
     if visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
         args["VISITS"], cx["COUNT_VISITS"] = visits, True
     serving_run.launch_plan(attn, plan, args, cx, split_base=0, parts=plan.num_splits)
+    serving_run.raise_errors(plan, args)
 
 
 RUN_SCHEMA = ("(str kernel, str plan, Tensor(a!) o, Tensor(b!)? lse, Tensor(c!)? o_part, "

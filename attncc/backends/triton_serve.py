@@ -37,7 +37,8 @@ FIXED_ARGS = (
      for n in ("Q", "K", "V", "O", "LSE", "O_PART", "LSE_PART")]
     + [(n, "*i32") for n in ("PAGE_TABLE", "KV_LEN", "CU_Q", "CU_K", "LK_MASK", "HEAD_LEN")]
     + [("MEM_K", "*{dt}"), ("MEM_V", "*{dt}"), ("WORK", "*i32"), ("VISITS", "*i32")]
-    + [("K_S", "*{dt}"), ("V_S", "*{dt}"), ("HEAD_MAP", "*i32")]
+    + [("K_S", "*{dt}"), ("V_S", "*{dt}"), ("HEAD_MAP", "*i32"), ("CU_Q_IN", "*i32"),
+       ("ERR", "*i64")]
     + [(f"stride_{x}{d}", "i32") for x, dims in (("q", "bmhd"), ("k", "bnhd"), ("v", "bnhd"),
                                                    ("o", "bmhd"), ("l", "bmh"), ("p", "t"),
                                                    ("ks", "bnhd"), ("vs", "bnhd"))
@@ -46,7 +47,7 @@ FIXED_ARGS = (
     + [(n, "i32") for n in ("page_size", "q_rows", "kv_rows", "Hq", "Hkv")]
     + [("sm_scale", "fp32")]
     + [(n, "i32") for n in ("n_slots", "head_len_div", "kv_pos0", "split_base", "n_rows_total",
-                            "n_sink", "window", "ring")]
+                            "n_sink", "window", "ring", "n_req", "num_pages", "kv_cap")]
 )
 MERGE_FIXED_ARGS = (
     [("O_PART", "*fp32"), ("LSE_PART", "*fp32"), ("O", "*{dt}"), ("LSE", "*fp32")]

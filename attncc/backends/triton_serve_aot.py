@@ -28,13 +28,14 @@ LAYOUT_FLAGS = {  # variant -> constexprs that differ from the dense default
 def forward_constexprs(variant: str, head_dim: int, block_m: int, block_n: int,
                        num_splits: int, slots: int = 1) -> dict[str, Any]:
     """The forward kernel's constexprs in its argument order, as `serving_run` sets them on a
-    GPU (UPCAST_DOT off, no visit counting, lse written)."""
+    GPU (UPCAST_DOT off, no visit counting, lse written, index checks on)."""
     cx = {"D_QK": head_dim, "D_V": head_dim, "D_QK_PAD": padded(head_dim),
           "D_V_PAD": padded(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
           "SLOTS_PAD": padded(slots), "DOT_PRECISION": "ieee", "UPCAST_DOT": False,
           "KV_MODE": 0, "RAGGED_Q": False, "HAS_KV_LEN": False, "HAS_LK_MASK": False,
           "HEAD_LENGTHS": False, "HAS_SLOTS": False, "STREAM": False, "NUM_SPLITS": num_splits,
-          "WRITE_PARTIAL": num_splits > 1, "WRITE_LSE": True, "COUNT_VISITS": False}
+          "WRITE_PARTIAL": num_splits > 1, "WRITE_LSE": True, "COUNT_VISITS": False,
+          "CHECK": True}
     cx.update(LAYOUT_FLAGS[variant])
     return cx
 
