@@ -27,6 +27,12 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
     return w1[..., None] * o1 + w2[..., None] * o2, lse
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference's working precision for inputs of `dtype`: fp64 stays, the rest run in
+    fp32 (what the kernels accumulate in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _index_env(spec: AttentionSpec, shapes: dict, params: Mapping[str, float | int]) -> dict:
     env = {LQ: shapes["Lq"], LK: shapes["Lk"], HQ: shapes["Hq"], HKV: shapes["Hkv"]}
     for p in spec.params:
@@ -96,6 +102,9 @@ def attention_reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v
             o, lse = merge_partials(o, lse, part_o, part_lse)
         o_rows.append(o)
         lse_rows.append(lse)
+    if Lq == 0:  # no query chunk ran
+        o_rows = [torch.zeros(B, Hq, 0, v.shape[-1], dtype=q.dtype, device=q.device)]
+        lse_rows = [torch.zeros(B, Hq, 0, dtype=q.dtype, device=q.device)]
     o, lse = torch.cat(o_rows, dim=2), torch.cat(lse_rows, dim=2)
     if spec.normaliser.kind == "softmax_sink":
         sink = tensors[spec.normaliser.sink.name].to(lse.dtype).view(1, Hq, 1)
