@@ -95,7 +95,11 @@ class CompiledAttention:
         `attncc::attention_fwd` (`attncc.torch_ops`), so o and lse are differentiable (q, k, v
         and floating captured tensors) and torch.compile sees one graph node. A runtime value
         given as a one-element CPU tensor (`window=torch.tensor(512)`) is op data: changing it
-        never recompiles a compiled graph."""
+        never recompiles a compiled graph.
+
+        Non-finite inputs (docs/semantics.md): a nan or inf in k_j or v_j reaches exactly the rows
+        the mask allows to attend to key j (their o, and for k their lse, become non-finite);
+        every other row is computed as if key j were absent, whatever the tiling."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
         qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
