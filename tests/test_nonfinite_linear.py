@@ -1,8 +1,8 @@
 """Non-finite inputs in chunked block-causal linear attention (L7; docs/semantics.md,
 "Non-finite inputs"): a nan in v_t reaches exactly the rows allowed to see token t (from t's block
 on), never an earlier row of its chunk through the zero entries of the intra-chunk product
-(0 * nan is nan). Checked against the fp64 one-token-at-a-time recurrence at two chunk sizes; the finite rows
-within 1e-4 relative (as tests/test_triton_linear_chunked.py)."""
+(0 * nan is nan). Checked against the fp64 one-token-at-a-time recurrence at two chunk sizes;
+the finite rows within 1e-4 relative (as tests/test_triton_linear_chunked.py)."""
 
 from __future__ import annotations
 
