@@ -102,3 +102,22 @@ def test_range_table_follows_the_values():
     values.data.copy_(torch.arange(8))  # same object, same version, new values
     lo, hi = range_table(values).read_range(torch.tensor(0), torch.tensor(7))
     assert (lo.item(), hi.item()) == (0, 7)
+
+
+def test_reorder_permutation_at_a_reused_address():
+    """R6 with `permuted=True` (q/k/v and o in the permuted order, so the permutation matters):
+    the positions and the analytic block map built from them follow the permutation's values,
+    not its address: two permutations alternate in one numpy buffer."""
+    attn = attncc.compile(attncc.Attention(mask=attncc.sliding_window(9),
+                                           reorder=attncc.UserPermutation()))
+    ro, _ = attention_reference(attncc.Attention(mask=attncc.sliding_window(9)), Q.double(),
+                                K.double(), V.double())
+    perms = (torch.randperm(L, generator=_g), torch.arange(L).flip(0))
+    buffer = np.empty(L, dtype=np.int64)
+    for i in range(4):
+        buffer[:] = perms[i % 2].numpy()
+        perm = torch.from_numpy(buffer)
+        idx = perms[i % 2]
+        o = attn(Q[:, :, idx], K[:, :, idx], V[:, :, idx], backend="triton", perm=perm,
+                 permuted=True)
+        assert (o.double() - ro[:, :, idx]).abs().max().item() < 2e-5, i
