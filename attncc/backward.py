@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference import attention_reference, compute_dtype
 from attncc.ir.spec import AttentionSpec
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ class Gradients:
     captures: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def reference_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        do: torch.Tensor, dlse: torch.Tensor | None = None, *, sm_scale: float,
                        params: Mapping[str, float | int] = {},
@@ -51,7 +47,7 @@ def reference_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v:
                        grad_captures: Sequence[str] = ()) -> Gradients:
     """Autograd through `attention_reference` in fp32 (fp64 for fp64 inputs). q/k/v/do BHSD
     in the original token order; dlse [B, Hq, Lq] or None."""
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     with torch.enable_grad():
         qc, kc, vc = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
         caps = {name: t.detach().to(ct if t.is_floating_point() else t.dtype)

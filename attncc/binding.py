@@ -36,6 +36,9 @@ class CallSignature:
     extent_checks: (capture name, axis, index name, extent name) for each axis of a captured
     tensor indexed by a plain index (b, h, q_idx, kv_idx, or the aligned query position
     q_idx + Lk - Lq), whose size must cover that extent.
+    broadcast_checks: (capture name, axis) for each axis that has size 1 in the spec's tensor and
+    that every load indexes with a constant (S5's broadcast dims): the kernel reads only that
+    one entry, so a call tensor must keep size 1 there (a larger one would be silently sliced).
     reorder_keys: the `permutation()` keywords of the reorder's call tensors, in op order.
     token_tables: nondecreasing captures read at q_idx (M11's `doc_start` / `doc_end` from
     cu_seqlens): one entry per token of the packed sequence, so never longer than the call's
@@ -47,14 +50,17 @@ class CallSignature:
     extent_checks: tuple[tuple[str, int, str, str], ...]
     reorder_keys: tuple[str, ...]
     token_tables: tuple[str, ...] = ()
+    broadcast_checks: tuple[tuple[str, int], ...] = ()
 
     @staticmethod
     def of(spec: AttentionSpec) -> CallSignature:
         checks = []
+        indices: dict[str, list[tuple]] = {}  # capture name -> the index tuple of each load
         for node in (spec.mask, spec.score):
             if node is None:
                 continue
             for ld in sorted(node.expr.atoms(Load), key=str):
+                indices.setdefault(ld.args[0].name, []).append(ld.args[1:])
                 for axis, index in enumerate(ld.args[1:]):
                     if index in _EXTENTS:
                         checks.append((ld.args[0].name, axis, str(index), _EXTENTS[index]))
@@ -63,7 +69,21 @@ class CallSignature:
         at_q = {ld.args[0].name for ld in spec.mask.expr.atoms(Load)
                 if ld.args[1:] == (Q_IDX,)} if spec.mask is not None else set()
         tables = tuple(c.name for c in spec.captures if c.nondecreasing and c.name in at_q)
-        return CallSignature(spec.params, spec.captures, tuple(checks), keys, tables)
+        return CallSignature(spec.params, spec.captures, tuple(checks), keys, tables,
+                             _broadcast_axes(spec.captures, indices))
+
+
+def _broadcast_axes(captures: tuple[Capture, ...], indices: dict[str, list[tuple]]
+                    ) -> tuple[tuple[str, int], ...]:
+    out = []
+    for c in captures:
+        loads = indices.get(c.name, [])
+        if c.tensor is None or not loads:
+            continue
+        for axis, size in enumerate(c.tensor.shape):
+            if size == 1 and all(len(ix) > axis and ix[axis].is_Integer for ix in loads):
+                out.append((c.name, axis))
+    return tuple(out)
 
 
 def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
@@ -110,6 +130,14 @@ def _check_captures(sig: CallSignature, caps: list[torch.Tensor], device: torch.
             raise ValueError(f"{c.name}: expected the captured tensor on {device} (the device "
                              f"of q), got {t.device}")
         by_name[c.name] = t
+    for name, axis in sig.broadcast_checks:
+        t = by_name[name]
+        if t.shape[axis] != 1:
+            built = tuple(next(c for c in sig.captures if c.name == name).tensor.shape)
+            raise ValueError(f"{name}: dimension {axis} had size 1 when the spec was built "
+                             f"(shape {built}), so it broadcasts and the kernel reads only its "
+                             f"index 0; expected size 1 there, got shape {tuple(t.shape)}. "
+                             "Build the spec with a tensor of the full shape to use every entry")
     for name, axis, index, extent in sig.extent_checks:
         t, n = by_name[name], extents[extent]
         if t.shape[axis] < n:

@@ -11,7 +11,6 @@ it is the slow path).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from attncc import config
 from attncc.backends.block_maps import BlockMaps
 from attncc.backends.positions import Positions, split_reorder_inputs
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference import attention_reference, compute_dtype
 from attncc.backends.triton_backend import TritonForward
 from attncc.binding import CallSignature, bind
 from attncc.ir.reorder import inverse
@@ -28,6 +27,7 @@ from attncc.ir.tiles import TileClasses
 from attncc.passes.pipeline import run_spec_passes
 from attncc.torch_ops import calling, register, run_forward
 from attncc.validate import LAYOUTS, check_qkv, check_scale, to_bhsd
+from attncc.warn import warn_user
 
 if TYPE_CHECKING:
     from attncc.backends.triton_aot import CompiledArtifact
@@ -74,10 +74,10 @@ class CompiledAttention:
         if device.type == "cuda" or config.triton_interpret():
             return "triton"
         if not self._warned_reference:
-            warnings.warn(f"{self.name}: CPU tensors and TRITON_INTERPRET is not set, so this "
-                          "runs the PyTorch reference (slow path). Use CUDA tensors for the "
-                          "compiled kernel or TRITON_INTERPRET=1 to run it on the CPU.",
-                          stacklevel=3)
+            warn_user(f"{self.name}: CPU tensors and TRITON_INTERPRET is not set, so this runs "
+                      "the PyTorch reference (slow path, in fp32 for fp16/bf16 inputs). Use CUDA "
+                      "tensors for the compiled kernel or TRITON_INTERPRET=1 to run it on the "
+                      "CPU.")
             self._warned_reference = True
         return "reference"
 
@@ -95,7 +95,11 @@ class CompiledAttention:
         `attncc::attention_fwd` (`attncc.torch_ops`), so o and lse are differentiable (q, k, v
         and floating captured tensors) and torch.compile sees one graph node. A runtime value
         given as a one-element CPU tensor (`window=torch.tensor(512)`) is op data: changing it
-        never recompiles a compiled graph."""
+        never recompiles a compiled graph.
+
+        Non-finite inputs (docs/semantics.md): a nan or inf in k_j or v_j reaches exactly the rows
+        the mask allows to attend to key j (their o, and for k their lse, become non-finite);
+        every other row is computed as if key j were absent, whatever the tiling."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
         qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
@@ -136,7 +140,11 @@ class CompiledAttention:
         return precompile(self, dtype, head_dim_qk, head_dim_v, arch, backward=backward)
 
     def _reference(self, q, k, v, sm_scale, params, tensors, reorder_inputs, permuted_positions):
-        """The PyTorch reference; with `permuted=True`, un-permute in and permute out."""
+        """The PyTorch reference in fp32 (fp64 for fp64 inputs; the caller casts o back to q's
+        dtype), as the kernel accumulates; with `permuted=True`, un-permute in and permute out."""
+        ct = compute_dtype(q.dtype)
+        q, k, v = (t.to(ct) for t in (q, k, v))
+        tensors = {n: t.to(ct) if t.is_floating_point() else t for n, t in tensors.items()}
         if permuted_positions is not None:
             q_pos, kv_pos = (p.long() for p in permuted_positions)
             q, k, v = q[:, :, inverse(q_pos)], k[:, :, inverse(kv_pos)], v[:, :, inverse(kv_pos)]

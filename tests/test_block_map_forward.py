@@ -183,11 +183,14 @@ def test_new_values_rebuild_the_map_without_recompiling(device):
     q, k, v = _inputs(1, 1, 1, 200, 200, 16, torch.float32, device)
     attn(q, k, v, backend="triton")
     attn(q, k, v, backend="triton")
-    assert attn.block_maps.builds == 1  # same values: the map is reused
+    # equal host tensors reuse the map; device tensors rebuild it per call (no host sync)
+    reused = device == "cpu"
+    assert attn.block_maps.builds == (1 if reused else 2)
     renders = RENDERS[0]
+    builds = attn.block_maps.builds
     other = attncc.bigbird_random_blocks(n_blocks, 2, seed=2).to(device)
     o = attn(q, k, v, backend="triton", random_blocks=other)
-    assert attn.block_maps.builds == 2 and RENDERS[0] == renders
+    assert attn.block_maps.builds == builds + 1 and RENDERS[0] == renders
     spec2 = attncc.Attention(mask=attncc.bigbird(16, 1, torch.zeros(n_blocks, dtype=torch.bool),
                                                  other.cpu()))
     ro, _ = _reference(spec2, q.cpu(), k.cpu(), v.cpu())

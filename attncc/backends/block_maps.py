@@ -2,9 +2,9 @@
 
 A block map is a kernel argument, so new mask values (parameters, captured tensors, a new
 permutation) never recompile. `BlockMaps` builds one per call shape with the builder the
-choose-tile-source pass named, and keeps the last few: a map is rebuilt only when something it
-depends on changed (shape, tile sizes, parameter values, or a captured tensor's storage or
-in-place version).
+choose-tile-source pass named, and keeps the last few where reuse is certain: same shapes, tile
+sizes and parameter values, and captured tensors EQUAL by value to the ones the map was built
+from (a data pointer and version are no identity); see `BlockMaps`.
 
 Layout (`kv_tile_lists`): int32 [Gb, Gh, nM, 2, 1 + nN], where Gb is B when the mask reads the
 batch index (else 1), Gh likewise for heads, handed to the kernel expanded to [B, Hq, ...]
@@ -14,12 +14,13 @@ partial tiles (count, then indices in ascending order), `[..., 1, :]` the full o
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Mapping
 
 import sympy
 import torch
 
+from attncc.backends.positions import DATA_ORDERS
+from attncc.backends.value_cache import ValueCache, keep, on_host
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, LK, LQ, Q_IDX
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
@@ -146,7 +147,8 @@ def analytic_classes(plan: KernelPlan, *, Gb: int, Gh: int, B: int, Lq: int, Lk:
                      positions: tuple[torch.Tensor, torch.Tensor] | None,
                      device: torch.device) -> torch.Tensor:
     """Interval reasoning on the symbolic mask, O(number of tiles), on the host (static tables
-    are read there too: they are copied once per new tensor, then the map is cached)."""
+    are read there too: they are copied to the host, and `BlockMaps` keeps the map for equal
+    values)."""
     from attncc.passes.classify_blocks import classify_blocks
 
     q_pos, kv_pos = (None, None) if positions is None else (p.cpu().long() for p in positions)
@@ -158,19 +160,24 @@ def analytic_classes(plan: KernelPlan, *, Gb: int, Gh: int, B: int, Lq: int, Lk:
     return result.classes.to(device)
 
 
-def tensor_key(t: torch.Tensor) -> tuple:
-    """Identity of a tensor's current values: storage, in-place version, shape, strides."""
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-
-
 class BlockMaps:
-    """The block maps of one compiled kernel, built on demand and kept for reuse."""
+    """The block maps of one compiled kernel, built on demand and kept for reuse.
+
+    A map is reused only when it is certain to hold (see `attncc.backends.value_cache`):
+    - a mask that reads no tensor (and tokens in a fixed order): cached by shapes, tiles and
+      parameter values;
+    - tensors on the host, or the host builder ("analytic", which copies them there anyway):
+      cached with copies of the tensors, reused when they compare equal (`torch.equal`; on a
+      GPU the analytic path pays one device-to-host copy per call for this);
+    - device tensors with a device builder ("topk", "device"): rebuilt on every call, a few
+      kernel launches and no host sync, so asynchronous execution and CUDA graphs keep working.
+    """
 
     def __init__(self, forward: Any) -> None:
         self.forward = forward
         self.plan: KernelPlan = forward.plan
         self.builds = 0  # how many maps were built (tests: an unchanged call builds none)
-        self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._maps: ValueCache[torch.Tensor] = ValueCache(CACHED_MAPS)
 
     def get(self, *, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, block_m: int, block_n: int,
             params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -178,14 +185,32 @@ class BlockMaps:
             device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
             ) -> torch.Tensor:
         """The block map for one call; `prebuilt_for`: see `device_classes`."""
-        source = self.plan.block_map.source
         reads = {c.name: tensors[c.name] for c in self.plan.spec.mask.captures}
+        data = [t for _, t in sorted(reads.items())]
+        # a grid order's positions follow from (Lq, Lk, device) alone; R5 / R6 from tensors
+        if positions is not None and isinstance(self.plan.spec.reorder, DATA_ORDERS):
+            data += list(positions)
         key = (B, Hq, Hkv, Lq, Lk, block_m, block_n, device, tuple(sorted(params.items())),
-               tuple((n, tensor_key(t)) for n, t in sorted(reads.items())),
-               tuple(tensor_key(p) for p in positions) if positions is not None else None)
-        if key in self._maps:
-            self._maps.move_to_end(key)
-            return self._maps[key]
+               tuple(sorted(reads)))
+        cacheable = on_host(data) or self.plan.block_map.source == "analytic"
+        if cacheable:
+            hit = self._maps.get(key, data)
+            if hit is not None:
+                return hit
+            kept = keep(data)
+        lists = self._build(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=block_m,
+                            block_n=block_n, params=params, tensors=tensors, reads=reads,
+                            positions=positions, device=device, prebuilt_for=prebuilt_for)
+        if cacheable:
+            self._maps.put(key, kept, lists)
+        return lists
+
+    def _build(self, *, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, block_m: int,
+               block_n: int, params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+               reads: Mapping[str, torch.Tensor],
+               positions: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device,
+               prebuilt_for: tuple[str, int, int] | None) -> torch.Tensor:
+        source = self.plan.block_map.source
         Gb, Gh = group_sizes(self.plan, B, Hq)
         shape = dict(Lq=Lq, Lk=Lk, block_m=block_m, block_n=block_n, params=params)
         classes = None
@@ -199,13 +224,9 @@ class BlockMaps:
             classes = analytic_classes(self.plan, Gb=Gb, Gh=Gh, B=B, Hq=Hq, Hkv=Hkv,
                                        tensors=reads, positions=positions, device=device,
                                        **shape)
-        # groups the mask does not distinguish broadcast with stride 0
-        lists = kv_tile_lists(classes, Lk, block_n).expand(B, Hq, -1, -1, -1)
         self.builds += 1
-        self._maps[key] = lists
-        while len(self._maps) > CACHED_MAPS:
-            self._maps.popitem(last=False)
-        return lists
+        # groups the mask does not distinguish broadcast with stride 0
+        return kv_tile_lists(classes, Lk, block_n).expand(B, Hq, -1, -1, -1)
 
 
 def q_tile_lists(kv_tiles: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ ORIGINAL position (`perm[new] = original`, catalogue Section 4). Kernels read th
 evaluate masks and scores on original positions and, in the original layout, to gather rows.
 
 Grid orders (R1-R4) are fixed by the spec: their positions are built once per length and device.
-R5 (`key_score=`) and R6 (`perm=` or the node's name) take a tensor per call; its positions are
-kept while the tensor is unchanged (same storage and in-place version), so a block map built
-for them is reused too.
+R5 (`key_score=`) and R6 (`perm=` or the node's name) take a tensor per call: its positions are
+reused only for an EQUAL tensor on the host (compared by value, `attncc.backends.value_cache`);
+for a device tensor they are recomputed on every call (a sort on the device, no host sync).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from attncc.backends.block_maps import tensor_key
+from attncc.backends.value_cache import ValueCache, keep, on_host
 from attncc.ir.reorder import SegmentSort, UserPermutation
 
 CACHED = 8
+DATA_ORDERS = (SegmentSort, UserPermutation)  # orders whose positions come from call tensors
 
 
 def split_reorder_inputs(reorder: Any, runtime: dict[str, Any], permuted: bool
@@ -42,20 +43,25 @@ def split_reorder_inputs(reorder: Any, runtime: dict[str, Any], permuted: bool
 
 
 class Positions:
-    """int32 (q_pos, kv_pos) for a reorder, cached per (lengths, device, inputs)."""
+    """int32 (q_pos, kv_pos) for a reorder, cached per (lengths, device) and input values."""
 
     def __init__(self, reorder: Any) -> None:
         self.reorder = reorder
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: ValueCache[tuple[torch.Tensor, torch.Tensor]] = ValueCache(CACHED)
 
     def get(self, Lq: int, Lk: int, device: torch.device, inputs: dict[str, torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (Lq, Lk, device, tuple((n, tensor_key(t)) for n, t in sorted(inputs.items())))
-        if key not in self._cache:
-            q_pos = self.reorder.permutation(Lq, device=device, **inputs).to(torch.int32)
-            kv_pos = (q_pos if Lk == Lq else
-                      self.reorder.permutation(Lk, device=device, **inputs).to(torch.int32))
-            if len(self._cache) >= CACHED:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = (q_pos, kv_pos)
-        return self._cache[key]
+        key = (Lq, Lk, device, tuple(sorted(inputs)))
+        data = [t for _, t in sorted(inputs.items())]
+        cacheable = on_host(data)
+        if cacheable:
+            hit = self._cache.get(key, data)
+            if hit is not None:
+                return hit
+            kept = keep(data)
+        q_pos = self.reorder.permutation(Lq, device=device, **inputs).to(torch.int32)
+        kv_pos = (q_pos if Lk == Lq else
+                  self.reorder.permutation(Lk, device=device, **inputs).to(torch.int32))
+        if cacheable:
+            self._cache.put(key, kept, (q_pos, kv_pos))
+        return q_pos, kv_pos

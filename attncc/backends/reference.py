@@ -27,6 +27,26 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
     return w1[..., None] * o1 + w2[..., None] * o2, lse
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference's working precision for inputs of `dtype`: fp64 stays, the rest run in
+    fp32 (what the kernels accumulate in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weighted_values(p: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """`p @ v`, except that a non-finite value of v reaches only the rows allowed to attend to
+    its key (docs/semantics.md, "Non-finite inputs"): a masked key has p = 0, yet 0 * nan = nan
+    would poison the row. Allowed rows keep the plain product (inf, or nan from 0 * inf)."""
+    out = p @ v
+    bad = ~torch.isfinite(v)
+    if allowed is None or not bool(bad.any()):
+        return out
+    clean = p @ v.masked_fill(bad, 0)
+    sees = allowed.expand(*p.shape).to(p.dtype) @ bad.to(p.dtype) > 0
+    return torch.where(sees, out, clean)
+
+
 def _index_env(spec: AttentionSpec, shapes: dict, params: Mapping[str, float | int]) -> dict:
     env = {LQ: shapes["Lq"], LK: shapes["Lk"], HQ: shapes["Hq"], HKV: shapes["Hkv"]}
     for p in spec.params:
@@ -87,15 +107,19 @@ def attention_reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v
             if spec.score is not None:
                 s = torch.as_tensor(evaluate(spec.score.expr, {**env, SCORE: s}, tensors),
                                     dtype=s.dtype).expand_as(s)
+            allowed = None
             if spec.mask is not None:
                 allowed = torch.as_tensor(evaluate(spec.mask.expr, env, tensors)).bool()
                 s = s.masked_fill(~allowed.expand_as(s), -math.inf)
             part_lse = torch.logsumexp(s, dim=-1)
             safe = torch.where(torch.isfinite(part_lse), part_lse, torch.zeros_like(part_lse))
-            part_o = torch.exp(s - safe[..., None]) @ vc
+            part_o = _weighted_values(torch.exp(s - safe[..., None]), vc, allowed)
             o, lse = merge_partials(o, lse, part_o, part_lse)
         o_rows.append(o)
         lse_rows.append(lse)
+    if Lq == 0:  # no query chunk ran
+        o_rows = [torch.zeros(B, Hq, 0, v.shape[-1], dtype=q.dtype, device=q.device)]
+        lse_rows = [torch.zeros(B, Hq, 0, dtype=q.dtype, device=q.device)]
     o, lse = torch.cat(o_rows, dim=2), torch.cat(lse_rows, dim=2)
     if spec.normaliser.kind == "softmax_sink":
         sink = tensors[spec.normaliser.sink.name].to(lse.dtype).view(1, Hq, 1)

@@ -12,7 +12,6 @@ and `Mod` floor, `Load` reads 0 outside the tensor, bool tensors read 0 / 1.
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attncc.backends.torch_eval import evaluate
+from attncc.backends.value_cache import ValueCache, keep
 from attncc.ir.symbols import Load, Sigmoid
 
 Interval = tuple[Tensor, Tensor]
@@ -372,19 +372,18 @@ def _index(x: Tensor, n: int) -> Tensor:
     return x.long().clamp(-1, n)
 
 
-_TABLES: dict[int, tuple[weakref.ref, int, RangeTable]] = {}
-_MAX_TABLES = 64
+_TABLES: ValueCache[RangeTable] = ValueCache(64)
 
 
 def range_table(tensor: Tensor) -> RangeTable:
-    """The table of `tensor`, built once per tensor (and rebuilt if it is written in place)."""
-    hit = _TABLES.get(id(tensor))
-    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
-        return hit[2]
-    table = RangeTable.build(tensor)
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[id(tensor)] = (weakref.ref(tensor), tensor._version, table)
+    """The table of `tensor`'s values, reused for an equal tensor (compared by value: writes
+    through `.data` or a numpy view never move the in-place version counter)."""
+    key = (tuple(tensor.shape), tensor.dtype)
+    table = _TABLES.get(key, (tensor,))
+    if table is None:
+        kept = keep((tensor,))
+        table = RangeTable.build(kept[0])  # built from the copy: the table never aliases
+        _TABLES.put(key, kept, table)
     return table
 
 
