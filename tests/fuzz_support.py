@@ -2,7 +2,8 @@
 
 Profiles: `attncc-ci` (the default: few examples per test, derandomized so CI is reproducible,
 no example database, the whole fuzz suite in about a minute on two cores) and `attncc-long`
-(`ATTNCC_FUZZ=long`: thousands of random examples, failures kept in `.hypothesis/`).
+(`ATTNCC_FUZZ=long`: thousands of random examples, `ATTNCC_FUZZ_EXAMPLES=n` per test instead,
+failures kept in `.hypothesis/` and replayed first next time).
 
 `KNOWN` switches on input classes that hit defects being fixed elsewhere; by default the
 strategies avoid them so CI stays green on current main. `ATTNCC_FUZZ_KNOWN=qp,trace` (a comma
@@ -41,8 +42,12 @@ KNOWN = {"qp", "trace", "blockmap"} if _known == "all" else set(filter(None, _kn
 
 
 def fuzz_settings(ci_examples: int, long_examples: int = 2000) -> settings:
-    """The active profile with a per-test example count."""
-    return settings(PROFILE, max_examples=long_examples if LONG else ci_examples)
+    """The active profile with a per-test example count (`ATTNCC_FUZZ_EXAMPLES` overrides the
+    long profile's, to fit a time budget)."""
+    if not LONG:
+        return settings(PROFILE, max_examples=ci_examples)
+    return settings(PROFILE, max_examples=int(os.environ.get("ATTNCC_FUZZ_EXAMPLES",
+                                                             long_examples)))
 
 
 # Captured tensors stay alive for the whole session unless `blockmap` is on: a freed tensor's
@@ -64,7 +69,9 @@ TOL = {"float32": (3e-5, 3e-5), "float16": (3e-3, 2e-4)}
 
 class Shape(NamedTuple):
     """One call's geometry. layout: bhsd | bshd; strides: contig | dstride2 (every tensor's
-    head dim has stride 2) | padded (a slice of a longer sequence and more heads)."""
+    head dim has stride 2) | padded (a slice of a longer sequence and more heads); tiles:
+    (block_m, block_n), or None for the interpreter's default 64 x 64 (one tile at L <= 40:
+    small tiles make the tile classification and skipping run)."""
 
     B: int
     Hq: int
@@ -77,6 +84,7 @@ class Shape(NamedTuple):
     layout: str
     strides: str
     scale: float | None
+    tiles: tuple[int, int] | None = None
 
 
 def _place(t: torch.Tensor, layout: str, strides: str, gen: torch.Generator) -> torch.Tensor:
@@ -126,7 +134,8 @@ def dense_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: to
         s = s_mod(s).expand(B, Hq, Lq, Lk).to(torch.float64)
     m = allowed.expand(B, Hq, Lq, Lk) & (s > -math.inf)
     s = torch.where(m, s, torch.full_like(s, -math.inf))
-    top = torch.where(m.any(-1), s.amax(-1), torch.zeros_like(s[..., 0]))
+    zero = torch.zeros(B, Hq, Lq, dtype=torch.float64)
+    top = torch.where(m.any(-1), s.amax(-1), zero) if Lk else zero
     e = torch.where(m, torch.exp(s - top[..., None]), torch.zeros_like(s))
     den = e.sum(-1)
     if sink is not None:

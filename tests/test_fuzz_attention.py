@@ -15,13 +15,13 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import attncc
 from attncc.backends.reference import attention_reference
-from tests.fuzz_exprs import (build_mask, build_score, dense_mask, dense_score, mask_trees,
-                              score_trees, sink_logits)
+from tests.fuzz_exprs import (build_mask, build_score, dense_mask, dense_score, identity_score,
+                              mask_trees, score_trees, sink_logits)
 from tests.fuzz_support import TOL, Shape, assert_close, fuzz_settings, make_qkv
 
 # both fp64; the reference evaluates functions of fp32 captured tensors (log of calibration
@@ -44,7 +44,8 @@ def shapes(draw, max_len: int = 40) -> Shape:
                  dtype=draw(st.sampled_from(["float32", "float16"])),
                  layout=draw(st.sampled_from(["bhsd", "bshd"])),
                  strides=draw(st.sampled_from(["contig", "contig", "dstride2", "padded"])),
-                 scale=draw(st.one_of(st.none(), st.sampled_from([0.05, 0.3, 1.0]))))
+                 scale=draw(st.one_of(st.none(), st.sampled_from([0.05, 0.3, 1.0]))),
+                 tiles=draw(st.sampled_from([None, (16, 16), (16, 16), (16, 32), (32, 16)])))
 
 
 @st.composite
@@ -57,11 +58,14 @@ def cases(draw):
 
 
 def run_case(shape: Shape, mask, score, sink, seed: int) -> None:
+    assume(not identity_score(score))
     spec = attncc.Attention(mask=None if mask is None else build_mask(mask, shape),
                             score=None if score is None else build_score(score, shape),
                             normaliser=None if sink is None else attncc.sink(
                                 sink_logits(sink, shape.Hq)),
-                            scale=shape.scale)
+                            scale=shape.scale,
+                            schedule=None if shape.tiles is None else attncc.Schedule(
+                                block_m=shape.tiles[0], block_n=shape.tiles[1]))
     q, k, v, q64, k64, v64 = make_qkv(shape, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
