@@ -24,7 +24,7 @@ import os
 from typing import NamedTuple
 
 import torch
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, example, settings
 
 settings.register_profile(
     "attncc-ci", max_examples=10, deadline=None, derandomize=True, database=None,
@@ -39,6 +39,18 @@ PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
 _known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
 KNOWN = {"qp", "trace", "blockmap"} if _known == "all" else set(filter(None, _known.split(",")))
+
+
+def known_examples(defect: str, *cases: tuple):
+    """`@example(case)` for each case, applied only when the known-defect class `defect` is on
+    (ATTNCC_FUZZ_KNOWN): shrunk failures of defects being fixed elsewhere, kept as regressions
+    to switch on once the fix lands."""
+    def apply(test):
+        if defect in KNOWN:
+            for case in reversed(cases):
+                test = example(case)(test)
+        return test
+    return apply
 
 
 def fuzz_settings(ci_examples: int, long_examples: int = 2000) -> settings:

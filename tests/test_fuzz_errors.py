@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attncc
-from tests.fuzz_exprs import build_mask, dense_mask
-from tests.fuzz_support import TOL, Shape, assert_close, dense_softmax, fuzz_settings
+from tests.fuzz_exprs import _mask_data, build_mask, dense_mask
+from tests.fuzz_support import TOL, Shape, assert_close, dense_softmax, fuzz_settings, keep
 
 MUTATIONS = {
     "dtype": st.tuples(st.sampled_from("qkv"),
@@ -40,7 +40,8 @@ MUTATIONS = {
     "layout": st.tuples(st.sampled_from(["BHSD", "bsdh", "", "thd"])),
     "keyword": st.tuples(st.sampled_from(["unknown", "float_window", "bool_window",
                                           "neg_window", "str_window", "nan_window",
-                                          "doc_dtype", "doc_rank", "doc_short", "doc_meta"])),
+                                          "doc_dtype", "doc_rank", "doc_short", "doc_meta",
+                                          "doc_strided", "doc_expanded"])),
 }
 
 
@@ -124,6 +125,15 @@ def _mutate(shape: Shape, mutation: str, detail: tuple, tensors: dict, call: dic
     if mutation == "layout":
         call["layout"] = what
         return "layout", shape
+    if what == "doc_strided":  # valid: the same ids as a stride-2 view
+        ids = _mask_data(("doc", 7, 3), shape)
+        big = torch.full((2 * ids.numel(),), 99, dtype=ids.dtype)
+        big[::2] = ids
+        call["doc"] = keep(big)[::2]
+        return "doc", shape
+    if what == "doc_expanded":  # valid: one document (stride 0), so `doc` is just causal
+        call["doc"] = keep(torch.zeros((), dtype=torch.long)).expand(shape.Lq)
+        return "doc", shape
     bad = {"unknown": ("windw", 3), "float_window": ("window", 2.5),
            "bool_window": ("window", True), "neg_window": ("window", -1),
            "str_window": ("window", "3"), "nan_window": ("window", math.nan),
@@ -166,6 +176,8 @@ def test_fuzz_bad_inputs(case):
     assert layout in ("bhsd", "bshd"), f"layout {layout!r} accepted"
     if mask[0] == "doc" and vs.Lq != vs.Lk:
         return  # documents are defined on one token axis: nothing to compare against
+    if call.get("doc") is not None and call["doc"].stride() == (0,) and mask[0] == "doc":
+        mask = ("causal",)
     allowed = dense_mask(mask, vs) if vs.B * vs.Hq * vs.Lq * vs.Lk else \
         torch.zeros(vs.B, vs.Hq, vs.Lq, vs.Lk, dtype=torch.bool)
     scale = call.get("scale")
