@@ -12,169 +12,12 @@ A tuple tree is what hypothesis draws, prints and shrinks (so a failure pastes s
 
 from __future__ import annotations
 
-import math
-
 import torch
 from hypothesis import strategies as st
 
 import attncc
 from tests.fuzz_support import KNOWN, Shape, keep
-
-# ---- traced functions: int / bool / float expression trees -------------------------------------
-
-IDX = ("b", "h", "q", "kv")
-
-
-def _int_leaf():
-    """Indices, constants and reads of a captured int table `tab[q_idx]` / `tab[kv_idx]`
-    (a data-dependent mask: the device block map)."""
-    return st.one_of(st.sampled_from([(n,) for n in IDX] + [("q",), ("kv",)]),
-                     st.tuples(st.just("c"), st.integers(-6, 9)),
-                     st.tuples(st.sampled_from(["tq", "tkv"]), st.integers(0, 3)))
-
-
-_TABLES: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _table(seed: int, length: int) -> torch.Tensor:
-    """int64[length] in [0, 5): one tensor object per (seed, length), so a traced function and
-    its brute force read the same captured tensor."""
-    if (seed, length) not in _TABLES:
-        _TABLES[seed, length] = keep(torch.randint(0, 5, (length,), generator=_gen(seed)))
-    return _TABLES[seed, length]
-
-
-def int_exprs(depth: int = 2):
-    if depth == 0:
-        return _int_leaf()
-    sub = int_exprs(depth - 1)
-    divisor = st.integers(1, 7)  # attncc's verifier rejects a negative divisor by design
-    return st.one_of(
-        _int_leaf(),
-        st.tuples(st.sampled_from(["+", "-", "*", "min", "max"]), sub, sub),
-        st.tuples(st.sampled_from(["//", "%"]), sub, divisor),
-        st.tuples(st.just("abs"), sub),
-        st.tuples(st.just("where"), bool_exprs(depth - 1), sub, sub),
-        st.tuples(st.just("clamp"), sub, st.integers(-5, 5), st.integers(5, 30)),
-    )
-
-
-def bool_exprs(depth: int = 2):
-    cmp = st.tuples(st.sampled_from(["<", "<=", "==", "!=", ">", ">="]), int_exprs(depth),
-                    int_exprs(depth))
-    if depth == 0:
-        return cmp
-    sub = bool_exprs(depth - 1)
-    return st.one_of(cmp, st.tuples(st.sampled_from(["&", "|"]), sub, sub),
-                     st.tuples(st.just("~"), sub))
-
-
-def float_exprs(depth: int = 2):
-    """Float trees over the score; '*i' scales an int expression into a small float term."""
-    leaf = st.one_of(st.just(("s",)), st.tuples(st.just("*i"), int_exprs(1),
-                                                st.sampled_from([0.05, -0.1, 0.25])))
-    if depth == 0:
-        return leaf
-    sub = float_exprs(depth - 1)
-    ops = [st.tuples(st.sampled_from(["+f", "-f"]), sub, sub),
-           st.tuples(st.just("*c"), sub, st.sampled_from([0.5, -1.0, 2.0, 0.3])),
-           st.tuples(st.sampled_from(["tanh", "sigmoid", "absf", "sqrt1", "log1"]), sub),
-           st.tuples(st.just("wheref"), bool_exprs(1), sub, sub),
-           st.tuples(st.just("clampf"), sub, st.sampled_from([-2.0, -0.5]),
-                     st.sampled_from([0.5, 3.0]))]
-    if "trace" in KNOWN:
-        ops.append(st.tuples(st.just("exp"), sub))
-    return st.one_of(leaf, *ops)
-
-
-def _ev(node, env):
-    """Evaluate a tree with Python operators: `env` maps b/h/q/kv/s to Traced values (tracing)
-    or to broadcast torch tensors (brute force). Constant subtrees fold in plain Python."""
-    op = node[0]
-    if op in env:
-        return env[op]
-    if op == "c":
-        return node[1]
-    if op in ("tq", "tkv"):
-        return _table(node[1], env["len"])[env["q" if op == "tq" else "kv"]]
-    a = _ev(node[1], env) if len(node) > 1 and isinstance(node[1], tuple) else None
-    py = not isinstance(a, torch.Tensor) and not hasattr(a, "expr")  # a plain Python value
-    if op in ("+", "+f"):
-        return a + _ev(node[2], env)
-    if op in ("-", "-f"):
-        return a - _ev(node[2], env)
-    if op == "*":
-        return a * _ev(node[2], env)
-    if op == "//":
-        return a // node[2]
-    if op == "%":
-        return a % node[2]
-    if op in ("abs", "absf"):
-        return abs(a)
-    if op in ("min", "max"):
-        b = _ev(node[2], env)
-        bpy = not isinstance(b, torch.Tensor) and not hasattr(b, "expr")
-        if py and bpy:
-            return min(a, b) if op == "min" else max(a, b)
-        if py or bpy:
-            x, c = (b, a) if py else (a, b)
-            return torch.clamp(x, max=c) if op == "min" else torch.clamp(x, min=c)
-        return torch.minimum(a, b) if op == "min" else torch.maximum(a, b)
-    if op in ("clamp", "clampf"):
-        return min(max(a, node[2]), node[3]) if py else torch.clamp(a, node[2], node[3])
-    if op in ("where", "wheref"):
-        x, y = _ev(node[2], env), _ev(node[3], env)
-        if py:
-            return x if a else y
-        if not isinstance(x, torch.Tensor) and not hasattr(x, "expr") and \
-                not isinstance(y, torch.Tensor) and not hasattr(y, "expr") and \
-                isinstance(a, torch.Tensor):  # brute force: torch.where wants one tensor
-            x = torch.tensor(x)
-        return torch.where(a, x, y)
-    if op in ("<", "<=", "==", "!=", ">", ">="):
-        b = _ev(node[2], env)
-        return {"<": lambda: a < b, "<=": lambda: a <= b, "==": lambda: a == b,
-                "!=": lambda: a != b, ">": lambda: a > b, ">=": lambda: a >= b}[op]()
-    if op in ("&", "|"):
-        b = _ev(node[2], env)
-        if py and not isinstance(b, torch.Tensor) and not hasattr(b, "expr"):
-            return (a and b) if op == "&" else (a or b)
-        return (a & b) if op == "&" else (a | b)
-    if op == "~":
-        return (not a) if py else ~a
-    if op == "*i":
-        return a * node[2]
-    if op == "*c":
-        return a * node[2]
-    if py and op in ("tanh", "sigmoid", "sqrt1", "log1", "exp"):
-        a = torch.tensor(float(a), dtype=torch.float64)
-    if op == "tanh":
-        return torch.tanh(a)
-    if op == "sigmoid":
-        return torch.sigmoid(a)
-    if op == "sqrt1":
-        return torch.sqrt(abs(a) + 1.0)
-    if op == "log1":
-        return torch.log(abs(a) + 1.0)
-    if op == "exp":
-        return torch.exp(a)
-    raise AssertionError(f"unknown node {node!r}")
-
-
-def mask_fn(tree, shape: Shape):
-    n = max(shape.Lq, shape.Lk)
-
-    def fuzz_mask(b, h, q_idx, kv_idx):
-        return _ev(tree, {"b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n})
-    return fuzz_mask
-
-
-def score_fn(tree, shape: Shape):
-    n = max(shape.Lq, shape.Lk)
-
-    def fuzz_score(score, b, h, q_idx, kv_idx):
-        return _ev(tree, {"s": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n})
-    return fuzz_score
+from tests.fuzz_traced import _gen, bool_exprs, float_exprs, mask_fn, score_fn
 
 
 def _grids(shape: Shape):
@@ -193,12 +36,11 @@ def _as_bool(x, shape: Shape) -> torch.Tensor:
 
 # ---- named masks: (tag, ints...) ---------------------------------------------------------------
 
-QP_MASKS = {"biwin", "dilated", "chunked", "s2", "global", "topk", "bigbird"}
-SQUARE_MASKS = {"doc", "cu", "na2d", "crisscross"}  # defined on one token axis (Lq == Lk)
-
 
 def named_masks(shape: Shape):
-    """Named atoms valid for `shape` (qp-sensitive ones only where Lq == Lk unless `qp`)."""
+    """Named atoms valid for `shape`: the ones whose formula reads qp (biwin, dilated, chunked,
+    s2, topk) only where Lq == Lk unless the `qp` class is on; the ones defined on one token
+    axis (global, bigbird, doc, cu, na2d, crisscross) only where Lq == Lk."""
     sq = shape.Lq == shape.Lk
     seed = st.integers(0, 2 ** 16)
     w = st.integers(0, 12)
@@ -234,10 +76,6 @@ def mask_trees(shape: Shape, depth: int = 2):
     sub = mask_trees(shape, depth - 1)
     return st.one_of(atom, atom, st.tuples(st.sampled_from(["and", "or"]), sub, sub),
                      st.tuples(st.just("not"), sub))
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _grid_dims(L: int) -> tuple[int, int]:
@@ -427,14 +265,17 @@ def dense_mask(tree, shape: Shape) -> torch.Tensor:
 # ---- named scores ------------------------------------------------------------------------------
 
 
-def named_scores(shape: Shape):
+def named_scores(shape: Shape, zeros: bool = True):
+    """zeros: S7/S8 may give some keys weight 0 (score -inf); not where another score mod
+    follows (`-inf * -0.7` or `abs(-inf)` would be +inf, where softmax is undefined)."""
     seed = st.integers(0, 2 ** 16)
+    zero = st.booleans() if zeros else st.just(False)
     atoms = [st.tuples(st.just("scale"), st.sampled_from([0.5, 1.5, -0.7])),
              st.tuples(st.just("softcap"), st.sampled_from([0.5, 2.0, 20.0])),
              st.tuples(st.just("bias"), seed, st.tuples(*[st.booleans()] * 4)),
              st.tuples(st.just("headbias"), seed),
-             st.tuples(st.just("logcount"), seed),
-             st.tuples(st.just("calib"), seed)]
+             st.tuples(st.just("logcount"), seed, zero),
+             st.tuples(st.just("calib"), seed, zero)]
     if shape.Lq == shape.Lk or "qp" in KNOWN:  # S3 and S4 read q as qp (CATALOG Section 0)
         atoms += [st.tuples(st.just("alibi"), st.one_of(st.none(), seed)),
                   st.tuples(st.just("relbias"), seed, st.integers(0, 4))]
@@ -458,7 +299,8 @@ def identity_score(tree) -> bool:
 
 def score_trees(shape: Shape):
     atom = st.one_of(named_scores(shape), traced_scores())
-    return st.one_of(atom, st.tuples(st.just("then"), atom, atom))
+    first = st.one_of(named_scores(shape, zeros=False), traced_scores())
+    return st.one_of(atom, st.tuples(st.just("then"), first, atom))
 
 
 def _score_data(node, shape: Shape):
@@ -473,10 +315,12 @@ def _score_data(node, shape: Shape):
         return keep(torch.randn(*dims, generator=_gen(node[1])))
     if tag == "headbias":
         return keep(torch.randn(shape.Hq, generator=_gen(node[1])))
-    if tag == "logcount":
-        return keep(torch.rand(shape.Lk, generator=_gen(node[1])).add(0.1).log())
-    if tag == "calib":
-        return keep(torch.rand(shape.Lk, generator=_gen(node[1])) + 0.2)
+    if tag in ("logcount", "calib"):  # some weights 0 (score -inf: the key gets weight 0)
+        g = _gen(node[1])
+        w = torch.rand(shape.Lk, generator=g) + 0.2
+        if node[2]:
+            w = w * (torch.rand(shape.Lk, generator=g) > 0.25)
+        return keep(w.log() if tag == "logcount" else w)
     return None
 
 
@@ -559,7 +403,3 @@ def dense_score(tree, shape: Shape):
 
 def sink_logits(seed: int, Hq: int) -> torch.Tensor:
     return keep(torch.randn(Hq, generator=_gen(seed)) * 2)
-
-
-__all__ = ["build_mask", "build_score", "dense_mask", "dense_score", "mask_trees",
-           "score_trees", "sink_logits", "int_exprs", "bool_exprs", "float_exprs", "math"]

@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, Phase, example, settings
 
 settings.register_profile(
     "attncc-ci", max_examples=10, deadline=None, derandomize=True, database=None,
-    print_blob=False,  # no shrinking in CI: an example costs ~0.1-1 s; shrink under "long"
-    phases=[Phase.explicit, Phase.reuse, Phase.generate], suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # no shrinking in CI: an example costs 0.1-1 s; failures shrink under the long profile
+    print_blob=False, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "attncc-long", max_examples=2000, deadline=None, derandomize=False, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,13 +15,14 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import attncc
 from attncc.backends.reference import attention_reference
-from tests.fuzz_exprs import (build_mask, build_score, dense_mask, dense_score, identity_score,
-                              mask_trees, score_trees, sink_logits)
+from tests.fuzz_exprs import (bool_exprs, build_mask, build_score, dense_mask, dense_score,
+                              identity_score, mask_trees, score_trees, sink_logits,
+                              traced_scores)
 from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings,
                                 KNOWN, known_examples, make_qkv)
 
@@ -160,7 +161,6 @@ def test_fuzz_masks_and_scores(case):
 def traced_cases(draw):
     """Only traced functions (raw indices), where the printers and tile classifiers meet
     arbitrary index arithmetic."""
-    from tests.fuzz_exprs import bool_exprs, traced_scores
     shape = draw(shapes())
     mask = ("fn", draw(bool_exprs(2)))
     score = draw(st.one_of(st.none(), traced_scores()))
