@@ -188,7 +188,7 @@ def dense_mask(tree, shape: Shape) -> torch.Tensor:
         return ~dense_mask(tree[1], shape)
     b, h, q, kv, qp = _grids(shape)
     if tag == "fn":
-        return _as_bool(mask_fn(tree[1], shape)(b, h, q, kv), shape)
+        return _as_bool(mask_fn(tree[1], shape, brute=True)(b, h, q, kv), shape)
     data = _mask_data(tree, shape)
     a = tree[1:]
     causal = kv <= qp
@@ -312,7 +312,12 @@ def _score_data(node, shape: Shape):
     if tag == "bias":
         dims = [1 if one else n for one, n in
                 zip(node[2], (shape.B, shape.Hq, shape.Lq, shape.Lk))]
-        return keep(torch.randn(*dims, generator=_gen(node[1])))
+        t = torch.randn(*dims, generator=_gen(node[1]))
+        if node[1] % 3 == 1:  # the same values in [.., kv, q] storage: non-contiguous
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        elif node[1] % 3 == 2 and dims[3] > 1:  # one value per row: stride 0 along kv
+            t = t[..., :1].expand(dims)
+        return keep(t)
     if tag == "headbias":
         return keep(torch.randn(shape.Hq, generator=_gen(node[1])))
     if tag in ("logcount", "calib"):  # some weights 0 (score -inf: the key gets weight 0)
@@ -366,7 +371,7 @@ def dense_score(tree, shape: Shape):
         return lambda s: second(first(s))
     b, h, q, kv, qp = _grids(shape)
     if tag == "fn":
-        fn = score_fn(tree[1], shape)
+        fn = score_fn(tree[1], shape, brute=True)
 
         def traced(s):
             old = torch.get_default_dtype()

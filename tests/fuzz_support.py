@@ -13,6 +13,8 @@ list, or `all`) turns classes back on:
   global_tokens, block_topk, bigbird, alibi, relative_bias);
 - `trace`: score mods the tracer does not handle yet (identity `return score`, torch.exp, an
   infinite constant);
+- `bias-broadcast`: a second call whose `bias=` has a full dim where the compiled bias had
+  size 1 (read at index 0 only: see tests/test_fuzz_attention.py);
 - `blockmap`: captured tensors freed between examples, so a new one can reuse the address of an
   old one (a block map cached by address goes stale).
 """
@@ -39,7 +41,7 @@ LONG = os.environ.get("ATTNCC_FUZZ", "") == "long"
 PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
 _known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
-KNOWN = {"qp", "trace", "blockmap"} if _known == "all" else set(filter(None, _known.split(",")))
+KNOWN = {"qp", "trace", "blockmap", "bias-broadcast"} if _known == "all" else set(filter(None, _known.split(",")))
 
 
 def known_examples(defect: str, *cases: tuple):

@@ -42,6 +42,19 @@ def _table(seed: int, length: int) -> torch.Tensor:
     return _TABLES[seed, length]
 
 
+_FTABLES: dict[tuple[int, int, bool], torch.Tensor] = {}
+
+
+def _ftable(seed: int, length: int, scalar: bool) -> torch.Tensor:
+    """float32[length] (or a 0-d float32 when `scalar`): captured score data, one object per
+    key (tensors read by a traced function are kernel arguments, never constants)."""
+    key = (seed, length, scalar)
+    if key not in _FTABLES:
+        t = torch.randn(() if scalar else (length,), generator=_gen(seed + 7))
+        _FTABLES[key] = keep(t)
+    return _FTABLES[key]
+
+
 def int_exprs(depth: int = 2):
     if depth == 0:
         return _int_leaf()
@@ -70,7 +83,8 @@ def bool_exprs(depth: int = 2):
 def float_exprs(depth: int = 2):
     """Float trees over the score; '*i' scales an int expression into a small float term."""
     leaf = st.one_of(st.just(("s",)), st.tuples(st.just("*i"), int_exprs(1),
-                                                st.sampled_from([0.05, -0.1, 0.25])))
+                                                st.sampled_from([0.05, -0.1, 0.25])),
+                     st.tuples(st.sampled_from(["fq", "fkv", "f0"]), st.integers(0, 3)))
     if depth == 0:
         return leaf
     sub = float_exprs(depth - 1)
@@ -95,6 +109,10 @@ def _ev(node, env):
         return node[1]
     if op in ("tq", "tkv"):
         return _table(node[1], env["len"])[env["q" if op == "tq" else "kv"]]
+    if op in ("fq", "fkv", "f0"):  # captured float data: a table read or a 0-d scalar
+        t = _ftable(node[1], env["len"], op == "f0")
+        t = t.double() if env["brute"] else t
+        return t if op == "f0" else t[env["q" if op == "fq" else "kv"]]
     a = _ev(node[1], env) if len(node) > 1 and isinstance(node[1], tuple) else None
     py = not isinstance(a, torch.Tensor) and not hasattr(a, "expr")  # a plain Python value
     if op in ("+", "+f"):
@@ -159,17 +177,20 @@ def _ev(node, env):
     raise AssertionError(f"unknown node {node!r}")
 
 
-def mask_fn(tree, shape: Shape):
+def mask_fn(tree, shape: Shape, brute: bool = False):
+    """The tree as a mask_mod; `brute`: run on index tensors, float data in fp64."""
     n = max(shape.Lq, shape.Lk)
 
     def fuzz_mask(b, h, q_idx, kv_idx):
-        return _ev(tree, {"b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n})
+        return _ev(tree, {"b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n, "brute": brute})
     return fuzz_mask
 
 
-def score_fn(tree, shape: Shape):
+def score_fn(tree, shape: Shape, brute: bool = False):
+    """The tree as a score_mod; `brute`: run on index tensors, float data in fp64."""
     n = max(shape.Lq, shape.Lk)
 
     def fuzz_score(score, b, h, q_idx, kv_idx):
-        return _ev(tree, {"s": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n})
+        return _ev(tree, {"s": score, "b": b, "h": h, "q": q_idx, "kv": kv_idx, "len": n,
+                          "brute": brute})
     return fuzz_score
