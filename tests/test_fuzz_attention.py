@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import attncc
@@ -179,6 +179,15 @@ def traced_cases(draw):
     return shape, mask, score, None, draw(st.integers(0, 2 ** 16)), draw(recalls(shape))
 
 
+# Found by this test, fixed (attncc/backends/triton_render.py `score_source`): a score mod
+# that does not read `score` (here tanh(-0.1 q_idx)) printed a [BLOCK_M, 1] value, and on a
+# full tile (no mask to broadcast it) tl.dot got a [BLOCK_M, 1] p: a crash inside the kernel.
+@example((Shape(1, 1, 1, 16, 16, 16, 16, "float32", "bhsd", "contig", None, (16, 16)),
+          ("fn", ("!=", ("c", 0), ("c", 1))), ("fn", ("tanh", ("*i", ("q",), -0.1))), None, 5393,
+          None))
+@example((Shape(2, 2, 2, 36, 36, 16, 16, "float16", "bhsd", "dstride2", None, (16, 16)),
+          ("fn", ("<=", ("kv",), ("+", ("q",), ("c", 40)))),
+          ("fn", ("sigmoid", ("*c", ("*i", ("//", ("q",), 7), -0.1), 0.5))), None, 5393, (3, 1)))
 @fuzz_settings(20)
 @given(traced_cases())
 def test_fuzz_traced_functions(case):
