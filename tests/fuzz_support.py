@@ -41,7 +41,8 @@ LONG = os.environ.get("ATTNCC_FUZZ", "") == "long"
 PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
 _known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
-KNOWN = {"qp", "trace", "blockmap", "bias-broadcast"} if _known == "all" else set(filter(None, _known.split(",")))
+KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast"} if _known == "all"
+         else set(filter(None, _known.split(","))))
 
 
 def known_examples(defect: str, *cases: tuple):
@@ -63,6 +64,15 @@ def fuzz_settings(ci_examples: int, long_examples: int = 2000) -> settings:
         return settings(PROFILE, max_examples=ci_examples)
     return settings(PROFILE, max_examples=int(os.environ.get("ATTNCC_FUZZ_EXAMPLES",
                                                              long_examples)))
+
+
+def log_example(test: str, case: object) -> None:
+    """With `ATTNCC_FUZZ_LOG=path`, append one line per example run (long runs cut short by a
+    timeout still say how many examples ran, and the last one shows what was running)."""
+    path = os.environ.get("ATTNCC_FUZZ_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{test}\t{case!r}\n")
 
 
 # Captured tensors stay alive for the whole session unless `blockmap` is on: a freed tensor's

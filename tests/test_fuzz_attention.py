@@ -24,7 +24,7 @@ from tests.fuzz_exprs import (bool_exprs, build_mask, build_score, dense_mask, d
                               identity_score, mask_trees, score_trees, sink_logits,
                               traced_scores)
 from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings,
-                                KNOWN, known_examples, make_qkv)
+                                KNOWN, known_examples, log_example, make_qkv)
 
 # both fp64; the reference evaluates functions of fp32 captured tensors (log of calibration
 # weights) in their dtype, so they agree to ~1e-8, not to rounding
@@ -166,6 +166,7 @@ def _qp_case(mask, score=None):
 @fuzz_settings(25)
 @given(cases())
 def test_fuzz_masks_and_scores(case):
+    log_example("masks_and_scores", case)
     run_case(*case)
 
 
@@ -191,4 +192,5 @@ def traced_cases(draw):
 @fuzz_settings(20)
 @given(traced_cases())
 def test_fuzz_traced_functions(case):
+    log_example("traced_functions", case)
     run_case(*case)

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import attncc
 from tests.fuzz_exprs import _mask_data, build_mask, dense_mask
-from tests.fuzz_support import TOL, Shape, assert_close, dense_softmax, fuzz_settings, keep
+from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings, keep,
+                                log_example)
 
 MUTATIONS = {
     "dtype": st.tuples(st.sampled_from("qkv"),
@@ -81,7 +82,8 @@ def _mutate(shape: Shape, mutation: str, detail: tuple, tensors: dict, call: dic
     if mutation == "length":  # q of another length is valid (Lq != Lk); v must match k
         t = tensors[what]
         tensors[what] = torch.randn(t.shape[0], t.shape[1], detail[1], t.shape[3]).to(t.dtype)
-        return "v", shape._replace(Lq=detail[1]) if what == "q" else shape
+        # a new q length may outgrow a captured tensor indexed by q_idx: `doc` must say so
+        return "v|doc", shape._replace(Lq=detail[1]) if what == "q" else shape
     if mutation == "batch":
         t = tensors[what]
         tensors[what] = torch.randn(detail[1], *t.shape[1:]).to(t.dtype)
@@ -148,6 +150,7 @@ def _mutate(shape: Shape, mutation: str, detail: tuple, tensors: dict, call: dic
 @fuzz_settings(40, 3000)
 @given(bad_calls())
 def test_fuzz_bad_inputs(case):
+    log_example("bad_inputs", case)
     shape, mask, mutation, detail, seed = case
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, shape.dtype)

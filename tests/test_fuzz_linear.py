@@ -22,7 +22,7 @@ import attncc
 from attncc.backends.reference_linear import recurrent_reference
 from attncc.backends.triton_linear_chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
-from tests.fuzz_support import fuzz_settings
+from tests.fuzz_support import fuzz_settings, log_example
 
 TOL = {"float32": 1e-4, "float16": 2e-2}
 _CHUNKED: dict[tuple[str, int | None], TritonChunkedLinear] = {}
@@ -103,6 +103,7 @@ def _near(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 @fuzz_settings(12, 1500)
 @given(linear_cases())
 def test_fuzz_linear_kernels_match_recurrence(c: LinearCase):
+    log_example("linear", c)
     node = _node(c)
     q, k, v, extra, state = _inputs(c, node)
 
