@@ -39,8 +39,8 @@ def _as_bool(x, shape: Shape) -> torch.Tensor:
 
 def named_masks(shape: Shape):
     """Named atoms valid for `shape`: the ones whose formula reads qp (biwin, dilated, chunked,
-    s2, topk) only where Lq == Lk unless the `qp` class is on; the ones defined on one token
-    axis (global, bigbird, doc, cu, na2d, crisscross) only where Lq == Lk."""
+    s2, topk, global, bigbird) only where Lq == Lk unless the `qp` class is on; the ones
+    defined on one token axis (doc, cu, na2d, crisscross) only where Lq == Lk."""
     sq = shape.Lq == shape.Lk
     seed = st.integers(0, 2 ** 16)
     w = st.integers(0, 12)
@@ -58,11 +58,11 @@ def named_masks(shape: Shape):
                   st.tuples(st.just("chunked"), st.integers(1, 9)),
                   st.tuples(st.just("s2"), st.integers(1, 6), st.integers(1, 3),
                             st.integers(1, 4), st.integers(0, 2)),
-                  st.tuples(st.just("topk"), seed, st.sampled_from([4, 8, 16]), st.booleans())]
+                  st.tuples(st.just("topk"), seed, st.sampled_from([4, 8, 16]), st.booleans()),
+                  st.tuples(st.just("global"), w, seed),
+                  st.tuples(st.just("bigbird"), seed, st.sampled_from([4, 8]), st.integers(0, 2))]
     if sq:
-        atoms += [st.tuples(st.just("global"), w, seed),
-                  st.tuples(st.just("bigbird"), seed, st.sampled_from([4, 8]), st.integers(0, 2)),
-                  st.tuples(st.just("doc"), seed, st.integers(1, 4)),
+        atoms += [st.tuples(st.just("doc"), seed, st.integers(1, 4)),
                   st.tuples(st.just("cu"), seed),
                   st.tuples(st.just("na2d"), st.integers(0, 2), st.integers(0, 2)),
                   st.just(("crisscross",))]
@@ -231,16 +231,18 @@ def dense_mask(tree, shape: Shape) -> torch.Tensor:
             blk = a[1]
             qb, kb = (qp // blk).expand(shape.B, shape.Hq, shape.Lq, 1), kv // blk
             picks = data[b, h, qb.clamp(min=0)]  # [B, Hq, Lq, 1, 2]
+            picks = torch.where(qb.unsqueeze(-1) >= 0, picks, 0)  # a read before row 0 is 0
             hit = (picks == kb.unsqueeze(-1)).any(-1) | (qb == kb)
             out = hit & causal if a[2] else hit
         case "global":
-            out = ((qp - kv).abs() <= a[0]) | data[qp.clamp(min=0)] | data[kv]
+            out = ((qp - kv).abs() <= a[0]) | (data[qp.clamp(min=0)] & (qp >= 0)) | data[kv]
         case "bigbird":
             blk, radius = a[1], a[2]
             i, j = qp // blk, kv // blk
             G, R = data
-            out = ((i - j).abs() <= radius) | G[i] | G[j] | R[i.expand(-1, -1, -1, shape.Lk),
-                                                              j.expand(-1, -1, shape.Lq, -1)]
+            ic = i.clamp(min=0).expand(-1, -1, -1, shape.Lk)  # a read before block 0 is 0
+            out = ((i - j).abs() <= radius) | G[j] | ((G[i.clamp(min=0)] | R[
+                ic, j.expand(-1, -1, shape.Lq, -1)]) & (i >= 0))
         case "doc":
             out = (data[qp] == data[kv]) & causal
         case "cu":
