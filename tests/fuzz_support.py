@@ -15,6 +15,8 @@ list, or `all`) turns classes back on:
   infinite constant);
 - `bias-broadcast`: a second call whose `bias=` has a full dim where the compiled bias had
   size 1 (read at index 0 only: see tests/test_fuzz_attention.py);
+- `ite`: int-valued torch.where inside traced functions (compared inside a condition, sympy
+  turns it into ITE, which the evaluator and the printer reject: NotImplementedError);
 - `blockmap`: captured tensors freed between examples, so a new one can reuse the address of an
   old one (a block map cached by address goes stale).
 """
@@ -41,7 +43,7 @@ LONG = os.environ.get("ATTNCC_FUZZ", "") == "long"
 PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
 _known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
-KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast"} if _known == "all"
+KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast", "ite"} if _known == "all"
          else set(filter(None, _known.split(","))))
 
 

@@ -189,6 +189,17 @@ def traced_cases(draw):
 @example((Shape(2, 2, 2, 36, 36, 16, 16, "float16", "bhsd", "dstride2", None, (16, 16)),
           ("fn", ("<=", ("kv",), ("+", ("q",), ("c", 40)))),
           ("fn", ("sigmoid", ("*c", ("*i", ("//", ("q",), 7), -0.1), 0.5))), None, 5393, (3, 1)))
+# Found by this test (not yet fixed): an int torch.where compared inside another condition
+# becomes sympy's ITE, which attncc/backends/torch_eval.py and triton_printer.py reject.
+@known_examples("ite", (
+    Shape(1, 1, 1, 1, 1, 16, 16, "float32", "bhsd", "contig", None),
+    ("fn", ("<", ("b",), ("where", ("<", ("b",), ("where", ("<", ("b",), ("h",)), ("b",),
+                                                   ("h",))), ("b",), ("h",)))),
+    None, None, 0, None), (
+    Shape(2, 2, 2, 1, 1, 16, 16, "float32", "bhsd", "contig", None), None,
+    ("fn", ("*c", ("wheref", ("!=", ("where", ("!=", ("tq", 1), ("kv",)), ("c", 0), ("c", 8)),
+                              ("tq", 3)), ("fq", 1), ("*i", ("h",), -0.1)), 2.0)),
+    None, 2, None))
 @fuzz_settings(20)
 @given(traced_cases())
 def test_fuzz_traced_functions(case):
