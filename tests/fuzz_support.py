@@ -17,6 +17,8 @@ list, or `all`) turns classes back on:
   size 1 (read at index 0 only: see tests/test_fuzz_attention.py);
 - `ite`: int-valued torch.where inside traced functions (compared inside a condition, sympy
   turns it into ITE, which the evaluator and the printer reject: NotImplementedError);
+- `floor1`: `tab[q_idx] // 1` in traced functions (sympy drops the division, the printer emits
+  tl.floor on an int64 load: a crash inside the kernel);
 - `blockmap`: captured tensors freed between examples, so a new one can reuse the address of an
   old one (a block map cached by address goes stale).
 """
@@ -43,7 +45,7 @@ LONG = os.environ.get("ATTNCC_FUZZ", "") == "long"
 PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
 _known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
-KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast", "ite"} if _known == "all"
+KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast", "ite", "floor1"} if _known == "all"
          else set(filter(None, _known.split(","))))
 
 

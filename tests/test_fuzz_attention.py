@@ -200,6 +200,11 @@ def traced_cases(draw):
     ("fn", ("*c", ("wheref", ("!=", ("where", ("!=", ("tq", 1), ("kv",)), ("c", 0), ("c", 8)),
                               ("tq", 3)), ("fq", 1), ("*i", ("h",), -0.1)), 2.0)),
     None, 2, None))
+# Found by this test (not yet fixed): `tab[q_idx] // 1` traces to floor(Load(tab, q_idx)) and
+# TritonPrinter._print_floor prints tl.floor of the int64 load: InterpreterError in the kernel.
+@known_examples("floor1", (
+    Shape(1, 6, 2, 1, 1, 16, 16, "float16", "bhsd", "dstride2", 0.3, (32, 16)),
+    ("fn", (">=", ("abs", ("//", ("tq", 0), 1)), ("c", 3))), None, None, 3, None))
 @fuzz_settings(20)
 @given(traced_cases())
 def test_fuzz_traced_functions(case):
