@@ -20,8 +20,9 @@ from attncc.ir.symbols import Load, Sigmoid
 
 LOG2E = 1.4426950408889634
 # part of every cache key that holds printed expressions: bump it when a rule prints differently,
-# so entries printed by the old rules (a bare `-inf` under version 1) are never loaded again
-PRINTER_VERSION = 2
+# so entries printed by the old rules are never loaded again (version 1: a bare `-inf`;
+# version 2: a score that does not read `score` left unbroadcast to the score tile)
+PRINTER_VERSION = 3
 
 
 def capture_arg_names(name: str, ndim: int) -> tuple[str, list[str], list[str]]:

@@ -14,6 +14,7 @@ import jinja2
 import sympy
 
 from attncc.backends.triton_printer import TritonPrinter, capture_arg_names
+from attncc.ir.nodes import ScoreMod
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
                                SCORE, Load, buffer_symbol)
@@ -106,6 +107,17 @@ def piece_loops(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
 RENDERS = [0]  # how many sources this process rendered (tests: a cache hit renders nothing)
 
 
+def score_source(printer: TritonPrinter, score: ScoreMod | None) -> str:
+    """The printed score mod for the templates' `s = (score_expr)` ("" without one). A mod that
+    does not read `score` (a function of q_idx, h or constants only) prints a [BLOCK_M, 1] or
+    scalar value; a full tile applies no mask that would broadcast it, so it is broadcast to
+    the score tile here, else `p` is not a [BLOCK_M, BLOCK_N] operand of `tl.dot`."""
+    if score is None:
+        return ""
+    text = printer.doprint(score.expr)
+    return text if score.expr.has(SCORE) else f"tl.zeros_like(score) + ({text})"
+
+
 def render(plan: KernelPlan) -> str:
     """Triton source of the forward kernel for `plan` (signature-independent)."""
     RENDERS[0] += 1
@@ -117,7 +129,7 @@ def render(plan: KernelPlan) -> str:
         spec_lines=spec.text().splitlines(),
         runtime_scalars=unspecialised_scalars(["Lq", "Lk"], kernel_arguments(plan)),
         extra_args=[name for name, _ in kernel_arguments(plan)],
-        score_expr=printer.doprint(spec.score.expr) if spec.score is not None else "",
+        score_expr=score_source(printer, spec.score),
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
         pieces=piece_loops(plan, printer),
         block_map=plan.block_map is not None,

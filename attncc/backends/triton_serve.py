@@ -24,7 +24,8 @@ import sympy
 
 from attncc.backends.triton_backend import version_stamp
 from attncc.backends.triton_printer import PRINTER_VERSION, TritonPrinter
-from attncc.backends.triton_render import BLOCK_MAP_ARGS, kernel_arguments, printer_names
+from attncc.backends.triton_render import (BLOCK_MAP_ARGS, kernel_arguments, printer_names,
+                                           score_source)
 from attncc.backends.triton_source import CachedSource, load_module
 from attncc.ir.nodes import DenseMemory
 from attncc.ir.plan import KernelPlan
@@ -123,7 +124,7 @@ def render(plan: KernelPlan) -> str:
         runtime_scalars=[a for a, t in FIXED_ARGS if not t.startswith("*")]
         + [a for a, t in extra if not t.startswith("*")],
         extra_args=[a for a, _ in extra],
-        score_expr=printer.doprint(spec.score.expr) if spec.score is not None else "",
+        score_expr=score_source(printer, spec.score),
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
         pieces=pieces,
         range_lo=_nest("tl.minimum", [f"tl.where(hi{i} >= lo{i}, lo{i}, Lk)" for i in range(n)]),
