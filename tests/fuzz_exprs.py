@@ -16,7 +16,7 @@ import torch
 from hypothesis import strategies as st
 
 import attncc
-from tests.fuzz_support import KNOWN, Shape, keep
+from tests.fuzz_support import Shape
 from tests.fuzz_traced import _gen, bool_exprs, float_exprs, mask_fn, score_fn
 
 
@@ -38,9 +38,9 @@ def _as_bool(x, shape: Shape) -> torch.Tensor:
 
 
 def named_masks(shape: Shape):
-    """Named atoms valid for `shape`: the ones whose formula reads qp (biwin, dilated, chunked,
-    s2, topk, global, bigbird) only where Lq == Lk unless the `qp` class is on; the ones
-    defined on one token axis (doc, cu, na2d, crisscross) only where Lq == Lk."""
+    """Named atoms valid for `shape`: the ones defined on one token axis (doc, cu, na2d,
+    crisscross) only where Lq == Lk; the rest at any Lq, Lk (those whose formula reads the
+    aligned query position qp: biwin, dilated, chunked, s2, topk, global, bigbird)."""
     sq = shape.Lq == shape.Lk
     seed = st.integers(0, 2 ** 16)
     w = st.integers(0, 12)
@@ -52,15 +52,14 @@ def named_masks(shape: Shape):
              st.tuples(st.just("headclass"), seed, st.integers(0, 3), st.integers(1, 9))]
     if shape.Lk >= shape.Lq:
         atoms.append(st.tuples(st.just("tree"), seed))
-    if sq or "qp" in KNOWN:
-        atoms += [st.tuples(st.just("biwin"), w),
-                  st.tuples(st.just("dilated"), w, st.integers(1, 4), st.booleans()),
-                  st.tuples(st.just("chunked"), st.integers(1, 9)),
-                  st.tuples(st.just("s2"), st.integers(1, 6), st.integers(1, 3),
-                            st.integers(1, 4), st.integers(0, 2)),
-                  st.tuples(st.just("topk"), seed, st.sampled_from([4, 8, 16]), st.booleans()),
-                  st.tuples(st.just("global"), w, seed),
-                  st.tuples(st.just("bigbird"), seed, st.sampled_from([4, 8]), st.integers(0, 2))]
+    atoms += [st.tuples(st.just("biwin"), w),
+              st.tuples(st.just("dilated"), w, st.integers(1, 4), st.booleans()),
+              st.tuples(st.just("chunked"), st.integers(1, 9)),
+              st.tuples(st.just("s2"), st.integers(1, 6), st.integers(1, 3),
+                        st.integers(1, 4), st.integers(0, 2)),
+              st.tuples(st.just("topk"), seed, st.sampled_from([4, 8, 16]), st.booleans()),
+              st.tuples(st.just("global"), w, seed),
+              st.tuples(st.just("bigbird"), seed, st.sampled_from([4, 8]), st.integers(0, 2))]
     if sq:
         atoms += [st.tuples(st.just("doc"), seed, st.integers(1, 4)),
                   st.tuples(st.just("cu"), seed),
@@ -104,22 +103,22 @@ def _mask_data(node, shape: Shape):
     """The captured tensors a named atom reads (same tensors for build and dense)."""
     tag, L = node[0], max(shape.Lq, shape.Lk)
     if tag == "headclass":
-        return keep(torch.randint(0, 2, (shape.Hq,), generator=_gen(node[1])))
+        return (torch.randint(0, 2, (shape.Hq,), generator=_gen(node[1])))
     if tag == "tree":
-        return keep(_ancestors(node[1], shape.Lq))
+        return (_ancestors(node[1], shape.Lq))
     if tag == "topk":
         nb = -(-L // node[2])
-        return keep(torch.randint(-1, nb, (shape.B, shape.Hq, nb, 2), generator=_gen(node[1])))
+        return (torch.randint(-1, nb, (shape.B, shape.Hq, nb, 2), generator=_gen(node[1])))
     if tag == "global":
-        return keep(torch.rand(L, generator=_gen(node[2])) < 0.15)
+        return (torch.rand(L, generator=_gen(node[2])) < 0.15)
     if tag == "bigbird":
         nb = -(-L // node[2])
         g = _gen(node[1])
-        return keep(torch.rand(nb, generator=g) < 0.2), keep(torch.rand(nb, nb, generator=g) < 0.2)
+        return (torch.rand(nb, generator=g) < 0.2), (torch.rand(nb, nb, generator=g) < 0.2)
     if tag == "doc":
-        return keep(torch.randint(0, node[2], (L,), generator=_gen(node[1])))
+        return (torch.randint(0, node[2], (L,), generator=_gen(node[1])))
     if tag == "cu":
-        return keep(torch.tensor(_cu(node[1], L), dtype=torch.int32))
+        return (torch.tensor(_cu(node[1], L), dtype=torch.int32))
     return None
 
 
@@ -278,25 +277,14 @@ def named_scores(shape: Shape, zeros: bool = True):
              st.tuples(st.just("headbias"), seed),
              st.tuples(st.just("logcount"), seed, zero),
              st.tuples(st.just("calib"), seed, zero)]
-    if shape.Lq == shape.Lk or "qp" in KNOWN:  # S3 and S4 read q as qp (CATALOG Section 0)
-        atoms += [st.tuples(st.just("alibi"), st.one_of(st.none(), seed)),
-                  st.tuples(st.just("relbias"), seed, st.integers(0, 4))]
+    atoms += [st.tuples(st.just("alibi"), st.one_of(st.none(), seed)),  # S3, S4 read qp
+              st.tuples(st.just("relbias"), seed, st.integers(0, 4))]
     return st.one_of(*atoms)
 
 
 def traced_scores():
-    """("fn", tree); see `identity_score` for the trees the tests reject."""
+    """("fn", tree)."""
     return st.tuples(st.just("fn"), float_exprs(2))
-
-
-def identity_score(tree) -> bool:
-    """A score tree holding a traced function that reduces to the bare `score` (a known tracer
-    defect; the tests `assume` it away unless the `trace` class is on)."""
-    if tree is None or "trace" in KNOWN:
-        return False
-    if tree[0] == "then":
-        return identity_score(tree[1]) or identity_score(tree[2])
-    return tree[0] == "fn" and _is_identity(tree[1])
 
 
 def score_trees(shape: Shape):
@@ -308,9 +296,9 @@ def score_trees(shape: Shape):
 def _score_data(node, shape: Shape):
     tag = node[0]
     if tag == "alibi":
-        return None if node[1] is None else keep(torch.rand(shape.Hq, generator=_gen(node[1])))
+        return None if node[1] is None else (torch.rand(shape.Hq, generator=_gen(node[1])))
     if tag == "relbias":
-        return keep(torch.randn(shape.Hq, 2 * node[2] + 1, generator=_gen(node[1])))
+        return (torch.randn(shape.Hq, 2 * node[2] + 1, generator=_gen(node[1])))
     if tag == "bias":
         dims = [1 if one else n for one, n in
                 zip(node[2], (shape.B, shape.Hq, shape.Lq, shape.Lk))]
@@ -319,23 +307,16 @@ def _score_data(node, shape: Shape):
             t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
         elif node[1] % 3 == 2 and dims[3] > 1:  # one value per row: stride 0 along kv
             t = t[..., :1].expand(dims)
-        return keep(t)
+        return (t)
     if tag == "headbias":
-        return keep(torch.randn(shape.Hq, generator=_gen(node[1])))
+        return (torch.randn(shape.Hq, generator=_gen(node[1])))
     if tag in ("logcount", "calib"):  # some weights 0 (score -inf: the key gets weight 0)
         g = _gen(node[1])
         w = torch.rand(shape.Lk, generator=g) + 0.2
         if node[2]:
             w = w * (torch.rand(shape.Lk, generator=g) > 0.25)
-        return keep(w.log() if tag == "logcount" else w)
+        return (w.log() if tag == "logcount" else w)
     return None
-
-
-def _is_identity(tree) -> bool:
-    """The tree traces to the bare `score` (e.g. `score + 0 * q_idx`): the known identity
-    defect of the tracer, generated only with the `trace` class on."""
-    probe = Shape(1, 1, 1, 1, 1, 16, 16, "float32", "bhsd", "contig", None)
-    return attncc.Attention(score=score_fn(tree, probe)).score.expr.is_Symbol
 
 
 def build_score(tree, shape: Shape) -> attncc.ScoreMod:
@@ -409,4 +390,4 @@ def dense_score(tree, shape: Shape):
 
 
 def sink_logits(seed: int, Hq: int) -> torch.Tensor:
-    return keep(torch.randn(Hq, generator=_gen(seed)) * 2)
+    return (torch.randn(Hq, generator=_gen(seed)) * 2)

@@ -5,22 +5,10 @@ no example database, the whole fuzz suite in about a minute on two cores) and `a
 (`ATTNCC_FUZZ=long`: thousands of random examples, `ATTNCC_FUZZ_EXAMPLES=n` per test instead,
 failures kept in `.hypothesis/` and replayed first next time).
 
-`KNOWN` switches on input classes that hit defects being fixed elsewhere; by default the
-strategies avoid them so CI stays green on current main. `ATTNCC_FUZZ_KNOWN=qp,trace` (a comma
-list, or `all`) turns classes back on:
-- `qp`: Lq != Lk with named masks/scores that must use the aligned query position
-  `qp = q_idx + Lk - Lq` (bidirectional_window, dilated_window, chunked, strided_heads,
-  global_tokens, block_topk, bigbird, alibi, relative_bias);
-- `trace`: score mods the tracer does not handle yet (identity `return score`, torch.exp, an
-  infinite constant);
-- `bias-broadcast`: a second call whose `bias=` has a full dim where the compiled bias had
-  size 1 (read at index 0 only: see tests/test_fuzz_attention.py);
-- `ite`: int-valued torch.where inside traced functions (compared inside a condition, sympy
-  turns it into ITE, which the evaluator and the printer reject: NotImplementedError);
-- `floor1`: `tab[q_idx] // 1` in traced functions (sympy drops the division, the printer emits
-  tl.floor on an int64 load: a crash inside the kernel);
-- `blockmap`: captured tensors freed between examples, so a new one can reuse the address of an
-  old one (a block map cached by address goes stale).
+Every defect class these tests found (named-mask query alignment, traced-function gaps, a
+block map reused for a fresh tensor at a freed one's address, broadcast biases, ITE, `// 1` of
+an int read) is fixed; their shrunk failures stay as explicit `@example`s (`regressions`), and
+captured tensors are freed between examples so address reuse keeps being exercised.
 """
 
 from __future__ import annotations
@@ -44,19 +32,12 @@ settings.register_profile(
 LONG = os.environ.get("ATTNCC_FUZZ", "") == "long"
 PROFILE = settings.get_profile("attncc-long" if LONG else "attncc-ci")
 
-_known = os.environ.get("ATTNCC_FUZZ_KNOWN", "")
-KNOWN = ({"qp", "trace", "blockmap", "bias-broadcast", "ite", "floor1"} if _known == "all"
-         else set(filter(None, _known.split(","))))
-
-
-def known_examples(defect: str, *cases: tuple):
-    """`@example(case)` for each case, applied only when the known-defect class `defect` is on
-    (ATTNCC_FUZZ_KNOWN): shrunk failures of defects being fixed elsewhere, kept as regressions
-    to switch on once the fix lands."""
+def regressions(*cases: tuple):
+    """`@example(case)` for each case: shrunk failures found by these tests, kept as
+    regressions that run in every profile."""
     def apply(test):
-        if defect in KNOWN:
-            for case in reversed(cases):
-                test = example(case)(test)
+        for case in reversed(cases):
+            test = example(case)(test)
         return test
     return apply
 
@@ -77,17 +58,6 @@ def log_example(test: str, case: object) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{test}\t{case!r}\n")
-
-
-# Captured tensors stay alive for the whole session unless `blockmap` is on: a freed tensor's
-# address reused by a new one is a known block-map caching defect, not what these tests probe.
-_KEEPALIVE: list[torch.Tensor] = []
-
-
-def keep(t: torch.Tensor) -> torch.Tensor:
-    if "blockmap" not in KNOWN:
-        _KEEPALIVE.append(t)
-    return t
 
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import attncc
 from tests.fuzz_exprs import _mask_data, build_mask, dense_mask
-from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings, keep,
+from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings,
                                 log_example)
 
 MUTATIONS = {
@@ -131,10 +131,10 @@ def _mutate(shape: Shape, mutation: str, detail: tuple, tensors: dict, call: dic
         ids = _mask_data(("doc", 7, 3), shape)
         big = torch.full((2 * ids.numel(),), 99, dtype=ids.dtype)
         big[::2] = ids
-        call["doc"] = keep(big)[::2]
+        call["doc"] = big[::2]
         return "doc", shape
     if what == "doc_expanded":  # valid: one document (stride 0), so `doc` is just causal
-        call["doc"] = keep(torch.zeros((), dtype=torch.long)).expand(shape.Lq)
+        call["doc"] = torch.zeros((), dtype=torch.long).expand(shape.Lq)
         return "doc", shape
     bad = {"unknown": ("windw", 3), "float_window": ("window", 2.5),
            "bool_window": ("window", True), "neg_window": ("window", -1),

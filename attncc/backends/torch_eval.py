@@ -185,4 +185,8 @@ _OPS: dict[type, Callable[[list[Value]], Value]] = {
     sympy.Or: _or,
     sympy.Not: lambda a: ~_t(a[0]).bool(),
     sympy.Xor: lambda a: _reduce(lambda x, y: _t(x).bool() ^ _t(y).bool(), a),
+    # sympy folds a boolean-valued Piecewise (a torch.where compared inside a condition) into
+    # ITE(c, a, b), and `==` of two conditions into Equivalent
+    sympy.ITE: lambda a: torch.where(_t(a[0]).bool(), _t(a[1]).bool(), _t(a[2]).bool()),
+    sympy.Equivalent: lambda a: _reduce(lambda x, y: _t(x).bool() == _t(y).bool(), a),
 }

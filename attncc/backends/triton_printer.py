@@ -192,6 +192,14 @@ class TritonPrinter:
     def _print_Xor(self, e):
         return "(" + " ^ ".join(self._p(a) for a in e.args) + ")"
 
+    def _print_ITE(self, e):  # a boolean-valued Piecewise, as sympy folds it inside conditions
+        c, a, b = (self._p(x) for x in e.args)
+        return f"tl.where({c}, {a}, {b})"
+
+    def _print_Equivalent(self, e):  # `==` of two conditions
+        first, *rest = (self._p(a) for a in e.args)
+        return "(" + " & ".join(f"({first} == {r})" for r in rest) + ")"
+
     def _print_Not(self, e):
         return f"({self._p(e.args[0])} == 0)"
 

@@ -272,6 +272,23 @@ def _xor(e, ev, tensors) -> Interval:
     return torch.where(known, parity, 0), torch.where(known, parity, 1)
 
 
+def _ite(e, ev, tensors) -> Interval:
+    """ITE(c, a, b): a boolean Piecewise; an unknown condition joins both sides."""
+    (clo, chi), (alo, ahi), (blo, bhi) = (ev(x) for x in e.args)
+    lo = torch.where(clo == 1, alo, torch.where(chi == 0, blo, torch.minimum(alo, blo)))
+    hi = torch.where(clo == 1, ahi, torch.where(chi == 0, bhi, torch.maximum(ahi, bhi)))
+    return lo, hi
+
+
+def _equivalent(e, ev, tensors) -> Interval:
+    """All operands equal: Not(Xor) for two; known only where every operand is known."""
+    parts = [ev(a) for a in e.args]
+    first = parts[0][0].long()
+    same = _reduce(torch.logical_and, (p[0].long() == first for p in parts[1:])).long()
+    known = _points(*parts)
+    return torch.where(known, same, 0), torch.where(known, same, 1)
+
+
 def _piecewise(e, ev, tensors) -> Interval:
     """First true condition wins (torch_eval's order); an unknown condition joins both sides."""
     lo, hi = ev(e.args[-1].expr)
@@ -446,6 +463,8 @@ _RULES: dict[type, Rule] = {
     sympy.Or: _or,
     sympy.Not: _not,
     sympy.Xor: _xor,
+    sympy.ITE: _ite,
+    sympy.Equivalent: _equivalent,
     type(sympy.true): _constant(1),
     type(sympy.false): _constant(0),
 }

@@ -191,6 +191,9 @@ class Traced:
         if divisor.expr.is_zero:  # sympy would make it zoo or raise; no kernel computes that
             raise _ctx().fail(f"`{sign}` by zero (`{divisor.expr}`)",
                               "the divisor is always 0: guard it with torch.where or drop it")
+        numerator = _lift(other) if rev else self
+        if op is _floordiv and divisor.expr == 1 and numerator.kind != "float":
+            return numerator._cast("int", "//")  # `int // 1` is itself (see `_same_kind`)
         return self._bin(other, op, kind, rev)
     def __pow__(self, o): return self._bin(o, lambda a, b: a ** b, "float")
     def __rpow__(self, o): return self._bin(o, lambda a, b: a ** b, "float", rev=True)
@@ -203,8 +206,8 @@ class Traced:
     def __le__(self, o): return self._bin(o, sympy.Le, "bool")
     def __gt__(self, o): return self._bin(o, sympy.Gt, "bool")
     def __ge__(self, o): return self._bin(o, sympy.Ge, "bool")
-    def __eq__(self, o): return self._bin(o, sympy.Eq, "bool")  # type: ignore[override]
-    def __ne__(self, o): return self._bin(o, sympy.Ne, "bool")  # type: ignore[override]
+    def __eq__(self, o): return self._bin(o, _eq, "bool")  # type: ignore[override]
+    def __ne__(self, o): return self._bin(o, _ne, "bool")  # type: ignore[override]
 
     def _logic(self, o: Any, op: Callable, rev: bool = False) -> "Traced":
         a, b = (_lift(o), self) if rev else (self, _lift(o))
@@ -248,6 +251,30 @@ class Traced:
 _CASTS: dict[Any, str] = {float: "float", int: "int", bool: "bool", torch.float32: "float",
                           torch.float64: "float", torch.int32: "int", torch.int64: "int",
                           torch.bool: "bool"}
+
+
+def _is_condition(expr: sympy.Basic) -> bool:
+    return isinstance(expr, sympy.logic.boolalg.Boolean) and not expr.is_Symbol
+
+
+def _eq(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
+    # two conditions compare as truth values (sympy.Eq of two relations would subtract them)
+    if _is_condition(a) and _is_condition(b):
+        return sympy.Equivalent(_as_bool(a), _as_bool(b))
+    return sympy.Eq(_as_number(a), _as_number(b))
+
+
+def _ne(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
+    if _is_condition(a) and _is_condition(b):
+        return sympy.Xor(_as_bool(a), _as_bool(b))
+    return sympy.Ne(_as_number(a), _as_number(b))
+
+
+def _as_number(expr: sympy.Basic) -> sympy.Basic:
+    """A condition compared with a number counts as 0 / 1, as torch's bool -> int does."""
+    if _is_condition(expr):
+        return sympy.Piecewise((sympy.Integer(1), expr), (0, True))
+    return expr
 
 
 def _floordiv(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
@@ -358,8 +385,15 @@ def _unary(op: Callable) -> Callable:
 
 
 def _same_kind(op: Callable) -> Callable:  # floor, ceil, trunc, sign, neg keep int as int
-    return lambda x: Traced(op(_lift(x).expr), _lift(x).kind if _lift(x).kind != "bool"
-                            else "int")
+    def apply(x: Any) -> Traced:
+        x = _lift(x)
+        if x.kind == "int" and op in _ROUNDING:
+            # rounding an integer is the identity; sympy cannot see that a Load of an int
+            # tensor is an integer, and would leave floor(Load) for the printer to call tl.floor
+            # on an int64 value (no such op)
+            return x
+        return Traced(op(x.expr), x.kind if x.kind != "bool" else "int")
+    return apply
 
 
 def _trunc(x: sympy.Basic) -> sympy.Basic:
@@ -407,6 +441,7 @@ _UNARY: dict[str, Callable] = {
     "cosh": sympy.cosh, "erf": sympy.erf, "reciprocal": lambda x: 1 / x,
     "square": lambda x: x ** 2, "relu": lambda x: sympy.Max(x, 0),
 }
+_ROUNDING = (sympy.floor, sympy.ceiling, _trunc)
 _SAME_KIND: dict[str, Callable] = {
     "floor": sympy.floor, "ceil": sympy.ceiling, "trunc": _trunc, "fix": _trunc,
     "sign": sympy.sign, "neg": lambda x: -x, "negative": lambda x: -x,
