@@ -25,18 +25,17 @@ from tests.fuzz_exprs import (bool_exprs, build_mask, build_score, dense_mask, d
                               mask_trees, score_trees, sink_logits,
                               traced_scores)
 from tests.fuzz_support import (TOL, Shape, assert_close, dense_softmax, fuzz_settings,
-                                regressions, log_example, make_qkv)
-
-# the traced functions draw their captured tables at trace time from freshly seeded generators
-# (deterministic), which the tracer's non-determinism warning cannot tell apart
-pytestmark = pytest.mark.filterwarnings("ignore:.*calls torch.rand:UserWarning")
+                                log_example, make_qkv, regressions)
 
 # both fp64; the reference evaluates functions of fp32 captured tensors (log of calibration
 # weights) in their dtype, so they agree to ~1e-8, not to rounding
 REF_TOL = 1e-6
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero"),
-              pytest.mark.filterwarnings("ignore:Generating overly large repr")]
+              pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+              # the traced functions draw their captured tables at trace time from freshly
+              # seeded generators (deterministic), which the tracer's warning cannot tell apart
+              pytest.mark.filterwarnings("ignore:.*calls torch.rand:UserWarning")]
 
 
 @st.composite
