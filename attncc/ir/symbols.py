@@ -40,6 +40,11 @@ class Load(sympy.Function):
     def eval(cls, *args):  # noqa: D102 - sympy hook: never evaluates, stays symbolic
         return None
 
+    def _eval_is_extended_real(self) -> bool:
+        # captured tensors hold real numbers: without this sympy keeps `re(...)` / `im(...)`
+        # parts (abs(exp(load)) -> exp(re(load))) that no kernel prints
+        return True
+
 
 class Sigmoid(sympy.Function):
     """Logistic function, kept as one node so kernels print `tl.sigmoid`."""
