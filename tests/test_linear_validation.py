@@ -70,12 +70,16 @@ def runners():
 RUNNERS = ["api", "api_reference", "chunked", "recurrent", "reference"]
 
 
-@pytest.mark.parametrize("layout", ["dense", "packed"])
+# the dense reference takes no cu_seqlens; the varlen one needs them
+SCALE_CASES = [(runner, layout) for runner in RUNNERS + ["reference_varlen"]
+               for layout in ("dense", "packed")
+               if not runner.startswith("reference")
+               or (runner == "reference_varlen") == (layout == "packed")]
+
+
 @pytest.mark.parametrize("scale", NON_FINITE, ids=str)
-@pytest.mark.parametrize("runner", RUNNERS + ["reference_varlen"])
+@pytest.mark.parametrize("runner,layout", SCALE_CASES)
 def test_non_finite_scale_is_rejected(runner, scale, layout, no_launch):
-    if (runner == "reference_varlen") != (layout == "packed") and runner.startswith("reference"):
-        pytest.skip("the dense reference takes no cu_seqlens; the varlen one needs them")
     x = dense() if layout == "dense" else packed()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the API's reference path warns that it is slow
@@ -88,14 +92,16 @@ def test_non_finite_scale_tensor_is_rejected(no_launch):
         api()(**dense(), scale=torch.tensor(float("nan")))
 
 
-@pytest.mark.parametrize("layout", ["dense", "packed"])
-@pytest.mark.parametrize("name", ["q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"])
-@pytest.mark.parametrize("runner", RUNNERS)
+# dense inputs take no cu_seqlens, and neither does the dense reference
+META_CASES = [(runner, name, layout) for runner in RUNNERS
+              for name in ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens")
+              for layout in ("dense", "packed")
+              if not (name == "cu_seqlens" and layout == "dense")
+              and not (runner == "reference" and layout == "packed")]
+
+
+@pytest.mark.parametrize("runner,name,layout", META_CASES)
 def test_meta_tensor_is_rejected(runner, name, layout, no_launch):
-    if name == "cu_seqlens" and layout == "dense":
-        pytest.skip("dense inputs take no cu_seqlens")
-    if runner == "reference" and layout == "packed":
-        pytest.skip("the dense reference takes no cu_seqlens")
     x = dense() if layout == "dense" else packed()
     x[name] = x[name].to("meta")
     want = "a cpu or cuda device" if name == "q" else "device cpu (the device of q)"
