@@ -16,6 +16,7 @@ import torch
 from hypothesis import strategies as st
 
 import attncc
+from tests.dense_oracle import random_tree_ancestors
 from tests.fuzz_support import Shape
 from tests.fuzz_traced import _gen, bool_exprs, float_exprs, mask_fn, score_fn
 
@@ -87,25 +88,13 @@ def _cu(seed: int, L: int) -> list[int]:
     return [0, *cuts, L]
 
 
-def _ancestors(seed: int, n: int) -> torch.Tensor:
-    g = _gen(seed)
-    parent = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
-    anc = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            anc[i, j] = True
-            j = parent[j]
-    return anc
-
-
 def _mask_data(node, shape: Shape):
     """The captured tensors a named atom reads (same tensors for build and dense)."""
     tag, L = node[0], max(shape.Lq, shape.Lk)
     if tag == "headclass":
         return (torch.randint(0, 2, (shape.Hq,), generator=_gen(node[1])))
     if tag == "tree":
-        return (_ancestors(node[1], shape.Lq))
+        return random_tree_ancestors(shape.Lq, node[1])
     if tag == "topk":
         nb = -(-L // node[2])
         return (torch.randint(-1, nb, (shape.B, shape.Hq, nb, 2), generator=_gen(node[1])))
