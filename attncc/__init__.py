@@ -14,21 +14,24 @@ from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import TraceError
 from attncc.ir.verify import VerifyError, verify
 from attncc.ir.linear import LinearState
-from attncc.kernel import CompiledAttention
-from attncc import fx, nn, torch_ops  # custom ops, torch modules, the SDPA graph pass
-from attncc import torch_ops_linear, torch_ops_serving  # noqa: F401 (registers their ops)
+from attncc.ops.softmax.compiled import CompiledAttention
+from attncc import fx, nn  # torch modules, the SDPA graph pass
+from attncc.ops.softmax import custom_op as torch_ops  # the custom ops (importing registers them)
+from attncc.ops.linear import custom_op as torch_ops_linear  # noqa: F401
+from attncc.ops.serving import custom_op as torch_ops_serving  # noqa: F401
+from attncc.ops.serving import stream as serving_stream  # append_stream (README)
 from attncc.fx import compile_backend, replace_sdpa
-from attncc.linear_attention import CompiledLinearAttention, recurrent_state
-from attncc.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
+from attncc.ops.linear.compiled import CompiledLinearAttention, recurrent_state
+from attncc.library.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
                           document_inputs, full, global_tokens, hilberta, neighbourhood_2d,
                           neighbourhood_3d, per_head_classes, prefix_lm, sinks_window,
                           sliding_window, strided_heads, tree)
-from attncc.memories import paged, per_head_lengths, persistent, ragged, streaming_heads
-from attncc.reorders import auto, hilbert, morton, permutation, segment_sort, tiles
-from attncc.scores import (alibi, bias, calibration, head_bias, log_count, relative_bias, scale,
+from attncc.library.memories import paged, per_head_lengths, persistent, ragged, streaming_heads
+from attncc.library.reorders import auto, hilbert, morton, permutation, segment_sort, tiles
+from attncc.library.scores import (alibi, bias, calibration, head_bias, log_count, relative_bias, scale,
                            sink, softcap)
-from attncc.serving import ServePlan, ServingAttention
+from attncc.ops.serving.compiled import ServePlan, ServingAttention
 
 __all__ = [
     "ServePlan", "ServingAttention", "paged", "per_head_lengths", "persistent", "ragged",

@@ -12,8 +12,8 @@ from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
 from attncc.ir.reorder import AutoReorder, Reorder
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
-from attncc.kernel import CompiledAttention
-from attncc.linear_attention import CompiledLinearAttention
+from attncc.ops.softmax.compiled import CompiledAttention
+from attncc.ops.linear.compiled import CompiledLinearAttention
 
 
 def _as_mask(mask: Any) -> Mask | None:
@@ -93,7 +93,7 @@ def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "
         if isinstance(spec.memory, LinearState):
             return CompiledLinearAttention(spec, backend)
         if isinstance(spec.memory, (PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)):
-            from attncc.serving import ServingAttention  # K2-K5: plan / run serving kernels
+            from attncc.ops.serving.compiled import ServingAttention  # K2-K5: plan / run serving kernels
             if backend != "auto":
                 raise ValueError(f"backend: serving memories ({spec.memory.text()}) run the "
                                  f"Triton serving kernels only; expected 'auto', got {backend!r}")

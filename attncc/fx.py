@@ -26,7 +26,7 @@ from torch import fx
 
 from attncc.api import Attention
 from attncc.api import compile as compile_attention
-from attncc.masks import causal, sliding_window
+from attncc.library.masks import causal, sliding_window
 from attncc.validate import DTYPES
 
 log = logging.getLogger("attncc.fx")

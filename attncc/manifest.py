@@ -35,10 +35,12 @@ from typing import Any, Callable
 
 import torch
 
-from attncc import masks, reorders, scores
+from attncc.library import masks
+from attncc.library import reorders
+from attncc.library import scores
 from attncc.api import Attention
 from attncc.ir.spec import AttentionSpec
-from attncc.prebuilt import check_head_dim, parse_arch, parse_dtype
+from attncc.backends.triton.prebuilt import check_head_dim, parse_arch, parse_dtype
 
 _NOT_MASKS = {"document_inputs", "bigbird_random_blocks"}  # helpers that build mask inputs
 _NOT_SCORES = {"sink"}  # a normaliser, not a score mod

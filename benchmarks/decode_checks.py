@@ -70,8 +70,8 @@ def _inputs(shape: tuple[int, ...], device: str) -> tuple:
 
 def measure(shape: tuple[int, ...], device: str, reps: int) -> Row:
     import attncc
-    from attncc import serving_run
-    from attncc.backends.triton_serve import FIXED_ARGS
+    from attncc.ops.serving import run as serving_run
+    from attncc.backends.triton.serve import FIXED_ARGS
 
     B, Hq, Hkv, D, P, _ = shape
     q, kc, vc, table, kv_len = _inputs(shape, device)

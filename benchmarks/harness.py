@@ -1,6 +1,6 @@
 """Check, then time: every output is compared with attncc's reference before it is timed.
 
-The reference is `attncc.backends.reference.attention_reference` on the same inputs: fp32 on a
+The reference is `attncc.backends.reference.forward.attention_reference` on the same inputs: fp32 on a
 GPU (fp64 is too slow at L = 32K; TF32 is off), fp64 on a CPU. It is computed for batch element 0
 (all heads, all rows) and each implementation's output for that element is compared with it:
 elementwise `|o - ref| <= atol + rtol * |ref|` (TOLERANCES, by the inputs' dtype). An output that
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from attncc.ir.reorder import inverse
 from benchmarks.flops import mask_stats
 from benchmarks.peers import Impl, Unavailable

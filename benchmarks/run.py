@@ -60,7 +60,7 @@ def _protocol(smoke: bool) -> dict[str, Any]:
         "timer": ("none (smoke run: no timings)" if smoke else
                   f"triton.testing.do_bench, median of >= {harness.MIN_REPS} runs after warm-up,"
                   " L2 cleared between runs; peers in the same process on the same inputs"),
-        "reference": ("attncc.backends.reference.attention_reference in "
+        "reference": ("attncc.backends.reference.forward.attention_reference in "
                       + ("fp64" if smoke else "fp32 (fp64 too slow at 32K; TF32 off)")),
         "checked_on": harness.CHECKED_ON,
         "tolerances": {k: list(v) for k, v in harness.TOLERANCES.items()},

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import attncc
-from attncc.backends.reference_linear_varlen import varlen_reference
+from attncc.backends.reference.linear_varlen import varlen_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
 
 import attncc  # noqa: E402
-from attncc.backends.reference import attention_reference  # noqa: E402
+from attncc.backends.reference.forward import attention_reference  # noqa: E402
 from attncc.ir.reorder import inverse  # noqa: E402
 from attncc.passes.choose_reorder import cost_table, order_costs  # noqa: E402
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import attncc
-from attncc.backends.reference_linear import recurrent_reference
+from attncc.backends.reference.linear import recurrent_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import attncc  # noqa: E402
-from attncc.backends.reference import attention_reference  # noqa: E402
+from attncc.backends.reference.forward import attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16

@@ -20,7 +20,7 @@ if not __import__("torch").cuda.is_available():
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from attncc.ir.nodes import DenseMemory
 
 PAGE, HQ, HKV, D = 4, 4, 2, 32

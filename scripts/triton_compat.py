@@ -5,7 +5,7 @@
 The other Python needs only `triton` (e.g. the GPU image's 3.6: `python -m venv /tmp/t36 &&
 /tmp/t36/bin/pip install triton==3.6.0`). This script, run with attncc's own Python, renders a
 causal forward kernel, then under the other Python:
-1. compiles it for sm_90 with `attncc/backends/triton_aot.py`'s child (TTIR .. ptxas);
+1. compiles it for sm_90 with `attncc/backends/triton/aot.py`'s child (TTIR .. ptxas);
 2. loads the result into that Triton's `CompiledKernel` through `triton_direct.DirectKernel`
    and launches it against a fake CUDA driver, printing what the launcher was given.
 It exits non-zero when either step fails on that version.
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_job(out: Path) -> None:
     import attncc
-    from attncc.backends.launch_spec import forward_spec
+    from attncc.backends.triton.launch_spec import forward_spec
 
     forward = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
     spec = forward_spec(forward, "float16", 64, 64, 90)
@@ -45,8 +45,8 @@ def launch_under_fake_driver(out: Path) -> None:
         package = types.ModuleType(name)
         package.__path__ = []
         sys.modules[name] = package
-    launch_spec = _load("attncc.backends.launch_spec", ROOT / "attncc/backends/launch_spec.py")
-    direct = _load("attncc.backends.triton_direct", ROOT / "attncc/backends/triton_direct.py")
+    launch_spec = _load("attncc.backends.triton.launch_spec", ROOT / "attncc/backends/triton/launch_spec.py")
+    direct = _load("attncc.backends.triton.direct", ROOT / "attncc/backends/triton/direct.py")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -122,7 +122,7 @@ def main(python: str) -> int:
         out = Path(tmp)
         write_job(out)
         env = {"TRITON_CACHE_DIR": str(out / "triton"), "PATH": "/usr/bin:/bin"}
-        steps = [[python, str(ROOT / "attncc/backends/triton_aot.py"), str(out / "job.json")],
+        steps = [[python, str(ROOT / "attncc/backends/triton/aot.py"), str(out / "job.json")],
                  [python, __file__, "--launch", str(out)]]
         for step in steps:
             run = subprocess.run(step, cwd=out, env=env, capture_output=True, text=True)

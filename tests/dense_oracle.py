@@ -3,7 +3,7 @@
 Nothing here goes through sympy or attncc's evaluator: masks are boolean tensors built from the
 CATALOG predicates with broadcast index tensors (or explicit loops for the grid masks), score
 mods are plain torch on `s`, and the softmax is spelled out with the Section 0 conventions.
-`tests/test_reference_dense_*.py` compare `attncc.backends.reference.attention_reference` to it.
+`tests/test_reference_dense_*.py` compare `attncc.backends.reference.forward.attention_reference` to it.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def check(spec, q, k, v, allowed=None, score=None, sink=None, scale=None, chunks
 
     `scale` goes to both; `reference_kwargs` (params=, captures=, reorder_inputs=) to the reference
     only, so the oracle must be built from the values those arguments mean."""
-    from attncc.backends.reference import attention_reference
+    from attncc.backends.reference.forward import attention_reference
 
     o, lse = attention_reference(spec, q, k, v, scale=scale, **chunks, **reference_kwargs)
     o_ref, lse_ref = dense_attention(q, k, v, allowed, score, scale=scale, sink=sink)

@@ -20,9 +20,12 @@ import triton
 from triton.runtime import driver
 
 import attncc
-from attncc import prebuilt
-from attncc.backends import (cache, triton_aot, triton_backend, triton_backward,
-                             triton_backward_launch)
+from attncc.backends.triton import prebuilt
+from attncc.backends import cache
+from attncc.backends.triton import aot as triton_aot
+from attncc.backends.triton import forward as triton_backend
+from attncc.backends.triton.backward import kernel as triton_backward
+from attncc.backends.triton.backward import launch as triton_backward_launch
 
 LAUNCHES: list[dict] = []
 LOADS: list[dict] = []

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
-from attncc.backends.torch_eval import evaluate
+from attncc.backends.reference.forward import attention_reference
+from attncc.ir.eval import evaluate
 from attncc.ir.nodes import Schedule
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_IDX

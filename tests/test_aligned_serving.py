@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.serving import ServingAttention
+from attncc.ops.serving.compiled import ServingAttention
 from tests.dense_oracle import dense_attention
 from tests.test_serving_paged import HKV, HQ, dense_of, paged_inputs
 

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.triton_aot import (AOTCompileError, CompiledArtifact,
+from attncc.backends.triton.aot import (AOTCompileError, CompiledArtifact,
                                         compile_block_map_for_target, compile_for_target,
                                         save_artifacts)
 from tests.catalog_cases import masks, scores

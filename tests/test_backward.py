@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.positions import split_reorder_inputs
-from attncc.backends.reference import attention_reference
-from attncc.backward import attention_backward, reference_backward
+from attncc.ir.positions import split_reorder_inputs
+from attncc.backends.reference.forward import attention_reference
+from attncc.ops.softmax.backward import attention_backward, reference_backward
 from attncc.validate import split_runtime
 from tests.catalog_cases import masks, scores
 

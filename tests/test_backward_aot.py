@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.triton_backward_aot import compile_backward_for_target
-from attncc.backends.triton_backward_launch import backward_kernels
+from attncc.backends.triton.backward.aot import compile_backward_for_target
+from attncc.backends.triton.backward.launch import backward_kernels
 
 HQ, L = 4, 256
 _g = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from benchmarks import harness, peers, report, workloads
 from benchmarks.flops import mask_stats
 from benchmarks.schema import validate_results

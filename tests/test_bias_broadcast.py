@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 
 B, H, L, D = 2, 2, 24, 16
 _g = torch.Generator().manual_seed(0)

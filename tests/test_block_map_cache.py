@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from attncc.ir.intervals import range_table
 
 L, D = 96, 16

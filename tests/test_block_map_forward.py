@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
-from attncc.backends.triton_render import RENDERS
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.triton.render import RENDERS
 from attncc.ir.tiles import EMPTY, FULL
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 1e-4)}

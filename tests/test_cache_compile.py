@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends import cache, triton_render
-from attncc.backends.reference import attention_reference
-from attncc.backends.triton_render import kernel_arguments
+from attncc.backends import cache
+from attncc.backends.triton import render as triton_render
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.triton.render import kernel_arguments
 
 # The child compiles the spec, runs the kernel once and checks it against the fp64 reference.
 CHILD = textwrap.dedent("""
@@ -31,8 +32,9 @@ CHILD = textwrap.dedent("""
     warnings.simplefilter("error")  # a silent fall-back to the reference path would fail here
     import torch
     import attncc
-    from attncc.backends import cache, triton_render
-    from attncc.backends.reference import attention_reference
+    from attncc.backends import cache
+    from attncc.backends.triton import render as triton_render
+    from attncc.backends.reference.forward import attention_reference
 
     go = os.environ.get("GO_FILE")
     deadline = time.time() + 60

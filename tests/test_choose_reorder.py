@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from attncc.passes.choose_reorder import best, cost_table, order_costs
 
 

@@ -15,7 +15,7 @@ import torch
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 import attncc
-from attncc.backends.torch_eval import evaluate
+from attncc.ir.eval import evaluate
 from attncc.ir.intervals import interval_eval, range_table
 from attncc.ir.symbols import KV_IDX, Q_IDX
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL

@@ -28,7 +28,7 @@ GOOD = 'name = "ok"\nmask = "causal"\ndtypes = ["float16"]\nhead_dims = [16]\n'
 BAD = {  # entry name -> (TOML body, the field its error names, words the error must contain)
     "bad-import": ('spec = "no_such_module_xyz.attention:spec"', "spec",
                    "cannot import 'no_such_module_xyz.attention:spec'"),
-    "bad-attr": ('spec = "attncc.masks:no_such_spec"', "spec", "has no attribute 'no_such_spec'"),
+    "bad-attr": ('spec = "attncc.library.masks:no_such_spec"', "spec", "has no attribute 'no_such_spec'"),
     "bad-catalogue": ('mask = "causl"', "mask", "unknown catalogue mask 'causl'; did you mean "
                                                 "'causal'?"),
     "bad-head-dim": ('mask = "causal"\nhead_dims = [300]', "head_dims",
@@ -333,8 +333,8 @@ def test_explain_takes_combined_masks_and_speaks_no_manifest_fields(capsys):
              "--score: softcap(): arguments must be literals"),
             (["explain", "causal", "--score", "softcap(1.0) & softcap(2.0)"],
              "--score: expected catalogue score calls, like \"softcap(50.0)\""),
-            (["explain", "attncc.masks:no_such_spec"],
-             "cannot import 'attncc.masks:no_such_spec': module 'attncc.masks' has no "
+            (["explain", "attncc.library.masks:no_such_spec"],
+             "cannot import 'attncc.library.masks:no_such_spec': module 'attncc.library.masks' has no "
              "attribute 'no_such_spec'")):
         line = one_error_line(capsys, argv)
         assert words in line, (argv, line)

@@ -15,7 +15,7 @@ import torch
 
 import attncc
 from attncc import config
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 
 _g = torch.Generator().manual_seed(0)
 

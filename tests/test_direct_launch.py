@@ -26,8 +26,9 @@ import pytest
 import torch
 
 import attncc
-from attncc import config, prebuilt
-from attncc.backends.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
+from attncc import config
+from attncc.backends.triton import prebuilt
+from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
                                          check_int_arguments, choose_variant)
 
 HERE = Path(__file__).resolve().parent
@@ -200,10 +201,10 @@ def test_on_a_gpu_built_kernels_run_with_zero_compiles_and_are_correct(tmp_path)
     from tests.test_prebuilt import env_for
     script = (
         "import torch, triton, attncc\n"
-        "from attncc.backends import triton_aot\n"
+        "from attncc.backends.triton import aot as triton_aot\n"
         "def refuse(*a, **k): raise AssertionError('a compiler was called')\n"
         "triton.compile = triton_aot.compile_in_child = refuse\n"
-        "from attncc.backends.reference import attention_reference\n"
+        "from attncc.backends.reference.forward import attention_reference\n"
         "attn = attncc.compile(attncc.Attention(mask=attncc.causal()))\n"
         "g = torch.Generator(device='cuda').manual_seed(0)\n"
         "q, k, v, do = (torch.randn(2, 4, 333, 64, device='cuda', generator=g)"

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncc
-from attncc.masks import check_cu_seqlens_async
+from attncc.library.masks import check_cu_seqlens_async
 
 I32 = torch.int32
 

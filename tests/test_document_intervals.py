@@ -21,9 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncc
 from attncc import config
-from attncc.backends import triton_render
-from attncc.backends.reference import attention_reference
-from attncc.backends.torch_eval import evaluate
+from attncc.backends.triton import render as triton_render
+from attncc.backends.reference.forward import attention_reference
+from attncc.ir.eval import evaluate
 from attncc.ir.nodes import Capture, Schedule
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import KV_IDX, LK, LQ, Q_IDX, Load, buffer_symbol

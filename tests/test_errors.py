@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends import triton_backend
+from attncc.backends.triton import forward as triton_backend
 
 F32 = torch.float32
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncc.backends.reference_linear import recurrent_reference
+from attncc.backends.reference.linear import recurrent_reference
 from attncc.ir.linear import LinearState
 
 pytest.importorskip("einops", reason="fla's naive modules import einops")

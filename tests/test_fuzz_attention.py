@@ -20,7 +20,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from tests.fuzz_exprs import (bool_exprs, build_mask, build_score, dense_mask, dense_score,
                               mask_trees, score_trees, sink_logits,
                               traced_scores)
@@ -157,7 +157,7 @@ def _qp_case(mask, score=None):
     _qp_case(None, ("alibi", None)), _qp_case(None, ("relbias", 0, 1)),
     (Shape(1, 2, 1, 5, 35, 32, 32, "float16", "bhsd", "contig", 1.0),
      ("fn", ("!=", ("c", -2), ("c", 0))), ("relbias", 0, 1), None, 1, None))
-# Found by this test, fixed (attncc/binding.py `broadcast_checks`): `attncc.bias(t)` turns every
+# Found by this test, fixed (attncc/ops/softmax/binding.py `broadcast_checks`): `attncc.bias(t)` turns every
 # size-1 dim of `t` into index 0 in the compiled expression, and a replacement `bias=` of another
 # size on that dim was accepted, so a kernel compiled with a decode-shaped bias [B, H, 1, Lk]
 # read row 0 for every query of a later [B, H, Lq, Lk] bias; now that call is a clear error.
@@ -185,7 +185,7 @@ def traced_cases(draw):
     return shape, mask, score, None, draw(st.integers(0, 2 ** 16)), draw(recalls(shape))
 
 
-# Found by this test, fixed (attncc/backends/triton_render.py `score_source`): a score mod
+# Found by this test, fixed (attncc/backends/triton/render.py `score_source`): a score mod
 # that does not read `score` (here tanh(-0.1 q_idx)) printed a [BLOCK_M, 1] value, and on a
 # full tile (no mask to broadcast it) tl.dot got a [BLOCK_M, 1] p: a crash inside the kernel.
 @example((Shape(1, 1, 1, 16, 16, 16, 16, "float32", "bhsd", "contig", None, (16, 16)),
@@ -194,7 +194,7 @@ def traced_cases(draw):
 @example((Shape(2, 2, 2, 36, 36, 16, 16, "float16", "bhsd", "dstride2", None, (16, 16)),
           ("fn", ("<=", ("kv",), ("+", ("q",), ("c", 40)))),
           ("fn", ("sigmoid", ("*c", ("*i", ("//", ("q",), 7), -0.1), 0.5))), None, 5393, (3, 1)))
-# Found by this test, fixed (ITE and Equivalent in attncc/backends/torch_eval.py,
+# Found by this test, fixed (ITE and Equivalent in attncc/ir/eval.py,
 # triton_printer.py and ir/intervals.py): an int torch.where compared inside another condition
 # becomes sympy's ITE, which the evaluators rejected.
 @regressions((

@@ -1,6 +1,6 @@
 """Property: the linear-recurrence kernels (chunked for prefill at a random chunk size, and the
 path `attncc.compile` picks: recurrent for one token) match attncc's fp64 one-token-at-a-time
-recurrence (`attncc.backends.reference_linear.recurrent_reference`) for random rules L1-L6,
+recurrence (`attncc.backends.reference.linear.recurrent_reference`) for random rules L1-L6,
 feature maps, normalisation, lengths, head dims, initial states, strides and dtypes.
 
 Tolerance (max error relative to the reference's max magnitude, as in
@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attncc
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
 from tests.fuzz_support import fuzz_settings, log_example
 

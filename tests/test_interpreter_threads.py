@@ -10,7 +10,7 @@ import torch
 
 import attncc
 from attncc import config
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 
 THREADS, CALLS = 6, 3
 TOL = 2e-3  # fp16 outputs against the fp64 reference

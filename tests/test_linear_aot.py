@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from attncc.backends.triton_aot import compile_linear_for_target
-from attncc.backends.triton_linear import TritonRecurrentLinear
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear, compile_chunked_for_target
+from attncc.backends.triton.aot import compile_linear_for_target
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
 from attncc.ir.linear import LinearState
 
 NODES = {

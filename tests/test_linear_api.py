@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference_linear import recurrent_reference
+from attncc.backends.reference.linear import recurrent_reference
 
 _g = torch.Generator().manual_seed(0)
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.reference_linear_chunked import chunked_reference
-from attncc.backends.reference_linear_varlen import varlen_reference
-from attncc.backends.triton_linear import TritonRecurrentLinear
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.reference.linear_chunked import chunked_reference
+from attncc.backends.reference.linear_varlen import varlen_reference
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
 from tests.test_linear_backward import NODES as BNODES
 from tests.test_linear_backward import kernel as bkernel
@@ -243,7 +243,7 @@ def test_extreme_gate_gradients(name, token, value, device):
 @pytest.mark.parametrize("token,value", GATE_CASES, ids=[f"t{t}_{v:g}" for t, v in GATE_CASES])
 @pytest.mark.parametrize("name", GATED)
 def test_chunked_reference_on_extreme_gates(name, token, value, dtype):
-    # the PyTorch chunked maths (attncc.backends.reference_linear_chunked) as well
+    # the PyTorch chunked maths (attncc.backends.reference.linear_chunked) as well
     x = inputs(name, (1, 2, L))
     set_gate(name, x["g"], token, value)
     x = {n: t.to(dtype) for n, t in x.items()}

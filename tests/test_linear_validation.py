@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.reference_linear_varlen import varlen_reference
-from attncc.backends.triton_linear import TritonRecurrentLinear
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.reference.linear_varlen import varlen_reference
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
 
 NODE = LinearState("gated_delta")  # reads every optional tensor: g, beta, initial_state

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
 
 NODES = {  # L7; the plain / gated chunked kernel (linear_chunked.py.j2) is not covered yet:

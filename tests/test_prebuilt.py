@@ -35,7 +35,8 @@ import pytest
 import torch
 
 import attncc
-from attncc import config, prebuilt
+from attncc import config
+from attncc.backends.triton import prebuilt
 from attncc.backends import cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +111,9 @@ LOAD_CHILD = textwrap.dedent("""
     import json, sys
     import triton
     import attncc
-    from attncc import prebuilt
-    from attncc.backends import cache, triton_aot
+    from attncc.backends.triton import prebuilt
+    from attncc.backends import cache
+    from attncc.backends.triton import aot as triton_aot
 
     def refuse(*args, **kwargs):
         raise AssertionError("a compiler was called")
@@ -166,7 +168,7 @@ def test_precompile_compiles_once_then_loads(tmp_path, monkeypatch, caplog):
     assert re.search(r"in \d+\.\ds", record.getMessage())
     caplog.clear()
     calls = []
-    monkeypatch.setattr("attncc.backends.triton_aot.compile_spec",
+    monkeypatch.setattr("attncc.backends.triton.aot.compile_spec",
                         lambda *a, **k: calls.append(a))
     with caplog.at_level(logging.INFO, logger="attncc"):
         again = attn.precompile("fp16", 16, 16, arch=90)
@@ -284,7 +286,8 @@ def test_threads_of_one_process_build_a_key_once(tmp_path):
 RO_CHILD = textwrap.dedent("""
     import json
     import attncc
-    from attncc.backends import cache, triton_aot
+    from attncc.backends import cache
+    from attncc.backends.triton import aot as triton_aot
 
     def refuse(*args, **kwargs):
         raise AssertionError("a compiler was called")
@@ -425,7 +428,7 @@ def test_two_spellings_of_one_spec_build_once_and_serve_each_other_offline(tmp_p
     def refuse(*args, **kwargs):
         raise AssertionError("a compiler was called")
 
-    monkeypatch.setattr("attncc.backends.triton_aot.compile_spec", refuse)
+    monkeypatch.setattr("attncc.backends.triton.aot.compile_spec", refuse)
     with config.override(ATTNCC_CACHE_DIR=str(root), ATTNCC_OFFLINE="1"):
         for mask in (attncc.sliding_window(64) & attncc.causal(),
                      attncc.causal() & attncc.sliding_window(64), attncc.sliding_window(64)):

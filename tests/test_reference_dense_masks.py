@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attncc import masks as M
-from attncc.backends.reference import attention_reference
+from attncc.library import masks as M
+from attncc.backends.reference.forward import attention_reference
 from attncc.ir.reorder import (Hilbert2D, Hilbert3D, Morton2D, SegmentSort, TileMajor,
                                UserPermutation)
 from attncc.ir.spec import AttentionSpec

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from attncc import masks as M
-from attncc import scores as S
-from attncc.backends.reference import attention_reference
+from attncc.library import masks as M
+from attncc.library import scores as S
+from attncc.backends.reference.forward import attention_reference
 from attncc.ir.reorder import Hilbert2D, UserPermutation
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score

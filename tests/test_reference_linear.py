@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncc.backends.reference_linear import (decode_step, feature_map, mix_hybrid,
+from attncc.backends.reference.linear import (decode_step, feature_map, mix_hybrid,
                                               recurrent_reference)
-from attncc.backends.reference_linear_chunked import chunked_reference
+from attncc.backends.reference.linear_chunked import chunked_reference
 from attncc.ir.linear import Hybrid, LinearState
 
 F64 = torch.float64

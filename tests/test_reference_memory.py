@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncc import masks
-from attncc.backends.reference import attention_reference
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.reference_memory import (hybrid_reference, offloaded_reference,
+from attncc.library import masks
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.reference.memory import (hybrid_reference, offloaded_reference,
                                               paged_reference, per_head_length_reference,
                                               persistent_reference, ragged_reference)
 from attncc.ir.linear import Hybrid, LinearState

@@ -17,10 +17,10 @@ import torch
 
 import attncc
 from attncc import config
-from attncc.backends.reference_memory import paged_reference, ragged_reference
+from attncc.backends.reference.memory import paged_reference, ragged_reference
 from attncc.ir.nodes import DenseMemory
-from attncc.serving import ServingAttention
-from attncc.serving_checks import ASYNC_MESSAGE
+from attncc.ops.serving.compiled import ServingAttention
+from attncc.ops.serving.checks import ASYNC_MESSAGE
 from tests.test_serving_paged import HKV, HQ, close, cpu64, paged_inputs
 
 F32 = torch.float32

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attncc
-from attncc import serving_run
+from attncc.ops.serving import run as serving_run
 from benchmarks import decode_checks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
@@ -39,7 +39,7 @@ def test_the_unchecked_switch_turns_the_checks_off():
 def test_checked_kernel_spills_no_more_than_unchecked(variant, tmp_path, monkeypatch):
     """ptxas for sm_90, fp16, head dim 128 (8 warps, the GPU schedule): the checks add no stack
     (spills). A masked page load with an atomic report spilled 64-120 B on the paged kernel."""
-    from attncc.backends import triton_serve_aot as aot
+    from attncc.backends.triton import serve_aot as aot
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     attn = attncc.compile(attncc.Attention(mask=attncc.causal(), memory=attncc.paged(16)))

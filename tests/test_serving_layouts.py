@@ -1,6 +1,6 @@
 """Serving kernels on ragged (K3), persistent-slot (K4) and per-head-length (K5) memory, M18
 head classes in one launch, and cascade (shared prefix), against the fp64 references of
-`attncc.backends.reference_memory`. Tolerances as in test_serving_paged (fp32: 2e-5)."""
+`attncc.backends.reference.memory`. Tolerances as in test_serving_paged (fp32: 2e-5)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
-from attncc.backends.reference_memory import (
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.reference.memory import (
     paged_reference,
     per_head_length_reference,
     persistent_reference,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
-from attncc.backends.reference_memory import paged_reference
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.reference.memory import paged_reference
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-4), torch.bfloat16: (2e-2, 2e-3)}
 HQ, HKV = 4, 2

@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncc
 from attncc import config
-from attncc.backends import triton_serve
-from attncc.backends.reference_memory import paged_reference
-from attncc.backends.triton_serve_aot import compile_serve_for_target
+from attncc.backends.triton import serve as triton_serve
+from attncc.backends.reference.memory import paged_reference
+from attncc.backends.triton.serve_aot import compile_serve_for_target
 from tests.test_serving_paged import HKV, HQ, SINKS, close, cpu64, paged_inputs, specs
 
 

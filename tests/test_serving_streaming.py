@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
-from attncc.backends.triton_serve_aot import compile_serve_for_target
+from attncc.backends.reference.forward import attention_reference
+from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.nodes import DenseMemory
-from attncc.serving_stream import append_stream, compact_from_dense
+from attncc.ops.serving.stream import append_stream, compact_from_dense
 from tests.test_serving_paged import HKV, HQ, SINKS, close, cpu64, paged_inputs
 
 F32 = torch.float32

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncc
-from attncc.backends.torch_eval import evaluate
+from attncc.ir.eval import evaluate
 from attncc.ir.nodes import Schedule
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_IDX

@@ -16,7 +16,7 @@ from torch.library import opcheck
 
 import attncc
 import attncc.nn
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}

@@ -14,9 +14,10 @@ import torch
 from torch.library import opcheck
 
 import attncc
-from attncc import serving_run, torch_ops_serving
-from attncc.backends import triton_serve
-from attncc.backends.reference_memory import paged_reference
+from attncc.ops.serving import run as serving_run
+from attncc.ops.serving import custom_op as torch_ops_serving
+from attncc.backends.triton import serve as triton_serve
+from attncc.backends.reference.memory import paged_reference
 from tests.test_serving_paged import HKV, HQ, close, cpu64, paged_inputs, specs
 from tests.test_serving_plan import HostOps
 from tests.test_torch_ops import CountingBackend

@@ -2,7 +2,7 @@
 
 Meaning is checked, not just structure: a FlexAttention function is valid torch code, so calling
 it on real broadcast index tensors gives the ground truth, and the traced expression evaluated by
-`attncc.backends.torch_eval.evaluate` on the same grid must agree.
+`attncc.ir.eval.evaluate` on the same grid must agree.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.torch_eval import evaluate
+from attncc.ir.eval import evaluate
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, SCORE
 from attncc.ir.trace import trace_mask, trace_score
 

@@ -17,10 +17,11 @@ import sympy
 import torch
 
 import attncc
-from attncc.backends import cache, triton_printer
-from attncc.backends.torch_eval import evaluate
-from attncc.backends.triton_printer import TritonPrinter
-from attncc.backends.triton_source import SourceError, check_source
+from attncc.backends import cache
+from attncc.backends.triton import printer as triton_printer
+from attncc.ir.eval import evaluate
+from attncc.backends.triton.printer import TritonPrinter
+from attncc.backends.triton.source import SourceError, check_source
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, SCORE
 from attncc.ir.trace import trace_mask, trace_score
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 
 TAB = torch.arange(23, dtype=torch.int64) % 5
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference import attention_reference
+from attncc.backends.reference.forward import attention_reference
 from tests.catalog_cases import masks, scores
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 1e-4), torch.bfloat16: (2e-2, 1e-3)}

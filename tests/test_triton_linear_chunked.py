@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.triton_linear import TritonRecurrentLinear
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear, compile_chunked_for_target
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
 from attncc.ir.linear import LinearState
 
 NODES = {

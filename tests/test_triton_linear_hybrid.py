@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import attncc
-from attncc.backends.reference_linear import mix_hybrid, recurrent_reference
-from attncc.backends.reference_memory import hybrid_reference
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import mix_hybrid, recurrent_reference
+from attncc.backends.reference.memory import hybrid_reference
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import Hybrid, LinearState
 
 

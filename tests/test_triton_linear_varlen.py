@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import attncc
-from attncc.backends.reference_linear import recurrent_reference
-from attncc.backends.reference_linear_varlen import varlen_reference
-from attncc.backends.triton_linear import TritonRecurrentLinear
-from attncc.backends.triton_linear_chunked import TritonChunkedLinear
+from attncc.backends.reference.linear import recurrent_reference
+from attncc.backends.reference.linear_varlen import varlen_reference
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.ir.linear import LinearState
 
 NODES = {

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from attncc.cli.output import SHORT, dims, error, one_line, size
 
 if TYPE_CHECKING:
-    from attncc.prebuilt_targets import Target
+    from attncc.backends.triton.prebuilt_targets import Target
 
 DEFAULT_ARCHS = "sm_80,sm_90"
 
@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
 def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
     """Every kernel to build, once per key, and the number of entries that could not be compiled
     at all. Plans are made here, in one thread: the worker threads only look them up."""
-    from attncc import prebuilt
-    from attncc.kernel import CompiledAttention
+    from attncc.backends.triton import prebuilt
+    from attncc.ops.softmax.compiled import CompiledAttention
 
     jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
     bad = 0
@@ -125,7 +125,7 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
 
 
 def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:
-    from attncc import prebuilt
+    from attncc.backends.triton import prebuilt
 
     counts = {"built": 0, "cached": 0, "failed": 0}
 

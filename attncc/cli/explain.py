@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attncc.manifest import ManifestError, load_manifest, parse_archs
-    from attncc.prebuilt import check_head_dim, parse_dtype
+    from attncc.backends.triton.prebuilt import check_head_dim, parse_dtype
 
     try:
         shape = _pair("--shape", args.shape) if args.shape else None

@@ -5,7 +5,7 @@ a closed interval `(lo, hi)` of broadcastable tensors (one entry per box; 0-d fo
 The result `(lo, hi)` is SOUND (the true range over the box lies in `[lo, hi]`) for every node
 and EXACT when every input is a single point, so refining boxes down to points always decides.
 Booleans are three-valued `(lo, hi)` in {0, 1}: (0, 0) false on the whole box, (1, 1) true on
-the whole box, (0, 1) unknown. Point semantics are `attncc.backends.torch_eval`'s: floor division
+the whole box, (0, 1) unknown. Point semantics are `attncc.ir.eval`'s: floor division
 and `Mod` floor, `Load` reads 0 outside the tensor, bool tensors read 0 / 1.
 """
 
@@ -19,8 +19,8 @@ import sympy
 import torch
 from torch import Tensor
 
-from attncc.backends.torch_eval import evaluate
-from attncc.backends.value_cache import ValueCache, keep
+from attncc.ir.eval import evaluate
+from attncc.value_cache import ValueCache, keep
 from attncc.ir.symbols import Load, Sigmoid
 
 Interval = tuple[Tensor, Tensor]

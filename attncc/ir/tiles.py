@@ -15,7 +15,7 @@ from typing import Mapping
 import sympy
 import torch
 
-from attncc.backends.torch_eval import evaluate
+from attncc.ir.eval import evaluate
 from attncc.ir.symbols import B_IDX, H_IDX, HKV, HQ, LK, LQ, Q_FIRST, Q_LAST
 
 EMPTY, PARTIAL, FULL = 0, 1, 2

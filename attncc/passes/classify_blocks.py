@@ -27,7 +27,7 @@ import sympy
 import torch
 from torch import Tensor
 
-from attncc.backends.torch_eval import evaluate
+from attncc.ir.eval import evaluate
 from attncc.ir.intervals import interval_eval
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
 

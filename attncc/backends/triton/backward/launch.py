@@ -1,0 +1,99 @@
+"""One Triton backward call of a compiled attention: delta, block maps, the two kernel
+launches, captured-tensor and sink gradients.
+
+`triton_backward` is what `attncc.ops.softmax.backward.attention_backward` runs on CUDA tensors (or under
+TRITON_INTERPRET=1). A backward variant is rendered per set of captures that need a gradient and
+kept per compiled attention, so a call with the same set renders and loads nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from attncc.backends.triton.block_maps import q_tile_lists
+from attncc.backends.triton.forward import target_of
+from attncc.backends.triton.backward.kernel import TritonBackward
+from attncc.backends.triton.backward.grads import capture_gradients, sink_gradient
+
+if TYPE_CHECKING:
+    from attncc.ops.softmax.backward import Gradients
+    from attncc.ops.softmax.compiled import CompiledAttention
+
+_VARIANTS: weakref.WeakKeyDictionary[CompiledAttention, dict] = weakref.WeakKeyDictionary()
+
+
+def backward_kernels(attn: CompiledAttention, score_grads: Sequence[str]) -> TritonBackward:
+    """The backward variant of `attn` for the grad-requiring captures its score mod reads."""
+    variants = _VARIANTS.setdefault(attn, {})
+    key = tuple(sorted(score_grads))
+    if key not in variants:
+        variants[key] = TritonBackward(attn.triton, key)
+    return variants[key]
+
+
+def score_reads(attn: CompiledAttention) -> set[str]:
+    score = attn.triton.plan.spec.score
+    return {c.name for c in score.captures} if score is not None else set()
+
+
+def triton_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                    dlse: torch.Tensor | None, *, sm_scale: float,
+                    params: Mapping[str, float | int], tensors: Mapping[str, torch.Tensor],
+                    reorder_inputs: Mapping[str, torch.Tensor],
+                    grad_captures: Sequence[str], permuted: bool) -> Gradients:
+    """q/k/v/o/do BHSD (any strides); lse, dlse [B, Hq, Lq]. See attention_backward."""
+    from attncc.ops.softmax.backward import Gradients
+
+    if attn.triton is None:
+        raise ValueError(f"backend 'triton': memory {attn.spec.memory.text()!r} has no "
+                         "backward kernel; use backend='reference'")
+    B, Hq, Lq, dqk = q.shape
+    Hkv, Lk, d_v = k.shape[1], k.shape[2], v.shape[3]
+    sink = attn.spec.normaliser.sink
+    sink_name = sink.name if sink is not None else None
+    kernels = backward_kernels(attn, [n for n in grad_captures if n in score_reads(attn)])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # delta = rowsum(o * do) - dlse: dS = P (dP - delta) covers both outputs' gradients
+    delta = (o.float() * do.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), 0.0)
+    delta = delta.contiguous()
+    lse = lse.float().contiguous()
+    captures: dict[str, torch.Tensor] = {}
+    if Lq == 0 or Lk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    else:
+        target = target_of(q.device)
+        dtype = str(q.dtype).removeprefix("torch.")
+        sched = kernels.schedule(dtype, dqk, d_v, target)
+        positions = (attn.positions.get(Lq, Lk, q.device, dict(reorder_inputs))
+                     if attn.positions is not None else None)
+        kv_tiles = q_tiles = None
+        if attn.block_maps is not None:
+            kv_tiles = attn.block_maps.get(
+                B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
+                block_n=sched.block_n, params=params, tensors=tensors, positions=positions,
+                device=q.device, prebuilt_for=(dtype, dqk, d_v))
+            q_tiles = q_tile_lists(kv_tiles)
+        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584)
+        upcast = target == "interpreter" and q.dtype == torch.bfloat16
+        buffers = kernels.launch(q, k, v, do, lse, delta, dq, dk, dv, sched=sched,
+                                 sm_scale=sm_scale, params=params, tensors=tensors,
+                                 kv_tiles=kv_tiles, q_tiles=q_tiles, positions=positions,
+                                 gather_rows=not permuted, upcast_dot=upcast)
+        captures = capture_gradients(attn.triton.plan.spec, kernels.loads, buffers, B=B, Hq=Hq,
+                                     Hkv=Hkv, Lq=Lq, Lk=Lk, params=params, tensors=tensors)
+    if sink_name in grad_captures:
+        g = sink_gradient(tensors[sink_name], lse, delta)
+        captures[sink_name] = captures[sink_name] + g if sink_name in captures else g
+    out = {}
+    for name in grad_captures:  # a capture only the mask reads gets a zero gradient
+        t = tensors[name]
+        g = captures.get(name)
+        out[name] = torch.zeros_like(t) if g is None else g.to(t.dtype).reshape(t.shape)
+    return Gradients(dq, dk, dv, out)

@@ -1,0 +1,77 @@
+"""Launch a binary built ahead of time, through Triton's own launcher, with no compile.
+
+Triton's JIT reuses a stored binary only when its own cache key matches (the source hash, the
+specialisation it infers from the arguments, the options and several environment variables).
+A prebuilt attncc kernel is instead wrapped in the object `triton.compile` itself returns on a
+cache hit, a `triton.compiler.CompiledKernel` built from Triton's metadata file, the cubin and the
+PTX of the artifact, and launched as `compiled[grid](*arguments)`. That is the JIT's own last step
+(`JITFunction.run` hands every argument, constexprs included, to `CompiledKernel.run`), so the
+only thing left out is the compile. Loading the module on the device and the launcher come from
+Triton, unchanged, on every version attncc supports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from attncc.backends.triton.launch_spec import LaunchSpec, check_int_arguments
+
+# the artifact files `CompiledKernel` reads: its metadata (the one ".json" it is given) and the
+# binaries, named by extension
+METADATA_FILE, BINARY_FILES = "triton.json", ("kernel.cubin", "kernel.ptx")
+
+
+class DirectKernel:
+    """One prebuilt binary of the @triton.jit function `fn` for the variant `spec` describes."""
+
+    def __init__(self, fn: Any, spec: LaunchSpec, files: Mapping[str, Path]) -> None:
+        from triton.backends.compiler import BaseBackend
+        from triton.compiler import ASTSource, CompiledKernel
+
+        if list(spec.signature) != list(fn.arg_names):
+            raise ValueError(f"{spec.name}: the kernel takes {fn.arg_names}, the prebuilt "
+                             f"binary's signature is {list(spec.signature)}")
+        index = {name: i for i, name in enumerate(fn.arg_names)}
+        # the source object `triton.compile` was given when the binary was built
+        self.source = ASTSource(fn, dict(spec.signature),
+                                {(index[n],): v for n, v in spec.constexprs.items()},
+                                {(index[n],): BaseBackend.parse_attr("D") for n in spec.aligned})
+        group = {f"{spec.name}.json": str(files[METADATA_FILE]),
+                 **{f"{spec.name}.{f.split('.')[-1]}": str(files[f]) for f in BINARY_FILES}}
+        metadata_hash = json.loads(Path(files[METADATA_FILE]).read_text())["hash"]
+        self.compiled = CompiledKernel(self.source, group, metadata_hash)
+        self.spec = spec
+        self._int_arguments = spec.int_arguments()
+
+    def __call__(self, grid: tuple[int, ...], values: Mapping[str, Any]) -> None:
+        """Launch on the current device and stream; `values` names every argument (constexprs
+        too, as the JIT passes them; the launcher drops them)."""
+        check_int_arguments(self.spec.name, self._int_arguments, values)
+        for name, value in self.spec.constexprs.items():
+            if values[name] != value:  # a caller picked the wrong variant: never launch it
+                raise ValueError(f"{self.spec.name}: constexpr {name} is {value} in the prebuilt "
+                                 f"binary, the launch passes {values[name]!r}")
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled[grid](*(values[name] for name in self.spec.signature))
+
+
+class DirectKernels:
+    """The direct kernels one kernel holder has loaded in this process, one per (what, device):
+    Triton loads a binary's module onto the device current at its first launch."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, DirectKernel] = {}
+
+    def launch(self, what: tuple, device: Any, load: Callable[[], DirectKernel],
+               grid: tuple[int, ...], values: Mapping[str, Any]) -> None:
+        """Launch the kernel `what` names on `device`, `load()`ing it on first use."""
+        import torch
+
+        key = (what, device.index)
+        kernel = self._loaded.get(key)
+        if kernel is None:
+            kernel = self._loaded[key] = load()
+        with torch.cuda.device(device):
+            kernel(grid, values)

@@ -1,0 +1,208 @@
+"""The Triton backend: source from the disk cache (rendered once), module loaded once per
+process, one launch per call. Block sizes and flags are constexprs chosen per call signature,
+so one cached source serves every dtype, head dim and GPU.
+
+On a GPU that `attncc build` can target, the forward kernel (and its block-map kernel) run the
+prebuilt binary of `attncc.backends.triton.prebuilt`, launched by Triton's launcher without Triton's JIT; under
+the interpreter, they go through the JIT.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Mapping
+
+import torch
+
+from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
+                                         choose_variant)
+from attncc.backends.triton.aot import SUPPORTED_ARCHS
+from attncc.backends.triton.direct import DirectKernels
+from attncc.backends.triton.printer import PRINTER_VERSION, capture_arg_names
+from attncc.backends.triton.source import CachedSource, GeneratedKernel, load_module
+from attncc.backends.triton.render import (block_map_kernel_name, fixed_arguments,
+                                           kernel_arguments, kernel_name, render,
+                                           render_block_map, template_hash)
+from attncc.ir.nodes import Schedule
+from attncc.ir.plan import KernelPlan, Signature
+from attncc.passes.pipeline import run_plan_passes
+from attncc.passes.select_tiles import padded
+
+BACKEND = "triton"
+
+
+def version_stamp() -> str:
+    import triton
+    from importlib.metadata import version
+    try:
+        attncc_version = version("attncc")
+    except Exception:  # running from a source tree that was never installed
+        attncc_version = "dev"
+    return f"attncc={attncc_version} torch={torch.__version__} triton={triton.__version__}"
+
+
+def cache_key(plan: KernelPlan) -> str:
+    """Canonical IR hash + template bytes + backend + versions (DESIGN.md, Cache)."""
+    import hashlib
+    text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp(),
+                      f"printer={PRINTER_VERSION}"])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def target_of(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm{major}{minor}"
+    return "interpreter"
+
+
+class TritonForward(GeneratedKernel):
+    """The forward kernel of one plan. Building it renders (or loads) the source on disk."""
+
+    def __init__(self, plan: KernelPlan) -> None:
+        self.plan = plan
+        self.name = kernel_name(plan)
+        self.kernel = CachedSource(cache_key(plan), self.name, lambda: _sources(plan),
+                                   {"backend": BACKEND, "spec": plan.spec.text()})
+        self.entry = self.kernel.entry
+        self._block_map_module: ModuleType | None = None
+        self._plans: dict[Signature, KernelPlan] = {}
+        self._prebuilt = DirectKernels()
+        # every argument's name in order (names do not depend on the dtype): built once, not
+        # on each launch
+        self.argument_names = [name for name, _ in fixed_arguments("float16")
+                               + kernel_arguments(plan)]
+
+    def block_map_function(self):
+        """The generated kernel that classifies tiles on the device (block map source 'device')."""
+        name = block_map_kernel_name(self.plan)
+        if self._block_map_module is None:
+            self._block_map_module = load_module(str(self.entry.files["block_map.py"]), name)
+        return getattr(self._block_map_module, name)
+
+    def plan_for(self, signature: Signature) -> KernelPlan:
+        if signature not in self._plans:
+            self._plans[signature] = run_plan_passes(self.plan, signature)
+        return self._plans[signature]
+
+    def schedule_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Schedule:
+        sig = Signature(str(q.dtype).removeprefix("torch."), q.shape[3], v.shape[3],
+                        target_of(q.device))
+        return self.plan_for(sig).schedule
+
+    def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor | None, *, sm_scale: float, params: Mapping[str, int | float],
+               tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
+               positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+               gather_rows: bool = True, visits: torch.Tensor | None = None) -> None:
+        """q/k/v/o are BHSD views (any strides); lse is fp32 [B, Hq, Lq] contiguous.
+
+        kv_tiles: the block map (`block_maps.kv_tile_lists`) when the plan reads one.
+        positions: int32 (q_pos, kv_pos), original position of each row, when tokens are
+        reordered; `gather_rows` says q/k/v/o are in the original order (the kernel gathers rows
+        and scatters o back) rather than already in the reordered layout."""
+        B, Hq, Lq, dqk = q.shape
+        Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
+        dtype = str(q.dtype).removeprefix("torch.")
+        target = target_of(q.device)
+        sched = self.schedule_for(q, k, v)
+        extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
+        values = dict(zip(self.argument_names, [
+            q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Lq, Lk, Hq, Hkv, float(sm_scale), *extra], strict=True))
+        values.update(launch_constexprs(sched, dqk, dv, write_lse=lse is not None,
+                                        gather_rows=gather_rows))
+        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
+        # there, and only there, bf16 tiles are upcast to fp32 before each dot
+        values["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
+        values["COUNT_VISITS"] = visits is not None
+        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
+        if prebuilt_arch(q.device) is not None and visits is None:
+            variant = choose_variant(values, ALIGNED, UNIT_STRIDES, write_lse=lse is not None,
+                                     gather_rows=gather_rows)
+            self.run_prebuilt("forward", grid, values, q.device, (dtype, dqk, dv), variant)
+        else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
+            self.jit_function()[grid](**values, num_warps=sched.num_warps,
+                                      num_stages=sched.num_stages)
+
+    def run_prebuilt(self, kind: str, grid: tuple[int, ...], values: Mapping[str, Any],
+                     device: torch.device, signature: tuple[str, int, int],
+                     variant: Variant = DEFAULT_VARIANT,
+                     tiles: tuple[int, int] | None = None) -> None:
+        """Launch the prebuilt `kind` kernel ("forward" | "block_map", the latter at `tiles`)
+        for (dtype, Dqk, Dv) and `variant` on `device` (see `attncc.backends.triton.prebuilt`): loaded from the
+        cache once per process, compiled first (one log line) if `attncc build` did not make
+        it."""
+        from attncc.backends.triton import prebuilt
+
+        arch = prebuilt_arch(device)
+
+        def load():
+            target = prebuilt.forward_target(self, kind, *signature, arch, variant, tiles)
+            fn = self.jit_function() if kind == "forward" else self.block_map_function()
+            return prebuilt.direct_kernel(target, fn)
+
+        self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,
+                              values)
+
+
+def prebuilt_arch(device: torch.device) -> int | None:
+    """The compute capability whose prebuilt kernels a launch on `device` runs: None off CUDA,
+    or on a GPU `attncc build` has no tile tables for (those launch through Triton's JIT)."""
+    if device.type != "cuda":
+        return None
+    if device.index not in _ARCHS:
+        major, minor = torch.cuda.get_device_capability(device)
+        _ARCHS[device.index] = major * 10 + minor
+    arch = _ARCHS[device.index]
+    return arch if arch in SUPPORTED_ARCHS else None
+
+
+_ARCHS: dict[int | None, int] = {}
+
+
+def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
+                    tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
+                    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    arguments: list[tuple[str, str]] | None = None) -> list[Any]:
+    """Values for `arguments` (default `kernel_arguments(plan)`), in its order."""
+    arguments = kernel_arguments(plan) if arguments is None else arguments
+    values: dict[str, Any] = {f"p_{name}": value for name, value in params.items()}
+    if kv_tiles is not None:
+        values["KV_TILES"] = kv_tiles
+        for axis, name in enumerate("bhmc"):
+            values[f"kvt_stride_{name}"] = kv_tiles.stride(axis)
+    if positions is not None:
+        values["Q_POS"], values["KV_POS"] = positions
+    for cap in plan.spec.captures:
+        t = tensors[cap.name]
+        t = t.view(torch.uint8) if t.dtype == torch.bool else t
+        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
+        values.update({ptr: t, **dict(zip(strides, t.stride())), **dict(zip(sizes, t.shape))})
+    missing = [name for name, _ in arguments if name not in values]
+    if missing:
+        raise ValueError(f"{kernel_name(plan)}: no value for kernel arguments {missing}")
+    return [values[name] for name, _ in arguments]
+
+
+def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool,
+                      gather_rows: bool = True) -> dict[str, Any]:
+    """The kernel's constexprs for a compiled (non-interpreter) launch without visit counting;
+    the launcher and the ahead-of-time compiler both use this one table."""
+    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
+            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
+            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
+            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False,
+            "GATHER_ROWS": gather_rows}
+
+
+def _sources(plan: KernelPlan) -> dict[str, bytes]:
+    files = {"kernel.py": render(plan).encode()}
+    if plan.block_map is not None and plan.block_map.source in ("device", "topk"):
+        files["block_map.py"] = render_block_map(plan).encode()  # topk falls back to it
+    return files
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

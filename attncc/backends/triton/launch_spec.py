@@ -1,0 +1,156 @@
+"""What one compiled variant of a kernel takes: every argument's Triton type, the constexpr
+values and the pointers it assumes 16-byte aligned.
+
+`attncc build` compiles from a `LaunchSpec` and a GPU process launches the stored binary with the
+same one, so the two cannot disagree about the argument list. Triton's JIT would specialise a
+launch on its own (alignment, unit strides, 64-bit integers); a launch of a prebuilt binary
+has to pick the variant that matches its arguments instead, which `choose_variant` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from attncc.backends.triton.forward import TritonForward
+    from attncc.backends.triton.backward.kernel import TritonBackward
+    from attncc.ir.nodes import Schedule
+
+# A launch with contiguous last dims specializes these: 16-byte aligned pointers, unit strides
+# (Triton turns an int argument equal to 1 into the constexpr 1); forward, then backward kernels.
+ALIGNED = ("Q", "K", "V", "O", "LSE", "VISITS")
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
+BACKWARD_ALIGNED = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV")
+BACKWARD_UNIT_STRIDES = tuple(f"stride_{x}d" for x in ("q", "k", "v", "do", "dq", "dk", "dv"))
+BACKWARD_KERNELS = ("dq", "dkdv")
+INT32_MAX = 2**31 - 1
+_INT_TYPES = ("i32", "i64")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a launch is specialised beyond (dtype, head dims, arch); the backward kernels always
+    write their gradients, so `write_lse` stays True for them."""
+
+    write_lse: bool = True
+    gather_rows: bool = True  # q/k/v/o in the original token order (see TritonForward.launch)
+    contiguous: bool = True  # (BACKWARD_)ALIGNED 16-byte aligned, (BACKWARD_)UNIT_STRIDES 1
+    wide_ints: bool = False  # an integer argument (a stride, a length) needs 64 bits
+
+    def suffix(self) -> str:
+        """"" for the default variant, else e.g. ".strided.i64" (part of the entry's name)."""
+        flags = [(not self.write_lse, "nolse"), (not self.gather_rows, "permuted"),
+                 (not self.contiguous, "strided"), (self.wide_ints, "i64")]
+        return "".join(f".{word}" for on, word in flags if on)
+
+
+DEFAULT_VARIANT = Variant()
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    path: str  # the generated source file
+    name: str  # the @triton.jit function in it
+    signature: dict[str, str]  # every argument in order; constexprs typed "constexpr"
+    constexprs: dict[str, Any]
+    aligned: tuple[str, ...]  # pointer arguments assumed 16-byte aligned
+    schedule: Schedule  # num_warps / num_stages the binary was compiled with
+
+    def int_arguments(self) -> list[tuple[str, str]]:
+        return [(n, t) for n, t in self.signature.items() if t in _INT_TYPES]
+
+
+def forward_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
+                 arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
+    """The forward kernel of `forward` for sm_<arch>, one call signature and one variant."""
+    from attncc.backends.triton.forward import launch_constexprs
+    from attncc.backends.triton.render import fixed_arguments, kernel_arguments
+    from attncc.ir.plan import Signature
+
+    sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
+    constexprs = launch_constexprs(sched, head_dim_qk, head_dim_v, variant.write_lse,
+                                   variant.gather_rows)
+    return _spec(str(forward.entry.files["kernel.py"]), forward.name,
+                 fixed_arguments(dtype) + kernel_arguments(forward.plan), constexprs, sched,
+                 variant, ALIGNED, UNIT_STRIDES)
+
+
+def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk: int,
+                  head_dim_v: int, arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
+    """The backward's `kernel` ("dq" | "dkdv") for sm_<arch>, one call signature and variant."""
+    from attncc.backends.triton.backward.kernel import backward_constexprs
+    from attncc.backends.triton.backward.render import backward_arguments, fixed_arguments
+
+    if kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"kernel: expected one of {BACKWARD_KERNELS}, got {kernel!r}")
+    if not variant.write_lse:
+        raise ValueError("the backward kernels have no write_lse=False variant")
+    sched = backward.schedule(dtype, head_dim_qk, head_dim_v, f"sm{arch}")
+    constexprs = backward_constexprs(sched, head_dim_qk, head_dim_v,
+                                     gather_rows=variant.gather_rows)
+    return _spec(str(backward.entry.files["kernel.py"]), f"{backward.name}_{kernel}",
+                 fixed_arguments(dtype) + backward_arguments(backward.plan, backward.loads),
+                 constexprs, sched, variant, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES)
+
+
+def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
+                  arch: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of `forward` for one call signature on sm_<arch>."""
+    from attncc.ir.plan import Signature
+
+    sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
+    return sched.block_m, sched.block_n
+
+
+def block_map_spec(forward: TritonForward, arch: int, tiles: tuple[int, int]) -> LaunchSpec:
+    """`forward`'s block-map kernel for (BLOCK_M, BLOCK_N) = `tiles` on sm_<arch> (the forward's
+    or the backward's tiles); the launch allocates CLASSES, so it is always aligned."""
+    from attncc.backends.triton.block_maps import block_map_launch_arguments
+    from attncc.backends.triton.render import block_map_arguments, block_map_kernel_name
+    from attncc.ir.nodes import Schedule
+
+    arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
+    constexprs = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    return LaunchSpec(str(forward.entry.files["block_map.py"]), block_map_kernel_name(forward.plan),
+                      _with_constexprs(arguments, constexprs), constexprs, ("CLASSES",),
+                      Schedule(block_m=tiles[0], block_n=tiles[1], num_warps=4, num_stages=1))
+
+
+def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],
+                   unit_strides: Iterable[str], *, write_lse: bool = True,
+                   gather_rows: bool = True) -> Variant:
+    """The variant a launch needs: `values` names every argument; `aligned` and
+    `unit_strides` are the kernel's pointers and strides the contiguous variant specialises."""
+    contiguous = (all(values[name].data_ptr() % 16 == 0 for name in aligned)
+                  and all(values[name] == 1 for name in unit_strides))
+    wide = any(isinstance(v, int) and not -INT32_MAX - 1 <= v <= INT32_MAX
+               for v in values.values())
+    return Variant(write_lse, gather_rows, contiguous, wide)
+
+
+def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
+                        values: Mapping[str, Any]) -> None:
+    """ValueError naming the first i32 argument whose value needs 64 bits."""
+    for arg, kind in arguments:
+        if kind == "i32" and not -INT32_MAX - 1 <= values[arg] <= INT32_MAX:
+            raise ValueError(f"{name}: argument {arg} = {values[arg]} does not fit the kernel's "
+                             "32-bit integer; split the tensor or make it smaller")
+
+
+def _spec(path: str, name: str, arguments: list[tuple[str, str]], constexprs: dict[str, Any],
+          sched: Schedule, variant: Variant, aligned: tuple[str, ...],
+          unit_strides: tuple[str, ...]) -> LaunchSpec:
+    if variant.wide_ints:
+        arguments = [(n, "i64" if t == "i32" else t) for n, t in arguments]
+    if variant.contiguous:
+        constexprs.update({n: 1 for n in unit_strides})
+    return LaunchSpec(path, name, _with_constexprs(arguments, constexprs), constexprs,
+                      aligned if variant.contiguous else (), sched)
+
+
+def _with_constexprs(arguments: list[tuple[str, str]], constexprs: Mapping[str, Any]
+                     ) -> dict[str, str]:
+    signature = dict(arguments)
+    signature.update({name: "constexpr" for name in constexprs})
+    return signature

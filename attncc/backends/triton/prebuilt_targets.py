@@ -1,0 +1,156 @@
+"""What one prebuilt binary is: a `Target` (a kernel's `LaunchSpec` for one arch, named by
+kind, dtype, head dims and variant), the targets `attncc build` makes for a spec, and the
+checks of the arguments that name them. `attncc.backends.triton.prebuilt` loads and builds them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant, backward_spec,
+                                         block_map_spec, forward_spec, forward_tiles)
+from attncc.backends.triton.aot import SUPPORTED_ARCHS, artifact_stem
+from attncc.passes.select_tiles import MAX_HEAD_DIM
+
+if TYPE_CHECKING:
+    from attncc.backends.triton.forward import TritonForward
+    from attncc.backends.triton.backward.kernel import TritonBackward
+
+KINDS = ("forward", "block_map", "dq", "dkdv")
+DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+FORMAT = 3  # bump when an entry's files or fields change
+
+
+def parse_arch(arch: int | str) -> int:
+    """90, "90", "sm90", "sm_90" or "sm_90a" -> 90; ValueError unless in SUPPORTED_ARCHS."""
+    text = str(arch).strip().lower().removeprefix("sm").removeprefix("_").removesuffix("a")
+    if not text.isdigit() or int(text) not in SUPPORTED_ARCHS:
+        known = ", ".join(f"sm_{a}" for a in SUPPORTED_ARCHS)
+        raise ValueError(f"unknown arch {arch!r} (supported: {known})")
+    return int(text)
+
+
+def parse_dtype(dtype: Any) -> str:
+    """"float16", "fp16", torch.float16, ... -> "float16" | "bfloat16" | "float32"."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (supported: float16, bfloat16, float32)")
+    return DTYPES[name]
+
+
+def check_head_dim(d: Any) -> int:
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d!r} is not supported (1..{MAX_HEAD_DIM})")
+    return d
+
+
+def kinds(forward: TritonForward) -> tuple[str, ...]:
+    """The forward kernels a launch of `forward` may run: its block-map kernel too when it has
+    one (the backward adds "dq" and "dkdv")."""
+    return KINDS[:2] if "block_map.py" in forward.entry.files else KINDS[:1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One binary to load or build: `spec` compiled for sm_<arch>; the rest names it."""
+
+    kind: str
+    spec: LaunchSpec
+    source_key: str  # the key of the cache entry holding the generated source
+    arch: int
+    dtype: str
+    head_dim_qk: int
+    head_dim_v: int
+    variant: Variant = DEFAULT_VARIANT
+
+    def key(self) -> str:
+        """sha256 of what makes the binary: the source entry's key (canonical IR, templates,
+        versions), which kernel of it, the launch spec and the arch. Not the kernel's readable
+        name: two spellings of one spec (`causal() & sliding_window(w)` and
+        `sliding_window(w)`) share a source key and so one binary, loaded under either name."""
+        import triton
+        spec = self.spec
+        text = "\n".join(map(str, [
+            self.source_key, self.kind, sorted(spec.signature.items()),
+            sorted(spec.constexprs.items()), spec.aligned, spec.schedule.num_warps,
+            spec.schedule.num_stages, f"sm{self.arch}", f"triton={triton.__version__}",
+            f"format={FORMAT}"]))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def entry_name(self) -> str:
+        """`<kernel>.sm90.fp16.d128`, then the variant's suffix, and a block map's tiles."""
+        return (artifact_stem(self.spec.name, self.arch, self.dtype, self.head_dim_qk,
+                              self.head_dim_v) + self.variant.suffix() + self.tiles_suffix())
+
+    def tiles_suffix(self) -> str:
+        s = self.spec.schedule
+        return f".t{s.block_m}x{s.block_n}" if self.kind == "block_map" else ""
+
+    def describe(self) -> str:
+        variant = self.variant.suffix().lstrip(".") or "default"
+        return (f"kernel {self.spec.name} ({self.kind}) for sm_{self.arch}, {self.dtype}, head "
+                f"dims {self.head_dim_qk}/{self.head_dim_v}, variant {variant}")
+
+
+def forward_target(forward: TritonForward, kind: str, dtype: Any, head_dim_qk: int,
+                   head_dim_v: int, arch: int | str, variant: Variant = DEFAULT_VARIANT,
+                   tiles: tuple[int, int] | None = None) -> Target:
+    """The forward kernel or the block-map kernel (with `tiles`, default the forward's, for
+    the backward's tiles) of `forward` for one signature; arguments are checked here."""
+    if kind not in KINDS[:2]:
+        raise ValueError(f"kind: expected one of {KINDS[:2]}, got {kind!r}")
+    if kind not in kinds(forward):
+        raise ValueError(f"{forward.name} has no {kind} kernel")
+    if kind == "block_map" and variant != DEFAULT_VARIANT:
+        raise ValueError(f"the block-map kernel has one variant, got {variant}")
+    dtype, arch = parse_dtype(dtype), parse_arch(arch)
+    head_dim_qk, head_dim_v = check_head_dim(head_dim_qk), check_head_dim(head_dim_v)
+    if kind == "forward":
+        spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
+    else:
+        spec = block_map_spec(forward, arch, tiles or forward_tiles(
+            forward, dtype, head_dim_qk, head_dim_v, arch))
+    return Target(kind, spec, forward.entry.meta["key"], arch, dtype, head_dim_qk, head_dim_v,
+                  variant)
+
+
+def backward_target(backward: TritonBackward, kernel: str, dtype: Any, head_dim_qk: int,
+                    head_dim_v: int, arch: int | str, variant: Variant = DEFAULT_VARIANT
+                    ) -> Target:
+    """The backward's "dq" or "dkdv" kernel for one signature."""
+    dtype, arch = parse_dtype(dtype), parse_arch(arch)
+    head_dim_qk, head_dim_v = check_head_dim(head_dim_qk), check_head_dim(head_dim_v)
+    spec = backward_spec(backward, kernel, dtype, head_dim_qk, head_dim_v, arch, variant)
+    return Target(kernel, spec, backward.entry.meta["key"], arch, dtype, head_dim_qk,
+                  head_dim_v, variant)
+
+
+def build_targets(forward: TritonForward, dtype: Any, head_dim_qk: int, head_dim_v: int,
+                  arch: int | str, *, backward: bool = False) -> list[Target]:
+    """What `attncc build` and `precompile` make per signature: the usual forward; with a
+    reorder also the one for tokens kept in the reordered order (`permuted=True`, how a model
+    that stays permuted across layers calls it); the block-map kernel when there is one; with
+    `backward`, the dq and dkdv kernels (no learnable captures) and the block map at their
+    tiles."""
+    def one(kind: str, variant: Variant = DEFAULT_VARIANT, tiles=None) -> Target:
+        return forward_target(forward, kind, dtype, head_dim_qk, head_dim_v, arch, variant,
+                              tiles)
+
+    targets = [one("forward")]
+    if forward.plan.spec.reorder is not None:
+        targets.append(one("forward", Variant(gather_rows=False)))
+    has_block_map = "block_map" in kinds(forward)
+    if has_block_map:
+        targets.append(one("block_map"))
+    if backward:
+        from attncc.backends.triton.backward.kernel import TritonBackward
+        kernels = TritonBackward(forward, ())
+        targets += [backward_target(kernels, k, dtype, head_dim_qk, head_dim_v, arch)
+                    for k in ("dq", "dkdv")]
+        tiles = (targets[-1].spec.schedule.block_m, targets[-1].spec.schedule.block_n)
+        if has_block_map and tiles != (targets[0].spec.schedule.block_m,
+                                       targets[0].spec.schedule.block_n):
+            targets.append(one("block_map", tiles=tiles))
+    return targets

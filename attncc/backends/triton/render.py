@@ -1,0 +1,170 @@
+"""Render a KernelPlan into Triton source with `attncc/backends/triton/templates/attn_fwd.py.j2`.
+
+All decisions are made here, in Python; the template only lays out the prepared strings.
+`kernel_arguments(plan)` is the one list of kernel arguments (name, Triton type) that the
+renderer, the launcher and the ahead-of-time compiler share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+
+import jinja2
+import sympy
+
+from attncc.backends.triton.printer import TritonPrinter, capture_arg_names
+from attncc.ir.nodes import ScoreMod
+from attncc.ir.plan import KernelPlan
+from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
+                               SCORE, Load, buffer_symbol)
+
+TEMPLATE = "attn_fwd.py.j2"
+BLOCK_MAP_TEMPLATE = "block_map.py.j2"
+TEMPLATES = (TEMPLATE, BLOCK_MAP_TEMPLATE, "helpers.py.j2")  # every file a source depends on
+_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                  "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
+                  "bool": "u8"}  # bool tensors travel as uint8 views
+
+
+def template_source(name: str = TEMPLATE) -> str:
+    return resources.files("attncc.backends.triton.templates").joinpath(name).read_text()
+
+
+def template_hash() -> str:
+    """sha256 over every template file: a change to any of them changes the cache key."""
+    return hashlib.sha256("".join(template_source(n) for n in TEMPLATES).encode()).hexdigest()
+
+
+def jinja_environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def kernel_name(plan: KernelPlan) -> str:
+    """Readable name plus content hash, e.g. `attn_fwd_causal_sw_softcap_9f3a0c12d4`."""
+    tag = "".join(c if c.isalnum() or c == "_" else "_" for c in plan.spec.tag)[:48]
+    return f"attn_fwd_{tag}_{plan.spec.key[:10]}"
+
+
+def printer_names(plan: KernelPlan) -> dict[str, str]:
+    names = {B_IDX.name: "off_b", H_IDX.name: "off_h", Q_IDX.name: "q_idx",
+             KV_IDX.name: "kv_idx", LQ.name: "Lq", LK.name: "Lk", HQ.name: "Hq",
+             HKV.name: "Hkv", SCORE.name: "score", Q_FIRST.name: "q_first",
+             Q_LAST.name: "q_last"}
+    names.update({p.name: f"p_{p.name}" for p in plan.spec.params})
+    return names
+
+
+BLOCK_MAP_ARGS = [("KV_TILES", "*i32"), ("kvt_stride_b", "i32"), ("kvt_stride_h", "i32"),
+                  ("kvt_stride_m", "i32"), ("kvt_stride_c", "i32")]
+REORDER_ARGS = [("Q_POS", "*i32"), ("KV_POS", "*i32")]
+
+
+def kernel_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
+    """Runtime arguments after the fixed ones, as (name, Triton signature type)."""
+    args = list(BLOCK_MAP_ARGS) if plan.block_map is not None else []
+    args += REORDER_ARGS if plan.spec.reorder is not None else []
+    args += [(f"p_{p.name}", "i32" if p.kind == "int" else "fp32") for p in plan.spec.params]
+    for cap in plan.spec.captures:
+        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
+        args.append((ptr, "*" + _TRITON_DTYPES[cap.dtype]))
+        args += [(s, "i32") for s in strides] + [(n, "i32") for n in sizes]
+    return args
+
+
+def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
+    t = "*" + _TRITON_DTYPES[dtype]
+    args = [("Q", t), ("K", t), ("V", t), ("O", t), ("LSE", "*fp32"), ("VISITS", "*i8")]
+    for x in "qkvo":
+        m = "m" if x in "qo" else "n"
+        args += [(f"stride_{x}{s}", "i32") for s in ("b", "h", m, "d")]
+    return args + [("Lq", "i32"), ("Lk", "i32"), ("Hq", "i32"), ("Hkv", "i32"),
+                   ("sm_scale", "fp32")]
+
+
+def piece_loops(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
+    if plan.block_map is not None:
+        return []  # the kernel reads its tiles from the block map instead
+    out = []
+    for i, piece in enumerate(plan.tiles.pieces):
+        j = str(i)
+        loops = ([("n_begin" + j, "f_begin" + j, True), ("f_begin" + j, "f_end" + j, False),
+                  ("f_end" + j, "n_end" + j, True)] if piece.exact
+                 else [("n_begin" + j, "n_end" + j, True)])
+        out.append({
+            "comment": piece.text().replace("\n", " "),
+            "some_lo": printer.doprint(piece.some_lo), "some_hi": printer.doprint(piece.some_hi),
+            "all_lo": printer.doprint(piece.all_lo), "all_hi": printer.doprint(piece.all_hi),
+            "guard": "" if piece.guard is sympy.true else printer.doprint(piece.guard),
+            "exact": piece.exact, "loops": loops,
+            "earlier": list(range(i)),
+        })
+    return out
+
+
+RENDERS = [0]  # how many sources this process rendered (tests: a cache hit renders nothing)
+
+
+def score_source(printer: TritonPrinter, score: ScoreMod | None) -> str:
+    """The printed score mod for the templates' `s = (score_expr)` ("" without one). A mod that
+    does not read `score` (a function of q_idx, h or constants only) prints a [BLOCK_M, 1] or
+    scalar value; a full tile applies no mask that would broadcast it, so it is broadcast to
+    the score tile here, else `p` is not a [BLOCK_M, BLOCK_N] operand of `tl.dot`."""
+    if score is None:
+        return ""
+    text = printer.doprint(score.expr)
+    return text if score.expr.has(SCORE) else f"tl.zeros_like(score) + ({text})"
+
+
+def render(plan: KernelPlan) -> str:
+    """Triton source of the forward kernel for `plan` (signature-independent)."""
+    RENDERS[0] += 1
+    spec = plan.spec
+    printer = TritonPrinter(printer_names(plan))
+    sink = spec.normaliser.sink
+    return jinja_environment().get_template(TEMPLATE).render(
+        kernel_name=kernel_name(plan),
+        spec_lines=spec.text().splitlines(),
+        runtime_scalars=unspecialised_scalars(["Lq", "Lk"], kernel_arguments(plan)),
+        extra_args=[name for name, _ in kernel_arguments(plan)],
+        score_expr=score_source(printer, spec.score),
+        mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
+        pieces=piece_loops(plan, printer),
+        block_map=plan.block_map is not None,
+        reorder=spec.reorder is not None,
+        has_sink=sink is not None,
+        sink_load=printer.doprint(Load(buffer_symbol(sink.name), H_IDX)) if sink else "",
+    )
+
+
+
+def unspecialised_scalars(first: list[str], args: list[tuple[str, str]]) -> list[str]:
+    """Integer and float arguments Triton must not specialise on (values change per call)."""
+    return first + [name for name, kind in args if not kind.startswith("*")]
+
+
+def block_map_kernel_name(plan: KernelPlan) -> str:
+    return kernel_name(plan).replace("attn_fwd_", "block_map_", 1)
+
+
+def block_map_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
+    """The block-map kernel's arguments after its fixed ones: positions, params, captures."""
+    return [a for a in kernel_arguments(plan) if a not in BLOCK_MAP_ARGS]
+
+
+def render_block_map(plan: KernelPlan) -> str:
+    """Triton source of the kernel that classifies tiles of `plan`'s mask on the device."""
+    RENDERS[0] += 1
+    printer = TritonPrinter(printer_names(plan))
+    args = block_map_arguments(plan)
+    return jinja_environment().get_template(BLOCK_MAP_TEMPLATE).render(
+        kernel_name=block_map_kernel_name(plan),
+        spec_lines=plan.spec.text().splitlines(),
+        runtime_scalars=unspecialised_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",
+                                          "cls_stride_m"], args),
+        extra_args=[name for name, _ in args],
+        mask_expr=printer.doprint(plan.spec.mask.expr),
+        reorder=plan.spec.reorder is not None,
+    )

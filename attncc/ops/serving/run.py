@@ -1,0 +1,288 @@
+"""What `ServingAttention.run` does after `plan`: check metadata, assemble kernel arguments,
+launch the forward kernel (and the merge kernel when the plan splits), and cascade attention.
+
+Nothing here reads device data or allocates (cascade excepted, which says so): argument values
+are tensors, their strides and the plan's integers. After the launches, one
+`torch._assert_async` on the plan's error record raises what the kernel found wrong in the
+index values (`attncc.ops.serving.checks`), without a sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from attncc.backends.triton.forward import target_of
+from attncc.backends.triton.serve import FIXED_ARGS, MERGE_FIXED_ARGS, launch
+from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
+from attncc.passes.select_tiles import padded
+from attncc.ops.serving.checks import check_absent, check_tensor, raise_index_errors
+
+if TYPE_CHECKING:
+    from attncc.ops.serving.compiled import ServePlan, ServingAttention
+
+KV_DENSE, KV_PAGED, KV_RAGGED = 0, 1, 2
+_checks = True  # False only inside `_unchecked` (benchmarks time what the checks cost)
+
+
+@contextlib.contextmanager
+def _unchecked() -> Iterator[None]:
+    """Runs without the index checks (kernel CHECK off, no assert): for benchmarks only, to
+    measure the checks' cost; an out-of-range index then reads out of bounds."""
+    global _checks
+    _checks = False
+    try:
+        yield
+    finally:
+        _checks = True
+
+
+def _q_strides(x: Tensor, ragged: bool, prefix: str) -> dict[str, int]:
+    """[B, H, L, D] or packed [T, H, D] -> strides along (b, m, h, d)."""
+    s = (0, x.stride(0), x.stride(1), x.stride(2)) if ragged else (
+        x.stride(0), x.stride(2), x.stride(1), x.stride(3))
+    return dict(zip((prefix + c for c in "bmhd"), s))
+
+
+def _kv_strides(x: Tensor, mode: str, prefix: str) -> dict[str, int]:
+    """Strides along (page or batch, token, head, d) for each KV layout."""
+    if mode == "packed":  # [T, Hkv, D]
+        s = (0, x.stride(0), x.stride(1), x.stride(2))
+    elif mode == "nhd":  # [num_pages, P, Hkv, D]
+        s = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+    else:  # "hnd" pages [num_pages, Hkv, P, D] or dense [B, Hkv, L, D]
+        s = (x.stride(0), x.stride(2), x.stride(1), x.stride(3))
+    return dict(zip((prefix + c for c in "bnhd"), s))
+
+
+def _lse_strides(plan: ServePlan) -> dict[str, int]:
+    """lse [B, Hq, L] or packed [T, Hq] -> strides along (b, m, h); zeros when not written."""
+    if plan.lse is None:
+        return {"stride_lb": 0, "stride_lm": 0, "stride_lh": 0}
+    s = plan.lse.stride()
+    s = (0, s[0], s[1]) if plan.ragged_q else (s[0], s[2], s[1])
+    return dict(zip(("stride_lb", "stride_lm", "stride_lh"), s))
+
+
+def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
+              page_table: Tensor | None, kv_len: Tensor | None, cu_seqlens_q: Tensor | None,
+              cu_seqlens_k: Tensor | None, mem_k: Tensor | None, mem_v: Tensor | None,
+              head_kv_len: Tensor | None, kv_layout: str, k_stream: Tensor | None = None,
+              v_stream: Tensor | None = None) -> tuple[dict, dict]:
+    """Kernel argument values by name, and constexprs, for one run of `plan`."""
+    mem, dev, dt, i32 = attn.memory, plan.device, plan.dtype, torch.int32
+    B, Hq, Hkv, D, Dv = plan.batch, plan.hq, plan.hkv, plan.dqk, plan.dv
+    Hc = Hkv - plan.n_stream  # heads in the full cache (all of them unless K5 compact)
+    if plan.ragged_q:
+        check_tensor("q", q, [plan.q_rows, Hq, D], dt, dev, "[total_q, Hq, Dqk]")
+        check_tensor("cu_seqlens_q", cu_seqlens_q, [B + 1], i32, dev, "[B + 1]")
+    else:
+        check_tensor("q", q, [B, Hq, plan.q_rows, D], dt, dev, "[B, Hq, Lq, Dqk]")
+        check_absent("cu_seqlens_q", cu_seqlens_q, "this plan was made for batched q")
+    dummy = plan.work
+    a: dict[str, Any] = {"Q": q, "K": k, "V": v, "O": plan.o, "WORK": plan.work, "VISITS": dummy,
+                         "LSE": plan.lse if plan.lse is not None else dummy,
+                         "O_PART": plan.o_part if plan.o_part is not None else dummy,
+                         "LSE_PART": plan.lse_part if plan.lse_part is not None else dummy,
+                         "PAGE_TABLE": dummy, "KV_LEN": dummy,
+                         "CU_Q": dummy if cu_seqlens_q is None else cu_seqlens_q,
+                         "CU_K": dummy, "LK_MASK": dummy, "HEAD_LEN": dummy, "MEM_K": q,
+                         "MEM_V": q, "stride_pt": 0, "page_size": 1, "q_rows": plan.q_rows,
+                         "Hq": Hq, "Hkv": Hkv, "sm_scale": float(plan.sm_scale), "n_slots": 0,
+                         "head_len_div": 1, "kv_pos0": 0, "split_base": 0,
+                         "n_rows_total": plan.rows, "K_S": q, "V_S": q, "HEAD_MAP": dummy,
+                         "n_sink": 0, "window": 0, "ring": 1, "CU_Q_IN": dummy,
+                         "ERR": plan.err, "n_req": B, "num_pages": 0, "kv_cap": 0,
+                         "cap_what": ""}  # cap_what: for error messages, not an argument
+    if plan.ragged_q:  # the kernel reads the planned offsets and compares the run's with them
+        a.update(CU_Q=plan.cu_q, CU_Q_IN=cu_seqlens_q)
+    a.update({f"stride_{x}{d}": 0 for x in ("ks", "vs") for d in "bnhd"})
+    a.update(_q_strides(q, plan.ragged_q, "stride_q"))
+    a.update(_q_strides(plan.o, plan.ragged_q, "stride_o"))
+    a.update(_lse_strides(plan))
+    cx = {"KV_MODE": KV_DENSE, "RAGGED_Q": plan.ragged_q, "HAS_KV_LEN": False,
+          "HAS_LK_MASK": False, "HEAD_LENGTHS": False, "HAS_SLOTS": False, "STREAM": False,
+          "COUNT_VISITS": False, "CHECK": _checks}
+    # K5 compact caches take the full heads' cache dense or paged (page size from its shape)
+    paged_full = (isinstance(mem, PerHeadLengths) and mem.compact and page_table is not None
+                  and isinstance(k, Tensor) and k.dim() == 4)
+    if isinstance(mem, PagedMemory) or paged_full:
+        if kv_layout not in ("nhd", "hnd"):
+            raise ValueError(f"kv_layout: expected 'nhd' or 'hnd', got {kv_layout!r}")
+        P = mem.page_size if isinstance(mem, PagedMemory) else k.shape[1 if kv_layout == "nhd"
+                                                                          else 2]
+        if P < 1:  # K5 compact: the page size comes from the cache's shape
+            raise ValueError(f"k_cache: expected pages of page_size >= 1 tokens, got {P} "
+                             f"({list(k.shape)}, kv_layout {kv_layout!r})")
+        shape = [None, P, Hc] if kv_layout == "nhd" else [None, Hc, P]
+        what = "[num_pages, page_size, Hkv, D]" if kv_layout == "nhd" else \
+            "[num_pages, Hkv, page_size, D]"
+        check_tensor("k_cache", k, shape + [D], dt, dev, what)
+        check_tensor("v_cache", v, [k.shape[0]] + shape[1:] + [Dv], dt, dev, what)
+        if k.shape[0] < 1:  # the kernel clamps page ids into [0, num_pages)
+            raise ValueError(f"k_cache: expected at least one page {what}, got {list(k.shape)}")
+        check_tensor("page_table", page_table, [B, plan.kv_capacity // P if not paged_full
+                                                else None], i32, dev, "[B, max_pages] (planned)")
+        check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
+        a.update(_kv_strides(k, kv_layout, "stride_k"), **_kv_strides(v, kv_layout, "stride_v"),
+                 PAGE_TABLE=page_table, KV_LEN=kv_len, stride_pt=page_table.stride(0),
+                 page_size=P, kv_rows=0, num_pages=k.shape[0], kv_cap=page_table.shape[1] * P,
+                 cap_what="max_pages * page_size")
+        cx.update(KV_MODE=KV_PAGED, HAS_KV_LEN=True)
+    elif isinstance(mem, RaggedMemory):
+        check_tensor("k", k, [None, Hkv, D], dt, dev, "[total_k, Hkv, Dqk]")
+        check_tensor("v", v, [k.shape[0], Hkv, Dv], dt, dev, "[total_k, Hkv, Dv]")
+        check_tensor("cu_seqlens_k", cu_seqlens_k, [B + 1], i32, dev, "[B + 1]")
+        a.update(_kv_strides(k, "packed", "stride_k"), **_kv_strides(v, "packed", "stride_v"),
+                 CU_K=cu_seqlens_k, kv_rows=0, kv_cap=k.shape[0], cap_what="total_k")
+        cx.update(KV_MODE=KV_RAGGED)
+    else:
+        what = "Hkv_full" if plan.n_stream else "Hkv"
+        check_tensor("k", k, [B, Hc, None, D], dt, dev, f"[B, {what}, Lk, Dqk]")
+        check_tensor("v", v, [B, Hc, k.shape[2], Dv], dt, dev, f"[B, {what}, Lk, Dv]")
+        a.update(_kv_strides(k, "hnd", "stride_k"), **_kv_strides(v, "hnd", "stride_v"),
+                 kv_rows=k.shape[2], kv_cap=k.shape[2], cap_what="Lk of k")
+        if kv_len is not None:
+            check_tensor("kv_len", kv_len, [B], i32, dev, "[B]")
+            a["KV_LEN"] = kv_len
+            cx["HAS_KV_LEN"] = True
+    if isinstance(mem, PersistentMemory):
+        check_tensor("mem_k", mem_k, [Hkv, mem.slots, D], dt, dev, "[Hkv, slots, Dqk]")
+        check_tensor("mem_v", mem_v, [Hkv, mem.slots, Dv], dt, dev, "[Hkv, slots, Dv]")
+        a.update(MEM_K=mem_k, MEM_V=mem_v, n_slots=mem.slots,
+                 **dict(zip(("stride_mkh", "stride_mks", "stride_mkd"), mem_k.stride())),
+                 **dict(zip(("stride_mvh", "stride_mvs", "stride_mvd"), mem_v.stride())))
+        cx["HAS_SLOTS"] = True
+    else:
+        check_absent("mem_k", mem_k, "memory is not persistent(...)")
+        a.update({f"stride_{x}": 0 for x in ("mkh", "mks", "mkd", "mvh", "mvs", "mvd")})
+    if isinstance(mem, PerHeadLengths) and mem.compact:
+        check_absent("head_kv_len", head_kv_len, "per_head_lengths(sink, window) takes "
+                     "k_stream / v_stream / stream_heads")
+        _stream_arguments(plan, mem, k_stream, v_stream, a)
+        cx["STREAM"] = True
+    elif isinstance(mem, PerHeadLengths):
+        if head_kv_len is None or head_kv_len.dim() != 1 or head_kv_len.shape[0] not in (Hkv, Hq):
+            got = None if head_kv_len is None else list(head_kv_len.shape)
+            raise ValueError(f"head_kv_len: expected an int32 tensor [Hkv] = [{Hkv}] or [Hq] = "
+                             f"[{Hq}], got {got}")
+        check_tensor("head_kv_len", head_kv_len, [head_kv_len.shape[0]], i32, dev, "[Hkv]/[Hq]")
+        a.update(HEAD_LEN=head_kv_len, head_len_div=Hq // head_kv_len.shape[0])
+        cx["HEAD_LENGTHS"] = True
+    else:
+        check_absent("head_kv_len", head_kv_len, "memory is not per_head_lengths()")
+    if not (isinstance(mem, PerHeadLengths) and mem.compact):
+        check_absent("k_stream", k_stream, "memory is not per_head_lengths(sink, window)")
+        check_absent("v_stream", v_stream, "memory is not per_head_lengths(sink, window)")
+    return a, cx
+
+
+def _stream_arguments(plan: ServePlan, mem: PerHeadLengths, k_stream: Tensor | None,
+                      v_stream: Tensor | None, a: dict[str, Any]) -> None:
+    """K5 compact caches: k_stream [B, Hkv_stream, sink + R, Dqk], v_stream likewise with Dv;
+    R (the ring) must hold the window of every query row: R >= window + Lq - 1."""
+    B, Hs, dt, dev = plan.batch, plan.n_stream, plan.dtype, plan.device
+    check_tensor("k_stream", k_stream, [B, Hs, None, plan.dqk], dt, dev,
+                 "[B, Hkv_stream, sink + ring, Dqk]")
+    check_tensor("v_stream", v_stream, [B, Hs, k_stream.shape[2], plan.dv], dt, dev,
+                 "[B, Hkv_stream, sink + ring, Dv]")
+    ring = k_stream.shape[2] - mem.sink
+    if ring < mem.window + plan.max_q - 1:
+        raise ValueError(f"k_stream: expected sink + ring entries with ring >= window + Lq - 1 = "
+                         f"{mem.window + plan.max_q - 1} (sink {mem.sink}, window {mem.window}, "
+                         f"Lq {plan.max_q}), got {k_stream.shape[2]} entries (ring {ring})")
+    a.update(K_S=k_stream, V_S=v_stream, HEAD_MAP=plan.head_map, n_sink=mem.sink,
+             window=mem.window, ring=ring,
+             **dict(zip((f"stride_ks{d}" for d in "bhnd"), k_stream.stride())),
+             **dict(zip((f"stride_vs{d}" for d in "bhnd"), v_stream.stride())))
+
+
+def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],
+                *, split_base: int, parts: int, num_splits: int | None = None,
+                merge_parts: bool = True) -> None:
+    """Forward over the plan's work list; then, unless it wrote final outputs, the merge of
+    `parts` partials (split_base: first partial slice this launch writes)."""
+    splits = plan.num_splits if num_splits is None else num_splits
+    partial = parts > 1
+    a = dict(a, split_base=split_base)
+    names = [n for n, _ in FIXED_ARGS]
+    target = target_of(plan.device)
+    cx = dict(cx, D_QK=plan.dqk, D_V=plan.dv, D_QK_PAD=padded(plan.dqk), D_V_PAD=padded(plan.dv),
+              BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SLOTS_PAD=padded(max(plan.slots, 1)),
+              DOT_PRECISION="ieee",
+              UPCAST_DOT=target == "interpreter" and plan.dtype == torch.bfloat16,
+              NUM_SPLITS=splits, WRITE_PARTIAL=partial, WRITE_LSE=plan.lse is not None)
+    if plan.work.shape[0]:
+        launch(attn.name, attn.kernels.forward(), (plan.work.shape[0], plan.hkv, splits),
+               [a[n] for n in names] + list(plan.extra), cx, num_warps=plan.num_warps,
+               num_stages=2)
+    if partial and merge_parts:
+        merge(attn, plan, plan.o_part, plan.lse_part, parts)
+
+
+def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
+    """After the launches of one run: raise what the kernel wrote to the plan's error record
+    (no sync; see `attncc.ops.serving.checks.raise_index_errors`)."""
+    if _checks and plan.work.shape[0]:
+        raise_index_errors(plan.err, plan.err_ok, {
+            "num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
+            "q_offsets": plan.cu_q, "page_table": a["PAGE_TABLE"], "kv_len": a["KV_LEN"],
+            "cu_seqlens_k": a["CU_K"], "cu_seqlens_q": a["CU_Q_IN"],
+            "head_kv_len": a["HEAD_LEN"]})
+
+
+def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
+          parts: int) -> None:
+    o, lse = plan.o, plan.lse if plan.lse is not None else plan.work
+    a = {"O_PART": o_part, "LSE_PART": lse_part, "O": o, "LSE": lse,
+         **_q_strides(o, plan.ragged_q, "stride_o"), **_lse_strides(plan),
+         "n_rows_total": plan.rows,
+         "rows_per_b": plan.rows if plan.ragged_q else plan.q_rows, "Hq": plan.hq,
+         "n_parts": parts}
+    cx = {"D_V": plan.dv, "D_V_PAD": padded(plan.dv), "WRITE_LSE": plan.lse is not None}
+    if plan.rows:
+        launch(attn.name + "_merge", attn.kernels.merge(), (plan.rows, plan.hq),
+               [a[n] for n, _ in MERGE_FIXED_ARGS] + list(plan.extra), cx, num_warps=1)
+
+
+def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor,
+            prefix_v: Tensor, k: Tensor, v: Tensor, **inputs: Any
+            ) -> Tensor | tuple[Tensor, Tensor]:
+    """Cascade attention: every request's keys are a shared prefix (prefix_k [P, Hkv, Dqk],
+    prefix_v [P, Hkv, Dv], stored once) followed by its own suffix (k, v and `inputs` as for
+    `run`, with kv_len the suffix lengths). Equals attention over the concatenation: masks see
+    prefix keys at 0..P-1, suffix keys at P.., and Lk = P + kv_len[b]. The prefix part is one
+    launch reading the prefix once per kv-head tile for all requests, the suffix part another,
+    and the merge kernel combines them (sink counted once). Allocates its two partial slices
+    and the per-request lengths (not for CUDA graphs)."""
+    P = prefix_k.shape[0]
+    check_tensor("prefix_k", prefix_k, [P, plan.hkv, plan.dqk], plan.dtype, plan.device,
+                 "[P, Hkv, Dqk]")
+    check_tensor("prefix_v", prefix_v, [P, plan.hkv, plan.dv], plan.dtype, plan.device,
+                 "[P, Hkv, Dv]")
+    kv_len = inputs.get("kv_len")
+    if kv_len is None:
+        raise ValueError("kv_len: expected the suffix lengths int32[B] for cascade, got None")
+    a, cx = arguments(attn, plan, q, k, v, inputs.get("page_table"), kv_len,
+                      inputs.get("cu_seqlens_q"), None, None, None, None,
+                      inputs.get("kv_layout", "nhd"))
+    rows = plan.rows
+    o_part = torch.empty(2, rows, plan.hq, plan.dv, dtype=torch.float32, device=plan.device)
+    lse_part = torch.empty(2, rows, plan.hq, dtype=torch.float32, device=plan.device)
+    lk_mask = kv_len + P
+    cx = dict(cx, HAS_LK_MASK=True)
+    suffix = dict(a, O_PART=o_part, LSE_PART=lse_part, LK_MASK=lk_mask, kv_pos0=P)
+    prefix = dict(suffix, K=prefix_k, V=prefix_v, kv_pos0=0, kv_rows=P, page_size=1)
+    prefix.update(_kv_strides(prefix_k, "packed", "stride_k"),
+                  **_kv_strides(prefix_v, "packed", "stride_v"))
+    pcx = dict(cx, KV_MODE=KV_DENSE, HAS_KV_LEN=False)
+    launch_plan(attn, plan, prefix, pcx, split_base=0, parts=2, num_splits=1,
+                merge_parts=False)
+    launch_plan(attn, plan, suffix, cx, split_base=1, parts=2, num_splits=1, merge_parts=False)
+    merge(attn, plan, o_part, lse_part, 2)
+    raise_errors(plan, suffix)
+    return (plan.o, plan.lse) if plan.lse is not None else plan.o
