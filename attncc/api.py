@@ -59,7 +59,7 @@ def Attention(mask: Any = None, score: Any = None, *, normaliser: Normaliser | N
             raise ValueError("memory: a linear-recurrence state takes no mask or score mod yet "
                              "(chunk-local and block-causal compositions are still to come); "
                              f"got mask={mask is not None}, score={score is not None}")
-        normaliser = normaliser or Normaliser("none")  # CATALOG N3: no softmax
+        normaliser = normaliser or Normaliser("none")  # N3 (docs/catalog.md): no softmax
     if normaliser is not None:
         kwargs["normaliser"] = normaliser
     if memory is not None:

@@ -2,7 +2,7 @@
 
 bool [1 | H, L, L] from the mask_mod, or an additive bias in the inputs' dtype from the score_mod
 (`score_mod(0, b, h, q, kv)`, -inf where the mask_mod forbids): the "SDPA with a dense mask" peer
-of PERF.md. Built a chunk of query rows at a time so the temporaries stay small; a mask larger than
+in benchmarks/README.md. Built a chunk of query rows at a time (small temporaries); a mask above
 BUDGET_BYTES is not built at all and the peer records why.
 """
 

@@ -1,6 +1,6 @@
 """Useful work of a case: exact allowed (q, kv) pairs and tile efficiency, from attncc's mask.
 
-FLOPs (PERF.md): forward `4 * B * Hq * allowed_pairs * D` with allowed_pairs counted per
+FLOPs (benchmarks/README.md): forward `4 * B * Hq * allowed_pairs * D`, allowed_pairs counted per
 (batch, head): `attncc.passes.classify_blocks` classifies every 64 x 64 tile exactly by interval
 reasoning (O(tiles)) and `allowed_pairs` counts FULL tiles by area, evaluating the mask pointwise
 only inside PARTIAL tiles. Tile efficiency = allowed pairs / (visited tiles x tile area), in the

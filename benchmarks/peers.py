@@ -2,7 +2,7 @@
 output in the case's token order), or raises `Unavailable` with the reason: a peer is never
 silently dropped; the reason goes into the JSON.
 
-Peers (PERF.md): SDPA under `torch.nn.attention.sdpa_kernel` with each backend (flash,
+Peers (benchmarks/README.md): SDPA under `torch.nn.attention.sdpa_kernel` with each backend (flash,
 efficient, cuDNN, math), given `is_causal` for causal workloads and a dense mask or bias
 (dense_mask.py) for masked ones; FlexAttention under `torch.compile` with a BlockMask from the
 workload's mask_mod (built once per case, outside the timing, as attncc's block maps are).

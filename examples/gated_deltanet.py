@@ -1,6 +1,6 @@
-"""Gated DeltaNet (CATALOG L6): S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
-run as the generated chunked Triton kernel (WY / UT representation) on packed variable-length
-sequences (`cu_seqlens`), then decoded with the recurrent kernel.
+"""Gated DeltaNet (L6 in docs/catalog.md): S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1}
++ beta_t k_t v_t^T, run as the generated chunked Triton kernel (WY / UT representation) on packed
+variable-length sequences (`cu_seqlens`), then decoded with the recurrent kernel.
 
 Inputs as Gated DeltaNet makes them: L2-normalised keys, beta = sigmoid(.), g = logsigmoid(.)
 (log-space gates: long sequences never underflow). Runs on a CUDA GPU if there is one, else the

@@ -1,4 +1,4 @@
-"""Lightning Attention (CATALOG L2): linear attention with a constant per-head decay, run as the
+"""Lightning Attention (L2, docs/catalog.md): linear attention, constant per-head decay, run as the
 generated chunked Triton kernel, then decoded token by token with the recurrent kernel.
 
 Lightning Attention-2 / RetNet use lambda_h = 2^(-8 h / H)-style decays (here a spread of per-head

@@ -1,4 +1,4 @@
-"""Curve math for the reorder axis (catalogue Section 4): cell orders of 2-D and 3-D grids.
+"""Curve math for the reorder axis (R1-R4, docs/catalog.md): cell orders of 2-D and 3-D grids.
 
 Cells are numbered row-major: `y * W + x` in 2-D, `(t * H + y) * W + x` in 3-D. Every `*_order`
 function returns `order: int64[n_cells]` (CPU) with `order[new_position] = flat cell index`.

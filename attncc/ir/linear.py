@@ -1,4 +1,4 @@
-"""The linear-recurrence ("memory") axis: how a per-head state `S [Dk, Dv]` is updated (CATALOG 5).
+"""The linear-recurrence axis: how a per-head state `S [Dk, Dv]` is updated (docs/catalog.md).
 
 One node, `LinearState`, covers L1-L7; its `rule` picks the update. `Hybrid` (L8) pairs a
 softmax part with a linear part. The reference semantics live in
@@ -54,7 +54,7 @@ def _fmt_float(x: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LinearState:
-    """A linear-attention state update (CATALOG L1-L7).
+    """A linear-attention state update (L1-L7, docs/catalog.md).
 
     rule: one of `RULES`. feature_map: one of `FEATURE_MAPS`, applied to q and k (L1, L7 only).
     normalize: divide the output by `scale * z_t . phi(q_t)` (L1, L7 only).

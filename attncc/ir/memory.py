@@ -1,7 +1,7 @@
-"""KV memory layouts K2-K6 (CATALOG Section 6): where K/V live. K1 is `nodes.DenseMemory`.
+"""KV memory layouts K2-K6 (docs/catalog.md): where K/V live. K1 is `nodes.DenseMemory`.
 
 A layout node says only where keys and values are stored; what attention computes is always
-the dense softmax attention of CATALOG 0 over the keys the layout holds. The reference
+the dense softmax attention of docs/semantics.md over the keys the layout holds. The reference
 semantics of each layout live in `attncc.backends.reference.memory` (one function per node).
 Shapes below use `Hq, Hkv` heads, head dims `Dqk, Dv`, int32 index tensors.
 """
@@ -76,7 +76,7 @@ class PersistentMemory(_Layout):
     its keys. Slots are ALWAYS attended: neither the mask nor the score mod applies to them
     (they have no position); their score is the plain `scale * <q, mem_k>`. The sequence's own
     keys keep their indices 0..Lk-1 (and Lk) for the mask and score mod, as if no slot existed.
-    The result is the CATALOG 0 merge of the slot part and the sequence part; a sink (N2) is
+    The result is the LSE merge (docs/semantics.md) of the slot and sequence parts; a sink is
     counted once.
     """
 

@@ -1,4 +1,4 @@
-"""IR nodes: one frozen dataclass per axis of an attention spec (DESIGN.md, "The IR").
+"""IR nodes: one frozen dataclass per axis of an attention spec (docs/architecture.md).
 
 Masks and score mods hold a sympy expression plus the runtime scalars (`Param`) and captured
 tensors (`Capture`) it refers to. Parameter VALUES and tensor CONTENTS are runtime data: they are

@@ -1,5 +1,5 @@
 """Row positions of a reordered launch: for each row of the kernel's token order, the token's
-ORIGINAL position (`perm[new] = original`, catalogue Section 4). Kernels read them as int32 to
+ORIGINAL position (`perm[new] = original`, docs/semantics.md). Kernels read them as int32 to
 evaluate masks and scores on original positions and, in the original layout, to gather rows.
 
 Grid orders (R1-R4) are fixed by the spec: their positions are built once per length and device.

@@ -1,4 +1,4 @@
-"""The reorder axis of the IR: token permutations (catalogue Section 4, R1-R6).
+"""The reorder axis of the IR: token permutations (R1-R6, docs/catalog.md).
 
 Convention: `perm: int64[L]` with `perm[new_position] = original_position`, so
 `x_reordered = x[..., perm, :]` and `x = x_reordered[..., inverse(perm), :]`.

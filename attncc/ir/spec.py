@@ -14,7 +14,7 @@ from attncc.ir.nodes import Capture, DenseMemory, Mask, Normaliser, Param, Sched
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What attention computes (DESIGN.md's five axes plus the schedule).
+    """What attention computes (its five axes plus the schedule: docs/architecture.md).
 
     mask: allowed pairs (None: all pairs). score: score mod (None: the scaled dot product).
     scale: default softmax scale (None: 1/sqrt(Dqk)); a runtime scalar, never compiled in.

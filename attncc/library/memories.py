@@ -1,4 +1,4 @@
-"""Constructors of the KV memory layouts K2-K5 (CATALOG Section 6) for `Attention(memory=...)`.
+"""Constructors of the KV memory layouts K2-K5 (docs/catalog.md) for `Attention(memory=...)`.
 
 A spec with one of these memories compiles (`attncc.compile`) to `attncc.ops.serving.compiled
 .ServingAttention`: plan / run over paged, ragged or per-head-length KV. The nodes and their

@@ -1,6 +1,6 @@
 """The reference backend: plain PyTorch execution of an `AttentionSpec` (the oracle, and the CPU
 path). Tests run it in fp64. It walks queries and keys in chunks and merges partial results with
-the CATALOG Section 0 rule, so it never holds more than `q_chunk x kv_chunk` scores per head.
+the LSE rule of docs/semantics.md, so it never holds more than `q_chunk x kv_chunk` scores per head.
 """
 
 from __future__ import annotations

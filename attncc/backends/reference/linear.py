@@ -1,4 +1,4 @@
-"""Reference semantics of the linear-recurrence axis (CATALOG 5): the naive loop is the spec.
+"""Reference semantics of the linear-recurrence axis (docs/catalog.md): the naive loop is the spec.
 
 Shapes: q, k [B, H, L, Dk]; v [B, H, L, Dv]; o [B, H, L, Dv]; state [B, H, F, Dv'] with
 F = node.feature_dim(Dk) and Dv' = node.state_dv(Dv) (Dv + 1 when normalising: the last column
@@ -8,9 +8,9 @@ beta [B, H, L] (L5, L6). A gate may be -inf (a full forget: e^g = 0 wipes the st
 only, so token t's outputs never depend on a later token (the kernels keep to this too).
 
 Output: o_t = scale * S_t^T phi(q_t), read AFTER token t has updated the state (inclusive);
-scale defaults to 1/sqrt(Dk) with Dk the head dim of q as given (before phi, CATALOG 0).
+scale defaults to 1/sqrt(Dk) with Dk the head dim of q as given (before phi, docs/semantics.md).
 With normalize=True: o_t = scale * S_t^T phi(q_t) / (scale * z_t . phi(q_t)); where that
-denominator is exactly 0 the output is 0 (never NaN or inf), as for an empty row in CATALOG 0.
+denominator is exactly 0 the output is 0 (never NaN or inf), like an empty row (docs/semantics.md).
 Block-causal (L7): the state advances once per block of c tokens, counted from the first token
 of the call (so `initial_state` continues a sequence only when the previous call ended on a
 block boundary); token t reads the state after its whole block.
@@ -209,7 +209,7 @@ def recurrent_reference(
     beta: Tensor | None = None, scale: float | None = None, initial_state: Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """One token at a time (L7: one block at a time), exactly as CATALOG 5 writes it.
+    """One token at a time (L7: one block at a time), exactly as docs/catalog.md writes it.
 
     Returns (o [B, H, L, Dv] in q's dtype, final state [B, H, F, Dv'] or None).
     """

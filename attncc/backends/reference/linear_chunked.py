@@ -1,4 +1,4 @@
-"""Chunked form of the linear recurrences (CATALOG 5): a second formulation of the same maths.
+"""Chunked form of the linear recurrences (docs/catalog.md): a second formulation of the same maths.
 
 The sequence is cut into chunks of C tokens (the last may be shorter). Inside a chunk the output
 is a masked C x C product with the decay matrix; between chunks only the state S is carried.

@@ -1,4 +1,4 @@
-"""Reference execution on the KV memory layouts K2-K6 and the L8 hybrid (CATALOG 6, 5).
+"""Reference execution on the KV memory layouts K2-K6 and the L8 hybrid (docs/catalog.md).
 
 Every layout reduces to `attention_reference` on a dense view of the keys it holds (gathered
 pages, one packed sequence, the fetched blocks), so semantics live in one place. Per-sequence
@@ -187,7 +187,7 @@ def persistent_reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, m
     """K4: q [B, Hq, Lq, Dqk], k [B, Hkv, Lk, Dqk], v [B, Hkv, Lk, Dv], mem_k [Hkv, m, Dqk],
     mem_v [Hkv, m, Dv]. The slots are attended without mask or score mod; the sequence part is
     `attention_reference(spec)` on its own keys (indices 0..Lk-1, sink included); the two are
-    merged by the CATALOG 0 rule. Returns o [B, Hq, Lq, Dv], lse [B, Hq, Lq].
+    merged by the LSE rule (docs/semantics.md). Returns o [B, Hq, Lq, Dv], lse [B, Hq, Lq].
     """
     _dense_kv(q, k, v)
     B, _, _, D = q.shape

@@ -42,7 +42,7 @@ def version_stamp() -> str:
 
 
 def cache_key(plan: KernelPlan) -> str:
-    """Canonical IR hash + template bytes + backend + versions (DESIGN.md, Cache)."""
+    """Canonical IR hash + template bytes + backend + versions (docs/architecture.md, Cache)."""
     import hashlib
     text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp(),
                       f"printer={PRINTER_VERSION}"])

@@ -2,7 +2,7 @@
 
 One rendered source per (mask, score mod, normaliser) holds two jit functions: the forward
 kernel `<name>` (paged / dense / ragged KV, split-KV, GQA packing) and `<name>_merge` (the
-CATALOG 0 merge of partials). The memory layout is not part of the source: KV_MODE, RAGGED_Q,
+LSE merge of partials, docs/semantics.md). The layout is not in the source: KV_MODE, RAGGED_Q,
 HAS_SLOTS, ... are constexprs, so every layout of one spec shares one cache entry.
 
 Every launch goes through `launch`, which calls the hooks in `LAUNCH_HOOKS` around it, so

@@ -1,4 +1,4 @@
-"""Autograd for the linear-recurrence kernels (CATALOG 5, L1-L6).
+"""Autograd for the linear-recurrence kernels (docs/catalog.md, L1-L6).
 
 The autograd formula lives with the custom ops (`attncc.ops.linear.custom_op`): the op
 `attncc::linear_bwd` runs the generated reverse-time kernel

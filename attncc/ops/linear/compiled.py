@@ -1,4 +1,4 @@
-"""Linear-recurrence attention from the user API (catalogue Section 5, L1-L7).
+"""Linear-recurrence attention from the user API (L1-L7 in docs/catalog.md, "Linear rules").
 
     spec = attncc.Attention(memory=attncc.recurrent_state(update="delta", decay="scalar"))
     attn = attncc.compile(spec)
@@ -67,7 +67,7 @@ def recurrent_state(update: str = "additive", decay: Any = "none", *,
     rule = rules.get((update, decay))
     if rule is None:
         raise ValueError(f"decay={decay!r} with update={update!r}: no catalogue rule (a vector "
-                         "gate with the delta rule is not in CATALOG Section 5)")
+                         "gate with the delta rule is not in docs/catalog.md)")
     return LinearState(rule, feature_map, normalize)
 
 

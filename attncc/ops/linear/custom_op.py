@@ -1,4 +1,4 @@
-"""Linear-recurrence attention (CATALOG 5, L1-L7) as `torch.library` custom ops:
+"""Linear-recurrence attention (docs/catalog.md, L1-L7) as `torch.library` custom ops:
 `attncc::linear_fwd` and `attncc::linear_bwd`, with fake (shape-only) implementations and an
 autograd formula, so `CompiledLinearAttention` is differentiable, compiles under
 `torch.compile(fullgraph=True)` as one graph node and survives `torch.export`.

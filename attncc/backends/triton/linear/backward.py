@@ -1,4 +1,4 @@
-"""Gradients of the linear-recurrence rules L1-L6 (CATALOG 5) as one generated Triton kernel.
+"""Gradients of the linear-recurrence rules L1-L6 (docs/catalog.md) as one generated Triton kernel.
 
 `attncc/backends/triton/templates/linear_backward.py.j2` lays out lines this module chooses per rule (the same
 IR flags as `triton_linear`: gate kind, delta correction, feature map); its header derives the

@@ -1,4 +1,4 @@
-"""The chunked form of the linear-recurrence axis (CATALOG 5) as generated Triton kernels.
+"""The chunked form of the linear-recurrence axis (docs/catalog.md) as generated Triton kernels.
 
 Three templates, one family: `attncc/backends/triton/templates/linear_chunked.py.j2` (additive updates: L1-L4),
 `linear_chunked_delta.py.j2` (L5, L6 by the WY / UT representation) and

@@ -1,4 +1,4 @@
-"""The recurrent form of the linear-recurrence axis (CATALOG 5) as one generated Triton kernel.
+"""The recurrent form of the linear rules (docs/catalog.md) as one generated Triton kernel.
 
 `attncc/backends/triton/templates/linear_recurrent.py.j2` lays out lines this module chooses per rule; the
 semantics are `reference_linear.recurrent_reference` (the spec and the test oracle).
