@@ -51,6 +51,14 @@ class Rule(NamedTuple):
     phi: bool
 
 
+# the valid combinations; the update each performs (S in R^{F x Dv}):
+#   L1  S_t = S_{t-1} + phi(k_t) v_t^T                 (optional z_t = z_{t-1} + phi(k_t))
+#   L2  S_t = lambda_h S_{t-1} + k_t v_t^T
+#   L3  S_t = exp(g_t) S_{t-1} + k_t v_t^T
+#   L4  S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T
+#   L5  S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+#   L6  S_t = (I - beta_t k_t k_t^T) exp(g_t) S_{t-1} + beta_t k_t v_t^T
+#   L7  L1 stepped once per block of `block` tokens
 RULE_TABLE: tuple[Rule, ...] = (
     Rule("linear", "L1", "none", "additive", False, True),
     Rule("decay", "L2", "constant", "additive", False, False),
