@@ -21,7 +21,8 @@ from attncc.ops.linear import custom_op as torch_ops_linear  # noqa: F401
 from attncc.ops.serving import custom_op as torch_ops_serving  # noqa: F401
 from attncc.ops.serving import stream as serving_stream  # append_stream (README)
 from attncc.fx import compile_backend, replace_sdpa
-from attncc.ops.linear.compiled import CompiledLinearAttention, recurrent_state
+from attncc.ops.linear.compiled import CompiledLinearAttention
+from attncc.library.linear import recurrent_state
 from attncc.library.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
                           document_inputs, full, global_tokens, hilberta, neighbourhood_2d,

@@ -62,6 +62,11 @@ def _check_tensor(name: str, x: object, shape: list[int], what: str) -> None:
         raise ValueError(f"{name}: expected shape {what} = {shape}, got {_shape(x)}")
 
 
+def _check_axes(name: str, x: object, axes: tuple[str, ...], dims: dict[str, int]) -> None:
+    """`_check_tensor` for a tensor described by axis names, e.g. ("B", "H", "L")."""
+    _check_tensor(name, x, [dims[a] for a in axes], "[" + ", ".join(axes) + "]")
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
                  beta: Tensor | None, initial_state: Tensor | None,
                  state_name: str = "initial_state") -> None:
@@ -84,18 +89,19 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
     rule = node.rule
-    if rule in ("scalar_gate", "vector_gate", "gated_delta"):
-        shape, what = ([B, H, L, Dk], "[B, H, L, Dk]") if rule == "vector_gate" else (
-            [B, H, L], "[B, H, L]")
-        _check_tensor("g", g, shape, what)
+    dims = {"B": B, "H": H, "L": L, "Dk": Dk}
+    axes = node.input_axes("g")
+    if axes is not None:
+        _check_axes("g", g, axes, dims)
         check_device("g", g, q.device)
         if not bool((g <= 0).all()):
             raise ValueError(f"g: expected all entries <= 0 (log of a decay) for rule {rule!r}, "
                              f"got max {g.max().item()}")
     elif g is not None:
         raise ValueError(f"g: expected None for rule {rule!r} (it reads no gate), got a tensor")
-    if rule in ("delta", "gated_delta"):
-        _check_tensor("beta", beta, [B, H, L], "[B, H, L]")
+    axes = node.input_axes("beta")
+    if axes is not None:
+        _check_axes("beta", beta, axes, dims)
         check_device("beta", beta, q.device)
     elif beta is not None:
         raise ValueError(f"beta: expected None for rule {rule!r} (it reads no beta), got a tensor")
@@ -169,18 +175,27 @@ def finish(o: Tensor, node: LinearState, scale: float, dtype: torch.dtype) -> Te
     return o.to(dtype)
 
 
-def _token_step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, rule: str, g: Tensor | None,
-                beta: Tensor | None, lam: Tensor | None) -> tuple[Tensor, Tensor]:
+# gate kind -> S decayed before token t writes: (S [B, H, F, Dv'], g_t, lam [H]) -> S'
+_DECAY = {
+    "none": lambda S, g, lam: S,
+    "constant": lambda S, g, lam: lam[None, :, None, None] * S,
+    "scalar": lambda S, g, lam: torch.exp(g)[..., None, None] * S,  # g_t [B, H]
+    "vector": lambda S, g, lam: torch.exp(g)[..., None] * S,  # g_t [B, H, F]
+}
+# write kind -> the value row token t writes along k_t: (S', k_t, v_t, beta_t) -> [B, H, Dv']
+_WRITE = {
+    "additive": lambda S, k, v, beta: v,
+    # (I - beta k k^T) S + beta k v^T  =  S + k (beta (v - S^T k))^T
+    "delta": lambda S, k, v, beta: beta[..., None] * (v - torch.einsum("bhf,bhfv->bhv", k, S)),
+}
+
+
+def _token_step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, node: LinearState,
+                g: Tensor | None, beta: Tensor | None, lam: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
     """One token: S [B, H, F, Dv'], q, k [B, H, F], v [B, H, Dv'] -> (S_t^T q_t, S_t)."""
-    if rule == "decay":
-        S = lam[None, :, None, None] * S
-    elif rule in ("scalar_gate", "gated_delta"):
-        S = torch.exp(g)[..., None, None] * S
-    elif rule == "vector_gate":
-        S = torch.exp(g)[..., None] * S
-    if rule in ("delta", "gated_delta"):
-        # (I - beta k k^T) S + beta k v^T  =  S + k (beta (v - S^T k))^T
-        v = beta[..., None] * (v - torch.einsum("bhf,bhfv->bhv", k, S))
+    S = _DECAY[node.gate](S, g, lam)
+    v = _WRITE[node.write](S, k, v, beta)
     S = S + k[..., :, None] * v[..., None, :]
     return torch.einsum("bhf,bhfv->bhv", q, S), S
 
@@ -190,7 +205,9 @@ def _recurrent(p: Prepared, node: LinearState) -> tuple[Tensor, Tensor]:
     S = p.state
     L = p.q.shape[2]
     o = p.v.new_zeros(*p.v.shape)
-    if node.rule == "block_causal":
+    if node.block is not None:
+        if (node.gate, node.write) != ("none", "additive"):  # no gated or delta block step yet
+            raise NotImplementedError(f"{node.text()}: the block step is additive and ungated")
         for s in range(0, L, node.block):
             blk = slice(s, min(s + node.block, L))
             S = S + torch.einsum("bhlf,bhlv->bhfv", p.k[:, :, blk], p.v[:, :, blk])
@@ -199,8 +216,8 @@ def _recurrent(p: Prepared, node: LinearState) -> tuple[Tensor, Tensor]:
     for t in range(L):
         g_t = None if p.g is None else p.g[:, :, t]
         b_t = None if p.beta is None else p.beta[:, :, t]
-        o[:, :, t], S = _token_step(S, p.q[:, :, t], p.k[:, :, t], p.v[:, :, t], node.rule,
-                                    g_t, b_t, p.lam)
+        o[:, :, t], S = _token_step(S, p.q[:, :, t], p.k[:, :, t], p.v[:, :, t], node, g_t,
+                                    b_t, p.lam)
     return o, S
 
 
@@ -230,12 +247,12 @@ def decode_step(
     reads later tokens of its block), so its step is one block: q_t, k_t [B, H, n, Dk],
     v_t [B, H, n, Dv], 1 <= n <= block, and o_t [B, H, n, Dv]; only the last block may be short.
     """
-    if state_node.rule == "block_causal":
+    if state_node.block is not None:
         for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
             if not isinstance(x, Tensor) or x.dim() != 4 or not 1 <= x.shape[2] <= state_node.block:
                 got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name}: expected a block [B, H, n, D] with 1 <= n <= "
-                                 f"{state_node.block} for rule 'block_causal', got {got}")
+                                 f"{state_node.block} for rule {state_node.rule!r}, got {got}")
         o, S = recurrent_reference(q_t, k_t, v_t, state_node, scale=scale, g=g_t, beta=beta_t,
                                    initial_state=state, output_final_state=True)
         return o, S
@@ -245,8 +262,8 @@ def decode_step(
             raise ValueError(f"{name}: expected a tensor [B, H, D] (one token), got {got}")
     B, H, Dk = q_t.shape
     if g_t is not None:
-        want = [B, H, Dk] if state_node.rule == "vector_gate" else [B, H]
-        _check_tensor("g_t", g_t, want, "[B, H, Dk]" if len(want) == 3 else "[B, H]")
+        axes = tuple(a for a in state_node.input_axes("g") or ("B", "H") if a != "L")
+        _check_axes("g_t", g_t, axes, {"B": B, "H": H, "Dk": Dk})  # one token: no L axis
         g_t = g_t[:, :, None]
     if beta_t is not None:
         _check_tensor("beta_t", beta_t, [B, H], "[B, H]")

@@ -36,16 +36,19 @@ from attncc.ir.linear import LinearState
 GATE_FLOOR = {torch.float32: 128.0, torch.float64: 1024.0}
 
 
-def _log_decay(p: Prepared, rule: str) -> Tensor | None:
-    """Per-token log-decay: [B, H, L, 1] (scalar) or [B, H, L, Dk] (L4); None when there is none."""
-    if rule == "decay":
-        B, H, L = p.q.shape[:3]
-        return torch.log(p.lam)[None, :, None, None].expand(B, H, L, 1)
-    if rule in ("scalar_gate", "gated_delta"):
-        return p.g[..., None]
-    if rule == "vector_gate":
-        return p.g
-    return None
+def _constant_log_decay(p: Prepared) -> Tensor:
+    B, H, L = p.q.shape[:3]
+    return torch.log(p.lam)[None, :, None, None].expand(B, H, L, 1)
+
+
+# gate kind -> per-token log-decay: [B, H, L, 1] (one per token) or [B, H, L, Dk] (per key dim);
+# None when there is no gate
+_LOG_DECAY = {
+    "none": lambda p: None,
+    "constant": _constant_log_decay,
+    "scalar": lambda p: p.g[..., None],
+    "vector": lambda p: p.g,
+}
 
 
 def _decay_matrix(b: Tensor, mask: Tensor) -> Tensor:
@@ -54,9 +57,10 @@ def _decay_matrix(b: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(diff.masked_fill(~mask[:, :, None], float("-inf")))
 
 
-def _gla_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor,
-               mask: Tensor) -> tuple[Tensor, Tensor]:
-    """One chunk of L1-L4 / L7: b [B, H, C, G] with G in (1, F); returns (o, S_new)."""
+def _gla_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor, mask: Tensor,
+               beta: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One chunk of the additive write (L1-L4, L7): b [B, H, C, G] with G in (1, F), mask [C, C]
+    the pairs (t, s) that meet (beta is unused); returns (o, S_new)."""
     D = _decay_matrix(b, mask)
     A = (q[:, :, :, None, :] * k[:, :, None, :, :] * D).sum(-1)  # [B, H, C, C]
     o = (q * torch.exp(b)) @ S + A @ v
@@ -66,17 +70,19 @@ def _gla_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor,
     return o, S_new
 
 
-def _delta_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor,
+def _delta_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor, causal: Tensor,
                  beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One chunk of L5 / L6 by the UT transform: b [B, H, C] scalar cumulative log-decay."""
-    C = q.shape[2]
-    idx = torch.arange(C, device=q.device)
-    causal = idx[None, :] <= idx[:, None]  # [t, s]: s <= t
-    strict = idx[None, :] < idx[:, None]
+    """One chunk of the delta write (L5, L6) by the UT transform: b [B, H, C, 1] cumulative
+    log-decay, one per token; causal [C, C] the pairs s <= t."""
+    if b.shape[-1] != 1 or not bool(causal.equal(causal.tril())):  # no vector gate, no blocks
+        raise NotImplementedError("the chunked delta rule takes one gate per token and steps "
+                                  "the state every token")
+    b = b[..., 0]
+    strict = causal.tril(-1)
     D_strict = _decay_matrix(b[..., None], strict)[..., 0]
     D_causal = _decay_matrix(b[..., None], causal)[..., 0]
     A = beta[..., None] * (k @ k.transpose(-1, -2)) * D_strict
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device)
     M = eye + A
     gamma = torch.exp(b)
     U0 = torch.linalg.solve_triangular(M, beta[..., None] * v, upper=False, unitriangular=True)
@@ -87,6 +93,10 @@ def _delta_chunk(S: Tensor, q: Tensor, k: Tensor, v: Tensor, b: Tensor,
     decay_to_end = torch.exp(b[:, :, -1:] - b)  # [B, H, C]
     S_new = gamma[:, :, -1, None, None] * S + (k * decay_to_end[..., None]).transpose(-1, -2) @ U
     return o, S_new
+
+
+# write kind -> one chunk: (S, q, k, v, b, mask, beta) -> (o, S_new)
+_CHUNK = {"additive": _gla_chunk, "delta": _delta_chunk}
 
 
 def chunked_reference(
@@ -102,12 +112,11 @@ def chunked_reference(
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
     check_inputs(q, k, v, state_node, g, beta, initial_state)
-    rule = state_node.rule
-    if rule == "block_causal" and chunk % state_node.block != 0:
+    if state_node.block is not None and chunk % state_node.block != 0:
         raise ValueError(f"chunk: expected a multiple of block = {state_node.block} for rule "
-                         f"'block_causal', got {chunk}")
+                         f"{state_node.rule!r}, got {chunk}")
     p = prepare(q, k, v, state_node, g, beta, scale, initial_state)
-    log_decay = _log_decay(p, rule)
+    log_decay = _LOG_DECAY[state_node.gate](p)
     S = p.state
     L = p.q.shape[2]
     o = p.v.new_zeros(*p.v.shape)
@@ -120,14 +129,9 @@ def chunked_reference(
         else:
             floor = GATE_FLOOR[log_decay.dtype]
             b = torch.cumsum(log_decay[:, :, sl].clamp(min=-floor), dim=2)
-        if rule in ("delta", "gated_delta"):
-            o[:, :, sl], S = _delta_chunk(S, qc, kc, vc, b[..., 0], p.beta[:, :, sl])
-            continue
         idx = torch.arange(C, device=qc.device)
-        if rule == "block_causal":
-            blk = idx // state_node.block
-            mask = blk[None, :] <= blk[:, None]
-        else:
-            mask = idx[None, :] <= idx[:, None]
-        o[:, :, sl], S = _gla_chunk(S, qc, kc, vc, b, mask)
+        blk = idx if state_node.block is None else idx // state_node.block
+        mask = blk[None, :] <= blk[:, None]  # causal, or block-causal (L7)
+        o[:, :, sl], S = _CHUNK[state_node.write](S, qc, kc, vc, b, mask,
+                                                  None if p.beta is None else p.beta[:, :, sl])
     return finish(o, state_node, p.scale, q.dtype), (S if output_final_state else None)

@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import _check_tensor, check_inputs, recurrent_reference
+from attncc.backends.reference.linear import (
+    _check_axes,
+    _check_tensor,
+    check_inputs,
+    recurrent_reference,
+)
 from attncc.ir.linear import LinearState
 from attncc.validate import check_device
 
@@ -50,12 +55,11 @@ def _check_packed_shapes(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: 
     if list(v.shape[:2]) != [T, H]:
         raise ValueError(f"v: expected shape [T, H, Dv] with [T, H] = {[T, H]}, "
                          f"got {list(v.shape)}")
-    gate = {"vector_gate": ([T, H, Dk], "[T, H, Dk]"), "scalar_gate": ([T, H], "[T, H]"),
-            "gated_delta": ([T, H], "[T, H]")}.get(node.rule)
-    if gate is not None and g is not None:
-        _check_tensor("g", g, *gate)
-    if node.rule in ("delta", "gated_delta") and beta is not None:
-        _check_tensor("beta", beta, [T, H], "[T, H]")
+    for name, x in (("g", g), ("beta", beta)):
+        axes = node.input_axes(name)  # e.g. ("B", "H", "L", "Dk"): packed, [T, H, Dk]
+        if axes is not None and x is not None:
+            packed = ("T",) + tuple(a for a in axes if a not in ("B", "L"))
+            _check_axes(name, x, packed, {"T": T, "H": H, "Dk": Dk})
 
 
 def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,

@@ -34,43 +34,6 @@ from attncc.ir.linear import LinearState
 from attncc.ir.spec import AttentionSpec
 from attncc.ops.linear.backward import needs_grad
 
-DECAYS = ("none", "scalar", "vector")  # or a float / tuple of floats: a constant per head (L2)
-UPDATES = ("additive", "delta")
-
-
-def recurrent_state(update: str = "additive", decay: Any = "none", *,
-                    feature_map: str = "identity", normalize: bool = False,
-                    block: int | None = None) -> LinearState:
-    """The state update, by its parts: `update` additive (L1-L4, L7) or delta (L5, L6); `decay`
-    "none", a constant per head (float, or a tuple with one per head: L2), "scalar" (a gate
-    g [B, H, L] per token: L3, L6) or "vector" (g [B, H, L, Dk]: L4); `block` steps the state once
-    per block of tokens (L7); `feature_map` and `normalize` apply to L1 and L7."""
-    if update not in UPDATES:
-        raise ValueError(f"update: expected one of {UPDATES}, got {update!r}")
-    constant = isinstance(decay, (int, float, tuple)) and not isinstance(decay, bool)
-    if not constant and decay not in DECAYS:
-        raise ValueError(f"decay: expected one of {DECAYS}, a float or a tuple of floats, "
-                         f"got {decay!r}")
-    rules = {("additive", "none"): "linear", ("additive", "scalar"): "scalar_gate",
-             ("additive", "vector"): "vector_gate", ("delta", "none"): "delta",
-             ("delta", "scalar"): "gated_delta"}
-    if block is not None:
-        if update != "additive" or decay != "none":
-            raise ValueError("block: block-causal stepping (L7) takes update='additive' and "
-                             f"decay='none', got update={update!r}, decay={decay!r}")
-        return LinearState("block_causal", feature_map, normalize, block=block)
-    if constant:
-        if update != "additive":
-            raise ValueError("decay: a constant decay goes with update='additive' (L2), "
-                             f"got update={update!r}")
-        return LinearState("decay", feature_map, normalize, decay=decay)
-    rule = rules.get((update, decay))
-    if rule is None:
-        raise ValueError(f"decay={decay!r} with update={update!r}: no catalogue rule (a vector "
-                         "gate with the delta rule is not in docs/catalog.md)")
-    return LinearState(rule, feature_map, normalize)
-
-
 class CompiledLinearAttention:
     """attn(q, k, v, *, g=None, beta=None, scale=None, initial_state=None, return_state=False,
     cu_seqlens=None, backend="auto") for a spec whose memory is a `LinearState`. q, k

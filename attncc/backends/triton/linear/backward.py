@@ -20,6 +20,7 @@ step), one token at a time; a chunked (matrix-form) backward would be faster and
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,41 +64,72 @@ def _phi(x: str, feature_map: str) -> str:
     return f"{x}_t = {x}_raw"
 
 
-def _decay(node: LinearState) -> tuple[list[str], list[str], str | None]:
-    """(setup lines, lines loading the gate, the decay factor applied to a [F, DV] tile)."""
-    rule = node.rule
-    if rule == "decay":
-        return ["lam = tl.load(LAM + off_h).to(tl.float32)"], [], "lam"
-    if rule in ("scalar_gate", "gated_delta"):
-        return [], [_LOAD_G, "a_t = tl.exp(g_t)"], "a_t"
-    if rule == "vector_gate":
-        return [], [_LOAD_G_VEC, "a_t = tl.exp(g_t)"], "a_t[:, None]"
-    return [], [], None
+class GateLines(NamedTuple):
+    """How one gate kind enters the backward kernel: `setup` lines before the loops, `loads`
+    per token (leaving the factor in `a_t`), `factor` the decay applied to a [F, DV] tile (None:
+    no decay), and `store_dg` the line storing the gate's gradient from dS and Sp (None: no g)."""
+
+    setup: list[str]
+    loads: list[str]
+    factor: str | None
+    store_dg: str | None
+
+
+# gate kind -> its lines
+_GATES: dict[str, GateLines] = {
+    "none": GateLines([], [], None, None),
+    "constant": GateLines(["lam = tl.load(LAM + off_h).to(tl.float32)"], [], "lam", None),
+    "scalar": GateLines([], [_LOAD_G, "a_t = tl.exp(g_t)"], "a_t",
+                        "tl.store(DG + r_row + t * stride_rl, tl.sum(tl.sum(dS * Sp, 1), 0))"),
+    "vector": GateLines([], [_LOAD_G_VEC, "a_t = tl.exp(g_t)"], "a_t[:, None]",
+                        "tl.store(DG + p_row + t * stride_pl + offs_f, tl.sum(dS * Sp, 1), "
+                        "mask=mask_f)"),
+}
+
+
+class WriteLines(NamedTuple):
+    """How one write kind enters the backward kernel: `forward` turns v_t into the value row
+    written (on the decayed S), `value` does the same in the backward step (as u_t, from Sp),
+    and `backward` turns du = dS^T k_t into dv_t (and the write's own gradients)."""
+
+    forward: list[str]
+    value: list[str]
+    backward: list[str]
+
+
+# write kind -> its lines
+_WRITES: dict[str, WriteLines] = {
+    "additive": WriteLines([], ["u_t = v_t"], ["dv_t = du"]),
+    "delta": WriteLines(
+        [_LOAD_BETA, "v_t = beta_t * (v_t - tl.sum(S * k_t[:, None], 0))"],
+        [_LOAD_BETA, "kS = tl.sum(Sp * k_t[:, None], 0)", "u_t = beta_t * (v_t - kS)"],
+        ["dv_t = beta_t * du",
+         "db_t = tl.sum(du * (v_t - kS), 0)",
+         "dk_t = dk_t - beta_t * tl.sum(Sp * du[None, :], 1)",
+         "dS = dS - beta_t * k_t[:, None] * du[None, :]",
+         "tl.store(DB + r_row + t * stride_rl, db_t)"]),
+}
 
 
 def _forward_lines(node: LinearState) -> list[str]:
     """One token's state update (S_{t-1} -> S_t), as the forward kernel does it."""
-    _, gate_loads, a = _decay(node)
-    lines = [_LOAD.format(x="k"), _phi("k", node.feature_map), _LOAD_V, *gate_loads]
-    if a is not None:
-        lines.append(f"S = S * {a}")
-    if node.rule in ("delta", "gated_delta"):
-        lines += [_LOAD_BETA, "v_t = beta_t * (v_t - tl.sum(S * k_t[:, None], 0))"]
+    gate = _GATES[node.gate]
+    lines = [_LOAD.format(x="k"), _phi("k", node.feature_map), _LOAD_V, *gate.loads]
+    if gate.factor is not None:
+        lines.append(f"S = S * {gate.factor}")
+    lines += _WRITES[node.write].forward
     lines.append("S = S + k_t[:, None] * v_t[None, :]")
     return lines
 
 
 def _backward_lines(node: LinearState) -> list[str]:
     """One token backward, from S_prev = S_{t-1} and dS = dL/dS_t (header of the template)."""
-    _, gate_loads, a = _decay(node)
-    delta = node.rule in ("delta", "gated_delta")
+    gate, write = _GATES[node.gate], _WRITES[node.write]
+    a = gate.factor
     lines = [_LOAD.format(x="q"), _phi("q", node.feature_map), _LOAD.format(x="k"),
-             _phi("k", node.feature_map), _LOAD_V, _LOAD_DO, *gate_loads]
+             _phi("k", node.feature_map), _LOAD_V, _LOAD_DO, *gate.loads]
     lines.append(f"Sp = S_prev * {a}" if a is not None else "Sp = S_prev")
-    if delta:
-        lines += [_LOAD_BETA, "kS = tl.sum(Sp * k_t[:, None], 0)", "u_t = beta_t * (v_t - kS)"]
-    else:
-        lines.append("u_t = v_t")
+    lines += write.value
     lines += [
         "S_t = Sp + k_t[:, None] * u_t[None, :]",
         "dS = dS + scale * q_t[:, None] * do_t[None, :]",
@@ -105,21 +137,9 @@ def _backward_lines(node: LinearState) -> list[str]:
         "du = tl.sum(dS * k_t[:, None], 0)",
         "dk_t = tl.sum(dS * u_t[None, :], 1)",
     ]
-    if delta:
-        lines += [
-            "dv_t = beta_t * du",
-            "db_t = tl.sum(du * (v_t - kS), 0)",
-            "dk_t = dk_t - beta_t * tl.sum(Sp * du[None, :], 1)",
-            "dS = dS - beta_t * k_t[:, None] * du[None, :]",
-            "tl.store(DB + r_row + t * stride_rl, db_t)",
-        ]
-    else:
-        lines.append("dv_t = du")
-    if node.rule in ("scalar_gate", "gated_delta"):
-        lines.append("tl.store(DG + r_row + t * stride_rl, tl.sum(tl.sum(dS * Sp, 1), 0))")
-    elif node.rule == "vector_gate":
-        lines.append("tl.store(DG + p_row + t * stride_pl + offs_f, tl.sum(dS * Sp, 1), "
-                     "mask=mask_f)")
+    lines += write.backward
+    if gate.store_dg is not None:
+        lines.append(gate.store_dg)
     if a is not None:
         lines.append(f"dS = dS * {a}")
     if node.feature_map == "elu1":
@@ -134,16 +154,16 @@ def _backward_lines(node: LinearState) -> list[str]:
 
 def render(node: LinearState) -> str:
     """Triton source of the backward kernel for `node` (dtype- and shape-independent)."""
-    setup, _, _ = _decay(node)
     return jinja_environment().get_template(TEMPLATE).render(
-        kernel_name=kernel_name(node, "backward"), node_text=node.text(), setup_lines=setup,
+        kernel_name=kernel_name(node, "backward"), node_text=node.text(),
+        setup_lines=_GATES[node.gate].setup,
         forward_lines=_forward_lines(node), backward_lines=_backward_lines(node))
 
 
 def unsupported(node: LinearState) -> str | None:
     """Why `node` has no backward kernel, or None."""
-    if node.rule == "block_causal":
-        return "rule 'block_causal' (L7) has no backward kernel"
+    if node.block is not None:
+        return f"rule {node.rule!r} ({node.catalog_id}) has no backward kernel"
     if node.feature_map not in ("identity", "elu1"):
         return f"feature map {node.feature_map!r} has no backward kernel (identity, elu1 do)"
     return None
@@ -233,7 +253,8 @@ class TritonLinearBackward(GeneratedKernel):
         scr = torch.empty(nprog * chunk * f_pad * dv_block, dtype=f32, device=dev)
         dq_p = torch.zeros(nv, Bv, H, Lv, Dk, dtype=f32, device=dev)
         dk_p = torch.zeros_like(dq_p)
-        dg_p = torch.zeros_like(dq_p) if node.rule == "vector_gate" else \
+        dg_axes = node.input_axes("g") or ()  # the gate's partials: per key dim for a vector one
+        dg_p = torch.zeros_like(dq_p) if "Dk" in dg_axes else \
             torch.zeros(nv, Bv, H, Lv, dtype=f32, device=dev)
         db_p = torch.zeros(nv, Bv, H, Lv, dtype=f32, device=dev)
         dvv = torch.zeros(Bv, H, Lv, Dv, dtype=f32, device=dev)

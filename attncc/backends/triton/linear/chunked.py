@@ -3,9 +3,9 @@
 Three templates, one family: `attncc/backends/triton/templates/linear_chunked.py.j2` (additive updates: L1-L4),
 `linear_chunked_delta.py.j2` (L5, L6 by the WY / UT representation) and
 `linear_chunked_block.py.j2` (L7), all starting with `linear_chunked_prologue.py.j2`. This
-module picks the template and prepares the lines each rule needs; the semantics are
-`reference_linear.recurrent_reference` (the spec and the test oracle) and the maths is
-`reference_linear_chunked`. Same API as `TritonRecurrentLinear`, whose decode step continues
+module picks the template by write kind and step (`_WRITES`) and the lines by gate kind
+(`_GATES`); the semantics are `reference_linear.recurrent_reference` (the spec and the test
+oracle) and the maths is `reference_linear_chunked`. Same API as `TritonRecurrentLinear`, whose decode step continues
 a state this kernel leaves (and the other way round).
 
 Every rule has a chunked kernel: linear (L1; phi identity, elu1 or taylor2; optional
@@ -21,7 +21,7 @@ masks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,8 +86,56 @@ _LOAD_G_VEC = ("g_c = tl.load(g_base + rows[:, None] * stride_gl + offs_k[None, 
 GATE_FLOOR = 128.0
 _CUMSUM = (f"b = tl.cumsum(tl.maximum(g_c, -{GATE_FLOOR}), 0)  # inclusive: token i has "
            "decayed by its own gate")
-_GATE = {"linear": "none", "decay": "scalar", "scalar_gate": "scalar", "vector_gate": "vector",
-         "delta": "none", "gated_delta": "scalar"}
+_LOG_LAM = "log_lam = tl.log(tl.load(LAM + off_h).to(tl.float32))"
+
+
+class GateLines(NamedTuple):
+    """How one gate kind enters a chunked template: `flag` picks the template's decay branch
+    ("none", "scalar": one log-decay per token, "vector": one per key dim), `setup` and `chunk`
+    are lines before the chunk loop and per chunk (they leave the cumulative log-decay in `b`)."""
+
+    flag: str
+    setup: list[str]
+    chunk: list[str]
+
+
+# gate kind -> its lines
+_GATES: dict[str, GateLines] = {
+    "none": GateLines("none", [], []),
+    "constant": GateLines("scalar", [_LOG_LAM], ["g_c = tl.where(mask_t, log_lam, 0.0)", _CUMSUM]),
+    "scalar": GateLines("scalar", [], [_LOAD_G, _CUMSUM]),
+    "vector": GateLines("vector", [], [_LOAD_G_VEC, _CUMSUM]),
+}
+
+
+class WriteTemplate(NamedTuple):
+    """The template of one write kind (per step form: every token, or per block), the gate kinds
+    it implements, and the setup lines it needs when no gate is loaded."""
+
+    template: str
+    gates: tuple[str, ...]
+    ungated: list[str]
+
+
+# (write kind, steps per block) -> its template; a combination not here has no chunked kernel
+_WRITES: dict[tuple[str, bool], WriteTemplate] = {
+    ("additive", False): WriteTemplate(TEMPLATE, ("none", "constant", "scalar", "vector"), []),
+    # the delta template always reads b: with no gate, b = 0 and every decay factor is e^0 = 1
+    ("delta", False): WriteTemplate(TEMPLATE_DELTA, ("none", "scalar"),
+                                    ["b = tl.zeros([CHUNK], dtype=tl.float32)"]),
+    ("additive", True): WriteTemplate(TEMPLATE_BLOCK, ("none",), []),
+}
+
+
+def _write_template(node: LinearState) -> WriteTemplate:
+    """The template for `node`; NotImplementedError when no chunked template covers its parts."""
+    found = _WRITES.get((node.write, node.block is not None))
+    if found is None or node.gate not in found.gates:
+        raise NotImplementedError(
+            f"TritonChunkedLinear: no chunked template for rule {node.rule!r} (gate "
+            f"{node.gate!r}, write {node.write!r}, block {node.block!r}); use the recurrent "
+            "kernel")
+    return found
 
 
 def _loads(node: LinearState, x: str) -> list[str]:
@@ -101,20 +149,12 @@ def _loads(node: LinearState, x: str) -> list[str]:
 
 
 def _lines(node: LinearState) -> tuple[list[str], list[str]]:
-    """(setup lines before the chunk loop, lines per chunk after the loads) for `node`'s rule."""
+    """(setup lines before the chunk loop, lines per chunk after the loads) for `node`'s parts."""
     setup: list[str] = list(_TAYLOR_SETUP) if node.feature_map == "taylor2" else []
-    step: list[str] = []
-    rule = node.rule
-    if rule == "decay":
-        setup.append("log_lam = tl.log(tl.load(LAM + off_h).to(tl.float32))")
-        step += ["g_c = tl.where(mask_t, log_lam, 0.0)", _CUMSUM]
-    elif rule in ("scalar_gate", "gated_delta"):
-        step += [_LOAD_G, _CUMSUM]
-    elif rule == "vector_gate":
-        step += [_LOAD_G_VEC, _CUMSUM]
-    elif rule == "delta":  # no gate: b = 0, every decay factor is e^0 = 1
-        setup.append("b = tl.zeros([CHUNK], dtype=tl.float32)")
-    return setup, step
+    gate = _GATES[node.gate]
+    if node.gate == "none":
+        setup += _write_template(node).ungated
+    return setup + gate.setup, list(gate.chunk)
 
 
 def kernel_name(node: LinearState) -> str:
@@ -125,12 +165,10 @@ def kernel_name(node: LinearState) -> str:
 def render(node: LinearState) -> str:
     """Triton source of the chunked kernel for `node` (dtype-, shape- and chunk-independent)."""
     setup, step = _lines(node)
-    template = {"delta": TEMPLATE_DELTA, "gated_delta": TEMPLATE_DELTA,
-                "block_causal": TEMPLATE_BLOCK}.get(node.rule, TEMPLATE)
     taylor = node.feature_map == "taylor2"
-    return jinja_environment().get_template(template).render(
+    return jinja_environment().get_template(_write_template(node).template).render(
         kernel_name=kernel_name(node), node_text=node.text(), normalize=node.normalize,
-        gate=_GATE.get(node.rule), block=node.block, setup_lines=setup, chunk_lines=step,
+        gate=_GATES[node.gate].flag, block=node.block, setup_lines=setup, chunk_lines=step,
         feature_mask=f"mask_k = offs_k < {'1 + D_K + D_K * D_K' if taylor else 'D_K'}",
         load_lines=_loads(node, "q") + _loads(node, "k"), query_lines=_loads(node, "q"),
         key_lines=_loads(node, "k"))
@@ -165,6 +203,7 @@ class TritonChunkedLinear(GeneratedKernel):
                  block_v: int | None = None) -> None:
         if not isinstance(node, LinearState):
             raise ValueError(f"node: expected a LinearState, got {type(node).__name__}")
+        _write_template(node)  # NotImplementedError when no template covers the parts
         recurrent.check_power_of_two("chunk", chunk, 16)
         recurrent.check_power_of_two("block_v", block_v, 16)
         self.node = node

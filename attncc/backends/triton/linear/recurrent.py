@@ -1,6 +1,7 @@
 """The recurrent form of the linear rules (docs/catalog.md) as one generated Triton kernel.
 
-`attncc/backends/triton/templates/linear_recurrent.py.j2` lays out lines this module chooses per rule; the
+`attncc/backends/triton/templates/linear_recurrent.py.j2` lays out lines this module chooses from
+one table per part of the rule (`_GATE_LINES` by gate kind, `_WRITE_LINES` by write kind); the
 semantics are `reference_linear.recurrent_reference` (the spec and the test oracle).
 
 Supported: linear (L1; phi identity, elu1 or taylor2 with F = 1 + D + D^2 <= F_MAX; optional
@@ -69,24 +70,24 @@ def _loads(node: LinearState) -> tuple[str, list[str], list[str]]:
     return "mask_f = offs_f < D_K", [], [_LOAD.format(x=x) for x in "qk"]
 
 
+# gate kind -> (setup lines before the token loop, step lines decaying S before the write)
+_GATE_LINES: dict[str, tuple[list[str], list[str]]] = {
+    "none": ([], []),
+    "constant": (["lam = tl.load(LAM + off_h).to(tl.float32)"], ["S = S * lam"]),
+    "scalar": ([], [_LOAD_G, "S = S * tl.exp(g_t)"]),
+    "vector": ([], [_LOAD_G_VEC, "S = S * tl.exp(g_t)[:, None]"]),
+}
+# write kind -> step lines turning v_t into the value row written along k_t
+_WRITE_LINES: dict[str, list[str]] = {"additive": [], "delta": [_LOAD_BETA, _DELTA]}
+
+
 def _lines(node: LinearState) -> tuple[list[str], list[str]]:
-    """(setup lines before the token loop, step lines per token) for `node`'s rule."""
-    rule = node.rule
-    setup: list[str] = []
+    """(setup lines before the token loop, step lines per token) for `node`'s parts."""
+    setup, decay = _GATE_LINES[node.gate]
     step: list[str] = []
     if node.feature_map == "elu1":
         step += [f"q_t = {_ELU1.format(x='q_t')}", f"k_t = {_ELU1.format(x='k_t')}"]
-    if rule == "decay":
-        setup.append("lam = tl.load(LAM + off_h).to(tl.float32)")
-        step.append("S = S * lam")
-    elif rule in ("scalar_gate", "gated_delta"):
-        step += [_LOAD_G, "S = S * tl.exp(g_t)"]
-    elif rule == "vector_gate":
-        step += [_LOAD_G_VEC, "S = S * tl.exp(g_t)[:, None]"]
-    if rule in ("delta", "gated_delta"):
-        step += [_LOAD_BETA, _DELTA]
-    step.append(_WRITE)
-    return setup, step
+    return list(setup), step + decay + _WRITE_LINES[node.write] + [_WRITE]
 
 
 def kernel_name(node: LinearState, form: str = "recurrent") -> str:
@@ -128,9 +129,9 @@ def check_power_of_two(name: str, x: int | None, least: int) -> None:
 
 
 def _unsupported(node: LinearState) -> str | None:
-    if node.rule == "block_causal":
-        return ("rule 'block_causal' (L7) has no one-token recurrent kernel (a token reads "
-                "later tokens of its block): its kernel is the chunked one")
+    if node.block is not None:
+        return (f"rule {node.rule!r} ({node.catalog_id}) has no one-token recurrent kernel (a "
+                "token reads later tokens of its block): its kernel is the chunked one")
     return None
 
 
