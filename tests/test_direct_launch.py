@@ -27,7 +27,7 @@ import torch
 
 import attncc
 from attncc import config
-from attncc.backends.triton import prebuilt
+from attncc.backends.triton import build, prebuilt
 from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
                                          check_int_arguments, choose_variant)
 
@@ -46,7 +46,7 @@ def built(tmp_path_factory) -> dict:
         causal = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
         document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
         targets = [t for fwd in (causal, document)
-                   for t in prebuilt.build_targets(fwd, "float16", 32, 32, 90, backward=True)]
+                   for t in build.build_targets(fwd, "float16", 32, 32, 90, backward=True)]
         entries = {(t.spec.name, t.kind, t.spec.schedule.block_m):
                    prebuilt.load_or_compile_target(t) for t in targets}
     return {"root": root, "entries": entries}
@@ -236,7 +236,7 @@ def test_build_targets_add_the_permuted_forward_and_the_backward_kernels():
 
     def described(forward, **kw):
         return [(t.kind, t.variant, t.spec.schedule.block_m, t.spec.schedule.block_n)
-                for t in prebuilt.build_targets(forward, "float16", 64, 64, 90, **kw)]
+                for t in build.build_targets(forward, "float16", 64, 64, 90, **kw)]
 
     assert described(plain) == [("forward", DEFAULT_VARIANT, 128, 64)]
     assert described(document) == [("forward", DEFAULT_VARIANT, 128, 64),

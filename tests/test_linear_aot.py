@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from attncc.backends.triton.aot import compile_linear_for_target
+from attncc.backends.triton.linear.aot import compile_linear_for_target
 from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
 from attncc.ir.linear import LinearState

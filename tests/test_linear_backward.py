@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import attncc
 from attncc.backends.reference.linear import recurrent_reference
-from attncc.backends.triton.aot import compile_linear_backward_for_target
+from attncc.backends.triton.linear.aot import compile_linear_backward_for_target
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.ir.linear import LinearState
 from attncc.ops.linear.backward import reference_backward

@@ -220,7 +220,7 @@ def test_artifact_keys_and_arguments(monkeypatch):
         prebuilt.load_or_compile(forward, "forward", "float16", 512, 512, 90)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU here; pass a target"):
-            prebuilt.precompile(attncc.compile(attncc.Attention()), "float16", 64)
+            attncc.compile(attncc.Attention()).precompile("float16", 64)
 
 
 # --- concurrency ----------------------------------------------------------------------------

@@ -241,6 +241,6 @@ AOT = [("linear_elu1_norm", 80, "float16", 64, 64), ("vector_gate", 90, "bfloat1
 def test_kernel_compiles_for_gpu(name, arch, dtype, dk, dv):
     """The recurrent kernel goes through Triton's whole pipeline (ptxas included) for a real
     target, with no GPU: it is not only an interpreter program."""
-    from attncc.backends.triton.aot import compile_linear_for_target
+    from attncc.backends.triton.linear.aot import compile_linear_for_target
     art = compile_linear_for_target(TritonRecurrentLinear(NODES[name]), arch, dtype, dk, dv)
     assert len(art.cubin) > 0 and f".target sm_{arch}" in art.ptx

@@ -1,6 +1,6 @@
 """`attncc build MANIFEST`: compile every kernel a manifest names for GPU targets, no GPU needed.
 
-Each (entry, arch, dtype, head dims) gives the targets of `prebuilt.build_targets` (forward,
+Each (entry, arch, dtype, head dims) gives the targets of `build.build_targets` (forward,
 block map, a reordered spec's permuted forward, with `backward = true` the gradient kernels); each
 target is one `prebuilt.load_or_compile_target` call, the function `precompile` and GPU launches
 use at run time, run `--jobs` at a time (each compile is a child process). Progress
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
     """Every kernel to build, once per key, and the number of entries that could not be compiled
     at all. Plans are made here, in one thread: the worker threads only look them up."""
-    from attncc.backends.triton import prebuilt
+    from attncc.backends.triton import build
     from attncc.ops.softmax.compiled import CompiledAttention
 
     jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
@@ -108,7 +108,7 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
             if forward is None:
                 raise ValueError(f"memory {entry.spec.memory.text()!r} has no kernel yet")
             targets = [target for arch in entry.archs or archs for dtype in entry.dtypes
-                       for dqk, dv in entry.head_dims for target in prebuilt.build_targets(
+                       for dqk, dv in entry.head_dims for target in build.build_targets(
                            forward, dtype, dqk, dv, arch, backward=entry.backward)]
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")

@@ -1,6 +1,7 @@
 """The reference backend: plain PyTorch execution of an `AttentionSpec` (the oracle, and the CPU
 path). Tests run it in fp64. It walks queries and keys in chunks and merges partial results with
-the LSE rule of docs/semantics.md, so it never holds more than `q_chunk x kv_chunk` scores per head.
+the LSE merge (`attncc.backends.merge`, docs/semantics.md), so it never holds more than
+`q_chunk x kv_chunk` scores per head.
 """
 
 from __future__ import annotations
@@ -10,21 +11,10 @@ from typing import Mapping
 
 import torch
 
+from attncc.backends.merge import merge_pair
 from attncc.ir.eval import evaluate
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_IDX, SCORE
-
-
-def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine results over disjoint key sets: `lse = logaddexp(lse1, lse2)`,
-    `o = e^(lse1 - lse) o1 + e^(lse2 - lse) o2`; rows empty on both sides stay (0, -inf)."""
-    lse = torch.logaddexp(lse1, lse2)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w1 = torch.where(finite, torch.exp(lse1 - safe), torch.zeros_like(lse))
-    w2 = torch.where(finite, torch.exp(lse2 - safe), torch.zeros_like(lse))
-    return w1[..., None] * o1 + w2[..., None] * o2, lse
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +104,7 @@ def attention_reference(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v
             part_lse = torch.logsumexp(s, dim=-1)
             safe = torch.where(torch.isfinite(part_lse), part_lse, torch.zeros_like(part_lse))
             part_o = _weighted_values(torch.exp(s - safe[..., None]), vc, allowed)
-            o, lse = merge_partials(o, lse, part_o, part_lse)
+            o, lse = merge_pair(o, lse, part_o, part_lse)
         o_rows.append(o)
         lse_rows.append(lse)
     if Lq == 0:  # no query chunk ran

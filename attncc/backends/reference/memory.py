@@ -17,7 +17,8 @@ import sympy
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.forward import attention_reference, merge_partials
+from attncc.backends.merge import merge_pair
+from attncc.backends.reference.forward import attention_reference
 from attncc.backends.reference.linear import check_inputs, mix_hybrid, recurrent_reference
 from attncc.ir.linear import Hybrid
 from attncc.ir.memory import (OffloadedMemory, PagedMemory, PerHeadLengths, PersistentMemory,
@@ -202,7 +203,7 @@ def persistent_reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, m
     o2, lse2 = attention_reference(spec, q, k, v, **kw)
     # a sink adds e^sink to the sequence part's denominator and nothing to its numerator, so the
     # merge keeps it exactly once
-    return merge_partials(o1, lse1, o2, lse2)
+    return merge_pair(o1, lse1, o2, lse2)
 
 
 _HEAD_LEN = "head_kv_len"

@@ -7,16 +7,18 @@ every generated kernel compiles for real GPUs, not only under the interpreter.
 
 Each compile runs in a child Python with TRITON_INTERPRET=0: once a process has imported triton
 with TRITON_INTERPRET=1, triton.language's own helpers (tl.cdiv, ...) are interpreted functions
-for good and cannot be compiled. So this module imports only the standard library and triton at
-the top (the child runs this file and must not pay for importing torch); attncc is imported
-inside the parent-side functions.
+for good and cannot be compiled. The child runs `aot_child.py` as a script, which imports only
+the standard library and triton (it must not pay for importing torch or attncc); this module is
+the parent side and imports attncc at the top like any other.
+
+The linear-state kernels compile through `compile_artifact` from `linear/aot.py`, the backward
+kernels from `backward/aot.py`: this module knows no kernel family but the forward.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,16 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from attncc.backends.triton.launch_spec import Variant, LaunchSpec
-    from attncc.backends.triton.forward import TritonForward
-    from attncc.ir.nodes import Schedule
+from attncc import config
+from attncc.backends.triton import aot_child
+from attncc.backends.triton.launch_spec import (LaunchSpec, Variant, block_map_spec,
+                                                forward_spec, forward_tiles)
+from attncc.ir.nodes import Schedule
 
-_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+if TYPE_CHECKING:
+    from attncc.backends.triton.forward import TritonForward
+
+SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
 SUPPORTED_ARCHS = (80, 86, 89, 90)
-_RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
-# runs this file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
+# runs a file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
 _BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
          "runpy.run_path(sys.argv[0], run_name='__main__')")
 
@@ -71,7 +76,7 @@ class CompiledArtifact:
 def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v: int) -> str:
     """`<name>.sm90.fp16.d128`, or `.d192_128` when the head dims differ."""
     d = f"d{head_dim_qk}" if head_dim_qk == head_dim_v else f"d{head_dim_qk}_{head_dim_v}"
-    return f"{name}.sm{arch}.{_SHORT[dtype]}.{d}"
+    return f"{name}.sm{arch}.{SHORT_DTYPES[dtype]}.{d}"
 
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
@@ -81,8 +86,6 @@ def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, hea
     Triton's message when it does not compile. `variant` (default: from `write_lse` and
     `contiguous`) is the specialisation compiled: `contiguous` is the one a launch with aligned,
     unit-stride last dims gets (see `launch_spec.ALIGNED`); False, the one for any strides."""
-    from attncc.backends.triton.launch_spec import Variant, forward_spec
-
     variant = variant or Variant(write_lse=write_lse, contiguous=contiguous)
     spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {spec.schedule.text()}"
@@ -95,8 +98,6 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
     """Compile `forward`'s block-map kernel (plans whose tiles come from a device-built block
     map) with the tile sizes the forward kernel of (dtype, head_dim, head_dim_v) uses on
     sm_<arch>; `head_dim_v` defaults to `head_dim`."""
-    from attncc.backends.triton.launch_spec import block_map_spec, forward_tiles
-
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     spec = block_map_spec(forward, arch, forward_tiles(forward, dtype, head_dim, head_dim_v, arch))
     what = f"tiles {spec.constexprs['BLOCK_M']}x{spec.constexprs['BLOCK_N']}"
@@ -108,75 +109,6 @@ def compile_spec(spec: LaunchSpec, arch: int, what: str, *, dtype: str,
     job = {"path": spec.path, "name": spec.name, "aligned": list(spec.aligned)}
     return compile_artifact(job, arch, dict(spec.signature), dict(spec.constexprs),
                             spec.schedule, what, dtype=dtype, head_dims=head_dims)
-
-
-def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
-    """(signature, aligned pointers) of the linear-state kernels' shared argument list
-    (`attncc.backends.triton.linear.launch`): q/k/v/o are `dtype`; g, beta, lam and the states
-    fp32; cu_seqlens int32."""
-    t = "*" + _SHORT[dtype]
-    pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "BETA": "*fp32", "LAM": "*fp32",
-                "S0": "*fp32", "SN": "*fp32", "CU": "*i32"}
-    strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
-                                                ("o", "bhld"), ("g", "bhld"), ("b", "bhl"),
-                                                ("s", "bhfv")) for d in dims]
-    signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
-                 "scale": "fp32"}
-    return signature, list(pointers)
-
-
-def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
-                              head_dim_v: int, *, varlen: bool = False) -> CompiledArtifact:
-    """Compile a `TritonRecurrentLinear` kernel for sm_<arch> with the launch's constexprs
-    (gates, betas, decays and states are fp32 tensors; q/k/v/o are `dtype`)."""
-    from attncc.backends.triton.linear.recurrent import value_block
-    from attncc.ir.nodes import Schedule
-    from attncc.passes.select_tiles import padded
-
-    signature, pointers = linear_signature(dtype)
-    f_dim = kernel.node.feature_dim(head_dim_k)
-    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, "F_PAD": padded(f_dim),
-                  "DV_BLOCK": value_block(f_dim, head_dim_v, kernel.block_v), "HAS_INITIAL": True,
-                  "STORE_FINAL": True, "VARLEN": varlen}
-    launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
-    job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
-           "aligned": pointers}
-    return compile_artifact(job, arch, signature, constexprs, launch,
-                            f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}",
-                            dtype=dtype, head_dims=(head_dim_k, head_dim_v))
-
-
-def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: int,
-                                       head_dim_v: int, *, varlen: bool = False,
-                                       chunk: int = 64) -> CompiledArtifact:
-    """Compile a `TritonLinearBackward` kernel for sm_<arch> with its launch's constexprs:
-    q/k/v/do are `dtype` (do fp32 with the normaliser: dL/do' is built in fp32); gates, betas,
-    decays, states, checkpoints and gradients fp32. `head_dim_v` is v's (the z column is added
-    here when normalising). `chunk`: the checkpoint interval when the kernel's is the default."""
-    from attncc.backends.triton.linear.backward import value_block_backward
-    from attncc.ir.nodes import Schedule
-    from attncc.passes.select_tiles import padded
-
-    t = "*" + _SHORT[dtype]
-    pointers = {"Q": t, "K": t, "V": t, "DO": "*fp32" if kernel.node.normalize else t,
-                **{n: "*fp32" for n in ("G", "BETA", "LAM", "S0", "DSN", "CK", "SCR", "DQ", "DK",
-                                        "DV", "DG", "DB", "DS0")}, "CU": "*i32"}
-    strides = [f"stride_{x}{d}" for x, dims in (
-        ("q", "bhld"), ("k", "bhld"), ("v", "bhld"), ("o", "bhld"), ("g", "bhld"), ("b", "bhl"),
-        ("s", "bhfv"), ("p", "nbhl"), ("r", "nbhl"), ("w", "bhld")) for d in dims]
-    signature = {**pointers, **{name: "i32" for name in strides}, "H": "i32", "L": "i32",
-                 "NCH": "i32", "scale": "fp32"}
-    dv = kernel.node.state_dv(head_dim_v)
-    constexprs = {"D_K": head_dim_k, "D_V": dv, "F_PAD": padded(head_dim_k),
-                  "DV_BLOCK": value_block_backward(head_dim_k, dv, kernel.block_v),
-                  "CHUNK": kernel.chunk or chunk, "HAS_INITIAL": True, "HAS_DFINAL": True,
-                  "VARLEN": varlen}
-    launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither
-    job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
-           "aligned": list(pointers)}
-    return compile_artifact(job, arch, signature, constexprs, launch,
-                            f"{dtype}, head dims {head_dim_k}/{head_dim_v}, varlen {varlen}",
-                            dtype=dtype, head_dims=(head_dim_k, head_dim_v))
 
 
 def compile_artifact(job: dict[str, Any], arch: int, signature: dict[str, str],
@@ -195,8 +127,8 @@ def compile_artifact(job: dict[str, Any], arch: int, signature: dict[str, str],
 def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
                       constexprs: dict[str, Any], sched: Schedule, what: str
                       ) -> tuple[dict[str, Any], str, bytes]:
-    from attncc import config
-
+    """Compile `job` in a child Python (TRITON_INTERPRET=0) running `aot_child.py`; returns its
+    result record, the PTX and the cubin, or raises `AOTCompileError` with its stderr."""
     signature.update({name: "constexpr" for name in constexprs})
     with tempfile.TemporaryDirectory(prefix="attncc-aot-") as tmp:
         job = {**job, "arch": arch, "signature": signature, "constexprs": constexprs,
@@ -206,7 +138,7 @@ def compile_in_child(job: dict[str, Any], arch: int, signature: dict[str, str],
         env = dict(os.environ, TRITON_INTERPRET="0")
         env.setdefault("TRITON_CACHE_DIR", str(config.cache_dir() / "triton"))
         run = subprocess.run(
-            [sys.executable, "-c", _BOOT, __file__, str(Path(tmp, "job.json"))],
+            [sys.executable, "-c", _BOOT, aot_child.__file__, str(Path(tmp, "job.json"))],
             env=env, cwd=tmp, capture_output=True, text=True, check=False)
         if run.returncode != 0:
             raise AOTCompileError(f"{job['name']} does not compile for sm_{arch} ({what}):\n"
@@ -228,48 +160,3 @@ def save_artifacts(forward: TritonForward, artifacts: list[CompiledArtifact]) ->
             os.replace(tmp, path)
             out.append(path)
     return out
-
-
-def _child(job_path: str) -> None:
-    """In the child (TRITON_INTERPRET=0): load the source as a module, compile, write results."""
-    import importlib.util
-
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
-
-    job = json.loads(Path(job_path).read_text())
-    spec = importlib.util.spec_from_file_location(f"attncc_aot.{job['name']}", job["path"])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # triton reads the source back through the module
-    spec.loader.exec_module(module)
-    fn = getattr(module, job["name"])
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise TypeError(f"{job['name']}: expected a triton.JITFunction, got {type(fn).__name__}")
-    if list(job["signature"]) != list(fn.arg_names):
-        raise ValueError(f"{job['name']}: the kernel takes {fn.arg_names}, the launch signature "
-                         f"is {list(job['signature'])}")
-    index = {name: i for i, name in enumerate(fn.arg_names)}
-    # keys as argument-index paths: the form triton 3.x's ASTSource stores (it converts names)
-    src = ASTSource(fn, job["signature"], {(index[n],): v for n, v in job["constexprs"].items()},
-                    {(index[n],): BaseBackend.parse_attr("D") for n in job["aligned"]})
-    compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
-                              options=job["options"])
-    out = Path(job["out"])
-    (out / "kernel.cubin").write_bytes(compiled.asm["cubin"])
-    (out / "kernel.ptx").write_text(compiled.asm["ptx"])
-    n_regs = stack = None
-    tool = triton.knobs.nvidia.cuobjdump.path
-    if tool and os.path.exists(tool):
-        text = subprocess.run([tool, "-res-usage", str(out / "kernel.cubin")], check=True,
-                              capture_output=True, text=True).stdout
-        found = _RES_USAGE.search(text.split(f"Function {job['name']}:", 1)[-1])
-        n_regs, stack = (int(found[1]), int(found[2])) if found else (None, None)
-    metadata = next(Path(p) for f, p in compiled.metadata_group.items() if f.endswith(".json"))
-    (out / "result.json").write_text(json.dumps(
-        {"shared": int(compiled.metadata.shared), "n_regs": n_regs, "stack": stack,
-         "triton_metadata": metadata.read_text()}))
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

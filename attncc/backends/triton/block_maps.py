@@ -19,12 +19,16 @@ from typing import Any, Mapping
 import sympy
 import torch
 
+from attncc.backends.triton.forward import TritonForward, argument_values
+from attncc.backends.triton.launch_spec import block_map_launch_arguments
+from attncc.backends.triton.render import block_map_arguments
 from attncc.ir.positions import DATA_ORDERS
 from attncc.value_cache import ValueCache, keep, on_host
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, LK, LQ, Q_IDX
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
 from attncc.passes.canonicalize import rewrite
+from attncc.passes.classify_blocks import classify_blocks
 
 CACHED_MAPS = 8  # per compiled kernel: enough for the shapes of a training or serving loop
 
@@ -104,14 +108,7 @@ def _causal_classes(Lq: int, Lk: int, block_m: int, block_n: int,
     return torch.where(full, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8)
 
 
-def block_map_launch_arguments() -> list[tuple[str, str]]:
-    """The block-map kernel's fixed arguments, as (name, Triton signature type)."""
-    return [("CLASSES", "*i8"), ("cls_stride_b", "i32"), ("cls_stride_h", "i32"),
-            ("cls_stride_m", "i32"), ("Gh", "i32"), ("Lq", "i32"), ("Lk", "i32"),
-            ("Hq", "i32"), ("Hkv", "i32")]
-
-
-def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int, Hkv: int,
+def device_classes(forward: TritonForward, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int, Hkv: int,
                    block_m: int, block_n: int, params: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor],
                    positions: tuple[torch.Tensor, torch.Tensor] | None,
@@ -119,11 +116,8 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
                    ) -> torch.Tensor:
     """Launch the generated block-map kernel: one program per (query tile, group).
     `prebuilt_for`: the (dtype, Dqk, Dv) of the forward or backward launch the map is for; on
-    a GPU the prebuilt block-map binary at these tiles runs (`attncc.backends.triton.prebuilt`), otherwise
-    Triton's JIT."""
-    from attncc.backends.triton.forward import argument_values, prebuilt_arch
-    from attncc.backends.triton.render import block_map_arguments
-
+    a GPU the prebuilt block-map binary at these tiles runs (`attncc.backends.triton.prebuilt`),
+    otherwise Triton's JIT (`TritonForward.launch_block_map` decides)."""
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
     classes = torch.empty(Gb, Gh, n_m, n_n, dtype=torch.int8, device=device)
     arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
@@ -132,12 +126,7 @@ def device_classes(forward: Any, *, Gb: int, Gh: int, Lq: int, Lk: int, Hq: int,
         *argument_values(forward.plan, params, tensors, None, positions,
                          block_map_arguments(forward.plan))], strict=True))
     values.update(BLOCK_M=block_m, BLOCK_N=block_n)
-    grid = (n_m, Gb * Gh)
-    if prebuilt_for is not None and prebuilt_arch(device) is not None:
-        forward.run_prebuilt("block_map", grid, values, device, prebuilt_for,
-                             tiles=(block_m, block_n))
-    else:
-        forward.block_map_function()[grid](**values)
+    forward.launch_block_map((n_m, Gb * Gh), values, device, prebuilt_for, (block_m, block_n))
     return classes
 
 
@@ -149,8 +138,6 @@ def analytic_classes(plan: KernelPlan, *, Gb: int, Gh: int, B: int, Lq: int, Lk:
     """Interval reasoning on the symbolic mask, O(number of tiles), on the host (static tables
     are read there too: they are copied to the host, and `BlockMaps` keeps the map for equal
     values)."""
-    from attncc.passes.classify_blocks import classify_blocks
-
     q_pos, kv_pos = (None, None) if positions is None else (p.cpu().long() for p in positions)
     result = classify_blocks(plan.spec.mask.expr, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv, B=B,
                              block_m=block_m, block_n=block_n, params=params,
@@ -173,7 +160,7 @@ class BlockMaps:
       kernel launches and no host sync, so asynchronous execution and CUDA graphs keep working.
     """
 
-    def __init__(self, forward: Any) -> None:
+    def __init__(self, forward: TritonForward) -> None:
         self.forward = forward
         self.plan: KernelPlan = forward.plan
         self.builds = 0  # how many maps were built (tests: an unchanged call builds none)

@@ -3,8 +3,8 @@ process, one launch per call. Block sizes and flags are constexprs chosen per ca
 so one cached source serves every dtype, head dim and GPU.
 
 On a GPU that `attncc build` can target, the forward kernel (and its block-map kernel) run the
-prebuilt binary of `attncc.backends.triton.prebuilt`, launched by Triton's launcher without Triton's JIT; under
-the interpreter, they go through the JIT.
+prebuilt binary of `attncc.backends.triton.prebuilt`, launched by Triton's launcher without
+Triton's JIT; under the interpreter, they go through the JIT.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any, Mapping
 
 import torch
 
+from attncc.backends.triton import prebuilt
 from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
-                                         choose_variant)
+                                                choose_variant, launch_constexprs)
 from attncc.backends.triton.aot import SUPPORTED_ARCHS
 from attncc.backends.triton.direct import DirectKernels
+from attncc.backends.triton.prebuilt_targets import forward_target
 from attncc.backends.triton.printer import PRINTER_VERSION, capture_arg_names
 from attncc.backends.triton.source import CachedSource, GeneratedKernel, load_module
 from attncc.backends.triton.render import (block_map_kernel_name, fixed_arguments,
@@ -26,7 +28,6 @@ from attncc.backends.triton.render import (block_map_kernel_name, fixed_argument
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan, Signature
 from attncc.passes.pipeline import run_plan_passes
-from attncc.passes.select_tiles import padded
 
 BACKEND = "triton"
 
@@ -131,20 +132,30 @@ class TritonForward(GeneratedKernel):
                      variant: Variant = DEFAULT_VARIANT,
                      tiles: tuple[int, int] | None = None) -> None:
         """Launch the prebuilt `kind` kernel ("forward" | "block_map", the latter at `tiles`)
-        for (dtype, Dqk, Dv) and `variant` on `device` (see `attncc.backends.triton.prebuilt`): loaded from the
-        cache once per process, compiled first (one log line) if `attncc build` did not make
-        it."""
-        from attncc.backends.triton import prebuilt
-
+        for (dtype, Dqk, Dv) and `variant` on `device` (see `attncc.backends.triton.prebuilt`):
+        loaded from the cache once per process, compiled first (one log line) if `attncc build`
+        did not make it."""
         arch = prebuilt_arch(device)
 
         def load():
-            target = prebuilt.forward_target(self, kind, *signature, arch, variant, tiles)
+            target = forward_target(self, kind, *signature, arch, variant, tiles)
             fn = self.jit_function() if kind == "forward" else self.block_map_function()
             return prebuilt.direct_kernel(target, fn)
 
         self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,
                               values)
+
+    def launch_block_map(self, grid: tuple[int, ...], values: Mapping[str, Any],
+                         device: torch.device, prebuilt_for: tuple[str, int, int] | None,
+                         tiles: tuple[int, int]) -> None:
+        """Run the block-map kernel (`block_maps.device_classes` prepares `values`): on a GPU
+        `attncc build` can target, and when `prebuilt_for` names the (dtype, Dqk, Dv) of the
+        launch the map is for, its prebuilt binary at `tiles`; otherwise Triton's JIT. The
+        forward decides, as for its own kernel, so both launches follow one `prebuilt_arch`."""
+        if prebuilt_for is not None and prebuilt_arch(device) is not None:
+            self.run_prebuilt("block_map", grid, values, device, prebuilt_for, tiles=tiles)
+        else:
+            self.block_map_function()[grid](**values)
 
 
 def prebuilt_arch(device: torch.device) -> int | None:
@@ -184,17 +195,6 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
     if missing:
         raise ValueError(f"{kernel_name(plan)}: no value for kernel arguments {missing}")
     return [values[name] for name, _ in arguments]
-
-
-def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool,
-                      gather_rows: bool = True) -> dict[str, Any]:
-    """The kernel's constexprs for a compiled (non-interpreter) launch without visit counting;
-    the launcher and the ahead-of-time compiler both use this one table."""
-    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
-            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
-            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
-            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False,
-            "GATHER_ROWS": gather_rows}
 
 
 def _sources(plan: KernelPlan) -> dict[str, bytes]:

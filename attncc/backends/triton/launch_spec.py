@@ -5,6 +5,12 @@ values and the pointers it assumes 16-byte aligned.
 same one, so the two cannot disagree about the argument list. Triton's JIT would specialise a
 launch on its own (alignment, unit strides, 64-bit integers); a launch of a prebuilt binary
 has to pick the variant that matches its arguments instead, which `choose_variant` does.
+
+The constexpr tables (`launch_constexprs`, `backward_constexprs`) and the block-map kernel's
+fixed arguments live here, below the kernel classes that launch with them: the launchers
+(`forward`, `backward.kernel`, `block_maps`) and the ahead-of-time compiler (`aot`,
+`prebuilt_targets`) all read these one tables, and this module reads the kernel objects only
+through the attributes it is handed (`plan`, `plan_for`, `schedule`, `entry`, `name`).
 """
 
 from __future__ import annotations
@@ -12,10 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from attncc.backends.triton.backward import render as backward_render
+from attncc.backends.triton.render import (block_map_arguments, block_map_kernel_name,
+                                           fixed_arguments, kernel_arguments)
+from attncc.ir.nodes import Schedule
+from attncc.ir.plan import Signature
+from attncc.passes.select_tiles import padded
+
 if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
     from attncc.backends.triton.backward.kernel import TritonBackward
-    from attncc.ir.nodes import Schedule
 
 # A launch with contiguous last dims specializes these: 16-byte aligned pointers, unit strides
 # (Triton turns an int argument equal to 1 into the constexpr 1); forward, then backward kernels.
@@ -64,10 +76,6 @@ class LaunchSpec:
 def forward_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
                  arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
     """The forward kernel of `forward` for sm_<arch>, one call signature and one variant."""
-    from attncc.backends.triton.forward import launch_constexprs
-    from attncc.backends.triton.render import fixed_arguments, kernel_arguments
-    from attncc.ir.plan import Signature
-
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
     constexprs = launch_constexprs(sched, head_dim_qk, head_dim_v, variant.write_lse,
                                    variant.gather_rows)
@@ -79,9 +87,6 @@ def forward_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_
 def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk: int,
                   head_dim_v: int, arch: int, variant: Variant = DEFAULT_VARIANT) -> LaunchSpec:
     """The backward's `kernel` ("dq" | "dkdv") for sm_<arch>, one call signature and variant."""
-    from attncc.backends.triton.backward.kernel import backward_constexprs
-    from attncc.backends.triton.backward.render import backward_arguments, fixed_arguments
-
     if kernel not in BACKWARD_KERNELS:
         raise ValueError(f"kernel: expected one of {BACKWARD_KERNELS}, got {kernel!r}")
     if not variant.write_lse:
@@ -90,15 +95,14 @@ def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk
     constexprs = backward_constexprs(sched, head_dim_qk, head_dim_v,
                                      gather_rows=variant.gather_rows)
     return _spec(str(backward.entry.files["kernel.py"]), f"{backward.name}_{kernel}",
-                 fixed_arguments(dtype) + backward_arguments(backward.plan, backward.loads),
+                 backward_render.fixed_arguments(dtype)
+                 + backward_render.backward_arguments(backward.plan, backward.loads),
                  constexprs, sched, variant, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES)
 
 
 def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
                   arch: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of `forward` for one call signature on sm_<arch>."""
-    from attncc.ir.plan import Signature
-
     sched = forward.plan_for(Signature(dtype, head_dim_qk, head_dim_v, f"sm{arch}")).schedule
     return sched.block_m, sched.block_n
 
@@ -106,15 +110,38 @@ def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim
 def block_map_spec(forward: TritonForward, arch: int, tiles: tuple[int, int]) -> LaunchSpec:
     """`forward`'s block-map kernel for (BLOCK_M, BLOCK_N) = `tiles` on sm_<arch> (the forward's
     or the backward's tiles); the launch allocates CLASSES, so it is always aligned."""
-    from attncc.backends.triton.block_maps import block_map_launch_arguments
-    from attncc.backends.triton.render import block_map_arguments, block_map_kernel_name
-    from attncc.ir.nodes import Schedule
-
     arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
     constexprs = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     return LaunchSpec(str(forward.entry.files["block_map.py"]), block_map_kernel_name(forward.plan),
                       _with_constexprs(arguments, constexprs), constexprs, ("CLASSES",),
                       Schedule(block_m=tiles[0], block_n=tiles[1], num_warps=4, num_stages=1))
+
+
+def launch_constexprs(sched: Schedule, dqk: int, dv: int, write_lse: bool,
+                      gather_rows: bool = True) -> dict[str, Any]:
+    """The forward kernel's constexprs for a compiled (non-interpreter) launch without visit
+    counting; the launcher and the ahead-of-time compiler both use this one table."""
+    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
+            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
+            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
+            "UPCAST_DOT": False, "WRITE_LSE": write_lse, "COUNT_VISITS": False,
+            "GATHER_ROWS": gather_rows}
+
+
+def backward_constexprs(sched: Schedule, dqk: int, dv: int, *, upcast_dot: bool = False,
+                        gather_rows: bool = True) -> dict[str, Any]:
+    """The backward kernels' constexprs; the launcher and the ahead-of-time compiler share it."""
+    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
+            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
+            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
+            "UPCAST_DOT": upcast_dot, "GATHER_ROWS": gather_rows}
+
+
+def block_map_launch_arguments() -> list[tuple[str, str]]:
+    """The block-map kernel's fixed arguments, as (name, Triton signature type)."""
+    return [("CLASSES", "*i8"), ("cls_stride_b", "i32"), ("cls_stride_h", "i32"),
+            ("cls_stride_m", "i32"), ("Gh", "i32"), ("Lq", "i32"), ("Lk", "i32"),
+            ("Hq", "i32"), ("Hkv", "i32")]
 
 
 def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],

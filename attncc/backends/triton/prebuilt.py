@@ -24,9 +24,10 @@ the triton version: whatever changes the binary changes the key, and the spellin
 the other's binary (the binary's own symbol name is read from its triton.json).
 
 On a GPU, `TritonForward.launch`, the block-map launch and `TritonBackward.launch` run these
-entries through `triton_direct` (Triton's launcher, never Triton's JIT), picking the variant
-their arguments need (`launch_spec.choose_variant`). `attncc build` and `precompile` make the
-targets of `build_targets`: the default variant (contiguous, lse written, original token order,
+entries through `direct` (Triton's launcher, never Triton's JIT), picking the variant their
+arguments need (`launch_spec.choose_variant`); they import this module, so it reads the kernel
+objects only through what it is handed. `attncc build` and `precompile` make the targets of
+`build.build_targets`: the default variant (contiguous, lse written, original token order,
 32-bit integers), a reordered spec's `permuted=True` forward, the block map, and with
 `backward=True` the dq/dkdv kernels (no learnable captures) and their block map; a launch that
 needs another variant compiles it once, with a log line.
@@ -48,13 +49,12 @@ from attncc.backends.triton.aot import CompiledArtifact
 from attncc.backends.triton.direct import METADATA_FILE, DirectKernel
 from attncc.ir.nodes import Schedule
 # the target helpers are part of this module's interface (the CLI, manifests, tests use them)
-from attncc.backends.triton.prebuilt_targets import (Target, backward_target, build_targets,  # noqa: F401
-                                     check_head_dim, forward_target, kinds, parse_arch,
-                                     parse_dtype)
+from attncc.backends.triton.prebuilt_targets import (Target, backward_target,  # noqa: F401
+                                                     check_head_dim, forward_target, kinds,
+                                                     parse_arch, parse_dtype)
 
 if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
-    from attncc.ops.softmax.compiled import CompiledAttention
 
 log = logging.getLogger("attncc")
 
@@ -120,49 +120,19 @@ def load_or_compile_target(target: Target) -> Prebuilt:
     return Prebuilt(_artifact(entry), entry.built, time.perf_counter() - start, entry)
 
 
-def precompile(attention: CompiledAttention, dtype: Any, head_dim_qk: int,
-               head_dim_v: int | None = None, arch: int | str | None = None, *,
-               backward: bool = False) -> CompiledArtifact:
-    """The forward kernel of `attention` for sm_<arch> (None: this machine's GPU) and one call
-    signature, loaded from the cache when `attncc build` made it, with the other kernels of
-    `build_targets` (its block map, a reordered spec's `permuted=True` forward, and with
-    `backward` the gradient kernels). Each kernel compiled here (not prebuilt) logs one WARNING
-    line on the "attncc" logger with its name and compile time."""
-    if attention.triton is None:
-        raise ValueError(f"precompile: memory {attention.spec.memory.text()!r} has no kernel")
-    if arch is None:
-        arch = _current_arch()
-    head_dim_v = head_dim_qk if head_dim_v is None else head_dim_v
-    targets = build_targets(attention.triton, dtype, head_dim_qk, head_dim_v, arch,
-                            backward=backward)
-    results = [load_or_compile_target(t) for t in targets]
-    for r in results:
-        _say_if_compiled(r)
-    return results[0].artifact
-
-
 def direct_kernel(target: Target, fn: Any) -> DirectKernel:
     """The binary of `target` (the @triton.jit function `fn`), ready to launch with no compile:
     loaded from the cache, or compiled now (one WARNING line; NotPrebuiltError with
     ATTNCC_OFFLINE=1)."""
     result = load_or_compile_target(target)
-    _say_if_compiled(result)
+    say_if_compiled(result)
     return DirectKernel(fn, target.spec, result.entry.files)
 
 
-def _say_if_compiled(result: Prebuilt) -> None:
+def say_if_compiled(result: Prebuilt) -> None:
     if result.built:
         log.warning("attncc: compiled %s in %.1fs (not prebuilt; `attncc build` makes it "
                     "ahead of time)", result.entry.meta["name"], result.seconds)
-
-
-def _current_arch() -> int:
-    import torch
-    if not torch.cuda.is_available():
-        raise RuntimeError("precompile: arch=None means this machine's GPU, and there is no "
-                           "CUDA GPU here; pass a target, e.g. arch='sm_90'")
-    major, minor = torch.cuda.get_device_capability()
-    return parse_arch(major * 10 + minor)
 
 
 def _artifact(entry: cache.CacheEntry) -> CompiledArtifact:

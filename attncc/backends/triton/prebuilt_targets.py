@@ -1,6 +1,8 @@
 """What one prebuilt binary is: a `Target` (a kernel's `LaunchSpec` for one arch, named by
-kind, dtype, head dims and variant), the targets `attncc build` makes for a spec, and the
-checks of the arguments that name them. `attncc.backends.triton.prebuilt` loads and builds them."""
+kind, dtype, head dims and variant), and the checks of the arguments that name them.
+`attncc.backends.triton.prebuilt` loads and builds them; `attncc.backends.triton.build` lists the
+targets `attncc build` makes for a spec (it constructs the backward kernels, so it sits above
+them, while the kernels' launchers import this module)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant, backward_spec,
-                                         block_map_spec, forward_spec, forward_tiles)
+from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant,
+                                                backward_spec, block_map_spec, forward_spec,
+                                                forward_tiles)
 from attncc.backends.triton.aot import SUPPORTED_ARCHS, artifact_stem
 from attncc.passes.select_tiles import MAX_HEAD_DIM
 
@@ -125,32 +128,3 @@ def backward_target(backward: TritonBackward, kernel: str, dtype: Any, head_dim_
     spec = backward_spec(backward, kernel, dtype, head_dim_qk, head_dim_v, arch, variant)
     return Target(kernel, spec, backward.entry.meta["key"], arch, dtype, head_dim_qk,
                   head_dim_v, variant)
-
-
-def build_targets(forward: TritonForward, dtype: Any, head_dim_qk: int, head_dim_v: int,
-                  arch: int | str, *, backward: bool = False) -> list[Target]:
-    """What `attncc build` and `precompile` make per signature: the usual forward; with a
-    reorder also the one for tokens kept in the reordered order (`permuted=True`, how a model
-    that stays permuted across layers calls it); the block-map kernel when there is one; with
-    `backward`, the dq and dkdv kernels (no learnable captures) and the block map at their
-    tiles."""
-    def one(kind: str, variant: Variant = DEFAULT_VARIANT, tiles=None) -> Target:
-        return forward_target(forward, kind, dtype, head_dim_qk, head_dim_v, arch, variant,
-                              tiles)
-
-    targets = [one("forward")]
-    if forward.plan.spec.reorder is not None:
-        targets.append(one("forward", Variant(gather_rows=False)))
-    has_block_map = "block_map" in kinds(forward)
-    if has_block_map:
-        targets.append(one("block_map"))
-    if backward:
-        from attncc.backends.triton.backward.kernel import TritonBackward
-        kernels = TritonBackward(forward, ())
-        targets += [backward_target(kernels, k, dtype, head_dim_qk, head_dim_v, arch)
-                    for k in ("dq", "dkdv")]
-        tiles = (targets[-1].spec.schedule.block_m, targets[-1].spec.schedule.block_n)
-        if has_block_map and tiles != (targets[0].spec.schedule.block_m,
-                                       targets[0].spec.schedule.block_n):
-            targets.append(one("block_map", tiles=tiles))
-    return targets

@@ -136,8 +136,10 @@ class CompiledAttention:
         compiled now (one WARNING log line); with ATTNCC_OFFLINE=1 a missing kernel raises
         `attncc.backends.triton.prebuilt.NotPrebuiltError`. `backward`: the gradient kernels too. See
         `attncc.backends.triton.prebuilt`."""
-        from attncc.backends.triton.prebuilt import precompile
-        return precompile(self, dtype, head_dim_qk, head_dim_v, arch, backward=backward)
+        from attncc.backends.triton.build import precompile
+        if self.triton is None:
+            raise ValueError(f"precompile: memory {self.spec.memory.text()!r} has no kernel")
+        return precompile(self.triton, dtype, head_dim_qk, head_dim_v, arch, backward=backward)
 
     def _reference(self, q, k, v, sm_scale, params, tensors, reorder_inputs, permuted_positions):
         """The PyTorch reference in fp32 (fp64 for fp64 inputs; the caller casts o back to q's

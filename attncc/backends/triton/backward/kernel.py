@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from attncc.backends.triton import prebuilt
 from attncc.backends.triton.launch_spec import (BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES, Variant,
-                                         choose_variant)
+                                                backward_constexprs, choose_variant)
 from attncc.backends.triton.forward import (BACKEND, TritonForward, argument_values,
                                             prebuilt_arch, version_stamp)
 from attncc.backends.triton.backward.render import (
@@ -32,6 +33,7 @@ from attncc.backends.triton.backward.render import (
     template_hash,
 )
 from attncc.backends.triton.direct import DirectKernels
+from attncc.backends.triton.prebuilt_targets import backward_target
 from attncc.backends.triton.printer import PRINTER_VERSION
 from attncc.backends.triton.source import CachedSource, load_module
 from attncc.ir.nodes import Schedule
@@ -72,15 +74,6 @@ def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
                              target, lambda sc: _shared_bytes(sc.block_m, sc.block_n,
                                                               sc.num_stages, padded(dqk),
                                                               padded(dv), elem))
-
-
-def backward_constexprs(sched: Schedule, dqk: int, dv: int, *, upcast_dot: bool = False,
-                        gather_rows: bool = True) -> dict[str, Any]:
-    """The backward kernels' constexprs; the launcher and the ahead-of-time compiler share it."""
-    return {"D_QK": dqk, "D_V": dv, "D_QK_PAD": padded(dqk), "D_V_PAD": padded(dv),
-            "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n,
-            "DOT_PRECISION": "tf32" if sched.allow_tf32 else "ieee",
-            "UPCAST_DOT": upcast_dot, "GATHER_ROWS": gather_rows}
 
 
 class TritonBackward:
@@ -176,14 +169,13 @@ class TritonBackward:
     def _run_prebuilt(self, kernel: str, grid: tuple[int, int], values: Mapping[str, Any],
                       device: torch.device, signature: tuple[str, int, int],
                       variant: Variant) -> None:
-        """Launch the prebuilt `kernel` ("dq" | "dkdv") binary (see `attncc.backends.triton.prebuilt`)."""
-        from attncc.backends.triton import prebuilt
-
+        """Launch the prebuilt `kernel` ("dq" | "dkdv") binary (see
+        `attncc.backends.triton.prebuilt`)."""
         arch = prebuilt_arch(device)
 
         def load():
             dq_fn, dkdv_fn = self.functions()
-            target = prebuilt.backward_target(self, kernel, *signature, arch, variant)
+            target = backward_target(self, kernel, *signature, arch, variant)
             return prebuilt.direct_kernel(target, dq_fn if kernel == "dq" else dkdv_fn)
 
         self._prebuilt.launch((kernel, signature, arch, variant), device, load, grid, values)

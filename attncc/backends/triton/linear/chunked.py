@@ -27,11 +27,14 @@ import torch
 from torch import Tensor
 
 from attncc import config
+from attncc.backends.triton.aot import compile_artifact
 from attncc.backends.triton.linear import recurrent
+from attncc.backends.triton.linear.aot import linear_signature
 from attncc.backends.triton.linear.launch import prepare_launch
 from attncc.backends.triton.render import jinja_environment
 from attncc.backends.triton.source import CachedSource, GeneratedKernel
 from attncc.ir.linear import LinearState
+from attncc.ir.nodes import Schedule
 from attncc.passes.select_tiles import padded
 
 BACKEND = "triton-linear-chunked"
@@ -272,12 +275,9 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
                                head_dim_k: int, head_dim_v: int, *, chunk: int | None = None,
                                varlen: bool = False):
     """Compile a `TritonChunkedLinear` kernel for sm_<arch> with no GPU present, as
-    `triton_aot.compile_linear_for_target` does for the recurrent one (g, beta, lam and the
+    `linear.aot.compile_linear_for_target` does for the recurrent one (g, beta, lam and the
     states are fp32; q/k/v/o are `dtype`). Returns a `CompiledArtifact`; raises
     `AOTCompileError`."""
-    from attncc.backends.triton.aot import compile_artifact, linear_signature
-    from attncc.ir.nodes import Schedule
-
     signature, pointers = linear_signature(dtype)
     f_dim = kernel.node.feature_dim(head_dim_k)
     dv_block = value_block(f_dim, head_dim_v, kernel.block_v, kernel.node.rule)
