@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from attncc.ir.nodes import Schedule
 
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-# compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
-SUPPORTED_ARCHS = (80, 86, 89, 90)
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 # runs this file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
 _BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "

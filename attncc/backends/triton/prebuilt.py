@@ -54,7 +54,7 @@ from attncc.backends.triton.prebuilt_targets import (Target, backward_target, bu
 
 if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
-    from attncc.ops.softmax.compiled import CompiledAttention
+    from attncc.backends.triton.softmax import TritonSoftmax
 
 log = logging.getLogger("attncc")
 
@@ -120,7 +120,7 @@ def load_or_compile_target(target: Target) -> Prebuilt:
     return Prebuilt(_artifact(entry), entry.built, time.perf_counter() - start, entry)
 
 
-def precompile(attention: CompiledAttention, dtype: Any, head_dim_qk: int,
+def precompile(attention: TritonSoftmax, dtype: Any, head_dim_qk: int,
                head_dim_v: int | None = None, arch: int | str | None = None, *,
                backward: bool = False) -> CompiledArtifact:
     """The forward kernel of `attention` for sm_<arch> (None: this machine's GPU) and one call
@@ -128,12 +128,10 @@ def precompile(attention: CompiledAttention, dtype: Any, head_dim_qk: int,
     `build_targets` (its block map, a reordered spec's `permuted=True` forward, and with
     `backward` the gradient kernels). Each kernel compiled here (not prebuilt) logs one WARNING
     line on the "attncc" logger with its name and compile time."""
-    if attention.triton is None:
-        raise ValueError(f"precompile: memory {attention.spec.memory.text()!r} has no kernel")
     if arch is None:
         arch = _current_arch()
     head_dim_v = head_dim_qk if head_dim_v is None else head_dim_v
-    targets = build_targets(attention.triton, dtype, head_dim_qk, head_dim_v, arch,
+    targets = build_targets(attention.kernel, dtype, head_dim_qk, head_dim_v, arch,
                             backward=backward)
     results = [load_or_compile_target(t) for t in targets]
     for r in results:
