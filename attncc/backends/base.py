@@ -136,6 +136,8 @@ class LinearFamily(Protocol):
     name: str
     backend: Backend
     no_backward: str | None  # why there is no backward kernel, or None
+    recurrent: Any  # the generated one-token (decode) kernel, or None
+    chunked: Any  # the generated chunked (prefill) kernel, or None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 g: torch.Tensor | None, beta: torch.Tensor | None, scale: float | None,
@@ -149,6 +151,33 @@ class LinearFamily(Protocol):
                  d_final_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None
                  ) -> dict[str, torch.Tensor | None]:
         """{input name: gradient or None} for q, k, v, g, beta, initial_state."""
+
+
+class ServingFamily(Protocol):
+    """The serving kernels of one plan (paged / ragged / dense / persistent / per-head KV) on
+    one backend: plan-time choices, then launches that read only tensor metadata."""
+
+    name: str
+    backend: Backend
+    reads_every_tile: bool  # the mask has no closed-form kv range: every tile up to kv_len
+
+    def check_device(self, device: torch.device) -> None:
+        """ValueError unless the kernels run on `device`."""
+
+    def tiles(self, head_dim_max: int, device: torch.device) -> tuple[int, int]:
+        """(keys per kv tile, warps) for the largest head dim on `device`."""
+
+    def bound_arguments(self, params: dict[str, Any], tensors: dict[str, Tensor],
+                        device: torch.device) -> list[Any]:
+        """The spec's parameter values and captured tensors as the kernels take them."""
+
+    def run(self, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor, kv_layout: str,
+            inputs: dict[str, Any]) -> None:
+        """One run of `plan` into its outputs; raises on bad index inputs (no sync)."""
+
+    def cascade(self, plan: ServePlan, q: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                k: Tensor, v: Tensor, **inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """A shared prefix then each request's suffix, merged by LSE."""
 
 
 class Backend(Protocol):
@@ -167,7 +196,7 @@ class Backend(Protocol):
 
     def linear(self, node: LinearState) -> LinearFamily: ...
 
-    def serving(self, plan: KernelPlan) -> Any: ...
+    def serving(self, plan: KernelPlan) -> ServingFamily: ...
 
     # ahead of time: raise Unsupported when the backend has no binaries
     def render(self, family: Any) -> list[Source]:

@@ -31,11 +31,6 @@ def check_name(name: Any) -> str:
     return name
 
 
-def get(name: str) -> Backend:
-    """The backend called `name` (not "auto": see `resolve`)."""
-    return BACKENDS[check_name(name)] if name != "auto" else BACKENDS[FALLBACK]
-
-
 @dataclass(frozen=True)
 class Choice:
     """The backend a call runs on; `why` is set when "auto" fell back to the reference and says

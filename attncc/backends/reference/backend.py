@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attncc.backends.base import Source, Unsupported, no_ahead_of_time
+from attncc.backends.base import ServingFamily, Source, Unsupported, no_ahead_of_time
 from attncc.backends.reference.linear import recurrent_reference
 from attncc.backends.reference.linear_backward import reference_backward
 from attncc.backends.reference.linear_varlen import varlen_reference
@@ -26,6 +26,7 @@ class ReferenceLinear:
 
     name = "reference"
     no_backward: str | None = None
+    recurrent = chunked = None  # no generated kernels
 
     def __init__(self, backend: ReferenceBackend, node: LinearState) -> None:
         self.backend, self.node = backend, node
@@ -66,7 +67,7 @@ class ReferenceBackend:
     def linear(self, node: LinearState) -> ReferenceLinear:
         return ReferenceLinear(self, node)
 
-    def serving(self, plan: KernelPlan) -> Any:
+    def serving(self, plan: KernelPlan) -> ServingFamily:
         raise Unsupported("backend 'reference': serving plans launch generated kernels; the "
                           "reference oracles of each memory layout are plain functions")
 

@@ -41,7 +41,7 @@ class TritonBackend:
         return TritonLinear(self, node)
 
     def serving(self, plan: KernelPlan) -> TritonServing:
-        return TritonServing(plan)
+        return TritonServing(self, plan)
 
     def render(self, family: Any) -> list[Source]:
         if not isinstance(family, TritonSoftmax):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from attncc import config
-from attncc.backends.base import ServePlan
+from attncc.backends.base import Backend, ServePlan
 from attncc.backends.serve_checks import check_absent, check_tensor, raise_index_errors
 from attncc.backends.triton.forward import argument_values, target_of
 from attncc.backends.triton.serve import (FIXED_ARGS, MERGE_FIXED_ARGS, TritonServe,
@@ -295,7 +295,8 @@ class TritonServing(TritonServe):
     `TritonServe`, the plan-time choices only they need (kv tile, warps, bound arguments), and
     the run-time launches above."""
 
-    def __init__(self, plan: KernelPlan) -> None:
+    def __init__(self, backend: Backend, plan: KernelPlan) -> None:
+        self.backend = backend
         self.memory = plan.spec.memory  # TritonServe's plan sets it to dense: layouts are flags
         super().__init__(plan)
 

@@ -27,7 +27,6 @@ from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import LAYOUTS, check_qkv, check_scale, to_bhsd
 from attncc.warn import warn_user
 
-BACKENDS = registry.NAMES
 
 
 class CompiledAttention:
