@@ -14,6 +14,7 @@ from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc.ops.linear.compiled import CompiledLinearAttention
+from attncc.ops.serving.compiled import ServingAttention
 
 
 def _as_mask(mask: Any) -> Mask | None:
@@ -93,7 +94,6 @@ def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "
         if isinstance(spec.memory, LinearState):
             return CompiledLinearAttention(spec, backend)
         if isinstance(spec.memory, (PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)):
-            from attncc.ops.serving.compiled import ServingAttention  # K2-K5: plan / run serving kernels
             if backend != "auto":
                 raise ValueError(f"backend: serving memories ({spec.memory.text()}) run the "
                                  f"Triton serving kernels only; expected 'auto', got {backend!r}")

@@ -40,7 +40,7 @@ from attncc.library import reorders
 from attncc.library import scores
 from attncc.api import Attention
 from attncc.ir.spec import AttentionSpec
-from attncc.backends.triton.prebuilt import check_head_dim, parse_arch, parse_dtype
+from attncc.backends.targets import check_head_dim, parse_arch, parse_dtype
 
 _NOT_MASKS = {"document_inputs", "bigbird_random_blocks"}  # helpers that build mask inputs
 _NOT_SCORES = {"sink"}  # a normaliser, not a score mod

@@ -66,6 +66,19 @@ def check_device(name: str, t: torch.Tensor, device: torch.device | None = None)
         raise ValueError(f"{name}: expected device {device} (the device of q), got {t.device}")
 
 
+def check_devices(q: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """q holds data (not a meta tensor) and every other tensor given lives on q's device
+    (`cu_seqlens` may also be on the CPU: the kernels copy it). A custom op sends meta inputs to
+    its shape-only implementation, so the caller checks before calling it."""
+    if not isinstance(q, torch.Tensor):
+        return  # check_inputs reports it
+    check_device("q", q)
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor):
+            cpu_ok = name == "cu_seqlens" and x.device.type == "cpu"
+            check_device(name, x, None if cpu_ok else q.device)
+
+
 def check_scale(scale: Any) -> None:
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                               or not math.isfinite(scale)):

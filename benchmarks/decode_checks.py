@@ -70,7 +70,7 @@ def _inputs(shape: tuple[int, ...], device: str) -> tuple:
 
 def measure(shape: tuple[int, ...], device: str, reps: int) -> Row:
     import attncc
-    from attncc.ops.serving import run as serving_run
+    from attncc.backends.triton import serve_run as serving_run
     from attncc.backends.triton.serve import FIXED_ARGS
 
     B, Hq, Hkv, D, P, _ = shape

@@ -29,7 +29,7 @@ def write_job(out: Path) -> None:
     import attncc
     from attncc.backends.triton.launch_spec import forward_spec
 
-    forward = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
+    forward = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
     spec = forward_spec(forward, "float16", 64, 64, 90)
     job = {"path": spec.path, "name": spec.name, "aligned": list(spec.aligned), "arch": 90,
            "signature": spec.signature, "constexprs": spec.constexprs, "out": str(out),

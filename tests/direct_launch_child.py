@@ -150,8 +150,8 @@ def main() -> None:
                       "logged": list(logged)}
 
     # a launch that does not match the binary's constexprs or integer widths never reaches it
-    target = prebuilt.forward_target(causal.triton, "forward", "float16", 32, 32, 90)
-    kernel = prebuilt.direct_kernel(target, causal.triton.jit_function())
+    target = prebuilt.forward_target(causal.kernels.kernel, "forward", "float16", 32, 32, 90)
+    kernel = prebuilt.direct_kernel(target, causal.kernels.kernel.jit_function())
     values = {name: 0 for name in kernel.spec.signature} | kernel.spec.constexprs
     errors = []
     for change in ({"D_QK": 64}, {"stride_qb": 2**31}):

@@ -145,7 +145,7 @@ def compiled(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc-cache")))
         mp.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
-        forwards = {name: attncc.compile(SPECS[name]).triton
+        forwards = {name: attncc.compile(SPECS[name]).kernels.kernel
                     for name in dict.fromkeys(case.spec for case in selected)}
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             futures: dict[Case, Future] = {
@@ -183,7 +183,7 @@ def test_an_interpreter_only_kernel_fails(tmp_path, monkeypatch):
     """Calling a plain Python helper works under the interpreter, never in a compiled kernel."""
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    forward = copy.copy(attncc.compile(attncc.Attention(mask=attncc.causal())).triton)
+    forward = copy.copy(attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel)
     source = forward.source.replace("    q_idx = offs_m[:, None]\n",
                                     "    q_idx = _plain(offs_m[:, None])\n")
     assert "_plain(" in source

@@ -22,7 +22,8 @@ import torch
 import attncc
 from attncc.ir.positions import split_reorder_inputs
 from attncc.backends.reference.forward import attention_reference
-from attncc.ops.softmax.backward import attention_backward, reference_backward
+from attncc.backends.reference.softmax import reference_backward
+from attncc.ops.softmax.backward import attention_backward
 from attncc.validate import split_runtime
 from tests.catalog_cases import masks, scores
 

@@ -75,7 +75,7 @@ def compiled(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTNCC_CACHE_DIR", str(tmp_path_factory.mktemp("attncc-cache")))
         mp.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
-        kernels = {name: backward_kernels(attncc.compile(spec), grads)
+        kernels = {name: backward_kernels(attncc.compile(spec).kernels, grads)
                    for name, (spec, grads) in SPECS.items()}
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             futures: dict[Case, Future] = {

@@ -49,8 +49,8 @@ CHILD = textwrap.dedent("""
     print(json.dumps({
         "renders": triton_render.RENDERS[0], "hits": cache.stats.hits,
         "builds": cache.stats.builds, "rebuilt": cache.stats.rebuilt_corrupt,
-        "err": (o.double() - ref).abs().max().item(), "entry": str(attn.triton.entry.path),
-        "runner": type(attn.triton.jit_function()).__name__,
+        "err": (o.double() - ref).abs().max().item(), "entry": str(attn.kernels.kernel.entry.path),
+        "runner": type(attn.kernels.kernel.jit_function()).__name__,
     }))
 """)
 
@@ -127,7 +127,7 @@ def run_and_check(attn: attncc.CompiledAttention, seed: int = 0, **runtime) -> t
 def test_truncated_source_is_detected_and_rebuilt(interpreted):
     spec = attncc.Attention(mask=attncc.causal(), score=attncc.softcap(20.0))
     renders = triton_render.RENDERS[0]
-    entry = attncc.compile(spec).triton.entry
+    entry = attncc.compile(spec).kernels.kernel.entry
     source = entry.files["kernel.py"].read_bytes()
     entry.files["kernel.py"].write_bytes(source[: len(source) // 2])
 
@@ -135,7 +135,7 @@ def test_truncated_source_is_detected_and_rebuilt(interpreted):
         attn = attncc.compile(spec)
     assert (cache.stats.builds, cache.stats.rebuilt_corrupt) == (2, 1)
     assert triton_render.RENDERS[0] == renders + 2
-    assert attn.triton.entry.path == entry.path and attn.triton.entry.built
+    assert attn.kernels.kernel.entry.path == entry.path and attn.kernels.kernel.entry.built
     assert entry.files["kernel.py"].read_bytes() == source
     assert entry_dirs(interpreted) == [entry.path.name]
     run_and_check(attn)
@@ -156,20 +156,21 @@ def test_every_runtime_scalar_is_unspecialised(interpreted):
                                            score=attncc.softcap(20.0)))
     scalars = {n for n, kind in kernel_arguments(attn.plan) if not kind.startswith("*")}
     assert {"p_window", "p_softcap"} <= scalars and len(scalars) > 2  # + doc's strides, sizes
-    listed, params = _do_not_specialize(attn.triton.source, attn.triton.name)
+    listed, params = _do_not_specialize(attn.kernels.kernel.source, attn.kernels.kernel.name)
     assert scalars | {"Lq", "Lk"} <= set(listed) <= set(params)
 
 
 def test_runtime_parameter_reuses_the_kernel(interpreted, monkeypatch):
     renders = triton_render.RENDERS[0]
     attn = attncc.compile(attncc.Attention(mask=attncc.sliding_window(4)))
-    triton, jit_fn = attn.triton, attn.triton.jit_function()
+    triton, jit_fn = attn.kernels.kernel, attn.kernels.kernel.jit_function()
     outs = [run_and_check(attn), run_and_check(attn, window=2), run_and_check(attn, window=9)]
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
-    assert attn.triton is triton and attn.triton.jit_function() is jit_fn
+    assert attn.kernels.kernel is triton and attn.kernels.kernel.jit_function() is jit_fn
     # another window at compile time is the same kernel: a cache hit, nothing rendered
     other = attncc.compile(attncc.Attention(mask=attncc.sliding_window(9)))
-    assert other.triton.entry.path == triton.entry.path and not other.triton.entry.built
+    assert other.kernels.kernel.entry.path == triton.entry.path
+    assert not other.kernels.kernel.entry.built
     assert triton_render.RENDERS[0] == renders + 1 and cache.stats.builds == 1
     assert [e.path for e in cache.list_entries()] == [triton.entry.path]
 

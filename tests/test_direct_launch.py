@@ -43,8 +43,8 @@ def built(tmp_path_factory) -> dict:
     block-map kernels (the default variant, as `attncc build` makes them)."""
     root = tmp_path_factory.mktemp("direct-cache")
     with config.override(ATTNCC_CACHE_DIR=str(root)):
-        causal = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
-        document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
+        causal = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
+        document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).kernels.kernel
         targets = [t for fwd in (causal, document)
                    for t in build.build_targets(fwd, "float16", 32, 32, 90, backward=True)]
         entries = {(t.spec.name, t.kind, t.spec.schedule.block_m):
@@ -186,7 +186,7 @@ def test_variants_are_separate_entries(built):
                                             "contiguous": True, "wide_ints": False}
     assert "triton.json" in causal.entry.files
     with config.override(ATTNCC_CACHE_DIR=str(built["root"])):
-        fwd = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
+        fwd = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
         keys = {prebuilt.artifact_key(fwd, "forward", 90, "float16", 32, 32, variant)
                 for variant in (DEFAULT_VARIANT, Variant(contiguous=False),
                                 Variant(wide_ints=True))}
@@ -229,10 +229,10 @@ def test_on_a_gpu_built_kernels_run_with_zero_compiles_and_are_correct(tmp_path)
 
 
 def test_build_targets_add_the_permuted_forward_and_the_backward_kernels():
-    plain = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
-    document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).triton
+    plain = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
+    document = attncc.compile(attncc.Attention(mask=attncc.document(DOC))).kernels.kernel
     hilbert = attncc.compile(attncc.Attention(
-        mask=attncc.neighbourhood_2d(8, 8, 3, 3), reorder=attncc.hilbert((8, 8)))).triton
+        mask=attncc.neighbourhood_2d(8, 8, 3, 3), reorder=attncc.hilbert((8, 8)))).kernels.kernel
 
     def described(forward, **kw):
         return [(t.kind, t.variant, t.spec.schedule.block_m, t.spec.schedule.block_n)

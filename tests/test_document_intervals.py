@@ -256,15 +256,16 @@ def test_new_sequences_at_call_time_do_not_recompile(causal, device):
         cu_seqlens=cu_of(first).to(device), causal=causal)))
     q, k, v = _qkv(1, 2, 2, 200, 200, 16, torch.float32, device, seed=3)
     o1, _ = attn(q, k, v, return_lse=True, backend="triton")
-    fn, renders = attn.triton.jit_function(), triton_render.RENDERS[0]
+    fn, renders = attn.kernels.kernel.jit_function(), triton_render.RENDERS[0]
     inputs = attncc.document_inputs(cu_of(other).to(device), causal=causal)
     o2, lse2 = attn(q, k, v, return_lse=True, backend="triton", **inputs)
-    assert attn.triton.jit_function() is fn and triton_render.RENDERS[0] == renders
+    assert attn.kernels.kernel.jit_function() is fn and triton_render.RENDERS[0] == renders
     _close(o2, lse2, _reference(other, 200, causal, q, k, v), torch.float32)
     assert not torch.allclose(o1, o2)
     again = attncc.compile(attncc.Attention(mask=attncc.document(
         cu_seqlens=cu_of(other).to(device), causal=causal)))
-    assert again.triton.entry.path == attn.triton.entry.path  # same cache entry, new data
+    # same cache entry, new data
+    assert again.kernels.kernel.entry.path == attn.kernels.kernel.entry.path
 
 
 # ---- memory and host syncs -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Gradients of the linear-state rules L1-L6: the generated backward kernel, and autograd through
 `CompiledLinearAttention`, against torch.autograd through the fp64 spec loop
-(`attncc.ops.linear.backward.reference_backward`).
+(`attncc.backends.reference.linear_backward.reference_backward`).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py): tiny shapes. Tests
 taking the `device` fixture run on CUDA in the GPU tier (the oracle stays on the CPU).
@@ -22,7 +22,7 @@ from attncc.backends.reference.linear import recurrent_reference
 from attncc.backends.triton.linear.aot import compile_linear_backward_for_target
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.ir.linear import LinearState
-from attncc.ops.linear.backward import reference_backward
+from attncc.backends.reference.linear_backward import reference_backward
 
 NODES = {
     "L1": LinearState("linear"),

@@ -177,7 +177,7 @@ def test_precompile_compiles_once_then_loads(tmp_path, monkeypatch, caplog):
     (entry,) = [e for e in cache.list_entries(tmp_path) if e.meta.get("kind") == "forward"]
     assert entry.meta["target"] == "sm_90" and entry.meta["dtype"] == "float16"
     assert (entry.meta["head_dim_qk"], entry.meta["head_dim_v"]) == (16, 16)
-    assert entry.meta["source_key"] == attn.triton.entry.meta["key"]
+    assert entry.meta["source_key"] == attn.kernels.kernel.entry.meta["key"]
     assert entry.path.name.startswith(f"{attn.name}.sm90.fp16.d16-")
 
 
@@ -188,7 +188,7 @@ def test_precompile_builds_the_block_map_kernel_too(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     doc = torch.tensor([0, 0, 1, 1, 1, 2], dtype=torch.int32)
     attn = attncc.compile(attncc.Attention(mask=attncc.document(doc)))
-    assert prebuilt.kinds(attn.triton) == ("forward", "block_map")
+    assert prebuilt.kinds(attn.kernels.kernel) == ("forward", "block_map")
     with caplog.at_level(logging.WARNING, logger="attncc"):
         art = attn.precompile("float16", 32, 16, arch="sm_80")
     assert art.name == attn.name and (art.head_dim_qk, art.head_dim_v) == (32, 16)
@@ -202,7 +202,7 @@ def test_precompile_builds_the_block_map_kernel_too(tmp_path, monkeypatch, caplo
 
 
 def test_artifact_keys_and_arguments(monkeypatch):
-    forward = attncc.compile(attncc.Attention(mask=attncc.causal())).triton
+    forward = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
     keys = {prebuilt.artifact_key(forward, "forward", *sig) for sig in
             [(90, "float16", 64, 64), (80, "float16", 64, 64), (90, "bfloat16", 64, 64),
              (90, "float16", 128, 128), (90, "float16", 128, 64)]}
@@ -439,6 +439,7 @@ def test_two_spellings_of_one_spec_build_once_and_serve_each_other_offline(tmp_p
 
 
 def test_a_traced_mask_in_either_orientation_names_one_binary():
-    keys = {prebuilt.artifact_key(attncc.compile(fn).triton, "forward", 90, "float16", 16, 16)
+    keys = {prebuilt.artifact_key(attncc.compile(fn).kernels.kernel, "forward", 90, "float16",
+                                  16, 16)
             for fn in (kv_le_q, q_ge_kv)}
     assert len(keys) == 1

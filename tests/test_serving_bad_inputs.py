@@ -20,7 +20,7 @@ from attncc import config
 from attncc.backends.reference.memory import paged_reference, ragged_reference
 from attncc.ir.nodes import DenseMemory
 from attncc.ops.serving.compiled import ServingAttention
-from attncc.ops.serving.checks import ASYNC_MESSAGE
+from attncc.backends.serve_checks import ASYNC_MESSAGE
 from tests.test_serving_paged import HKV, HQ, close, cpu64, paged_inputs
 
 F32 = torch.float32

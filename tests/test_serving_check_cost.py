@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attncc
-from attncc.ops.serving import run as serving_run
+from attncc.backends.triton import serve_run as serving_run
 from benchmarks import decode_checks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")

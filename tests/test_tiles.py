@@ -137,14 +137,16 @@ def test_no_lq_by_lk_allocation(mask_id, device):
 
 def test_window_change_reuses_the_compiled_kernel(device):
     attn = attncc.compile(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(64)))
-    fn = attn.triton.jit_function()
+    fn = attn.kernels.kernel.jit_function()
     q = torch.randn(1, 1, 130, 32, device=device)
     outs = [attn(q, q, q, backend="triton", window=w) for w in (64, 17, 100)]
-    assert attn.triton.jit_function() is fn
-    assert '"p_window"' in attn.triton.source.split("def attn_fwd")[0] + attn.triton.source
+    assert attn.kernels.kernel.jit_function() is fn
+    source = attn.kernels.kernel.source
+    assert '"p_window"' in source.split("def attn_fwd")[0] + source
     assert not torch.equal(outs[0], outs[1])
     again = attncc.compile(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(999)))
-    assert again.triton.entry.path == attn.triton.entry.path  # same cache entry, new value
+    # same cache entry, new value
+    assert again.kernels.kernel.entry.path == attn.kernels.kernel.entry.path
 
 
 @pytest.mark.gpu
@@ -152,7 +154,7 @@ def test_window_change_does_not_recompile_on_gpu():
     attn = attncc.compile(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(64)))
     q = torch.randn(1, 2, 500, 64, device="cuda", dtype=torch.float16)
     attn(q, q, q, window=64)
-    fn = attn.triton.jit_function()
+    fn = attn.kernels.kernel.jit_function()
     before = sum(len(c[0]) for c in fn.device_caches.values())
     for w in (17, 100, 333):
         attn(q, q, q, window=w)

@@ -114,7 +114,7 @@ def test_values_and_gradients_match_fp64_oracle(case, device):
                  initial_state=f64.get("initial_state"), output_final_state=True, **extra)
     assert_near("o", o, ro, 1e-4)
     assert_near("state", state, rs, 1e-4)
-    from attncc.ops.linear.backward import reference_backward
+    from attncc.backends.reference.linear_backward import reference_backward
     want = reference_backward(x["q"], x["k"], x["v"], attn.node, do, g=x.get("g"),
                               beta=x.get("beta"), initial_state=x.get("initial_state"),
                               d_final_state=ds, cu_seqlens=cu)

@@ -14,7 +14,7 @@ import torch
 from torch.library import opcheck
 
 import attncc
-from attncc.ops.serving import run as serving_run
+from attncc.backends.triton import serve_run as serving_run
 from attncc.ops.serving import custom_op as torch_ops_serving
 from attncc.backends.triton import serve as triton_serve
 from attncc.backends.reference.memory import paged_reference

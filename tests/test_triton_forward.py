@@ -142,10 +142,10 @@ def test_runtime_parameters_and_captures_rebind_without_recompiling(device):
     doc = torch.sort(torch.randint(0, 3, (90,)))[0]
     attn = check(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(30)),
                  1, 1, 1, 90, 90, 16, torch.float32, device, window=11)
-    source_before = attn.triton.source
+    source_before = attn.kernels.kernel.source
     check(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(30)),
           1, 1, 1, 90, 90, 16, torch.float32, device, window=64)
-    assert attn.triton.source == source_before
+    assert attn.kernels.kernel.source == source_before
     doc_spec = attncc.Attention(mask=attncc.document(doc))
     other = torch.sort(torch.randint(0, 5, (90,)))[0]
     q, k, v = _inputs(1, 1, 1, 90, 90, 16, torch.float32, device)

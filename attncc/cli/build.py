@@ -17,12 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from attncc.cli.output import SHORT, dims, error, one_line, size
-
-if TYPE_CHECKING:
-    from attncc.backends.triton.prebuilt_targets import Target
 
 DEFAULT_ARCHS = "sm_80,sm_90"
 
@@ -51,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 @dataclass(frozen=True)
 class Job:
     entry: str  # the manifest entry's name
-    target: Target
+    target: Any  # one binary of `backend` (`Backend.targets`): kind, arch, dtype, head dims
+    backend: Any  # the `attncc.backends.base.Backend` that builds it
 
     def label(self) -> str:
         t = self.target
@@ -97,26 +95,26 @@ def run(args: argparse.Namespace) -> int:
 def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
     """Every kernel to build, once per key, and the number of entries that could not be compiled
     at all. Plans are made here, in one thread: the worker threads only look them up."""
-    from attncc.backends.triton import build
     from attncc.ops.softmax.compiled import CompiledAttention
 
     jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
     bad = 0
     for entry in manifest.kernels:
         try:
-            forward = CompiledAttention(entry.spec).triton
-            if forward is None:
+            kernels = CompiledAttention(entry.spec).kernels
+            if kernels is None:
                 raise ValueError(f"memory {entry.spec.memory.text()!r} has no kernel yet")
+            backend = kernels.backend
             targets = [target for arch in entry.archs or archs for dtype in entry.dtypes
-                       for dqk, dv in entry.head_dims for target in build.build_targets(
-                           forward, dtype, dqk, dv, arch, backward=entry.backward)]
+                       for dqk, dv in entry.head_dims for target in backend.targets(
+                           kernels, dtype, dqk, dv, arch, backward=entry.backward)]
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")
             bad += 1
             continue
         shared = sorted({jobs[t.key()].entry for t in targets if t.key() in jobs})
         for target in targets:
-            jobs.setdefault(target.key(), Job(entry.name, target))
+            jobs.setdefault(target.key(), Job(entry.name, target, backend))
         if shared:
             print(f"attncc build: kernel {entry.name!r} shares kernels with "
                   f"{', '.join(map(repr, shared))} (same canonical spec): built once",
@@ -125,14 +123,12 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
 
 
 def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:
-    from attncc.backends.triton import prebuilt
-
     counts = {"built": 0, "cached": 0, "failed": 0}
 
     def one(job: Job) -> tuple[str, float, str]:
         start = time.perf_counter()
         try:
-            result = prebuilt.load_or_compile_target(job.target)
+            result = job.backend.build(job.target)
         except Exception as e:
             detail = f"{type(e).__name__}: {e}" if verbose else one_line(e)
             return "failed", time.perf_counter() - start, detail

@@ -1,7 +1,7 @@
 """`attncc cache ls|info|verify|clean`: look after the kernel cache ($ATTNCC_CACHE_DIR).
 
 Entries are either sources (rendered Triton, one per spec) or compiled kernels (one per kernel,
-target, dtype and head dims, made by `attncc build` or `precompile`; see `attncc.backends.triton.prebuilt`).
+target, dtype and head dims, made by `attncc build` or `CompiledAttention.precompile`).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attncc.manifest import ManifestError, load_manifest, parse_archs
-    from attncc.backends.triton.prebuilt import check_head_dim, parse_dtype
+    from attncc.backends.targets import check_head_dim, parse_dtype
 
     try:
         shape = _pair("--shape", args.shape) if args.shape else None
@@ -99,11 +99,9 @@ def _explain(name: str, spec, dtypes, head_dims, archs, shape, block, png: str |
                 sig = Signature(dtype, dqk, dv, f"sm{arch}")
                 out.append(f"{sig.text()}: {run_plan_passes(plan, sig).schedule.text()}")
     if source:
-        forward = attncc.compile(spec).triton
-        out += [f"== triton source {forward.entry.files['kernel.py']}", forward.source]
-        if "block_map.py" in forward.entry.files:
-            path = forward.entry.files["block_map.py"]
-            out += [f"== block-map kernel source {path}", path.read_text()]
+        kernels = attncc.compile(spec).kernels
+        for src in kernels.backend.render(kernels):
+            out += [f"== {src.label} {src.path}", src.text]
     return "\n".join(out)
 
 

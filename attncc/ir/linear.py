@@ -5,8 +5,7 @@ a `write` (what is added to S), and a `block` size (None: S advances every token
 lists the valid combinations and names each after its catalogue entry; a new combination of
 existing parts is one new row there. Backends keep one table per part (gate kind -> decay code,
 write kind -> update code). `Hybrid` (L8) pairs a softmax part with a linear part. The reference
-semantics live in `attncc.backends.reference.linear` (recurrent, decode) and
-`attncc.backends.reference.linear_chunked` (chunked).
+semantics live in the reference backend (its recurrent loop, decode step and chunked form).
 
 State layout: `S [B, H, F, Dv]` with `F = feature_dim(Dk)` (Dk after the feature map). With
 `normalize=True` the normaliser `z` rides along as one extra value column: `S [B, H, F, Dv + 1]`,
@@ -253,7 +252,7 @@ class Hybrid:
 
     Mix (`mix=alpha`, the only rule so far): `o = alpha * o_softmax + (1 - alpha) * o_linear`,
     `alpha` a float in [0, 1] (default 0.5), the same for every head and token. Both parts see
-    the same q, k, v; `attncc.backends.reference.linear.mix_hybrid` applies the mix.
+    the same q, k, v; the reference backend's `mix_hybrid` applies the mix.
     """
 
     softmax: SoftmaxPart

@@ -2,7 +2,7 @@
 
 A layout node says only where keys and values are stored; what attention computes is always
 the dense softmax attention of docs/semantics.md over the keys the layout holds. The reference
-semantics of each layout live in `attncc.backends.reference.memory` (one function per node).
+semantics of each layout live in the reference backend (one function per node).
 Shapes below use `Hq, Hkv` heads, head dims `Dqk, Dv`, int32 index tensors.
 """
 

@@ -2,7 +2,7 @@
 
 A spec with one of these memories compiles (`attncc.compile`) to `attncc.ops.serving.compiled
 .ServingAttention`: plan / run over paged, ragged or per-head-length KV. The nodes and their
-semantics are in `attncc.ir.memory`; the oracles in `attncc.backends.reference.memory`.
+semantics are in `attncc.ir.memory`; the reference backend holds one oracle per layout.
 """
 
 from __future__ import annotations

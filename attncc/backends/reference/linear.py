@@ -114,19 +114,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor |
         check_device(state_name, initial_state, q.device)
 
 
-def check_devices(q: Tensor, **tensors: Tensor | None) -> None:
-    """q holds data (not a meta tensor) and every other tensor given lives on q's device
-    (`cu_seqlens` may also be on the CPU: the kernels copy it). A custom op sends meta inputs to
-    its shape-only implementation, so the caller checks before calling it."""
-    if not isinstance(q, Tensor):
-        return  # check_inputs reports it
-    check_device("q", q)
-    for name, x in tensors.items():
-        if isinstance(x, Tensor):
-            cpu_ok = name == "cu_seqlens" and x.device.type == "cpu"
-            check_device(name, x, None if cpu_ok else q.device)
-
-
 @dataclass
 class Prepared:
     """Inputs in the compute dtype, after phi and the ones column for z; shared with chunked."""

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
 
 SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-# compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
-SUPPORTED_ARCHS = (80, 86, 89, 90)
 # runs a file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
 _BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
          "runpy.run_path(sys.argv[0], run_name='__main__')")

@@ -17,7 +17,7 @@ import torch
 from attncc.backends.triton import prebuilt
 from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
                                                 choose_variant, launch_constexprs)
-from attncc.backends.triton.aot import SUPPORTED_ARCHS
+from attncc.backends.targets import SUPPORTED_ARCHS
 from attncc.backends.triton.direct import DirectKernels
 from attncc.backends.triton.prebuilt_targets import forward_target
 from attncc.backends.triton.printer import PRINTER_VERSION, capture_arg_names

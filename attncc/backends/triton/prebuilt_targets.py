@@ -1,5 +1,6 @@
 """What one prebuilt binary is: a `Target` (a kernel's `LaunchSpec` for one arch, named by
-kind, dtype, head dims and variant), and the checks of the arguments that name them.
+kind, dtype, head dims and variant), and the checks of the arguments that name them
+(`attncc.backends.targets`).
 `attncc.backends.triton.prebuilt` loads and builds them; `attncc.backends.triton.build` lists the
 targets `attncc build` makes for a spec (it constructs the backward kernels, so it sits above
 them, while the kernels' launchers import this module)."""
@@ -13,40 +14,15 @@ from typing import TYPE_CHECKING, Any
 from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant,
                                                 backward_spec, block_map_spec, forward_spec,
                                                 forward_tiles)
-from attncc.backends.triton.aot import SUPPORTED_ARCHS, artifact_stem
-from attncc.passes.select_tiles import MAX_HEAD_DIM
+from attncc.backends.targets import check_head_dim, parse_arch, parse_dtype  # noqa: F401
+from attncc.backends.triton.aot import artifact_stem
 
 if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
     from attncc.backends.triton.backward.kernel import TritonBackward
 
 KINDS = ("forward", "block_map", "dq", "dkdv")
-DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 FORMAT = 3  # bump when an entry's files or fields change
-
-
-def parse_arch(arch: int | str) -> int:
-    """90, "90", "sm90", "sm_90" or "sm_90a" -> 90; ValueError unless in SUPPORTED_ARCHS."""
-    text = str(arch).strip().lower().removeprefix("sm").removeprefix("_").removesuffix("a")
-    if not text.isdigit() or int(text) not in SUPPORTED_ARCHS:
-        known = ", ".join(f"sm_{a}" for a in SUPPORTED_ARCHS)
-        raise ValueError(f"unknown arch {arch!r} (supported: {known})")
-    return int(text)
-
-
-def parse_dtype(dtype: Any) -> str:
-    """"float16", "fp16", torch.float16, ... -> "float16" | "bfloat16" | "float32"."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (supported: float16, bfloat16, float32)")
-    return DTYPES[name]
-
-
-def check_head_dim(d: Any) -> int:
-    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d!r} is not supported (1..{MAX_HEAD_DIM})")
-    return d
 
 
 def kinds(forward: TritonForward) -> tuple[str, ...]:

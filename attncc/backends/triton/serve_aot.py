@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the serving kernels for a named NVIDIA GPU, with no GPU present.
 
 The same child-process pipeline as `triton_aot.compile_for_target` (TTIR .. ptxas), with the
-signature and constexprs that `attncc.ops.serving.run` passes for one memory layout variant.
+signature and constexprs that `attncc.backends.triton.serve_run` passes for one memory layout
+variant.
 """
 
 from __future__ import annotations

@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 
-from attncc import config
-from attncc.ops.linear import custom_op as torch_ops_linear
-from attncc.backends.reference.linear import recurrent_reference
-from attncc.backends.reference.linear_varlen import varlen_reference
-from attncc.backends.triton.linear.backward import unsupported
+from attncc.backends import registry
+from attncc.backends.base import LinearFamily, Unsupported
 from attncc.ir.linear import LinearState
 from attncc.ir.spec import AttentionSpec
+from attncc.ops.linear import custom_op as torch_ops_linear
 from attncc.ops.linear.backward import needs_grad
 
 class CompiledLinearAttention:
@@ -39,24 +37,33 @@ class CompiledLinearAttention:
     cu_seqlens=None, backend="auto") for a spec whose memory is a `LinearState`. q, k
     [B, H, L, Dk], v [B, H, L, Dv]; the state is fp32 [B, H, F, Dv'] (see `attncc.ir.linear`).
     With `cu_seqlens` (int [N + 1]): q, k [T, H, Dk], v [T, H, Dv] packed, states [N, H, F, Dv']
-    (see `attncc.backends.reference.linear_varlen`)."""
+    (as the reference's varlen form: one sequence after another)."""
 
     def __init__(self, spec: AttentionSpec, backend: str = "auto") -> None:
-        if backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), "
-                             f"got {backend!r}")
+        self.backend = registry.check_name(backend)
         self.spec = spec
         self.node: LinearState = spec.memory
-        self.backend = backend
-        self.recurrent, self.chunked, self.why_not = _kernels(self.node)
-        self._backward: Any = None  # TritonLinearBackward, built when a gradient is first needed
-        self._no_backward = unsupported(self.node)  # why there is no backward kernel, or None
+        # every backend's family for this rule, or the Unsupported error saying why it has none
+        self.families: dict[str, LinearFamily | Unsupported] = registry.families(
+            lambda b: b.linear(self.node))
+        self.kernels: LinearFamily | None = registry.compiled_family(self.families)
+        self.why_not = registry.why_none(self.families)  # why no backend has kernels, or None
+        self._no_backward = self.kernels.no_backward if self.kernels is not None else None
         self.key = torch_ops_linear.register(self)  # the name attncc::linear_fwd finds it by
 
     @property
     def name(self) -> str:
-        kernel = self.recurrent or self.chunked
-        return kernel.name if kernel is not None else "reference"
+        return self.kernels.name if self.kernels is not None else "reference"
+
+    @property
+    def recurrent(self) -> Any:
+        """The generated one-token (decode) kernel, or None."""
+        return self.kernels.recurrent if self.kernels is not None else None
+
+    @property
+    def chunked(self) -> Any:
+        """The generated chunked (prefill) kernel, or None."""
+        return self.kernels.chunked if self.kernels is not None else None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  g: torch.Tensor | None = None, beta: torch.Tensor | None = None,
@@ -83,67 +90,32 @@ class CompiledLinearAttention:
             beta: torch.Tensor | None, scale: float | None, initial_state: torch.Tensor | None,
             cu_seqlens: torch.Tensor | None, return_state: bool, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The op's implementation (no autograd): choose the backend and the kernel (chunked
-        for prefill, recurrent for decode) and run it; returns (o, final state or None)."""
-        args = {"g": g, "beta": beta, "scale": scale, "initial_state": initial_state}
-        if cu_seqlens is not None:
-            args["cu_seqlens"] = cu_seqlens
-        if self._choose(backend, q.device) == "reference":
-            run = varlen_reference if cu_seqlens is not None else recurrent_reference
-            return run(q, k, v, self.node, output_final_state=return_state, **args)
-        if cu_seqlens is not None:  # more tokens than sequences: some sequence is a prefill
-            many = isinstance(q, torch.Tensor) and q.dim() == 3 and \
-                q.shape[0] > cu_seqlens.numel() - 1
-        else:
-            many = isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] > 1
-        use_chunked = self.chunked is not None and (many or self.recurrent is None)
-        kernel = self.chunked if use_chunked else self.recurrent
-        out = kernel(q, k, v, return_state=return_state, **args)
-        return out if return_state else (out, None)
+        """The op's implementation (no autograd): choose the backend and run its family (the
+        generated kernels pick chunked for prefill, recurrent for decode); returns (o, final
+        state or None)."""
+        return self.family(backend, q.device).forward(
+            q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+            cu_seqlens=cu_seqlens, return_state=return_state)
 
-    def _backward_kernel(self) -> Any:
-        """The generated backward kernel (built on first use), or None with `_no_backward`."""
-        if self._backward is None and self._no_backward is None:
-            from attncc.backends.triton.linear.backward import TritonLinearBackward
-            self._backward = TritonLinearBackward(self.node)
-        return self._backward
-
-    def _choose(self, backend: str, device: torch.device) -> str:
-        if backend == "reference":
-            return backend
-        if backend == "triton" and self.recurrent is None and self.chunked is None:
-            raise ValueError(f"backend 'triton': {self.why_not}; use backend='reference'")
-        if backend == "triton":
-            return backend
+    def family(self, backend: str, device: torch.device, *, warn: bool = True) -> LinearFamily:
+        """The family a call on `device` runs. "auto": the generated kernels where they run,
+        else the reference with a warning naming why (`warn=False`: the backward, whose forward
+        warned already); a named backend without kernels for this rule raises ValueError."""
         if backend != "auto":
-            raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), "
-                             f"got {backend!r}")
-        runs_kernels = device.type == "cuda" or config.triton_interpret()
-        if (self.recurrent is not None or self.chunked is not None) and runs_kernels:
-            return "triton"
-        why = self.why_not or ("CPU tensors and TRITON_INTERPRET is not set (use CUDA tensors, "
-                               "or TRITON_INTERPRET=1 to run the kernel on the CPU)")
-        warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path): {why}",
-                      stacklevel=3)
-        return "reference"
+            family = self.families[registry.check_name(backend)]
+            if isinstance(family, Unsupported):
+                raise ValueError(f"backend {backend!r}: {family}; use backend='reference'")
+            return family
+        choice = registry.resolve(backend, device)
+        if self.kernels is not None and choice.why is None:
+            return self.families[choice.name]
+        why = self.why_not or (f"{choice.why} (use CUDA tensors, or TRITON_INTERPRET=1 to run "
+                               "the kernel on the CPU)")
+        if warn:
+            warnings.warn(f"{self.node.text()}: running the PyTorch reference (slow path): {why}",
+                          stacklevel=3)
+        return self.families[registry.FALLBACK]
 
     def __repr__(self) -> str:
         return f"CompiledLinearAttention({self.node.text()})"
 
-
-def _kernels(node: LinearState) -> tuple[Any, Any, str | None]:
-    """(recurrent kernel or None, chunked kernel or None, why there is no kernel at all)."""
-    from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
-    from attncc.backends.triton.linear.chunked import TritonChunkedLinear
-    why = []
-    try:
-        recurrent = TritonRecurrentLinear(node)
-    except NotImplementedError as e:  # L7: no one-token form; the chunked kernel covers it
-        recurrent, why = None, why + [str(e)]
-    try:
-        chunked = TritonChunkedLinear(node)
-    except NotImplementedError as e:  # the recurrent kernel covers the rule alone
-        chunked, why = None, why + [str(e)]
-    if recurrent is None and chunked is None:
-        return None, None, "; ".join(why)
-    return recurrent, chunked, None

@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attncc import config
-from attncc.backends.reference.linear import check_devices
+from attncc.backends import registry
 from attncc.ops.op_registry import OpRegistry
 from attncc.ops.softmax.custom_op import _autograd_dispatch
-from attncc.validate import check_scale
+from attncc.validate import check_devices, check_scale
 
 if TYPE_CHECKING:
     from attncc.ops.linear.compiled import CompiledLinearAttention
@@ -137,23 +136,22 @@ def linear_bwd(kernel: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
                grad_state: Tensor | None, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dq, dk, dv and [dg, dbeta, d initial_state] for those given, each in its input's dtype:
-    the generated backward kernel, or autograd through the reference."""
-    from attncc.ops.linear.backward import reference_backward
-
+    the backward of the backend the forward ran (a rule without a backward kernel
+    differentiates the reference, with a warning)."""
     attn = lookup(kernel)
     given = dict(zip(("q", "k", "v", *OPTIONAL), (q, k, v, g, beta, initial_state)))
-    args = {"g": g, "beta": beta, "scale": _host_scale(scale), "initial_state": initial_state,
-                "d_final_state": grad_state, "cu_seqlens": cu_seqlens}
-    kernel_ = attn._backward_kernel() if _resolve(attn, backend, q.device) == "triton" else None
-    if kernel_ is not None:
-        grads = kernel_(q, k, v, grad_o, o=o, **args)
-    else:
-        if _resolve(attn, backend, q.device) == "triton":  # forward ran a kernel: say why not
-            warnings.warn(f"{attn.node.text()}: differentiating the PyTorch reference (slow "
-                          f"path): {attn._no_backward}", stacklevel=2)
+    args = {"o": o, "g": g, "beta": beta, "scale": _host_scale(scale),
+            "initial_state": initial_state, "d_final_state": grad_state, "cu_seqlens": cu_seqlens}
+    family = attn.family(backend, q.device, warn=False)  # the forward's choice, warned already
+    if family.no_backward is not None:  # the forward ran a kernel: say why its backward won't
+        warnings.warn(f"{attn.node.text()}: differentiating the PyTorch reference (slow "
+                      f"path): {family.no_backward}", stacklevel=2)
+        family = attn.families[registry.FALLBACK]
+    if family.backend.compiles:
+        grads = family.backward(q, k, v, grad_o, **args)
+    else:  # autograd through the reference: undo the op's autograd exclusion
         with _autograd_dispatch():
-            grads = reference_backward(q, k, v, attn.node, grad_o, dtype=_state_dtype(q),
-                                       **args)
+            grads = family.backward(q, k, v, grad_o, **args)
     out = {n: grads[n].to(x.dtype) for n, x in given.items() if x is not None}
     return out["q"], out["k"], out["v"], [out[n] for n in OPTIONAL if n in out]
 
@@ -163,15 +161,6 @@ def _linear_bwd_fake(kernel, q, k, v, g, beta, initial_state, cu_seqlens, scale,
                      grad_state, backend):
     rest = [x.new_empty(x.shape) for x in (g, beta, initial_state) if x is not None]
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), rest
-
-
-def _resolve(attn: CompiledLinearAttention, backend: str, device: torch.device) -> str:
-    """The forward's backend choice, without its warning (the forward gave it already)."""
-    if backend in ("reference", "triton"):
-        return backend
-    has_kernel = attn.recurrent is not None or attn.chunked is not None
-    runs = device.type == "cuda" or config.triton_interpret()
-    return "triton" if has_kernel and runs else "reference"
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -13,7 +13,7 @@ so a decode step can be captured in a CUDA graph and replayed with new page tabl
 up to the planned capacity (the kernel reads kv_len at run time). Its outputs are the plan's
 buffers, overwritten by the next run. Index values are always checked, without a sync: the
 kernel never reads out of range whatever the page ids, lengths and offsets, and reports a
-bad one through `torch._assert_async` (see `attncc.ops.serving.checks`).
+bad one through `torch._assert_async` (see `attncc.backends.serve_checks`).
 """
 
 from __future__ import annotations
@@ -21,22 +21,14 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attncc import config
-from attncc.ops.serving import run as serving_run
-from attncc.ops.serving import custom_op as torch_ops_serving
-from attncc.backends.triton.forward import argument_values, target_of
-from attncc.backends.triton.serve import TritonServe, extra_arguments, schedule
-from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
-from attncc.ir.nodes import DenseMemory
-from attncc.ir.spec import AttentionSpec
-from attncc.passes.pipeline import run_spec_passes
-from attncc.ops.serving.checks import (
+from attncc.backends import registry
+from attncc.backends.base import ServePlan, Unsupported
+from attncc.backends.serve_checks import (
     check_absent,
     check_cu_seqlens,
     check_plan_arguments,
@@ -44,6 +36,11 @@ from attncc.ops.serving.checks import (
     described,
     error_record,
 )
+from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
+from attncc.ir.nodes import DenseMemory
+from attncc.ir.spec import AttentionSpec
+from attncc.ops.serving import custom_op as torch_ops_serving
+from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import split_runtime
 
 SMS = 132  # programs to fill an H100; the split count aims at this many
@@ -51,51 +48,6 @@ MAX_SPLITS = 32
 _MEMORIES = (DenseMemory, PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)
 RUN_INPUTS = frozenset({"page_table", "kv_len", "cu_seqlens_k", "cu_seqlens_q", "mem_k", "mem_v",
                         "head_kv_len", "kv_layout", "k_stream", "v_stream", "_visits"})
-
-
-@dataclass
-class ServePlan:
-    """Everything `run` needs; made by `ServingAttention.plan`. Tensors live on `device`.
-
-    work int32[n_items, 2]: (request, packed row tile); o [B, Hq, q_rows, Dv] (or packed
-    [total_q, Hq, Dv] when ragged); lse fp32 like o without Dv; o_part fp32
-    [num_splits, rows, Hq, Dv], lse_part fp32 [num_splits, rows, Hq] when num_splits > 1.
-    """
-
-    batch: int
-    hq: int
-    hkv: int
-    dqk: int
-    dv: int
-    dtype: torch.dtype
-    device: torch.device
-    q_rows: int  # Lq of every request, or total_q when ragged
-    ragged_q: bool
-    kv_capacity: int  # most keys one request may have (sets the split count)
-    num_splits: int
-    block_m: int
-    block_n: int
-    num_warps: int
-    work: Tensor
-    o: Tensor
-    lse: Tensor | None
-    o_part: Tensor | None
-    lse_part: Tensor | None
-    sm_scale: float
-    extra: list[Any] = field(repr=False)
-    slots: int = 0
-    max_q: int = 1  # longest query of one request
-    n_stream: int = 0  # K5 compact: streaming kv heads (the full cache holds hkv - n_stream)
-    head_map: Tensor | None = None  # K5 compact: int32[Hkv], full index or -1 - compact index
-    key: str = ""  # the name attncc::serve_run finds this plan by (`torch_ops_serving`)
-    cu_q: Tensor | None = None  # ragged: int32[B + 1], the query offsets the work list is for
-    # int64[6] the kernel's index-error record (`attncc.ops.serving.checks`); err_ok = err[:1]
-    err: Tensor | None = field(default=None, repr=False)
-    err_ok: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def rows(self) -> int:
-        return self.q_rows if self.ragged_q else self.batch * self.q_rows
 
 
 class ServingAttention:
@@ -111,7 +63,11 @@ class ServingAttention:
                              f" got {spec.reorder.text()}")
         self.spec = spec
         self.memory = spec.memory
-        self.kernels = TritonServe(run_spec_passes(spec))
+        plan = run_spec_passes(spec)
+        found = registry.families(lambda b: b.serving(plan))
+        self.kernels = registry.compiled_family(found)  # the serving family of a backend
+        if self.kernels is None:
+            raise Unsupported(registry.why_none(found))
         self.name = self.kernels.name
         self.key = torch_ops_serving.register(self)  # the name attncc::serve_run finds it by
         if self.kernels.reads_every_tile:
@@ -139,10 +95,7 @@ class ServingAttention:
                              head_dim=head_dim, head_dim_v=head_dim_v, max_q_len=max_q_len,
                              max_pages=max_pages, kv_capacity=kv_capacity, dtype=dtype,
                              device=device, num_splits=num_splits, scale=scale)
-        if device.type != "cuda" and not config.triton_interpret():
-            raise ValueError(f"device: serving kernels run on CUDA, or on the CPU under "
-                             f"TRITON_INTERPRET=1; got {device} without it (the CPU oracle is "
-                             f"attncc.backends.reference.memory)")
+        self.kernels.check_device(device)
         dv = head_dim if head_dim_v is None else head_dim_v
         group = num_heads // num_kv_heads
         if isinstance(self.memory, PagedMemory):
@@ -164,7 +117,7 @@ class ServingAttention:
         else:
             lens, q_rows = [max_q_len] * batch, max_q_len
         block_m = 16 if max(lens, default=0) * group <= 16 else 64
-        chosen_n, num_warps = schedule(max(head_dim, dv), target_of(device) == "interpreter")
+        chosen_n, num_warps = self.kernels.tiles(max(head_dim, dv), device)
         if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int)
                                     or block_n < 16 or block_n & (block_n - 1)):
             raise ValueError(f"block_n: expected a power of two >= 16, got {block_n!r}")
@@ -179,10 +132,7 @@ class ServingAttention:
         rows = q_rows if ragged else batch * q_rows
         params, tensors = split_runtime(self.spec, runtime)
         params = {p.name: params.get(p.name, p.value) for p in self.spec.params}
-        plan_ = self.kernels.plan
-        extra = argument_values(plan_, params, {c.name: tensors.get(c.name, c.tensor).to(device)
-                                                for c in plan_.spec.captures},
-                                arguments=extra_arguments(plan_))
+        extra = self.kernels.bound_arguments(params, tensors, device)
         scale = self.spec.scale if scale is None else scale
         split = num_splits > 1
         head_map, n_stream = self._head_map(stream_heads, num_kv_heads, device)
@@ -293,8 +243,11 @@ class ServingAttention:
 
     def cascade(self, plan: ServePlan, q: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                 k: Tensor, v: Tensor, **inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
-        """Shared-prefix (cascade) attention; see `attncc.ops.serving.run.cascade`."""
-        return serving_run.cascade(self, plan, q, prefix_k, prefix_v, k, v, **inputs)
+        """Shared-prefix (cascade) attention: every request's keys are a shared prefix
+        (prefix_k [P, Hkv, Dqk], prefix_v [P, Hkv, Dv], stored once) followed by its own suffix
+        (k, v and `inputs` as for `run`, with kv_len the suffix lengths); equals attention over
+        the concatenation. Allocates its partials (not for CUDA graphs)."""
+        return self.kernels.cascade(plan, q, prefix_k, prefix_v, k, v, **inputs)
 
     def __repr__(self) -> str:
         return f"ServingAttention({self.name}, memory={self.memory.text()})"

@@ -9,7 +9,7 @@ custom op `attncc::serve_run`, which writes into a plan's preallocated buffers:
 
 `kernel` names a `ServingAttention` (`serve_<tag>-<spec key>`), `plan` a live `ServePlan` of this
 process (`plan<n>`: the host-side work list, tile sizes and bound captures). o / lse / o_part /
-lse_part are the plan's outputs and fp32 split partials (shapes in `attncc.ops.serving.compiled.ServePlan`),
+lse_part are the plan's outputs and fp32 split partials (shapes in `attncc.ServePlan`),
 declared as mutated: under torch.compile the op is one graph node and functionalization sees the
 writes. Shapes of the inputs as `ServingAttention.run`. Eager `run` calls the same implementation
 without the dispatcher, so it stays one launch (plus the merge) with no aten op on the host.
@@ -89,23 +89,12 @@ def serve(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tens
 
 def _launch(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
             kv_layout: str, inputs: dict[str, Any]) -> None:
-    from attncc.ops.serving import run as serving_run
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: serving kernels are inference only (no autograd "
                              f"formula); got a tensor that requires grad: use torch.no_grad() "
                              f"or .detach(), or the differentiable CompiledAttention")
-    args, cx = serving_run.arguments(attn, plan, q, k, v, inputs["page_table"],
-                                     inputs["kv_len"], inputs["cu_seqlens_q"],
-                                     inputs["cu_seqlens_k"], inputs["mem_k"], inputs["mem_v"],
-                                     inputs["head_kv_len"], kv_layout, inputs["k_stream"],
-                                     inputs["v_stream"])
-    visits = inputs.get("_visits")
-    if visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
-        args["VISITS"], cx["COUNT_VISITS"] = visits, True
-    serving_run.launch_plan(attn, plan, args, cx, split_base=0, parts=plan.num_splits)
-    serving_run.raise_errors(plan, args)
+    attn.kernels.run(plan, q, k, v, kv_layout, inputs)
 
 
 RUN_SCHEMA = ("(str kernel, str plan, Tensor(a!) o, Tensor(b!)? lse, Tensor(c!)? o_part, "

@@ -2,72 +2,28 @@
 that require grad (ALiBi slopes, bias tables, head biases, sink logits, 0-d scalars).
 
 `attention_backward` is the one entry point the autograd formula calls. It picks the same
-backend as the forward: the generated Triton backward kernels on CUDA (or under
-TRITON_INTERPRET=1), else the PyTorch reference differentiated by autograd (the CPU path, and
-the oracle the kernels are tested against).
+backend as the forward (`CompiledAttention.family`) and runs that family's backward: the
+generated backward kernels on CUDA (or under TRITON_INTERPRET=1), else the PyTorch reference
+differentiated by autograd (the CPU path, and the oracle the kernels are tested against).
 
-The Triton path (`attncc.backends.triton.backward.launch`): delta = rowsum(o * do) - dlse in
-torch, then a dq kernel per query tile (same tile loops as the forward; it also collects the
-contributions to captured tensors) and a dk/dv kernel per kv tile and kv head (the query tiles
-that visit it, with the forward's partial/full classification, summed over the GQA group in one
-program). No atomics: results are bitwise reproducible.
+The generated kernels compute delta = rowsum(o * do) - dlse in torch, then a dq kernel per query
+tile (same tile loops as the forward; it also collects the contributions to captured tensors)
+and a dk/dv kernel per kv tile and kv head (the query tiles that visit it, with the forward's
+partial/full classification, summed over the GQA group in one program). No atomics: results are
+bitwise reproducible.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from attncc.backends.reference.forward import attention_reference, compute_dtype
-from attncc.ir.spec import AttentionSpec
+from attncc.backends.base import Gradients
 
 if TYPE_CHECKING:
     from attncc.ops.softmax.compiled import CompiledAttention
-
-
-@dataclass
-class Gradients:
-    """dq/dk/dv in the shapes and dtypes of q/k/v (BHSD); `captures` maps the name of each
-    captured tensor that was asked for to its gradient (its shape and dtype)."""
-
-    dq: torch.Tensor
-    dk: torch.Tensor
-    dv: torch.Tensor
-    captures: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def reference_backward(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       do: torch.Tensor, dlse: torch.Tensor | None = None, *, sm_scale: float,
-                       params: Mapping[str, float | int] = {},
-                       tensors: Mapping[str, torch.Tensor] = {},
-                       reorder_inputs: Mapping[str, torch.Tensor] = {},
-                       grad_captures: Sequence[str] = ()) -> Gradients:
-    """Autograd through `attention_reference` in fp32 (fp64 for fp64 inputs). q/k/v/do BHSD
-    in the original token order; dlse [B, Hq, Lq] or None."""
-    ct = compute_dtype(q.dtype)
-    with torch.enable_grad():
-        qc, kc, vc = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
-        caps = {name: t.detach().to(ct if t.is_floating_point() else t.dtype)
-                for name, t in tensors.items()}
-        for name in grad_captures:
-            caps[name].requires_grad_()
-        o, lse = attention_reference(spec, qc, kc, vc, scale=sm_scale, params=params,
-                                     captures=caps, reorder_inputs=reorder_inputs)
-        outputs, grads_out = [o], [do.to(ct)]
-        if dlse is not None:
-            finite = torch.isfinite(lse)  # an empty row's lse is -inf and carries no gradient
-            outputs.append(torch.where(finite, lse, torch.zeros_like(lse)))
-            grads_out.append(torch.where(finite, dlse.to(ct), torch.zeros_like(lse)))
-        wrt = [qc, kc, vc] + [caps[name] for name in grad_captures]
-        grads = torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True)
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
-    dq, dk, dv = (g.to(t.dtype) for g, t in zip(grads[:3], (q, k, v)))
-    captures = {name: g.to(tensors[name].dtype)
-                for name, g in zip(grad_captures, grads[3:])}
-    return Gradients(dq, dk, dv, captures)
 
 
 def attention_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
@@ -82,33 +38,10 @@ def attention_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor
     `permuted=True` (a reordered spec) all of q/k/v/o/lse/do/dlse and the gradients are in the
     reordered order, as the forward's `permuted=True` returns them."""
     check_backward_inputs(attn, q, k, v, o, lse, do, dlse, grad_captures, tensors)
-    chosen = attn._choose(backend, q.device)
-    if chosen == "reference":
-        if permuted:
-            return _reference_permuted(attn, q, k, v, do, dlse, sm_scale=sm_scale,
-                                       params=params, tensors=tensors,
-                                       reorder_inputs=reorder_inputs,
-                                       grad_captures=grad_captures)
-        return reference_backward(attn.spec, q, k, v, do, dlse, sm_scale=sm_scale,
-                                  params=params, tensors=tensors,
-                                  reorder_inputs=reorder_inputs, grad_captures=grad_captures)
-    from attncc.backends.triton.backward.launch import triton_backward
-    return triton_backward(attn, q, k, v, o, lse, do, dlse, sm_scale=sm_scale, params=params,
+    family = attn.family(backend, q.device, "backward kernel")
+    return family.backward(q, k, v, o, lse, do, dlse, sm_scale=sm_scale, params=params,
                            tensors=tensors, reorder_inputs=reorder_inputs,
                            grad_captures=grad_captures, permuted=permuted)
-
-
-def _reference_permuted(attn, q, k, v, do, dlse, *, reorder_inputs, **kw) -> Gradients:
-    """The reference works in the original order: un-permute the inputs, permute the grads."""
-    from attncc.ir.reorder import inverse
-
-    Lq, Lk = q.shape[2], k.shape[2]
-    q_pos, kv_pos = (p.long() for p in attn.positions.get(Lq, Lk, q.device, dict(reorder_inputs)))
-    iq, ikv = inverse(q_pos), inverse(kv_pos)
-    g = reference_backward(attn.spec, q[:, :, iq], k[:, :, ikv], v[:, :, ikv], do[:, :, iq],
-                           None if dlse is None else dlse[:, :, iq],
-                           reorder_inputs=reorder_inputs, **kw)
-    return Gradients(g.dq[:, :, q_pos], g.dk[:, :, kv_pos], g.dv[:, :, kv_pos], g.captures)
 
 
 def check_backward_inputs(attn: CompiledAttention, q, k, v, o, lse, do, dlse,

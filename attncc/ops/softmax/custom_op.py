@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from attncc import config
-from attncc.ops.softmax.binding import unpack_params
 from attncc.ir.reorder import inverse
 from attncc.ops.op_registry import OpRegistry
+from attncc.ops.softmax.backward import attention_backward
+from attncc.ops.softmax.binding import unpack_params
 from attncc.validate import check_nondecreasing
 
 if TYPE_CHECKING:
@@ -71,11 +72,11 @@ def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
                 layout: str, permuted: bool, backend: str, visits: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
     """The op's implementation (and the direct path for `_visits` counting): read `params` on
-    the host, build positions and block maps, launch the kernel or run the reference."""
+    the host, build positions, and run the chosen backend's softmax family."""
     sig = attn.signature
     qb, kb, vb = (_bhsd(t, layout) for t in (q, k, v))
     B, Hq, Lq, _ = qb.shape
-    Hkv, Lk = kb.shape[1], kb.shape[2]
+    Lk = kb.shape[2]
     sm_scale, values = unpack_params(sig, params)
     tensors = {c.name: t for c, t in zip(sig.captures, captures)}
     if config.debug_checks():
@@ -84,29 +85,12 @@ def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
                 check_nondecreasing(c.name, tensors[c.name])
     reorder = dict(zip(sig.reorder_keys, reorder_inputs))
     positions = _positions(attn, Lq, Lk, q.device, reorder)
-    chosen = attn._choose(backend, q.device)
+    family = attn.family(backend, q.device)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    if chosen == "reference":
-        o, lse_ref = attn._reference(qb, kb, vb, sm_scale, values, tensors, reorder,
-                                     positions if permuted else None)
-        lse.copy_(lse_ref)
-        return _bhsd(o.to(q.dtype), layout).contiguous(), lse
-    if attn.triton is None:
-        raise ValueError(f"backend 'triton': memory {attn.spec.memory.text()!r} has no "
-                         "kernel yet; use backend='reference'")
     o = torch.empty(q.shape[:-1] + (vb.shape[-1],), dtype=q.dtype, device=q.device)
-    if Lq > 0:
-        kv_tiles = None
-        if attn.block_maps is not None:
-            sched = attn.triton.schedule_for(qb, kb, vb)
-            kv_tiles = attn.block_maps.get(
-                B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
-                block_n=sched.block_n, params=values, tensors=tensors, positions=positions,
-                device=q.device, prebuilt_for=(str(q.dtype).removeprefix("torch."),
-                                               qb.shape[3], vb.shape[3]))
-        attn.triton.launch(qb, kb, vb, _bhsd(o, layout), lse, sm_scale=sm_scale, params=values,
-                           tensors=tensors, kv_tiles=kv_tiles, positions=positions,
-                           gather_rows=not permuted, visits=visits)
+    family.forward(qb, kb, vb, _bhsd(o, layout), lse, sm_scale=sm_scale, params=values,
+                   tensors=tensors, reorder_inputs=reorder, positions=positions,
+                   permuted=permuted, visits=visits)
     return o, lse
 
 
@@ -144,8 +128,6 @@ def attention_bwd(kernel: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dq/dk/dv (contiguous, in q/k/v's layout) and the gradient of each capture whose
     `grad_captures` entry is True (in order)."""
-    from attncc.ops.softmax.backward import attention_backward  # backward imports kernel, kernel imports us
-
     attn = lookup(kernel)
     sig = attn.signature
     qb, kb, vb, ob, dob = (_bhsd(t, layout) for t in (q, k, v, o, grad_o))

@@ -1,9 +1,11 @@
 """One Triton backward call of a compiled attention: delta, block maps, the two kernel
 launches, captured-tensor and sink gradients.
 
-`triton_backward` is what `attncc.ops.softmax.backward.attention_backward` runs on CUDA tensors (or under
-TRITON_INTERPRET=1). A backward variant is rendered per set of captures that need a gradient and
-kept per compiled attention, so a call with the same set renders and loads nothing.
+`triton_backward` is the Triton softmax family's backward
+(`attncc.backends.triton.softmax.TritonSoftmax.backward`), which the front end's
+`attention_backward` runs on CUDA tensors (or under TRITON_INTERPRET=1). A backward variant
+is rendered per set of captures that need a gradient and kept per softmax family, so a call with
+the same set renders and loads nothing.
 """
 
 from __future__ import annotations
@@ -14,44 +16,40 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from attncc.backends.base import Gradients
 from attncc.backends.triton.block_maps import q_tile_lists
 from attncc.backends.triton.forward import target_of
 from attncc.backends.triton.backward.kernel import TritonBackward
 from attncc.backends.triton.backward.grads import capture_gradients, sink_gradient
 
 if TYPE_CHECKING:
-    from attncc.ops.softmax.backward import Gradients
-    from attncc.ops.softmax.compiled import CompiledAttention
+    from attncc.backends.triton.softmax import TritonSoftmax
 
-_VARIANTS: weakref.WeakKeyDictionary[CompiledAttention, dict] = weakref.WeakKeyDictionary()
+_VARIANTS: weakref.WeakKeyDictionary[TritonSoftmax, dict] = weakref.WeakKeyDictionary()
 
 
-def backward_kernels(attn: CompiledAttention, score_grads: Sequence[str]) -> TritonBackward:
+def backward_kernels(attn: TritonSoftmax, score_grads: Sequence[str]) -> TritonBackward:
     """The backward variant of `attn` for the grad-requiring captures its score mod reads."""
     variants = _VARIANTS.setdefault(attn, {})
     key = tuple(sorted(score_grads))
     if key not in variants:
-        variants[key] = TritonBackward(attn.triton, key)
+        variants[key] = TritonBackward(attn.kernel, key)
     return variants[key]
 
 
-def score_reads(attn: CompiledAttention) -> set[str]:
-    score = attn.triton.plan.spec.score
+def score_reads(attn: TritonSoftmax) -> set[str]:
+    score = attn.kernel.plan.spec.score
     return {c.name for c in score.captures} if score is not None else set()
 
 
-def triton_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
+def triton_backward(attn: TritonSoftmax, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
                     dlse: torch.Tensor | None, *, sm_scale: float,
                     params: Mapping[str, float | int], tensors: Mapping[str, torch.Tensor],
                     reorder_inputs: Mapping[str, torch.Tensor],
                     grad_captures: Sequence[str], permuted: bool) -> Gradients:
-    """q/k/v/o/do BHSD (any strides); lse, dlse [B, Hq, Lq]. See attention_backward."""
-    from attncc.ops.softmax.backward import Gradients
-
-    if attn.triton is None:
-        raise ValueError(f"backend 'triton': memory {attn.spec.memory.text()!r} has no "
-                         "backward kernel; use backend='reference'")
+    """q/k/v/o/do BHSD (any strides); lse, dlse [B, Hq, Lq]. See
+    `attncc.backends.base.SoftmaxFamily.backward`."""
     B, Hq, Lq, dqk = q.shape
     Hkv, Lk, d_v = k.shape[1], k.shape[2], v.shape[3]
     sink = attn.spec.normaliser.sink
@@ -86,7 +84,7 @@ def triton_backward(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
                                  sm_scale=sm_scale, params=params, tensors=tensors,
                                  kv_tiles=kv_tiles, q_tiles=q_tiles, positions=positions,
                                  gather_rows=not permuted, upcast_dot=upcast)
-        captures = capture_gradients(attn.triton.plan.spec, kernels.loads, buffers, B=B, Hq=Hq,
+        captures = capture_gradients(attn.kernel.plan.spec, kernels.loads, buffers, B=B, Hq=Hq,
                                      Hkv=Hkv, Lq=Lq, Lk=Lk, params=params, tensors=tensors)
     if sink_name in grad_captures:
         g = sink_gradient(tensors[sink_name], lse, delta)

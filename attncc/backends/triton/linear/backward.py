@@ -3,7 +3,7 @@
 `attncc/backends/triton/templates/linear_backward.py.j2` lays out lines this module chooses per rule (the same
 IR flags as `triton_linear`: gate kind, delta correction, feature map); its header derives the
 formulas. The oracle is torch.autograd through `reference_linear.recurrent_reference` in fp64
-(`attncc.ops.linear.backward.reference_backward`).
+(`attncc.backends.reference.linear_backward.reference_backward`).
 
 Supported: L1 (phi identity or elu1, with or without the normaliser: `triton_linear_backward_norm`),
 L2, L3, L4, L5, L6; dense [B, H, L, D] or packed varlen inputs. taylor2 and L7 raise

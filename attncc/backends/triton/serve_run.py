@@ -1,29 +1,31 @@
-"""What `ServingAttention.run` does after `plan`: check metadata, assemble kernel arguments,
-launch the forward kernel (and the merge kernel when the plan splits), and cascade attention.
+"""What the Triton serving family does for `ServingAttention.run` after `plan`: check metadata,
+assemble kernel arguments, launch the forward kernel (and the merge kernel when the plan
+splits), and cascade attention.
 
 Nothing here reads device data or allocates (cascade excepted, which says so): argument values
 are tensors, their strides and the plan's integers. After the launches, one
 `torch._assert_async` on the plan's error record raises what the kernel found wrong in the
-index values (`attncc.ops.serving.checks`), without a sync.
+index values (`attncc.backends.serve_checks`), without a sync.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attncc.backends.triton.forward import target_of
-from attncc.backends.triton.serve import FIXED_ARGS, MERGE_FIXED_ARGS, launch
+from attncc import config
+from attncc.backends.base import Backend, ServePlan
+from attncc.backends.serve_checks import check_absent, check_tensor, raise_index_errors
+from attncc.backends.triton.forward import argument_values, target_of
+from attncc.backends.triton.serve import (FIXED_ARGS, MERGE_FIXED_ARGS, TritonServe,
+                                          extra_arguments, launch, schedule)
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
+from attncc.ir.plan import KernelPlan
 from attncc.passes.select_tiles import padded
-from attncc.ops.serving.checks import check_absent, check_tensor, raise_index_errors
-
-if TYPE_CHECKING:
-    from attncc.ops.serving.compiled import ServePlan, ServingAttention
 
 KV_DENSE, KV_PAGED, KV_RAGGED = 0, 1, 2
 _checks = True  # False only inside `_unchecked` (benchmarks time what the checks cost)
@@ -68,13 +70,13 @@ def _lse_strides(plan: ServePlan) -> dict[str, int]:
     return dict(zip(("stride_lb", "stride_lm", "stride_lh"), s))
 
 
-def arguments(attn: ServingAttention, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
+def arguments(kernels: TritonServe, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor,
               page_table: Tensor | None, kv_len: Tensor | None, cu_seqlens_q: Tensor | None,
               cu_seqlens_k: Tensor | None, mem_k: Tensor | None, mem_v: Tensor | None,
               head_kv_len: Tensor | None, kv_layout: str, k_stream: Tensor | None = None,
               v_stream: Tensor | None = None) -> tuple[dict, dict]:
     """Kernel argument values by name, and constexprs, for one run of `plan`."""
-    mem, dev, dt, i32 = attn.memory, plan.device, plan.dtype, torch.int32
+    mem, dev, dt, i32 = kernels.memory, plan.device, plan.dtype, torch.int32
     B, Hq, Hkv, D, Dv = plan.batch, plan.hq, plan.hkv, plan.dqk, plan.dv
     Hc = Hkv - plan.n_stream  # heads in the full cache (all of them unless K5 compact)
     if plan.ragged_q:
@@ -201,7 +203,7 @@ def _stream_arguments(plan: ServePlan, mem: PerHeadLengths, k_stream: Tensor | N
              **dict(zip((f"stride_vs{d}" for d in "bhnd"), v_stream.stride())))
 
 
-def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],
+def launch_plan(kernels: TritonServe, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],
                 *, split_base: int, parts: int, num_splits: int | None = None,
                 merge_parts: bool = True) -> None:
     """Forward over the plan's work list; then, unless it wrote final outputs, the merge of
@@ -217,16 +219,16 @@ def launch_plan(attn: ServingAttention, plan: ServePlan, a: dict[str, Any], cx: 
               UPCAST_DOT=target == "interpreter" and plan.dtype == torch.bfloat16,
               NUM_SPLITS=splits, WRITE_PARTIAL=partial, WRITE_LSE=plan.lse is not None)
     if plan.work.shape[0]:
-        launch(attn.name, attn.kernels.forward(), (plan.work.shape[0], plan.hkv, splits),
+        launch(kernels.name, kernels.forward(), (plan.work.shape[0], plan.hkv, splits),
                [a[n] for n in names] + list(plan.extra), cx, num_warps=plan.num_warps,
                num_stages=2)
     if partial and merge_parts:
-        merge(attn, plan, plan.o_part, plan.lse_part, parts)
+        merge(kernels, plan, plan.o_part, plan.lse_part, parts)
 
 
 def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
     """After the launches of one run: raise what the kernel wrote to the plan's error record
-    (no sync; see `attncc.ops.serving.checks.raise_index_errors`)."""
+    (no sync; see `attncc.backends.serve_checks.raise_index_errors`)."""
     if _checks and plan.work.shape[0]:
         raise_index_errors(plan.err, plan.err_ok, {
             "num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
@@ -235,7 +237,7 @@ def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
             "head_kv_len": a["HEAD_LEN"]})
 
 
-def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
+def merge(kernels: TritonServe, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
           parts: int) -> None:
     o, lse = plan.o, plan.lse if plan.lse is not None else plan.work
     a = {"O_PART": o_part, "LSE_PART": lse_part, "O": o, "LSE": lse,
@@ -245,11 +247,11 @@ def merge(attn: ServingAttention, plan: ServePlan, o_part: Tensor, lse_part: Ten
          "n_parts": parts}
     cx = {"D_V": plan.dv, "D_V_PAD": padded(plan.dv), "WRITE_LSE": plan.lse is not None}
     if plan.rows:
-        launch(attn.name + "_merge", attn.kernels.merge(), (plan.rows, plan.hq),
+        launch(kernels.name + "_merge", kernels.merge(), (plan.rows, plan.hq),
                [a[n] for n, _ in MERGE_FIXED_ARGS] + list(plan.extra), cx, num_warps=1)
 
 
-def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor,
+def cascade(kernels: TritonServe, plan: ServePlan, q: Tensor, prefix_k: Tensor,
             prefix_v: Tensor, k: Tensor, v: Tensor, **inputs: Any
             ) -> Tensor | tuple[Tensor, Tensor]:
     """Cascade attention: every request's keys are a shared prefix (prefix_k [P, Hkv, Dqk],
@@ -267,7 +269,7 @@ def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor
     kv_len = inputs.get("kv_len")
     if kv_len is None:
         raise ValueError("kv_len: expected the suffix lengths int32[B] for cascade, got None")
-    a, cx = arguments(attn, plan, q, k, v, inputs.get("page_table"), kv_len,
+    a, cx = arguments(kernels, plan, q, k, v, inputs.get("page_table"), kv_len,
                       inputs.get("cu_seqlens_q"), None, None, None, None,
                       inputs.get("kv_layout", "nhd"))
     rows = plan.rows
@@ -280,9 +282,57 @@ def cascade(attn: ServingAttention, plan: ServePlan, q: Tensor, prefix_k: Tensor
     prefix.update(_kv_strides(prefix_k, "packed", "stride_k"),
                   **_kv_strides(prefix_v, "packed", "stride_v"))
     pcx = dict(cx, KV_MODE=KV_DENSE, HAS_KV_LEN=False)
-    launch_plan(attn, plan, prefix, pcx, split_base=0, parts=2, num_splits=1,
+    launch_plan(kernels, plan, prefix, pcx, split_base=0, parts=2, num_splits=1,
                 merge_parts=False)
-    launch_plan(attn, plan, suffix, cx, split_base=1, parts=2, num_splits=1, merge_parts=False)
-    merge(attn, plan, o_part, lse_part, 2)
+    launch_plan(kernels, plan, suffix, cx, split_base=1, parts=2, num_splits=1, merge_parts=False)
+    merge(kernels, plan, o_part, lse_part, 2)
     raise_errors(plan, suffix)
     return (plan.o, plan.lse) if plan.lse is not None else plan.o
+
+
+class TritonServing(TritonServe):
+    """The serving family of the Triton backend (`attncc.backends.base`): the kernels of
+    `TritonServe`, the plan-time choices only they need (kv tile, warps, bound arguments), and
+    the run-time launches above."""
+
+    def __init__(self, backend: Backend, plan: KernelPlan) -> None:
+        self.backend = backend
+        self.memory = plan.spec.memory  # TritonServe's plan sets it to dense: layouts are flags
+        super().__init__(plan)
+
+    def check_device(self, device: torch.device) -> None:
+        """ValueError unless the kernels run on `device`."""
+        if device.type != "cuda" and not config.triton_interpret():
+            raise ValueError(f"device: serving kernels run on CUDA, or on the CPU under "
+                             f"TRITON_INTERPRET=1; got {device} without it (the CPU oracle is "
+                             f"attncc.backends.reference.memory)")
+
+    def tiles(self, head_dim_max: int, device: torch.device) -> tuple[int, int]:
+        """(keys per kv tile, warps) for the largest head dim on `device`."""
+        return schedule(head_dim_max, target_of(device) == "interpreter")
+
+    def bound_arguments(self, params: dict[str, Any], tensors: dict[str, Tensor],
+                        device: torch.device) -> list[Any]:
+        """The values of the spec's parameters and captured tensors (on `device`), in the
+        kernels' argument order after the fixed arguments."""
+        captures = {c.name: tensors.get(c.name, c.tensor).to(device)
+                    for c in self.plan.spec.captures}
+        return argument_values(self.plan, params, captures,
+                               arguments=extra_arguments(self.plan))
+
+    def run(self, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor, kv_layout: str,
+            inputs: dict[str, Any]) -> None:
+        """One run of `plan`: check, assemble, launch (and merge), raise index errors."""
+        args, cx = arguments(self, plan, q, k, v, inputs["page_table"], inputs["kv_len"],
+                             inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], inputs["mem_k"],
+                             inputs["mem_v"], inputs["head_kv_len"], kv_layout,
+                             inputs["k_stream"], inputs["v_stream"])
+        visits = inputs.get("_visits")
+        if visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
+            args["VISITS"], cx["COUNT_VISITS"] = visits, True
+        launch_plan(self, plan, args, cx, split_base=0, parts=plan.num_splits)
+        raise_errors(plan, args)
+
+    def cascade(self, plan: ServePlan, q: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+                k: Tensor, v: Tensor, **inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        return cascade(self, plan, q, prefix_k, prefix_v, k, v, **inputs)

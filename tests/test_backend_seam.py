@@ -1,0 +1,92 @@
+"""The backend seam (`attncc.backends.base`, `attncc.backends.registry`): the only way from the
+front end to a concrete backend is the registry, "auto" resolves in one place, and every
+backend answers each family with a family object or an `Unsupported` error saying why."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc
+from attncc.backends import registry
+from attncc.backends.base import Unsupported
+
+PACKAGE = Path(attncc.__file__).parent
+CONCRETE = ("attncc.backends.triton", "attncc.backends.reference")
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module `path` imports (at any depth: inside functions and TYPE_CHECKING too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return out
+
+
+def test_only_the_registry_names_a_concrete_backend():
+    """Outside the backends' own folders, only `backends/registry.py` imports one."""
+    folders = tuple("backends/" + c.rsplit(".", 1)[1] + "/" for c in CONCRETE)
+    bad = [f"{rel} imports {name}"
+           for path in sorted(PACKAGE.rglob("*.py"))
+           if not (rel := path.relative_to(PACKAGE).as_posix()).startswith(folders)
+           and rel != "backends/registry.py"
+           for name in _imports(path) if name.startswith(CONCRETE)]
+    assert bad == []
+
+
+def test_backends_do_not_import_the_front_end():
+    front = ("attncc.ops", "attncc.api", "attncc.cli", "attncc.manifest", "attncc.nn",
+             "attncc.fx")
+    bad = [f"{path.relative_to(PACKAGE)} imports {name}"
+           for path in sorted((PACKAGE / "backends").rglob("*.py"))
+           for name in _imports(path) if name.startswith(front)]
+    assert bad == []
+
+
+def test_auto_resolves_once_for_every_family(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = registry.resolve("auto", torch.device("cpu"))
+    assert cpu == registry.Choice("reference", "CPU tensors and TRITON_INTERPRET is not set")
+    assert registry.resolve("auto", torch.device("meta")).name == "reference"
+    assert registry.resolve("reference", torch.device("cpu")) == registry.Choice("reference")
+    assert registry.resolve("triton", torch.device("cpu")) == registry.Choice("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert registry.resolve("auto", torch.device("cpu")) == registry.Choice("triton")
+
+
+def test_names_are_checked_with_one_message():
+    assert registry.NAMES == ("auto", "triton", "reference")
+    with pytest.raises(ValueError, match=r"^backend: expected one of \('auto', 'triton', "
+                                         r"'reference'\), got 'cuda'$"):
+        registry.resolve("cuda", torch.device("cpu"))
+
+
+def test_a_backend_without_a_kernel_says_why():
+    spec = attncc.Attention(mask=attncc.causal(), memory=attncc.paged(16))
+    attn = attncc.CompiledAttention(spec, backend="reference")
+    assert attn.kernels is None and attn.name == "reference"
+    why = attn.families["triton"]
+    assert isinstance(why, Unsupported)
+    assert str(why) == "memory 'paged(page_size=16)' has no kernel yet"
+    with pytest.raises(ValueError, match=r"^backend 'triton': memory 'paged\(page_size=16\)' "
+                                         r"has no kernel yet; use backend='reference'$"):
+        attn.family("triton", torch.device("cpu"))
+
+
+def test_the_reference_backend_has_nothing_ahead_of_time():
+    reference = registry.BACKENDS["reference"]
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    family = attn.families["reference"]
+    for call in (lambda: reference.render(family), lambda: reference.build(None),
+                 lambda: reference.targets(family, "float16", 64, 64, 90),
+                 lambda: reference.precompile(family, "float16", 64, 64, 90)):
+        with pytest.raises(Unsupported, match="nothing to render or build ahead of time"):
+            call()
+    with pytest.raises(Unsupported, match="serving plans launch generated kernels"):
+        reference.serving(attn.plan)
