@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
     from attncc.ir.nodes import Schedule
 
-_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
@@ -70,8 +69,10 @@ class CompiledArtifact:
 
 def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v: int) -> str:
     """`<name>.sm90.fp16.d128`, or `.d192_128` when the head dims differ."""
+    from attncc.backends.keys import triton_type
+
     d = f"d{head_dim_qk}" if head_dim_qk == head_dim_v else f"d{head_dim_qk}_{head_dim_v}"
-    return f"{name}.sm{arch}.{_SHORT[dtype]}.{d}"
+    return f"{name}.sm{arch}.{triton_type(dtype)}.{d}"
 
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
@@ -114,7 +115,9 @@ def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
     """(signature, aligned pointers) of the linear-state kernels' shared argument list
     (`attncc.backends.triton.linear.launch`): q/k/v/o are `dtype`; g, beta, lam and the states
     fp32; cu_seqlens int32."""
-    t = "*" + _SHORT[dtype]
+    from attncc.backends.keys import triton_type
+
+    t = "*" + triton_type(dtype)
     pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "BETA": "*fp32", "LAM": "*fp32",
                 "S0": "*fp32", "SN": "*fp32", "CU": "*i32"}
     strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
@@ -129,9 +132,9 @@ def compile_linear_for_target(kernel: Any, arch: int, dtype: str, head_dim_k: in
                               head_dim_v: int, *, varlen: bool = False) -> CompiledArtifact:
     """Compile a `TritonRecurrentLinear` kernel for sm_<arch> with the launch's constexprs
     (gates, betas, decays and states are fp32 tensors; q/k/v/o are `dtype`)."""
-    from attncc.backends.triton.linear.recurrent import value_block
     from attncc.ir.nodes import Schedule
     from attncc.passes.select_tiles import padded
+    from attncc.passes.select_tiles_linear import value_block
 
     signature, pointers = linear_signature(dtype)
     f_dim = kernel.node.feature_dim(head_dim_k)
@@ -153,11 +156,12 @@ def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_
     q/k/v/do are `dtype` (do fp32 with the normaliser: dL/do' is built in fp32); gates, betas,
     decays, states, checkpoints and gradients fp32. `head_dim_v` is v's (the z column is added
     here when normalising). `chunk`: the checkpoint interval when the kernel's is the default."""
-    from attncc.backends.triton.linear.backward import value_block_backward
+    from attncc.backends.keys import triton_type
     from attncc.ir.nodes import Schedule
     from attncc.passes.select_tiles import padded
+    from attncc.passes.select_tiles_linear import backward_value_block
 
-    t = "*" + _SHORT[dtype]
+    t = "*" + triton_type(dtype)
     pointers = {"Q": t, "K": t, "V": t, "DO": "*fp32" if kernel.node.normalize else t,
                 **{n: "*fp32" for n in ("G", "BETA", "LAM", "S0", "DSN", "CK", "SCR", "DQ", "DK",
                                         "DV", "DG", "DB", "DS0")}, "CU": "*i32"}
@@ -168,7 +172,7 @@ def compile_linear_backward_for_target(kernel: Any, arch: int, dtype: str, head_
                  "NCH": "i32", "scale": "fp32"}
     dv = kernel.node.state_dv(head_dim_v)
     constexprs = {"D_K": head_dim_k, "D_V": dv, "F_PAD": padded(head_dim_k),
-                  "DV_BLOCK": value_block_backward(head_dim_k, dv, kernel.block_v),
+                  "DV_BLOCK": backward_value_block(head_dim_k, dv, kernel.block_v),
                   "CHUNK": kernel.chunk or chunk, "HAS_INITIAL": True, "HAS_DFINAL": True,
                   "VARLEN": varlen}
     launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither

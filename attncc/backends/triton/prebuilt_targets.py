@@ -4,10 +4,11 @@ checks of the arguments that name them. `attncc.backends.triton.prebuilt` loads 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from attncc.backends import keys
+from attncc.backends.keys import parse_dtype
 from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant, backward_spec,
                                          block_map_spec, forward_spec, forward_tiles)
 from attncc.backends.triton.aot import SUPPORTED_ARCHS, artifact_stem
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
     from attncc.backends.triton.backward.kernel import TritonBackward
 
 KINDS = ("forward", "block_map", "dq", "dkdv")
-DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 FORMAT = 3  # bump when an entry's files or fields change
 
 
@@ -30,14 +29,6 @@ def parse_arch(arch: int | str) -> int:
         known = ", ".join(f"sm_{a}" for a in SUPPORTED_ARCHS)
         raise ValueError(f"unknown arch {arch!r} (supported: {known})")
     return int(text)
-
-
-def parse_dtype(dtype: Any) -> str:
-    """"float16", "fp16", torch.float16, ... -> "float16" | "bfloat16" | "float32"."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (supported: float16, bfloat16, float32)")
-    return DTYPES[name]
 
 
 def check_head_dim(d: Any) -> int:
@@ -66,18 +57,15 @@ class Target:
     variant: Variant = DEFAULT_VARIANT
 
     def key(self) -> str:
-        """sha256 of what makes the binary: the source entry's key (canonical IR, templates,
-        versions), which kernel of it, the launch spec and the arch. Not the kernel's readable
-        name: two spellings of one spec (`causal() & sliding_window(w)` and
-        `sliding_window(w)`) share a source key and so one binary, loaded under either name."""
-        import triton
+        """The binary's cache key: the source entry's key (canonical IR, templates, versions),
+        which kernel of it, the launch spec and the arch. Not the kernel's readable name: two
+        spellings of one spec (`causal() & sliding_window(w)` and `sliding_window(w)`) share a
+        source key and so one binary, loaded under either name."""
         spec = self.spec
-        text = "\n".join(map(str, [
-            self.source_key, self.kind, sorted(spec.signature.items()),
-            sorted(spec.constexprs.items()), spec.aligned, spec.schedule.num_warps,
-            spec.schedule.num_stages, f"sm{self.arch}", f"triton={triton.__version__}",
-            f"format={FORMAT}"]))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return keys.cache_key("triton-binary", self.source_key, extra=list(map(str, [
+            self.kind, sorted(spec.signature.items()), sorted(spec.constexprs.items()),
+            spec.aligned, spec.schedule.num_warps, spec.schedule.num_stages, f"sm{self.arch}",
+            f"format={FORMAT}"])))
 
     def entry_name(self) -> str:
         """`<kernel>.sm90.fp16.d128`, then the variant's suffix, and a block map's tiles."""
