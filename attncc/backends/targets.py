@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from attncc.backends.keys import parse_dtype  # noqa: F401 (one dtype table: keys)
 from attncc.passes.select_tiles import MAX_HEAD_DIM
 
 # compute capabilities `attncc build` and `precompile` accept (each has a select-tiles table)
 SUPPORTED_ARCHS = (80, 86, 89, 90)
-DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 
 
 def parse_arch(arch: int | str) -> int:
@@ -22,13 +21,6 @@ def parse_arch(arch: int | str) -> int:
         raise ValueError(f"unknown arch {arch!r} (supported: {known})")
     return int(text)
 
-
-def parse_dtype(dtype: Any) -> str:
-    """"float16", "fp16", torch.float16, ... -> "float16" | "bfloat16" | "float32"."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (supported: float16, bfloat16, float32)")
-    return DTYPES[name]
 
 
 def check_head_dim(d: Any) -> int:

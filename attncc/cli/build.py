@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attncc.cli.output import SHORT, dims, error, one_line, size
+from attncc.backends.keys import triton_type
+from attncc.cli.output import dims, error, one_line, size
 
 DEFAULT_ARCHS = "sm_80,sm_90"
 
@@ -55,7 +56,7 @@ class Job:
         t = self.target
         kind = "" if t.kind == "forward" else f"/{t.kind}"
         return (f"{self.entry}{kind}{t.variant.suffix()}{t.tiles_suffix()} sm{t.arch} "
-                f"{SHORT[t.dtype]} {dims(t.head_dim_qk, t.head_dim_v)}")
+                f"{triton_type(t.dtype)} {dims(t.head_dim_qk, t.head_dim_v)}")
 
 
 def run(args: argparse.Namespace) -> int:

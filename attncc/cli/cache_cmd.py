@@ -11,7 +11,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from attncc.cli.output import SHORT, age, dims, error, size
+from attncc.backends.keys import TRITON_TYPES
+from attncc.cli.output import age, dims, error, size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +51,7 @@ def _root(args: argparse.Namespace) -> Path:
 def _describe(entry) -> tuple[str, str]:
     meta = entry.meta
     if "source_key" in meta:  # a compiled kernel; sources (forward, backward, ...) have none
-        return meta["kind"], (f"{meta['target']} {SHORT.get(meta['dtype'], meta['dtype'])} "
+        return meta["kind"], (f"{meta['target']} {TRITON_TYPES.get(meta['dtype'], meta['dtype'])} "
                               f"{dims(meta['head_dim_qk'], meta['head_dim_v'])}")
     return "source", ""
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-
 
 def error(command: str, message: str) -> None:
     """One line on stderr: `attncc build: error: ...`."""

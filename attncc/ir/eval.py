@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import sympy
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from attncc.ir.symbols import Load, Sigmoid
 
@@ -190,3 +193,15 @@ _OPS: dict[type, Callable[[list[Value]], Value]] = {
     sympy.ITE: lambda a: torch.where(_t(a[0]).bool(), _t(a[1]).bool(), _t(a[2]).bool()),
     sympy.Equivalent: lambda a: _reduce(lambda x, y: _t(x).bool() == _t(y).bool(), a),
 }
+
+
+def feature_map(x: Tensor, name: str) -> Tensor:
+    """The linear family's feature map phi (`LinearState.feature_map`) applied on the last axis: identity, elu1 (elu(x) + 1), taylor2 ([1, x, x(x)x/sqrt 2])."""
+    if name == "identity":
+        return x
+    if name == "elu1":
+        return F.elu(x) + 1
+    if name == "taylor2":
+        outer = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2)
+        return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)
+    raise ValueError(f"feature_map: expected one of identity, elu1, taylor2, got {name!r}")

@@ -3,6 +3,10 @@
 Requires: a plan with a signature. Ensures: a fully filled `Schedule` that fits the target's
 shared memory (K and V tiles for every pipeline stage plus the Q tile), keeping any field the
 user fixed in `spec.schedule`.
+
+Every tile table of the softmax family lives here: the forward's (`choose`), the backward's
+(`choose_backward`) and the serving kernel's (`choose_serving`); the linear family's chunk and
+value-block tables are in `attncc.passes.select_tiles_linear`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ def padded(d: int) -> int:
 
 
 def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -> int:
+    """Forward: the resident q tile plus k and v tiles per pipeline stage."""
     return elem * (bm * dqk + stages * bn * (dqk + dv))
+
+
+def _shared_bytes_backward(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -> int:
+    """dk/dv kernel: resident k, v tiles plus q and do tiles per pipeline stage."""
+    return elem * (bn * (dqk + dv) + stages * bm * (dqk + dv))
 
 
 def fit_shared_memory(sched: Schedule, target: str, shared_bytes: Callable[[Schedule], int]
@@ -65,6 +75,57 @@ def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
                              target, lambda sc: _shared_bytes(sc.block_m, sc.block_n,
                                                               sc.num_stages, padded(dqk),
                                                               padded(dv), elem))
+
+
+def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
+    """Backward tiles by head dim, shrunk until the dk/dv kernel fits the target's shared
+    memory; the interpreter gets 64 x 64 tiles (fewer, larger tiles run faster on the CPU).
+    Not tuned on a GPU yet (none was lent): chosen from compiled register and spill counts
+    (d <= 64: no spills; d128 64 x 64 / 8 warps spills ~184 B/thread in dk/dv, 32 x 32 none
+    but a quarter of the tensor-core work per tile)."""
+    if target == "interpreter":
+        return Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
+    d, elem = max(padded(dqk), padded(dv)), 4 if dtype == "float32" else 2
+    if d <= 64:
+        bm, bn, warps, stages = 64, 64, 4, 2
+    elif d <= 128:
+        bm, bn, warps, stages = 64, 64, 8, 2 if target == "sm90" else 1
+    else:  # 8 warps: 4 spill ~144 B/thread in dk/dv at d256 (sm_90 compile, cuobjdump)
+        bm, bn, warps, stages = 32, 32, 8, 1
+    if elem == 4:
+        bm, bn = max(16, bm // 2), max(16, bn // 2)
+    return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
+                             target, lambda sc: _shared_bytes_backward(sc.block_m, sc.block_n,
+                                                                       sc.num_stages, padded(dqk),
+                                                                       padded(dv), elem))
+
+
+def choose_serving(head_dim_max: int, interpreter: bool) -> tuple[int, int]:
+    """The serving kernel's (BLOCK_N, num_warps). Measured with ptxas for sm_80/sm_90, fp16,
+    paged, BLOCK_M 16-64: head dim 128 at 4 warps spills (255 registers + 600 B stack), at 8
+    warps it does not (202); head dim 256 spills at BLOCK_N 64 even with 8 warps, not at 32.
+    The interpreter takes 32 so short test sequences still cross several kv tiles."""
+    if interpreter:
+        return 32, 4
+    return (64 if head_dim_max <= 128 else 32), (8 if head_dim_max >= 128 else 4)
+
+
+SERVING_SMS = 132  # programs to fill an H100; the split count aims at this many
+SERVING_MAX_SPLITS = 32
+
+
+def serving_block_m(max_rows: int) -> int:
+    """The serving kernel's BLOCK_M for `max_rows` query rows of one kv head in the longest
+    request (query length times the GQA group): 16 for decode-sized work, else 64."""
+    return 16 if max_rows <= 16 else 64
+
+
+def serving_splits(programs: int, kv_tiles: int) -> int:
+    """Split-KV parts when the caller gives none: enough programs to fill the GPU, no more
+    splits than kv tiles."""
+    if programs >= SERVING_SMS:
+        return 1
+    return min(kv_tiles, -(-SERVING_SMS // programs), SERVING_MAX_SPLITS)
 
 
 @dataclass(frozen=True)

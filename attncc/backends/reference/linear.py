@@ -25,93 +25,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from attncc.ir.eval import feature_map
 from attncc.ir.linear import Hybrid, LinearState
-from attncc.validate import check_device, check_scale
-
-
-def feature_map(x: Tensor, name: str) -> Tensor:
-    """phi applied on the last axis: identity, elu1 (elu(x) + 1), taylor2 ([1, x, x(x)x/sqrt 2])."""
-    if name == "identity":
-        return x
-    if name == "elu1":
-        return F.elu(x) + 1
-    if name == "taylor2":
-        outer = (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(2)
-        return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)
-    raise ValueError(f"feature_map: expected one of identity, elu1, taylor2, got {name!r}")
+from attncc.validate import check_scale
+from attncc.validate.linear import check_axes, check_inputs, check_tensor, shape_of
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 and float32 stay; anything narrower computes in float32."""
     return dtype if dtype in (torch.float64, torch.float32) else torch.float32
-
-
-def _shape(x: Tensor) -> list[int]:
-    return list(x.shape)
-
-
-def _check_tensor(name: str, x: object, shape: list[int], what: str) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name}: expected a tensor {what} = {shape}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point dtype, got {x.dtype}")
-    if _shape(x) != shape:
-        raise ValueError(f"{name}: expected shape {what} = {shape}, got {_shape(x)}")
-
-
-def _check_axes(name: str, x: object, axes: tuple[str, ...], dims: dict[str, int]) -> None:
-    """`_check_tensor` for a tensor described by axis names, e.g. ("B", "H", "L")."""
-    _check_tensor(name, x, [dims[a] for a in axes], "[" + ", ".join(axes) + "]")
-
-
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
-                 beta: Tensor | None, initial_state: Tensor | None,
-                 state_name: str = "initial_state") -> None:
-    """Raise ValueError naming the argument, what was expected and what was given."""
-    if not isinstance(node, LinearState):
-        raise ValueError(f"state_node: expected a LinearState, got {type(node).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-            got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a floating-point tensor [B, H, L, D], got {got}")
-    check_device("q", q)
-    check_device("k", k, q.device)
-    check_device("v", v, q.device)
-    B, H, L, Dk = q.shape
-    if _shape(k) != [B, H, L, Dk]:
-        raise ValueError(f"k: expected shape [B, H, L, Dk] = {[B, H, L, Dk]}, got {_shape(k)}")
-    if _shape(v)[:3] != [B, H, L]:
-        raise ValueError(f"v: expected shape [B, H, L, Dv] with [B, H, L] = {[B, H, L]}, "
-                         f"got {_shape(v)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
-    rule = node.rule
-    dims = {"B": B, "H": H, "L": L, "Dk": Dk}
-    axes = node.input_axes("g")
-    if axes is not None:
-        _check_axes("g", g, axes, dims)
-        check_device("g", g, q.device)
-        if not bool((g <= 0).all()):
-            raise ValueError(f"g: expected all entries <= 0 (log of a decay) for rule {rule!r}, "
-                             f"got max {g.max().item()}")
-    elif g is not None:
-        raise ValueError(f"g: expected None for rule {rule!r} (it reads no gate), got a tensor")
-    axes = node.input_axes("beta")
-    if axes is not None:
-        _check_axes("beta", beta, axes, dims)
-        check_device("beta", beta, q.device)
-    elif beta is not None:
-        raise ValueError(f"beta: expected None for rule {rule!r} (it reads no beta), got a tensor")
-    if isinstance(node.decay, tuple) and len(node.decay) != H:
-        raise ValueError(f"decay: expected one value per head (H = {H}), "
-                         f"got {len(node.decay)} values")
-    if initial_state is not None:
-        shape = [B, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]
-        _check_tensor(state_name, initial_state, shape, "[B, H, F, Dv']")
-        check_device(state_name, initial_state, q.device)
 
 
 @dataclass
@@ -237,7 +161,7 @@ def decode_step(
     if state_node.block is not None:
         for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
             if not isinstance(x, Tensor) or x.dim() != 4 or not 1 <= x.shape[2] <= state_node.block:
-                got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
+                got = shape_of(x) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(f"{name}: expected a block [B, H, n, D] with 1 <= n <= "
                                  f"{state_node.block} for rule {state_node.rule!r}, got {got}")
         o, S = recurrent_reference(q_t, k_t, v_t, state_node, scale=scale, g=g_t, beta=beta_t,
@@ -245,15 +169,15 @@ def decode_step(
         return o, S
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if not isinstance(x, Tensor) or x.dim() != 3:
-            got = _shape(x) if isinstance(x, Tensor) else type(x).__name__
+            got = shape_of(x) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name}: expected a tensor [B, H, D] (one token), got {got}")
     B, H, Dk = q_t.shape
     if g_t is not None:
         axes = tuple(a for a in state_node.input_axes("g") or ("B", "H") if a != "L")
-        _check_axes("g_t", g_t, axes, {"B": B, "H": H, "Dk": Dk})  # one token: no L axis
+        check_axes("g_t", g_t, axes, {"B": B, "H": H, "Dk": Dk})  # one token: no L axis
         g_t = g_t[:, :, None]
     if beta_t is not None:
-        _check_tensor("beta_t", beta_t, [B, H], "[B, H]")
+        check_tensor("beta_t", beta_t, [B, H], "[B, H]")
         beta_t = beta_t[:, :, None]
     q, k, v = q_t[:, :, None], k_t[:, :, None], v_t[:, :, None]
     check_inputs(q, k, v, state_node, g_t, beta_t, state, state_name="state")
@@ -266,7 +190,7 @@ def mix_hybrid(node: Hybrid, o_softmax: Tensor, o_linear: Tensor) -> Tensor:
     """L8 mix: `alpha * o_softmax + (1 - alpha) * o_linear`, both [B, H, L, Dv]."""
     if not isinstance(node, Hybrid):
         raise ValueError(f"node: expected a Hybrid, got {type(node).__name__}")
-    if _shape(o_softmax) != _shape(o_linear):
-        raise ValueError(f"o_linear: expected o_softmax's shape {_shape(o_softmax)}, "
-                         f"got {_shape(o_linear)}")
+    if shape_of(o_softmax) != shape_of(o_linear):
+        raise ValueError(f"o_linear: expected o_softmax's shape {shape_of(o_softmax)}, "
+                         f"got {shape_of(o_linear)}")
     return node.alpha * o_softmax + (1 - node.alpha) * o_linear

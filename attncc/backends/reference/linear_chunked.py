@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import Prepared, check_inputs, finish, prepare
+from attncc.backends.reference.linear import Prepared, finish, prepare
+from attncc.validate.linear import check_inputs
 from attncc.ir.linear import LinearState
 
 

@@ -13,75 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import (
-    _check_axes,
-    _check_tensor,
-    check_inputs,
-    recurrent_reference,
-)
+from attncc.backends.reference.linear import recurrent_reference
 from attncc.ir.linear import LinearState
-from attncc.validate import check_device
-
-
-def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device | None = None) -> int:
-    """Raise ValueError unless `cu_seqlens` is a valid int [N + 1] ending at `total`, on the CPU
-    or on `device` (the device of q; the kernels copy it there); return N."""
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
-            or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        got = (f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor)
-               else type(cu_seqlens).__name__)
-        raise ValueError(f"cu_seqlens: expected an int32 or int64 tensor [N + 1], got {got}")
-    check_device("cu_seqlens", cu_seqlens,
-                 None if device is None or cu_seqlens.device.type == "cpu" else device)
-    cu = cu_seqlens.cpu()
-    if cu[0].item() != 0 or cu[-1].item() != total or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens: expected 0 = cu[0] <= cu[1] <= ... <= cu[N] = T = {total} "
-                         f"(tokens in q), got {cu.tolist()}")
-    return cu.numel() - 1
-
-
-def _bhl(x: Tensor | None) -> Tensor | None:
-    """[T, H, ...] -> a [1, H, T, ...] view (no copy)."""
-    return None if x is None else x.transpose(0, 1).unsqueeze(0)
-
-
-def _check_packed_shapes(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
-                         beta: Tensor | None) -> None:
-    """Shape errors in the caller's packed layout, before the [1, H, T, D] views would report
-    them in the kernel's."""
-    T, H, Dk = q.shape
-    if list(k.shape) != [T, H, Dk]:
-        raise ValueError(f"k: expected shape [T, H, Dk] = {[T, H, Dk]}, got {list(k.shape)}")
-    if list(v.shape[:2]) != [T, H]:
-        raise ValueError(f"v: expected shape [T, H, Dv] with [T, H] = {[T, H]}, "
-                         f"got {list(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        axes = node.input_axes(name)  # e.g. ("B", "H", "L", "Dk"): packed, [T, H, Dk]
-        if axes is not None and x is not None:
-            packed = ("T",) + tuple(a for a in axes if a not in ("B", "L"))
-            _check_axes(name, x, packed, {"T": T, "H": H, "Dk": Dk})
-
-
-def varlen_views(q: Tensor, k: Tensor, v: Tensor, node: LinearState, g: Tensor | None,
-                 beta: Tensor | None, initial_state: Tensor | None, cu_seqlens: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int]:
-    """Check packed inputs; return [1, H, T, D] views of q, k, v (g, beta likewise) and N."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() != 3:
-            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a packed tensor [T, H, D] with cu_seqlens, "
-                             f"got {got}")
-    check_device("q", q)
-    n = check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
-    _check_packed_shapes(q, k, v, node, g, beta)
-    qv, kv, vv, gv, bv = _bhl(q), _bhl(k), _bhl(v), _bhl(g), _bhl(beta)
-    check_inputs(qv, kv, vv, node, gv, bv, None)  # dtypes, gate signs, decays
-    if initial_state is not None:
-        _, H, Dk = q.shape
-        shape = [n, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]
-        _check_tensor("initial_state", initial_state, shape, "[N, H, F, Dv']")
-        check_device("initial_state", initial_state, q.device)
-    return qv, kv, vv, gv, bv, n
+from attncc.validate.linear import varlen_views
 
 
 def varlen_reference(

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from attncc.backends.merge import merge_pair
 from attncc.backends.reference.forward import attention_reference
-from attncc.backends.reference.linear import check_inputs, mix_hybrid, recurrent_reference
+from attncc.backends.reference.linear import mix_hybrid, recurrent_reference
+from attncc.validate.linear import check_inputs
 from attncc.ir.linear import Hybrid
 from attncc.ir.memory import (OffloadedMemory, PagedMemory, PerHeadLengths, PersistentMemory,
                               RaggedMemory)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attncc import config
+from attncc.backends.keys import triton_type
 from attncc.backends.triton import aot_child
 from attncc.backends.triton.launch_spec import (LaunchSpec, Variant, block_map_spec,
                                                 forward_spec, forward_tiles)
@@ -35,7 +36,6 @@ from attncc.ir.nodes import Schedule
 if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
 
-SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # runs a file as __main__ with argv [file, job.json]; cwd is a temp dir, so nothing shadows
 _BOOT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
          "runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -74,7 +74,7 @@ class CompiledArtifact:
 def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v: int) -> str:
     """`<name>.sm90.fp16.d128`, or `.d192_128` when the head dims differ."""
     d = f"d{head_dim_qk}" if head_dim_qk == head_dim_v else f"d{head_dim_qk}_{head_dim_v}"
-    return f"{name}.sm{arch}.{SHORT_DTYPES[dtype]}.{d}"
+    return f"{name}.sm{arch}.{triton_type(dtype)}.{d}"
 
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,

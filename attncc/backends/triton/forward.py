@@ -19,12 +19,14 @@ from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_S
                                                 choose_variant, launch_constexprs)
 from attncc.backends.targets import SUPPORTED_ARCHS
 from attncc.backends.triton.direct import DirectKernels
+from attncc.backends import keys
 from attncc.backends.triton.prebuilt_targets import forward_target
-from attncc.backends.triton.printer import PRINTER_VERSION, capture_arg_names
+from attncc.backends.triton.printer import PRINTER_VERSION
 from attncc.backends.triton.source import CachedSource, GeneratedKernel, load_module
-from attncc.backends.triton.render import (block_map_kernel_name, fixed_arguments,
+from attncc.backends.triton.render import (TEMPLATES, block_map_kernel_name, fixed_arguments,
                                            kernel_arguments, kernel_name, render,
-                                           render_block_map, template_hash)
+                                           render_block_map)
+from attncc.backends.triton.templating import template_hash
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan, Signature
 from attncc.passes.pipeline import run_plan_passes
@@ -32,22 +34,10 @@ from attncc.passes.pipeline import run_plan_passes
 BACKEND = "triton"
 
 
-def version_stamp() -> str:
-    import triton
-    from importlib.metadata import version
-    try:
-        attncc_version = version("attncc")
-    except Exception:  # running from a source tree that was never installed
-        attncc_version = "dev"
-    return f"attncc={attncc_version} torch={torch.__version__} triton={triton.__version__}"
-
-
-def cache_key(plan: KernelPlan) -> str:
-    """Canonical IR hash + template bytes + backend + versions (docs/architecture.md, Cache)."""
-    import hashlib
-    text = "\n".join([plan.spec.key, template_hash(), BACKEND, version_stamp(),
-                      f"printer={PRINTER_VERSION}"])
-    return hashlib.sha256(text.encode()).hexdigest()
+def source_key(plan: KernelPlan) -> str:
+    """The cache key of the forward source (and block-map source) of `plan`."""
+    return keys.cache_key(BACKEND, plan.spec.key, templates=template_hash(TEMPLATES),
+                          printer=PRINTER_VERSION)
 
 
 def target_of(device: torch.device) -> str:
@@ -63,7 +53,7 @@ class TritonForward(GeneratedKernel):
     def __init__(self, plan: KernelPlan) -> None:
         self.plan = plan
         self.name = kernel_name(plan)
-        self.kernel = CachedSource(cache_key(plan), self.name, lambda: _sources(plan),
+        self.kernel = CachedSource(source_key(plan), self.name, lambda: _sources(plan),
                                    {"backend": BACKEND, "spec": plan.spec.text()})
         self.entry = self.kernel.entry
         self._block_map_module: ModuleType | None = None
@@ -87,7 +77,7 @@ class TritonForward(GeneratedKernel):
         return self._plans[signature]
 
     def schedule_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Schedule:
-        sig = Signature(str(q.dtype).removeprefix("torch."), q.shape[3], v.shape[3],
+        sig = Signature(keys.dtype_name(q.dtype), q.shape[3], v.shape[3],
                         target_of(q.device))
         return self.plan_for(sig).schedule
 
@@ -104,7 +94,7 @@ class TritonForward(GeneratedKernel):
         and scatters o back) rather than already in the reordered layout."""
         B, Hq, Lq, dqk = q.shape
         Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
-        dtype = str(q.dtype).removeprefix("torch.")
+        dtype = keys.dtype_name(q.dtype)
         target = target_of(q.device)
         sched = self.schedule_for(q, k, v)
         extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
@@ -179,7 +169,7 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
                     arguments: list[tuple[str, str]] | None = None) -> list[Any]:
     """Values for `arguments` (default `kernel_arguments(plan)`), in its order."""
     arguments = kernel_arguments(plan) if arguments is None else arguments
-    values: dict[str, Any] = {f"p_{name}": value for name, value in params.items()}
+    values: dict[str, Any] = {keys.param_arg(name): value for name, value in params.items()}
     if kv_tiles is not None:
         values["KV_TILES"] = kv_tiles
         for axis, name in enumerate("bhmc"):
@@ -189,7 +179,7 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
     for cap in plan.spec.captures:
         t = tensors[cap.name]
         t = t.view(torch.uint8) if t.dtype == torch.bool else t
-        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
+        ptr, strides, sizes = keys.capture_arg_names(cap.name, cap.ndim)
         values.update({ptr: t, **dict(zip(strides, t.stride())), **dict(zip(sizes, t.shape))})
     missing = [name for name, _ in arguments if name not in values]
     if missing:

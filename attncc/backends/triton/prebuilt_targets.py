@@ -7,13 +7,13 @@ them, while the kernels' launchers import this module)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from attncc.backends.triton.launch_spec import (DEFAULT_VARIANT, LaunchSpec, Variant,
                                                 backward_spec, block_map_spec, forward_spec,
                                                 forward_tiles)
+from attncc.backends import keys
 from attncc.backends.targets import check_head_dim, parse_arch, parse_dtype  # noqa: F401
 from attncc.backends.triton.aot import artifact_stem
 
@@ -45,18 +45,15 @@ class Target:
     variant: Variant = DEFAULT_VARIANT
 
     def key(self) -> str:
-        """sha256 of what makes the binary: the source entry's key (canonical IR, templates,
-        versions), which kernel of it, the launch spec and the arch. Not the kernel's readable
-        name: two spellings of one spec (`causal() & sliding_window(w)` and
-        `sliding_window(w)`) share a source key and so one binary, loaded under either name."""
-        import triton
+        """The binary's cache key: the source entry's key (canonical IR, templates, versions),
+        which kernel of it, the launch spec and the arch. Not the kernel's readable name: two
+        spellings of one spec (`causal() & sliding_window(w)` and `sliding_window(w)`) share a
+        source key and so one binary, loaded under either name."""
         spec = self.spec
-        text = "\n".join(map(str, [
-            self.source_key, self.kind, sorted(spec.signature.items()),
-            sorted(spec.constexprs.items()), spec.aligned, spec.schedule.num_warps,
-            spec.schedule.num_stages, f"sm{self.arch}", f"triton={triton.__version__}",
-            f"format={FORMAT}"]))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return keys.cache_key("triton-binary", self.source_key, extra=list(map(str, [
+            self.kind, sorted(spec.signature.items()), sorted(spec.constexprs.items()),
+            spec.aligned, spec.schedule.num_warps, spec.schedule.num_stages, f"sm{self.arch}",
+            f"format={FORMAT}"])))
 
     def entry_name(self) -> str:
         """`<kernel>.sm90.fp16.d128`, then the variant's suffix, and a block map's tiles."""

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import sympy
 
+from attncc.backends.keys import capture_arg_names
 from attncc.ir.symbols import Load, Sigmoid
 
 LOG2E = 1.4426950408889634
@@ -23,12 +24,6 @@ LOG2E = 1.4426950408889634
 # so entries printed by the old rules are never loaded again (version 1: a bare `-inf`;
 # version 2: a score that does not read `score` left unbroadcast to the score tile)
 PRINTER_VERSION = 3
-
-
-def capture_arg_names(name: str, ndim: int) -> tuple[str, list[str], list[str]]:
-    """Kernel argument names of a captured tensor: pointer, per-dim strides, per-dim sizes."""
-    return (f"cap_{name}_ptr", [f"cap_{name}_stride{i}" for i in range(ndim)],
-            [f"cap_{name}_size{i}" for i in range(ndim)])
 
 
 class TritonPrinter:

@@ -7,13 +7,11 @@ renderer, the launcher and the ahead-of-time compiler share.
 
 from __future__ import annotations
 
-import hashlib
-from importlib import resources
-
-import jinja2
 import sympy
 
-from attncc.backends.triton.printer import TritonPrinter, capture_arg_names
+from attncc.backends import keys
+from attncc.backends.triton.printer import TritonPrinter
+from attncc.backends.triton.templating import environment
 from attncc.ir.nodes import ScoreMod
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
@@ -22,30 +20,11 @@ from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q
 TEMPLATE = "attn_fwd.py.j2"
 BLOCK_MAP_TEMPLATE = "block_map.py.j2"
 TEMPLATES = (TEMPLATE, BLOCK_MAP_TEMPLATE, "helpers.py.j2")  # every file a source depends on
-_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
-                  "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8",
-                  "bool": "u8"}  # bool tensors travel as uint8 views
-
-
-def template_source(name: str = TEMPLATE) -> str:
-    return resources.files("attncc.backends.triton.templates").joinpath(name).read_text()
-
-
-def template_hash() -> str:
-    """sha256 over every template file: a change to any of them changes the cache key."""
-    return hashlib.sha256("".join(template_source(n) for n in TEMPLATES).encode()).hexdigest()
-
-
-def jinja_environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True)
 
 
 def kernel_name(plan: KernelPlan) -> str:
     """Readable name plus content hash, e.g. `attn_fwd_causal_sw_softcap_9f3a0c12d4`."""
-    tag = "".join(c if c.isalnum() or c == "_" else "_" for c in plan.spec.tag)[:48]
-    return f"attn_fwd_{tag}_{plan.spec.key[:10]}"
+    return keys.kernel_name("attn_fwd", plan.spec.tag, plan.spec.key)
 
 
 def printer_names(plan: KernelPlan) -> dict[str, str]:
@@ -53,7 +32,7 @@ def printer_names(plan: KernelPlan) -> dict[str, str]:
              KV_IDX.name: "kv_idx", LQ.name: "Lq", LK.name: "Lk", HQ.name: "Hq",
              HKV.name: "Hkv", SCORE.name: "score", Q_FIRST.name: "q_first",
              Q_LAST.name: "q_last"}
-    names.update({p.name: f"p_{p.name}" for p in plan.spec.params})
+    names.update({p.name: keys.param_arg(p.name) for p in plan.spec.params})
     return names
 
 
@@ -66,16 +45,17 @@ def kernel_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
     """Runtime arguments after the fixed ones, as (name, Triton signature type)."""
     args = list(BLOCK_MAP_ARGS) if plan.block_map is not None else []
     args += REORDER_ARGS if plan.spec.reorder is not None else []
-    args += [(f"p_{p.name}", "i32" if p.kind == "int" else "fp32") for p in plan.spec.params]
+    args += [(keys.param_arg(p.name), "i32" if p.kind == "int" else "fp32")
+             for p in plan.spec.params]
     for cap in plan.spec.captures:
-        ptr, strides, sizes = capture_arg_names(cap.name, cap.ndim)
-        args.append((ptr, "*" + _TRITON_DTYPES[cap.dtype]))
+        ptr, strides, sizes = keys.capture_arg_names(cap.name, cap.ndim)
+        args.append((ptr, "*" + keys.triton_type(cap.dtype)))
         args += [(s, "i32") for s in strides] + [(n, "i32") for n in sizes]
     return args
 
 
 def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
-    t = "*" + _TRITON_DTYPES[dtype]
+    t = "*" + keys.triton_type(dtype)
     args = [("Q", t), ("K", t), ("V", t), ("O", t), ("LSE", "*fp32"), ("VISITS", "*i8")]
     for x in "qkvo":
         m = "m" if x in "qo" else "n"
@@ -124,7 +104,7 @@ def render(plan: KernelPlan) -> str:
     spec = plan.spec
     printer = TritonPrinter(printer_names(plan))
     sink = spec.normaliser.sink
-    return jinja_environment().get_template(TEMPLATE).render(
+    return environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan),
         spec_lines=spec.text().splitlines(),
         runtime_scalars=unspecialised_scalars(["Lq", "Lk"], kernel_arguments(plan)),
@@ -146,7 +126,7 @@ def unspecialised_scalars(first: list[str], args: list[tuple[str, str]]) -> list
 
 
 def block_map_kernel_name(plan: KernelPlan) -> str:
-    return kernel_name(plan).replace("attn_fwd_", "block_map_", 1)
+    return keys.kernel_name("block_map", plan.spec.tag, plan.spec.key)
 
 
 def block_map_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
@@ -159,7 +139,7 @@ def render_block_map(plan: KernelPlan) -> str:
     RENDERS[0] += 1
     printer = TritonPrinter(printer_names(plan))
     args = block_map_arguments(plan)
-    return jinja_environment().get_template(BLOCK_MAP_TEMPLATE).render(
+    return environment().get_template(BLOCK_MAP_TEMPLATE).render(
         kernel_name=block_map_kernel_name(plan),
         spec_lines=plan.spec.text().splitlines(),
         runtime_scalars=unspecialised_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",

@@ -13,20 +13,18 @@ work around it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable
-from importlib import resources
 from types import ModuleType
 from typing import Any
 
-import jinja2
 import sympy
 
-from attncc.backends.triton.forward import version_stamp
+from attncc.backends import keys
 from attncc.backends.triton.printer import PRINTER_VERSION, TritonPrinter
 from attncc.backends.triton.render import (BLOCK_MAP_ARGS, kernel_arguments, printer_names,
                                            score_source)
 from attncc.backends.triton.source import CachedSource, load_module
+from attncc.backends.triton.templating import environment, template_hash
 from attncc.ir.nodes import DenseMemory
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import H_IDX, Load, buffer_symbol
@@ -55,23 +53,8 @@ MERGE_FIXED_ARGS = (
     + [(f"stride_{x}", "i32") for x in ("ob", "om", "oh", "od", "lb", "lm", "lh")]
     + [(n, "i32") for n in ("n_rows_total", "rows_per_b", "Hq", "n_parts")]
 )
-_DT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 LAUNCH_HOOKS: list[Callable[[str, tuple, dict], contextlib.AbstractContextManager]] = []
 """Each hook is called as hook(kernel_name, grid, arguments) and entered around the launch."""
-
-
-def schedule(head_dim_max: int, interpreter: bool) -> tuple[int, int]:
-    """(BLOCK_N, num_warps). Measured with ptxas for sm_80/sm_90, fp16, paged, BLOCK_M 16-64:
-    head dim 128 at 4 warps spills (255 registers + 600 B stack), at 8 warps it does not (202);
-    head dim 256 spills at BLOCK_N 64 even with 8 warps, not at 32. The interpreter takes 32 so
-    short test sequences still cross several kv tiles."""
-    if interpreter:
-        return 32, 4
-    return (64 if head_dim_max <= 128 else 32), (8 if head_dim_max >= 128 else 4)
-
-
-def template_source(name: str) -> str:
-    return resources.files("attncc.backends.triton.templates").joinpath(name).read_text()
 
 
 def extra_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
@@ -82,12 +65,11 @@ def extra_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
 def signature(plan: KernelPlan, dtype: str, merge: bool = False) -> dict[str, str]:
     """Triton signature (name -> type) of the forward or merge kernel for q's `dtype`."""
     fixed = MERGE_FIXED_ARGS if merge else FIXED_ARGS
-    return {n: t.format(dt=_DT[dtype]) for n, t in fixed} | dict(extra_arguments(plan))
+    return {n: t.format(dt=keys.triton_type(dtype)) for n, t in fixed} | dict(extra_arguments(plan))
 
 
 def serve_name(plan: KernelPlan) -> str:
-    tag = "".join(c if c.isalnum() or c == "_" else "_" for c in plan.spec.tag)[:48]
-    return f"attn_serve_{tag}_{plan.spec.key[:10]}"
+    return keys.kernel_name("attn_serve", plan.spec.tag, plan.spec.key)
 
 
 def _piece_exprs(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
@@ -113,12 +95,9 @@ def render(plan: KernelPlan) -> str:
     sink = spec.normaliser.sink
     sink_of = (lambda h: TritonPrinter({**names, H_IDX.name: h}).doprint(
         Load(buffer_symbol(sink.name), H_IDX))) if sink else (lambda h: "")
-    env = jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True)
     n = len(pieces)
     extra = extra_arguments(plan)
-    return env.get_template(TEMPLATES[0]).render(
+    return environment().get_template(TEMPLATES[0]).render(
         kernel_name=serve_name(plan),
         spec_lines=spec.text().splitlines(),
         runtime_scalars=[a for a, t in FIXED_ARGS if not t.startswith("*")]
@@ -141,11 +120,10 @@ def _nest(fn: str, items: list[str]) -> str:
     return out
 
 
-def cache_key(plan: KernelPlan) -> str:
-    templates = "".join(template_source(n) for n in TEMPLATES)
-    text = "\n".join([plan.spec.key, hashlib.sha256(templates.encode()).hexdigest(), BACKEND,
-                      version_stamp(), f"printer={PRINTER_VERSION}"])
-    return hashlib.sha256(text.encode()).hexdigest()
+def source_key(plan: KernelPlan) -> str:
+    """The cache key of the serving source of `plan`."""
+    return keys.cache_key(BACKEND, plan.spec.key, templates=template_hash(TEMPLATES),
+                          printer=PRINTER_VERSION)
 
 
 class TritonServe:
@@ -157,7 +135,7 @@ class TritonServe:
         self.plan = KernelPlan(spec=spec, tiles=plan.tiles, block_map=plan.block_map)
         self.name = serve_name(self.plan)
         self.source_entry = CachedSource(
-            cache_key(self.plan), self.name,
+            source_key(self.plan), self.name,
             lambda: {"kernel.py": render(self.plan).encode()},
             {"backend": BACKEND, "spec": spec.text()})
         self.entry = self.source_entry.entry

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from attncc.backends.triton.aot import CompiledArtifact, compile_artifact
-from attncc.backends.triton.serve import TritonServe, schedule, signature
+from attncc.backends.triton.serve import TritonServe, signature
 from attncc.ir.nodes import Schedule
-from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles import choose_serving, padded
 
 LAYOUT_FLAGS = {  # variant -> constexprs that differ from the dense default
     "dense": {},
@@ -45,9 +45,9 @@ def compile_serve_for_target(kernels: TritonServe, arch: int, dtype: str = "floa
                              head_dim: int = 128, variant: str = "paged", block_m: int = 16,
                              num_splits: int = 4, merge: bool = False) -> CompiledArtifact:
     """Compile the forward kernel (or, with `merge`, the merge kernel) of `kernels` for
-    sm_<arch> with the tile size and warps a GPU launch uses (`triton_serve.schedule`);
+    sm_<arch> with the tile size and warps a GPU launch uses (`select_tiles.choose_serving`);
     raises `AOTCompileError` with Triton's message when it does not compile."""
-    block_n, num_warps = schedule(head_dim, interpreter=False)
+    block_n, num_warps = choose_serving(head_dim, interpreter=False)
     sig = signature(kernels.plan, dtype, merge=merge)
     name = kernels.name + ("_merge" if merge else "")
     if merge:

@@ -22,10 +22,10 @@ from attncc.backends.base import Backend, ServePlan
 from attncc.backends.serve_checks import check_absent, check_tensor, raise_index_errors
 from attncc.backends.triton.forward import argument_values, target_of
 from attncc.backends.triton.serve import (FIXED_ARGS, MERGE_FIXED_ARGS, TritonServe,
-                                          extra_arguments, launch, schedule)
+                                          extra_arguments, launch)
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
 from attncc.ir.plan import KernelPlan
-from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles import choose_serving, padded
 
 KV_DENSE, KV_PAGED, KV_RAGGED = 0, 1, 2
 _checks = True  # False only inside `_unchecked` (benchmarks time what the checks cost)
@@ -309,7 +309,7 @@ class TritonServing(TritonServe):
 
     def tiles(self, head_dim_max: int, device: torch.device) -> tuple[int, int]:
         """(keys per kv tile, warps) for the largest head dim on `device`."""
-        return schedule(head_dim_max, target_of(device) == "interpreter")
+        return choose_serving(head_dim_max, target_of(device) == "interpreter")
 
     def bound_arguments(self, params: dict[str, Any], tensors: dict[str, Tensor],
                         device: torch.device) -> list[Any]:

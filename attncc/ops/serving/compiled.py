@@ -41,10 +41,9 @@ from attncc.ir.nodes import DenseMemory
 from attncc.ir.spec import AttentionSpec
 from attncc.ops.serving import custom_op as torch_ops_serving
 from attncc.passes.pipeline import run_spec_passes
+from attncc.passes.select_tiles import serving_block_m, serving_splits
 from attncc.validate import split_runtime
 
-SMS = 132  # programs to fill an H100; the split count aims at this many
-MAX_SPLITS = 32
 _MEMORIES = (DenseMemory, PagedMemory, RaggedMemory, PersistentMemory, PerHeadLengths)
 RUN_INPUTS = frozenset({"page_table", "kv_len", "cu_seqlens_k", "cu_seqlens_q", "mem_k", "mem_v",
                         "head_kv_len", "kv_layout", "k_stream", "v_stream", "_visits"})
@@ -116,7 +115,7 @@ class ServingAttention:
             lens, q_rows = [b - a for a, b in itertools.pairwise(cu)], cu[-1]
         else:
             lens, q_rows = [max_q_len] * batch, max_q_len
-        block_m = 16 if max(lens, default=0) * group <= 16 else 64
+        block_m = serving_block_m(max(lens, default=0) * group)
         chosen_n, num_warps = self.kernels.tiles(max(head_dim, dv), device)
         if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int)
                                     or block_n < 16 or block_n & (block_n - 1)):
@@ -125,8 +124,8 @@ class ServingAttention:
         items = [(b, t) for b, n in enumerate(lens) for t in range(-(-n * group // block_m))]
         programs = max(len(items) * num_kv_heads, 1)
         tiles = max(-(-kv_capacity // block_n), 1)
-        if num_splits is None:  # enough programs to fill the GPU, no more splits than tiles
-            num_splits = 1 if programs >= SMS else min(tiles, -(-SMS // programs), MAX_SPLITS)
+        if num_splits is None:
+            num_splits = serving_splits(programs, tiles)
         work = torch.tensor(items or [(0, 0)], dtype=torch.int32, device=device)[:len(items)]
         oshape = (q_rows, num_heads) if ragged else (batch, num_heads, q_rows)
         rows = q_rows if ragged else batch * q_rows

@@ -3,16 +3,16 @@ of grad-requiring captures), module loaded once per process, two launches per ca
 
 `launch` runs the dq kernel (dq and the captured-tensor contributions) and the dk/dv kernel (one
 program per kv tile of one (batch, kv head), summing its GQA group in-program): no atomics, so
-dq, dk, dv and capture gradients are bitwise reproducible. Tile sizes are chosen here by head
-dim (`choose_backward`): the dk/dv kernel keeps k, v and their fp32 gradients resident while
-streaming q and do, so it needs smaller tiles than the forward. On a GPU `attncc build` can
-target, both run their prebuilt binaries (`attncc.backends.triton.prebuilt`), not Triton's JIT.
+dq, dk, dv and capture gradients are bitwise reproducible. Tile sizes come from
+`attncc.passes.select_tiles.choose_backward`: the dk/dv kernel keeps k, v and their fp32
+gradients resident while streaming q and do, so it needs smaller tiles than the forward. On a
+GPU `attncc build` can target, both run their prebuilt binaries
+(`attncc.backends.triton.prebuilt`), not Triton's JIT.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -22,58 +22,31 @@ import torch
 from attncc.backends.triton import prebuilt
 from attncc.backends.triton.launch_spec import (BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES, Variant,
                                                 backward_constexprs, choose_variant)
-from attncc.backends.triton.forward import (BACKEND, TritonForward, argument_values,
-                                            prebuilt_arch, version_stamp)
+from attncc.backends import keys
+from attncc.backends.triton.forward import BACKEND, TritonForward, argument_values, prebuilt_arch
 from attncc.backends.triton.backward.render import (
+    TEMPLATES,
     backward_arguments,
     fixed_arguments,
     grad_loads,
     kernel_name,
     render,
-    template_hash,
 )
 from attncc.backends.triton.direct import DirectKernels
 from attncc.backends.triton.prebuilt_targets import backward_target
 from attncc.backends.triton.printer import PRINTER_VERSION
 from attncc.backends.triton.source import CachedSource, load_module
+from attncc.backends.triton.templating import template_hash
 from attncc.ir.nodes import Schedule
 from attncc.ir.plan import KernelPlan
-from attncc.passes.select_tiles import fit_shared_memory, padded
+from attncc.passes.select_tiles import choose_backward
 
 
-def cache_key(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
-    """Canonical IR hash + backward template bytes + grad set + backend + versions."""
-    text = "\n".join([plan.spec.key, template_hash(), "backward", ",".join(grad_captures),
-                      BACKEND, version_stamp(), f"printer={PRINTER_VERSION}"])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -> int:
-    """dk/dv kernel: resident k, v tiles plus q and do tiles per pipeline stage."""
-    return elem * (bn * (dqk + dv) + stages * bm * (dqk + dv))
-
-
-def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
-    """Backward tiles by head dim, shrunk until the dk/dv kernel fits the target's shared
-    memory; the interpreter gets 64 x 64 tiles (fewer, larger tiles run faster on the CPU).
-    Not tuned on a GPU yet (none was lent): chosen from compiled register and spill counts
-    (d <= 64: no spills; d128 64 x 64 / 8 warps spills ~184 B/thread in dk/dv, 32 x 32 none
-    but a quarter of the tensor-core work per tile)."""
-    if target == "interpreter":
-        return Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
-    d, elem = max(padded(dqk), padded(dv)), 4 if dtype == "float32" else 2
-    if d <= 64:
-        bm, bn, warps, stages = 64, 64, 4, 2
-    elif d <= 128:
-        bm, bn, warps, stages = 64, 64, 8, 2 if target == "sm90" else 1
-    else:  # 8 warps: 4 spill ~144 B/thread in dk/dv at d256 (sm_90 compile, cuobjdump)
-        bm, bn, warps, stages = 32, 32, 8, 1
-    if elem == 4:
-        bm, bn = max(16, bm // 2), max(16, bn // 2)
-    return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
-                             target, lambda sc: _shared_bytes(sc.block_m, sc.block_n,
-                                                              sc.num_stages, padded(dqk),
-                                                              padded(dv), elem))
+def source_key(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
+    """The cache key of the backward source of `plan` for the grad set `grad_captures`."""
+    return keys.cache_key(f"{BACKEND}-backward", plan.spec.key,
+                          templates=template_hash(TEMPLATES), printer=PRINTER_VERSION,
+                          extra=[f"grads={','.join(grad_captures)}"])
 
 
 class TritonBackward:
@@ -85,7 +58,7 @@ class TritonBackward:
         self.loads, _ = grad_loads(self.plan, self.grad_captures)
         self.name = kernel_name(self.plan, self.grad_captures)
         self.kernel = CachedSource(
-            cache_key(self.plan, self.grad_captures), self.name,
+            source_key(self.plan, self.grad_captures), self.name,
             lambda: {"kernel.py": render(self.plan, self.grad_captures).encode()},
             {"backend": BACKEND, "spec": self.plan.spec.text(), "kind": "backward",
              "grad_captures": list(self.grad_captures)})
@@ -153,7 +126,7 @@ class TritonBackward:
         grids = {"dq": (-(-Lq // sched.block_m), B * Hq), "dkdv": (-(-Lk // sched.block_n),
                                                                   B * Hkv)}
         if prebuilt_arch(q.device) is not None:
-            dtype = str(q.dtype).removeprefix("torch.")
+            dtype = keys.dtype_name(q.dtype)
             named = dict(zip(self.argument_names, args, strict=True)) | constexprs
             variant = choose_variant(named, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
                                      gather_rows=gather_rows)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attncc.backends.base import Gradients
+from attncc.backends import keys
 from attncc.backends.triton.block_maps import q_tile_lists
 from attncc.backends.triton.forward import target_of
 from attncc.backends.triton.backward.kernel import TritonBackward
@@ -67,7 +68,7 @@ def triton_backward(attn: TritonSoftmax, q: torch.Tensor, k: torch.Tensor,
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
         target = target_of(q.device)
-        dtype = str(q.dtype).removeprefix("torch.")
+        dtype = keys.dtype_name(q.dtype)
         sched = kernels.schedule(dtype, dqk, d_v, target)
         positions = (attn.positions.get(Lq, Lk, q.device, dict(reorder_inputs))
                      if attn.positions is not None else None)

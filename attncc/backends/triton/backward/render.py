@@ -16,37 +16,30 @@ contribution into a [B, Hq, Lq, Lk] fp32 scratch tensor.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sympy
 
+from attncc.backends import keys
 from attncc.backends.triton.printer import TritonPrinter
 from attncc.backends.triton.render import (
-    jinja_environment,
     printer_names,
     piece_loops,
     score_source,
     unspecialised_scalars,
     kernel_arguments,
-    template_source,
 )
+from attncc.backends.triton.templating import environment
 from attncc.ir.plan import KernelPlan
 from attncc.ir.symbols import KV_IDX, Q_IDX, SCORE, Load
 
 TEMPLATE = "attn_bwd.py.j2"
 TEMPLATES = (TEMPLATE, "helpers.py.j2")
-_TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 Q_TILE_ARGS = [("Q_TILES", "*i32"), ("qt_stride_b", "i32"), ("qt_stride_h", "i32"),
                ("qt_stride_n", "i32"), ("qt_stride_c", "i32")]
 CONSTEXPRS = ("D_QK", "D_V", "D_QK_PAD", "D_V_PAD", "BLOCK_M", "BLOCK_N", "DOT_PRECISION",
               "UPCAST_DOT", "GATHER_ROWS")
-
-
-def template_hash() -> str:
-    """sha256 over the backward template and the helpers it includes."""
-    return hashlib.sha256("".join(template_source(n) for n in TEMPLATES).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -122,16 +115,13 @@ def _kind(positions: set) -> str:
 
 def kernel_name(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
     """`attn_bwd_<tag>_<spec hash>[_g<hash of the grad set>]`."""
-    tag = "".join(c if c.isalnum() or c == "_" else "_" for c in plan.spec.tag)[:48]
-    name = f"attn_bwd_{tag}_{plan.spec.key[:10]}"
-    if grad_captures:
-        name += "_g" + hashlib.sha256(",".join(sorted(grad_captures)).encode()).hexdigest()[:6]
-    return name
+    return (keys.kernel_name("attn_bwd", plan.spec.tag, plan.spec.key)
+            + keys.grads_suffix(grad_captures))
 
 
 def fixed_arguments(dtype: str) -> list[tuple[str, str]]:
     """The backward kernels' leading arguments (both kernels take the same list)."""
-    t = "*" + _TRITON_DTYPES[dtype]
+    t = "*" + keys.triton_type(dtype)
     args = [("Q", t), ("K", t), ("V", t), ("DO", t), ("LSE", "*fp32"), ("DELTA", "*fp32"),
             ("DQ", t), ("DK", t), ("DV", t)]
     for x, m in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m"), ("dq", "m"), ("dk", "n"),
@@ -193,7 +183,7 @@ def render(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
     per_key = [{"expr": printer.doprint(g.derivative), "comment": f"d/d {g.load}"}
                for g in loads if g.kind == "kv"]
     tiled = [{"expr": printer.doprint(g.derivative)} for g in loads if g.kind == "tile"]
-    return jinja_environment().get_template(TEMPLATE).render(
+    return environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan, grad_captures),
         spec_lines=spec.text().splitlines() + [f"grads of: {', '.join(grad_captures) or '-'}"],
         runtime_scalars=unspecialised_scalars(["Lq", "Lk"], backward_arguments(plan, loads)),

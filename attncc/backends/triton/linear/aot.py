@@ -9,18 +9,20 @@ depends on no kernel family and every kernel module can import it.
 
 from __future__ import annotations
 
-from attncc.backends.triton.aot import SHORT_DTYPES, CompiledArtifact, compile_artifact
-from attncc.backends.triton.linear.backward import TritonLinearBackward, value_block_backward
-from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear, value_block
+from attncc.backends.keys import triton_type
+from attncc.backends.triton.aot import CompiledArtifact, compile_artifact
+from attncc.backends.triton.linear.backward import TritonLinearBackward
+from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.ir.nodes import Schedule
 from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles_linear import backward_value_block, value_block
 
 
 def linear_signature(dtype: str) -> tuple[dict[str, str], list[str]]:
     """(signature, aligned pointers) of the linear-state kernels' shared argument list
     (`attncc.backends.triton.linear.launch`): q/k/v/o are `dtype`; g, beta, lam and the states
     fp32; cu_seqlens int32."""
-    t = "*" + SHORT_DTYPES[dtype]
+    t = "*" + triton_type(dtype)
     pointers = {"Q": t, "K": t, "V": t, "O": t, "G": "*fp32", "BETA": "*fp32", "LAM": "*fp32",
                 "S0": "*fp32", "SN": "*fp32", "CU": "*i32"}
     strides = [f"stride_{x}{d}" for x, dims in (("q", "bhld"), ("k", "bhld"), ("v", "bhld"),
@@ -56,7 +58,7 @@ def compile_linear_backward_for_target(kernel: TritonLinearBackward, arch: int, 
     q/k/v/do are `dtype` (do fp32 with the normaliser: dL/do' is built in fp32); gates, betas,
     decays, states, checkpoints and gradients fp32. `head_dim_v` is v's (the z column is added
     here when normalising). `chunk`: the checkpoint interval when the kernel's is the default."""
-    t = "*" + SHORT_DTYPES[dtype]
+    t = "*" + triton_type(dtype)
     pointers = {"Q": t, "K": t, "V": t, "DO": "*fp32" if kernel.node.normalize else t,
                 **{n: "*fp32" for n in ("G", "BETA", "LAM", "S0", "DSN", "CK", "SCR", "DQ", "DK",
                                         "DV", "DG", "DB", "DS0")}, "CU": "*i32"}
@@ -67,7 +69,7 @@ def compile_linear_backward_for_target(kernel: TritonLinearBackward, arch: int, 
                  "NCH": "i32", "scale": "fp32"}
     dv = kernel.node.state_dv(head_dim_v)
     constexprs = {"D_K": head_dim_k, "D_V": dv, "F_PAD": padded(head_dim_k),
-                  "DV_BLOCK": value_block_backward(head_dim_k, dv, kernel.block_v),
+                  "DV_BLOCK": backward_value_block(head_dim_k, dv, kernel.block_v),
                   "CHUNK": kernel.chunk or chunk, "HAS_INITIAL": True, "HAS_DFINAL": True,
                   "VARLEN": varlen}
     launch = Schedule(num_warps=4, num_stages=3)  # Triton's defaults: the launch sets neither

@@ -25,26 +25,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import check_inputs
-from attncc.backends.reference.linear_varlen import varlen_views
 from attncc.backends.triton.linear.recurrent import (
     _ELU1,
-    cache_key,
     check_power_of_two,
     kernel_name,
-    value_block,
+    source_key,
 )
 from attncc.backends.triton.linear.backward_norm import augment
-from attncc.backends.triton.render import jinja_environment
 from attncc.backends.triton.source import CachedSource, GeneratedKernel
+from attncc.backends.triton.templating import environment
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles_linear import backward_chunk, backward_value_block
+from attncc.validate.linear import check_inputs, varlen_views
 
 BACKEND = "triton-linear-backward"
 TEMPLATE = "linear_backward.py.j2"
 TEMPLATES = (TEMPLATE, "helpers.py.j2")
-CHUNK_MIN, CHUNK_MAX = 16, 128  # the default chunk: about sqrt(L) (least checkpoint + scratch)
-TILE_MAX = 4096  # S [F_PAD, DV_BLOCK] fp32 elements: ~6 such tiles live; 128 x 32 does not spill
 
 _LOAD = ("{x}_raw = tl.load({x}_row + t * stride_{x}l + offs_f * stride_{x}d, mask=mask_f, "
          "other=0.0).to(tl.float32)")
@@ -154,7 +151,7 @@ def _backward_lines(node: LinearState) -> list[str]:
 
 def render(node: LinearState) -> str:
     """Triton source of the backward kernel for `node` (dtype- and shape-independent)."""
-    return jinja_environment().get_template(TEMPLATE).render(
+    return environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(node, "backward"), node_text=node.text(),
         setup_lines=_GATES[node.gate].setup,
         forward_lines=_forward_lines(node), backward_lines=_backward_lines(node))
@@ -169,23 +166,11 @@ def unsupported(node: LinearState) -> str | None:
     return None
 
 
-def value_block_backward(dk: int, dv: int, block_v: int | None = None) -> int:
-    """Value columns per program: S [padded(Dk), DV_BLOCK] <= TILE_MAX fp32 elements and at
-    most `value_block`'s choice, unless `block_v` asks otherwise."""
-    if block_v is None:
-        block_v = max(16, min(value_block(dk, dv), TILE_MAX // padded(dk)))
-    return value_block(dk, dv, block_v)
-
-
-def default_chunk(length: int) -> int:
-    """The power of two nearest above sqrt(length), in [CHUNK_MIN, CHUNK_MAX]."""
-    return min(CHUNK_MAX, max(CHUNK_MIN, padded(math.isqrt(max(length, 1) - 1) + 1)))
-
-
 class TritonLinearBackward(GeneratedKernel):
     """One LinearState's backward kernel. block_v: value columns per program (a power of two
-    >= 16; default `value_block_backward`); chunk: tokens per checkpoint (a power of two;
-    default `default_chunk` of the longest sequence: one compiled variant per chunk size)."""
+    >= 16; default `select_tiles_linear.backward_value_block`); chunk: tokens per checkpoint (a
+    power of two; default `select_tiles_linear.backward_chunk` of the longest sequence: one
+    compiled variant per chunk size)."""
 
     def __init__(self, node: LinearState, *, block_v: int | None = None,
                  chunk: int | None = None) -> None:
@@ -198,7 +183,7 @@ class TritonLinearBackward(GeneratedKernel):
         check_power_of_two("chunk", chunk, 1)
         self.node, self.block_v, self.chunk = node, block_v, chunk
         name = kernel_name(node, "backward")
-        self.kernel = CachedSource(cache_key(node, TEMPLATES, BACKEND), name,
+        self.kernel = CachedSource(source_key(node, TEMPLATES, BACKEND), name,
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry
@@ -244,9 +229,9 @@ class TritonLinearBackward(GeneratedKernel):
         if d_final_state is not None and list(d_final_state.shape) != state_shape:
             raise ValueError(f"d_final_state: expected {state_shape}, "
                              f"got {list(d_final_state.shape)}")
-        dv_block = value_block_backward(Dk, Dv, self.block_v)
+        dv_block = backward_value_block(Dk, Dv, self.block_v)
         nv = -(-Dv // dv_block) if Dv > 0 else 0
-        chunk = self.chunk or default_chunk(max_len)
+        chunk = self.chunk or backward_chunk(max_len)
         f_pad, nch = padded(Dk), max(1, -(-max_len // chunk))
         nprog = nb * H * nv
         ck = torch.empty(nprog * nch * f_pad * dv_block, dtype=f32, device=dev)

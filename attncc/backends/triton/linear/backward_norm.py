@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import feature_map
+from attncc.ir.eval import feature_map
 from attncc.ir.linear import LinearState
 
 

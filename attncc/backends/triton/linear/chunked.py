@@ -31,11 +31,13 @@ from attncc.backends.triton.aot import compile_artifact
 from attncc.backends.triton.linear import recurrent
 from attncc.backends.triton.linear.aot import linear_signature
 from attncc.backends.triton.linear.launch import prepare_launch
-from attncc.backends.triton.render import jinja_environment
 from attncc.backends.triton.source import CachedSource, GeneratedKernel
+from attncc.backends.triton.templating import environment
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
 from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles_linear import (CHUNKED_NUM_WARPS, chunked_chunk,
+                                               chunked_value_block, gpu_chunk)
 
 BACKEND = "triton-linear-chunked"
 TEMPLATE = "linear_chunked.py.j2"
@@ -46,17 +48,6 @@ TEMPLATES = (TEMPLATE, TEMPLATE_DELTA, TEMPLATE_BLOCK, "linear_chunked_prologue.
              "helpers.py.j2")
 DK_MAX = 256  # S [256, 32] fp32 per program; the key dim is not tiled
 F_MAX = recurrent.F_MAX  # taylor2 up to head dim 16: F = 273, padded to 512
-CHUNK_GPU = 64
-CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per element
-# sm_90 AOT, bf16, Dk = Dv = 128 (stack bytes = spills): gated_delta 1440 at chunk 64, 576 at 32;
-# vector_gate 216 at chunk 64, 0 at chunk 32 with 32 value columns. So these rules take chunk 32
-# on a GPU (and the vector gate 32 value columns); taylor2 (F_PAD 512) takes 16 to stay within
-# shared memory (chunk 64 asks for 292 KiB)
-CHUNK_GPU_RULE = {"vector_gate": 32, "delta": 32, "gated_delta": 32}
-BLOCK_V_RULE = {"vector_gate": 32}
-# sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing; ieee fp32 dots (FMA,
-# no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4, so they are kept for fp32 inputs only
-NUM_WARPS = 8
 
 # elu1 masked so that padded lanes and rows stay 0 (elu1(0) would be 1)
 _ELU1 = "{x}_c = tl.where(mask_q, tl.where({x}_c > 0, {x}_c + 1.0, tl.exp({x}_c)), 0.0)"
@@ -169,7 +160,7 @@ def render(node: LinearState) -> str:
     """Triton source of the chunked kernel for `node` (dtype-, shape- and chunk-independent)."""
     setup, step = _lines(node)
     taylor = node.feature_map == "taylor2"
-    return jinja_environment().get_template(_write_template(node).template).render(
+    return environment().get_template(_write_template(node).template).render(
         kernel_name=kernel_name(node), node_text=node.text(), normalize=node.normalize,
         gate=_GATES[node.gate].flag, block=node.block, setup_lines=setup, chunk_lines=step,
         feature_mask=f"mask_k = offs_k < {'1 + D_K + D_K * D_K' if taylor else 'D_K'}",
@@ -177,29 +168,16 @@ def render(node: LinearState) -> str:
         key_lines=_loads(node, "k"))
 
 
-def cache_key(node: LinearState) -> str:
-    return recurrent.cache_key(node, TEMPLATES, BACKEND)
-
-
-def value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "") -> int:
-    """Value columns per program: the state tile S [padded(F), DV_BLOCK] stays <= 8192 fp32
-    (64 registers a thread at 4 warps), unless `block_v` asks otherwise."""
-    if block_v is None:
-        block_v = max(16, min(BLOCK_V_RULE.get(rule, 64), 8192 // padded(f_dim)))
-    return min(padded(dv), block_v)
-
-
-def gpu_chunk(node: LinearState, f_dim: int) -> int:
-    """The default chunk on a GPU: CHUNK_GPU, less for the rules in CHUNK_GPU_RULE and for wide
-    features (a [CHUNK, padded(F)] tile stays <= 8192 elements)."""
-    return max(16, min(CHUNK_GPU_RULE.get(node.rule, CHUNK_GPU), 8192 // padded(f_dim)))
+def source_key(node: LinearState) -> str:
+    return recurrent.source_key(node, TEMPLATES, BACKEND)
 
 
 class TritonChunkedLinear(GeneratedKernel):
     """One LinearState's chunked kernel. Building it renders (or loads) the source on disk.
 
     chunk: tokens per chunk (a power of two >= 16, tl.dot's least tile side); default 64 on a
-    GPU, 32 under the interpreter. block_v: value columns per program; default `value_block`.
+    GPU, 32 under the interpreter (`select_tiles_linear.chunked_chunk`). block_v: value columns
+    per program; default `select_tiles_linear.chunked_value_block`.
     """
 
     def __init__(self, node: LinearState, *, chunk: int | None = None,
@@ -212,7 +190,7 @@ class TritonChunkedLinear(GeneratedKernel):
         self.node = node
         self.chunk = chunk
         self.block_v = block_v
-        self.kernel = CachedSource(cache_key(node), kernel_name(node),
+        self.kernel = CachedSource(source_key(node), kernel_name(node),
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry
@@ -221,7 +199,7 @@ class TritonChunkedLinear(GeneratedKernel):
         if self.chunk is not None:
             return self.chunk
         interpreted = device.type != "cuda" or config.triton_interpret()
-        return CHUNK_INTERPRETER if interpreted else gpu_chunk(self.node, f_dim)
+        return chunked_chunk(self.node, f_dim, interpreted)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,
@@ -242,7 +220,7 @@ class TritonChunkedLinear(GeneratedKernel):
             raise ValueError(f"q: expected feature dim F <= {F_MAX} (taylor2: head dim <= 16), "
                              f"got head dim {run.dk} (F = {f_dim})")
         if run.nbh > 0 and run.dv > 0:
-            dv_block = value_block(f_dim, run.dv, self.block_v, node.rule)
+            dv_block = chunked_value_block(f_dim, run.dv, self.block_v, node.rule)
             grid = (run.nbh, -(-run.dv // dv_block))
             self.jit_function()[grid](
                 *run.args, run.scale,
@@ -250,7 +228,7 @@ class TritonChunkedLinear(GeneratedKernel):
                                     self.chunk_for(q.device, f_dim),
                                     dot_precision(q.dtype, q.device)),
                 HAS_INITIAL=initial_state is not None, STORE_FINAL=return_state,
-                VARLEN=run.varlen, num_warps=NUM_WARPS,
+                VARLEN=run.varlen, num_warps=CHUNKED_NUM_WARPS,
             )
         return (run.o, run.s_out) if return_state else run.o
 
@@ -280,13 +258,13 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
     `AOTCompileError`."""
     signature, pointers = linear_signature(dtype)
     f_dim = kernel.node.feature_dim(head_dim_k)
-    dv_block = value_block(f_dim, head_dim_v, kernel.block_v, kernel.node.rule)
+    dv_block = chunked_value_block(f_dim, head_dim_v, kernel.block_v, kernel.node.rule)
     if chunk is None:
         chunk = kernel.chunk or gpu_chunk(kernel.node, f_dim)
     precision = "ieee" if dtype == "float32" else "tf32"  # as `dot_precision` on a GPU
     constexprs = {**launch_constexprs(head_dim_k, f_dim, head_dim_v, dv_block, chunk, precision),
                   "HAS_INITIAL": True, "STORE_FINAL": True, "VARLEN": varlen}
-    launch = Schedule(num_warps=NUM_WARPS, num_stages=3)  # num_stages: Triton's default
+    launch = Schedule(num_warps=CHUNKED_NUM_WARPS, num_stages=3)  # num_stages: Triton's default
     job = {"path": str(kernel.entry.files["kernel.py"]), "name": kernel.name,
            "aligned": pointers}
     return compile_artifact(job, arch, signature, constexprs, launch,

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attncc.backends.reference.linear import check_inputs
-from attncc.backends.reference.linear_varlen import varlen_views
 from attncc.ir.linear import LinearState
 from attncc.validate import check_scale
+from attncc.validate.linear import check_inputs, varlen_views
 
 
 @dataclass

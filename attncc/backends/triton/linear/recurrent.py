@@ -17,21 +17,19 @@ feature vector is never stored.
 
 from __future__ import annotations
 
-import hashlib
-
 from torch import Tensor
 
-from attncc.backends.triton.forward import version_stamp
+from attncc.backends import keys
 from attncc.backends.triton.linear.launch import prepare_launch
-from attncc.backends.triton.render import jinja_environment, template_source
 from attncc.backends.triton.source import CachedSource, GeneratedKernel
+from attncc.backends.triton.templating import environment, template_hash
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
+from attncc.passes.select_tiles_linear import value_block
 
 BACKEND = "triton-linear"
 TEMPLATE = "linear_recurrent.py.j2"
 TEMPLATES = (TEMPLATE, "helpers.py.j2")  # every file the source depends on
-DV_BLOCK_MAX = 64  # S [128, 64] fp32 is 64 registers a thread at 4 warps
 F_MAX = 1 + 16 + 16 * 16  # taylor2 up to D = 16: S [512, DV_BLOCK] is the largest state tile
 
 _ELU1 = "tl.where(mask_f, tl.where({x} > 0, {x} + 1.0, tl.exp({x})), 0.0)"  # phi(pad) = 0
@@ -93,33 +91,24 @@ def _lines(node: LinearState) -> tuple[list[str], list[str]]:
 def kernel_name(node: LinearState, form: str = "recurrent") -> str:
     """Readable name plus content hash, e.g. `linear_recurrent_gated_delta_identity_1a2b3c4d5e`."""
     norm = "_norm" if node.normalize else ""
-    return f"linear_{form}_{node.rule}_{node.feature_map}{norm}_{node.key[:10]}"
+    return keys.kernel_name(f"linear_{form}", f"{node.rule}_{node.feature_map}{norm}", node.key)
 
 
 def render(node: LinearState) -> str:
     """Triton source of the recurrent kernel for `node` (dtype- and shape-independent)."""
     feature_mask, load_setup, loads = _loads(node)
     setup, step = _lines(node)
-    return jinja_environment().get_template(TEMPLATE).render(
+    return environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(node), node_text=node.text(), normalize=node.normalize,
         feature_mask=feature_mask, setup_lines=load_setup + setup, load_lines=loads,
         step_lines=step)
 
 
-def cache_key(node: LinearState, templates: tuple[str, ...] = TEMPLATES,
-              backend: str = BACKEND) -> str:
-    """IR text + template bytes + backend + versions, as `triton_backend.cache_key`."""
-    text = "\n".join([node.text(), "".join(template_source(n) for n in templates), backend,
-                      version_stamp()])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def value_block(f_dim: int, dv: int, block_v: int | None = None) -> int:
-    """Value columns per program: at most DV_BLOCK_MAX, and S [padded(F), DV_BLOCK] <= 8192 fp32
-    (taylor2's F = 273 takes 16 columns), unless `block_v` asks otherwise."""
-    if block_v is None:
-        block_v = max(16, min(DV_BLOCK_MAX, 8192 // padded(f_dim)))
-    return min(padded(dv), block_v)
+def source_key(node: LinearState, templates: tuple[str, ...] = TEMPLATES,
+               backend: str = BACKEND) -> str:
+    """The cache key of a linear kernel's source: the node's text and the family's templates
+    (the chunked and backward kernels pass theirs)."""
+    return keys.cache_key(backend, node.text(), templates=template_hash(templates))
 
 
 def check_power_of_two(name: str, x: int | None, least: int) -> None:
@@ -150,7 +139,7 @@ class TritonRecurrentLinear(GeneratedKernel):
         check_power_of_two("block_v", block_v, 16)
         self.node = node
         self.block_v = block_v
-        self.kernel = CachedSource(cache_key(node), kernel_name(node),
+        self.kernel = CachedSource(source_key(node), kernel_name(node),
                                    lambda: {"kernel.py": render(node).encode()},
                                    {"backend": BACKEND, "spec": node.text()})
         self.name, self.entry = self.kernel.name, self.kernel.entry

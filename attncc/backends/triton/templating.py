@@ -1,0 +1,34 @@
+"""The Triton templates: read from the installed package, one jinja environment for all of them.
+
+Templates live in `attncc.backends.triton.templates` and are read with importlib.resources, so
+an installed (non-editable) attncc finds them. Undefined template variables are errors
+(`StrictUndefined`): every value a template prints is prepared in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+
+import jinja2
+
+from attncc.backends.keys import sources_hash
+
+PACKAGE = "attncc.backends.triton.templates"
+
+
+def template_source(name: str) -> str:
+    """The text of the template file `name` (e.g. "attn_fwd.py.j2")."""
+    return resources.files(PACKAGE).joinpath(name).read_text()
+
+
+def template_hash(names: Sequence[str]) -> str:
+    """sha256 over the templates `names` (every file a source depends on, includes too)."""
+    return sources_hash(template_source(n) for n in names)
+
+
+def environment() -> jinja2.Environment:
+    """The jinja environment every Triton renderer uses."""
+    return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)

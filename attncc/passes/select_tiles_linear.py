@@ -1,0 +1,78 @@
+"""Tile tables of the linear-recurrence family: chunk sizes, value columns per program and warps
+of the recurrent, chunked and backward kernels (`attncc.backends.triton.linear`).
+
+Each choice is made once here from the node, the feature dim F (= Dk unless phi is taylor2),
+Dv and where the kernel runs; a kernel built with an explicit `chunk` or `block_v` overrides it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from attncc.ir.linear import LinearState
+from attncc.passes.select_tiles import padded
+
+# recurrent kernel: S [128, 64] fp32 is 64 registers a thread at 4 warps
+DV_BLOCK_MAX = 64
+
+# chunked kernel
+CHUNK_GPU = 64
+CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per element
+# sm_90 AOT, bf16, Dk = Dv = 128 (stack bytes = spills): gated_delta 1440 at chunk 64, 576 at 32;
+# vector_gate 216 at chunk 64, 0 at chunk 32 with 32 value columns. So these rules take chunk 32
+# on a GPU (and the vector gate 32 value columns); taylor2 (F_PAD 512) takes 16 to stay within
+# shared memory (chunk 64 asks for 292 KiB)
+CHUNK_GPU_RULE = {"vector_gate": 32, "delta": 32, "gated_delta": 32}
+BLOCK_V_RULE = {"vector_gate": 32}
+# sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing; ieee fp32 dots (FMA,
+# no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4, so they are kept for fp32 inputs only
+CHUNKED_NUM_WARPS = 8
+
+# backward kernel
+BACKWARD_CHUNK_MIN, BACKWARD_CHUNK_MAX = 16, 128  # about sqrt(L): least checkpoint + scratch
+BACKWARD_TILE_MAX = 4096  # S [F_PAD, DV_BLOCK] fp32: ~6 such tiles live; 128 x 32 does not spill
+
+
+def value_block(f_dim: int, dv: int, block_v: int | None = None) -> int:
+    """Recurrent kernel's value columns per program: at most DV_BLOCK_MAX, and
+    S [padded(F), DV_BLOCK] <= 8192 fp32 (taylor2's F = 273 takes 16 columns), unless `block_v`
+    asks otherwise."""
+    if block_v is None:
+        block_v = max(16, min(DV_BLOCK_MAX, 8192 // padded(f_dim)))
+    return min(padded(dv), block_v)
+
+
+def chunked_value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "") -> int:
+    """Chunked kernel's value columns per program: the state tile S [padded(F), DV_BLOCK] stays
+    <= 8192 fp32 (64 registers a thread at 4 warps), unless `block_v` asks otherwise."""
+    if block_v is None:
+        block_v = max(16, min(BLOCK_V_RULE.get(rule, 64), 8192 // padded(f_dim)))
+    return min(padded(dv), block_v)
+
+
+def gpu_chunk(node: LinearState, f_dim: int) -> int:
+    """The chunked kernel's default chunk on a GPU: CHUNK_GPU, less for the rules in
+    CHUNK_GPU_RULE and for wide features (a [CHUNK, padded(F)] tile stays <= 8192 elements)."""
+    return max(16, min(CHUNK_GPU_RULE.get(node.rule, CHUNK_GPU), 8192 // padded(f_dim)))
+
+
+def chunked_chunk(node: LinearState, f_dim: int, interpreted: bool) -> int:
+    """The chunked kernel's default chunk: CHUNK_INTERPRETER under the interpreter, else
+    `gpu_chunk`."""
+    return CHUNK_INTERPRETER if interpreted else gpu_chunk(node, f_dim)
+
+
+def backward_value_block(dk: int, dv: int, block_v: int | None = None) -> int:
+    """Backward kernel's value columns per program: S [padded(Dk), DV_BLOCK] <=
+    BACKWARD_TILE_MAX fp32 elements and at most `value_block`'s choice, unless `block_v` asks
+    otherwise."""
+    if block_v is None:
+        block_v = max(16, min(value_block(dk, dv), BACKWARD_TILE_MAX // padded(dk)))
+    return value_block(dk, dv, block_v)
+
+
+def backward_chunk(length: int) -> int:
+    """Backward kernel's checkpoint interval: the power of two nearest above sqrt(length), in
+    [BACKWARD_CHUNK_MIN, BACKWARD_CHUNK_MAX]."""
+    return min(BACKWARD_CHUNK_MAX,
+               max(BACKWARD_CHUNK_MIN, padded(math.isqrt(max(length, 1) - 1) + 1)))
