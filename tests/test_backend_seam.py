@@ -1,11 +1,10 @@
 """The backend seam (`attncc.backends.base`, `attncc.backends.registry`): the only way from the
-front end to a concrete backend is the registry, "auto" resolves in one place, and every
-backend answers each family with a family object or an `Unsupported` error saying why."""
+front end to a concrete backend is the registry (import rules: tests/test_architecture.py),
+"auto" resolves in one place, and every backend answers each family with a family object or an
+`Unsupported` error saying why."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,41 +12,6 @@ import torch
 import attncc
 from attncc.backends import registry
 from attncc.backends.base import Unsupported
-
-PACKAGE = Path(attncc.__file__).parent
-CONCRETE = ("attncc.backends.triton", "attncc.backends.reference")
-
-
-def _imports(path: Path) -> list[str]:
-    """Every module `path` imports (at any depth: inside functions and TYPE_CHECKING too)."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-    return out
-
-
-def test_only_the_registry_names_a_concrete_backend():
-    """Outside the backends' own folders, only `backends/registry.py` imports one."""
-    folders = tuple("backends/" + c.rsplit(".", 1)[1] + "/" for c in CONCRETE)
-    bad = [f"{rel} imports {name}"
-           for path in sorted(PACKAGE.rglob("*.py"))
-           if not (rel := path.relative_to(PACKAGE).as_posix()).startswith(folders)
-           and rel != "backends/registry.py"
-           for name in _imports(path) if name.startswith(CONCRETE)]
-    assert bad == []
-
-
-def test_backends_do_not_import_the_front_end():
-    front = ("attncc.ops", "attncc.api", "attncc.cli", "attncc.manifest", "attncc.nn",
-             "attncc.fx")
-    bad = [f"{path.relative_to(PACKAGE)} imports {name}"
-           for path in sorted((PACKAGE / "backends").rglob("*.py"))
-           for name in _imports(path) if name.startswith(front)]
-    assert bad == []
-
 
 def test_auto_resolves_once_for_every_family(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -23,7 +23,7 @@ from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.ir import linear as ir
 from attncc.ir.linear import LinearState, Rule
-from attncc.ops.linear.backward import reference_backward
+from attncc.backends.reference.linear_backward import reference_backward
 
 
 def _parts_kwargs(row: Rule) -> dict:

@@ -1,5 +1,5 @@
 """Tile tables of the linear-recurrence family: chunk sizes, value columns per program and warps
-of the recurrent, chunked and backward kernels (`attncc.backends.triton.linear`).
+of the recurrent, chunked and backward kernels (the Triton backend's linear folder).
 
 Each choice is made once here from the node, the feature dim F (= Dk unless phi is taylor2),
 Dv and where the kernel runs; a kernel built with an explicit `chunk` or `block_v` overrides it.
