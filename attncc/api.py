@@ -6,6 +6,7 @@ import functools
 import inspect
 from typing import Any, Callable, Iterable
 
+from attncc.describe import explain_text
 from attncc.ir.linear import LinearState
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
 from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
@@ -112,6 +113,5 @@ def explain(spec: AttentionSpec | CompiledAttention, *, shape: Iterable[int] | N
     candidate token order; with `shape=(Lq, Lk)`, the tile map the kernel visits ('.' skipped,
     'p' partial: mask evaluated, 'F' full: mask skipped) for batch 0, head 0, also drawn to
     the PNG file `png` (needs matplotlib: `pip install attncc[viz]`)."""
-    from attncc.describe import explain_text
     return explain_text(spec.spec if isinstance(spec, CompiledAttention) else spec, shape, block,
                         png)

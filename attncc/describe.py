@@ -10,6 +10,7 @@ import torch
 from attncc.ir.plan import KernelPlan
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL, tile_map
+from attncc.passes.classify_blocks import classify_blocks
 from attncc.passes.choose_reorder import cost_table, grid_of, order_costs
 from attncc.passes.pipeline import run_spec_passes
 
@@ -26,7 +27,6 @@ def visited_tiles(plan: KernelPlan, Lq: int, Lk: int, block: tuple[int, int]) ->
     if plan.block_map is None:
         return tile_map(plan.tiles, Lq=Lq, Lk=Lk, Hq=1, Hkv=1, block_m=bm, block_n=bn,
                         params=params, tensors=tensors)
-    from attncc.passes.classify_blocks import classify_blocks
     reorder = plan.spec.reorder
     q_pos = reorder.permutation(Lq) if reorder is not None else None
     kv_pos = reorder.permutation(Lk) if reorder is not None else None

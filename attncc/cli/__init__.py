@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from attncc.cli import bench, build, cache_cmd, explain
+from attncc.backends.cache import CacheError
 
 COMMANDS = (build, explain, cache_cmd, bench)
 
@@ -34,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         top.print_help(sys.stderr)
         return 2
-    from attncc.backends.cache import CacheError
 
     try:
         return args.run(args)

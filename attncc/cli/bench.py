@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from attncc.cli.output import error
+from attncc.manifest import ManifestError, load_manifest
 
 NO_GPU = ("attncc bench: no CUDA GPU here; refusing to print meaningless numbers (--smoke "
           "checks the entries on the CPU without timing them)")
@@ -36,8 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attncc.manifest import ManifestError, load_manifest
-
     try:  # a file that is no manifest is one line here, before the harness starts
         manifest = load_manifest(args.manifest)
     except ManifestError as e:

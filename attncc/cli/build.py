@@ -21,6 +21,10 @@ from typing import Any
 
 from attncc.backends.keys import triton_type
 from attncc.cli.output import dims, error, one_line, size
+from attncc import config
+from attncc.backends import cache
+from attncc.manifest import ManifestError, load_manifest, parse_archs
+from attncc.ops.softmax.compiled import CompiledAttention
 
 DEFAULT_ARCHS = "sm_80,sm_90"
 
@@ -65,9 +69,6 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out).resolve()
         os.environ["ATTNCC_CACHE_DIR"] = str(out)
         os.environ["TRITON_CACHE_DIR"] = str(out / "triton")
-    from attncc import config
-    from attncc.backends import cache
-    from attncc.manifest import ManifestError, load_manifest, parse_archs
 
     if args.jobs < 1:
         error("build", f"--jobs: expected >= 1, got {args.jobs}")
@@ -96,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
 def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
     """Every kernel to build, once per key, and the number of entries that could not be compiled
     at all. Plans are made here, in one thread: the worker threads only look them up."""
-    from attncc.ops.softmax.compiled import CompiledAttention
-
     jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
     bad = 0
     for entry in manifest.kernels:

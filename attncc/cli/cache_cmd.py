@@ -13,6 +13,8 @@ from pathlib import Path
 
 from attncc.backends.keys import TRITON_TYPES
 from attncc.cli.output import age, dims, error, size
+from attncc import config
+from attncc.backends import cache
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _root(args: argparse.Namespace) -> Path:
     """The cache directory; `CacheError` (one line, exit status 1) when it is a file, a dangling
     link or a link loop, rather than an empty listing."""
-    from attncc import config
-    from attncc.backends import cache
     root = Path(args.dir) if getattr(args, "dir", None) else config.cache_dir()
     cache.check_root(root)
     return root
@@ -57,8 +57,6 @@ def _describe(entry) -> tuple[str, str]:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from attncc.backends import cache
-
     found = cache.inspect_all(_root(args))
     targets: dict[str, set[str]] = {}
     for _, entry, _ in found:
@@ -87,8 +85,6 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from attncc.backends import cache
-
     root = _root(args)
     found = cache.inspect_all(root)
     entries = [e for _, e, _ in found if e is not None]
@@ -111,8 +107,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from attncc.backends import cache
-
     root = _root(args)
     found = cache.inspect_all(root)
     bad = [(path, problem) for path, entry, problem in found if entry is None]
@@ -132,8 +126,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from attncc.backends import cache
-
     if args.older_than is not None and not (math.isfinite(args.older_than)
                                             and args.older_than >= 0):
         error("cache clean", f"--older-than: expected a finite number of DAYS >= 0, got "

@@ -17,6 +17,14 @@ from typing import Any
 
 from attncc.cli.build import DEFAULT_ARCHS
 from attncc.cli.output import error, one_line
+from attncc.api import Attention
+from attncc.backends.targets import check_head_dim, parse_dtype
+from attncc.ir.plan import Signature
+from attncc.manifest import CatalogueError, call_catalogue
+from attncc.manifest import ManifestError, load_manifest, parse_archs
+from attncc.manifest import import_spec
+from attncc.passes.pipeline import run_plan_passes, run_spec_passes
+import attncc
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,9 +53,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attncc.manifest import ManifestError, load_manifest, parse_archs
-    from attncc.backends.targets import check_head_dim, parse_dtype
-
     try:
         shape = _pair("--shape", args.shape) if args.shape else None
         block = _pair("--block", args.block)
@@ -83,9 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _explain(name: str, spec, dtypes, head_dims, archs, shape, block, png: str | None,
              source: bool) -> str:
-    import attncc
-    from attncc.ir.plan import Signature
-    from attncc.passes.pipeline import run_plan_passes, run_spec_passes
 
     out = [f"### {name}", attncc.explain(spec, shape=shape, block=block, png=png)]
     if spec.memory.text() != "dense":
@@ -122,9 +124,6 @@ def _pair(option: str, text: str) -> tuple[int, int]:
 
 
 def _spec(args: argparse.Namespace):
-    from attncc.api import Attention
-    from attncc.manifest import import_spec
-
     if ":" in args.spec:
         if args.score or args.reorder:
             raise ValueError("--score/--reorder go with a catalogue mask, not an import path")
@@ -151,8 +150,6 @@ def _expression(option: str, kind: str, text: str) -> Any:
 
 
 def _evaluate(option: str, kind: str, node: ast.AST, text: str) -> Any:
-    from attncc.manifest import CatalogueError, call_catalogue
-
     if kind == "mask" and isinstance(node, ast.BinOp) and isinstance(node.op,
                                                                     (ast.BitAnd, ast.BitOr)):
         left, right = (_evaluate(option, kind, n, text) for n in (node.left, node.right))

@@ -13,6 +13,7 @@ import sympy
 import torch
 
 from attncc.ir.nodes import Capture, Mask, Param
+from attncc.ir.reorder import Hilbert2D, inverse
 from attncc.ir.symbols import B_IDX, H_IDX, KV_IDX, Q_IDX, QP, Load, buffer_symbol
 
 Q, KV, H = Q_IDX, KV_IDX, H_IDX
@@ -344,7 +345,6 @@ def hilberta(height: int, width: int, tile: int, shift: int, centre: int) -> Mas
     """M15 (HilbertA), in ORIGINAL positions: tokens attend within the same tile of `tile = 4^t`
     consecutive Hilbert ranks, boundaries shifted by `shift`, plus a `centre x centre` block at
     the grid centre that every token attends to. Pair with `reorder=Hilbert2D(H, W)`."""
-    from attncc.ir.reorder import Hilbert2D, inverse
     rank = inverse(Hilbert2D(height, width).permutation(height * width)).to(torch.int32)
     rk = Capture.of("hilbert_rank", rank, static=True)  # fixed by the grid, not per-batch data
     t, s = _int("tile", tile), _int("shift", shift, minimum=0)

@@ -20,6 +20,7 @@ import torch
 from attncc.ir.reorder import AutoReorder, Hilbert2D, Hilbert3D, Morton2D, Reorder, TileMajor
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
+from attncc.passes.classify_blocks import allowed_pairs, classify_blocks
 
 DEFAULT_TILES = (64, 64)
 
@@ -75,8 +76,6 @@ def candidates(grid: tuple[int, ...], block: int) -> dict[str, Reorder | None]:
 def order_costs(spec: AttentionSpec, grid: tuple[int, ...],
                 tiles: tuple[int, int] = DEFAULT_TILES) -> list[OrderCost]:
     """Exact tile counts of every candidate order of `grid` for `spec.mask`."""
-    from attncc.passes.classify_blocks import allowed_pairs, classify_blocks
-
     length = 1
     for d in grid:
         length *= d
