@@ -54,3 +54,45 @@ def test_the_reference_backend_has_nothing_ahead_of_time():
             call()
     with pytest.raises(Unsupported, match="serving plans launch generated kernels"):
         reference.serving(attn.plan)
+
+
+def test_a_new_backend_is_one_registry_entry(monkeypatch):
+    """The seam is the whole contract: a backend object registered under a new name is
+    reachable from `attncc.compile(...)(..., backend=name)` with no change to the front end.
+    The toy backend here hands the reference's softmax family out and counts its launches."""
+    reference = registry.BACKENDS["reference"]
+    launches = []
+
+    class Counting:
+        def __init__(self, family):
+            self.family, self.name, self.backend = family, "toy", toy
+
+        def __getattr__(self, attr):
+            return getattr(self.family, attr)
+
+        def forward(self, *args, **kwargs):
+            launches.append(args[0].shape)
+            return self.family.forward(*args, **kwargs)
+
+    class Toy:
+        name, compiles = "toy", False
+
+        def runs_on(self, device):
+            return None
+
+        def softmax(self, plan, spec, positions):
+            return Counting(reference.softmax(plan, spec, positions))
+
+        def __getattr__(self, attr):  # the other families: as the reference says
+            return getattr(reference, attr)
+
+    toy = Toy()
+    monkeypatch.setitem(registry.BACKENDS, "toy", toy)
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal() & attncc.sliding_window(5)))
+    q, k, v = (torch.randn(1, 2, 13, 8, generator=torch.manual_seed(i)) for i in range(3))
+    out = attn(q, k, v, backend="toy")
+    assert launches == [(1, 2, 13, 8)]
+    torch.testing.assert_close(out, attn(q, k, v, backend="reference"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'reference', "
+                                         r"'toy'\), got 'cuda'"):
+        attn(q, k, v, backend="cuda")

@@ -26,8 +26,9 @@ FALLBACK = "reference"
 
 def check_name(name: Any) -> str:
     """`name` itself when it is "auto" or a registered backend; ValueError otherwise."""
-    if name not in NAMES:
-        raise ValueError(f"backend: expected one of {NAMES}, got {name!r}")
+    names = ("auto", *BACKENDS)  # read now: a backend registered later is a name too
+    if name not in names:
+        raise ValueError(f"backend: expected one of {names}, got {name!r}")
     return name
 
 
