@@ -1,4 +1,4 @@
-"""The reference backward of the linear-recurrence family (CATALOG 5, L1-L7): autograd through
+"""The reference backward of the linear-recurrence family (docs/catalog.md, L1-L7): autograd through
 `recurrent_reference` (or `varlen_reference`, packed) in fp64 or fp32. It is the oracle the
 generated backward kernels are tested against, and what the reference backend differentiates."""
 
