@@ -115,6 +115,9 @@ def bench(part: str, out: Path, dry_run: bool) -> int:
     except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what ran
         failed.append({"workload": part, "shape": None, "reason": "interrupted at the part's "
                        "time limit (SIGINT); the results before it are kept"})
+    if any(r.get("interrupted") for r in results):
+        failed.append({"workload": part, "shape": None, "reason": "interrupted at the part's "
+                       "time limit (SIGINT); the entries measured before it are kept"})
     obj = {"schema": SCHEMA + "/part", "part": part, **_context(dry_run),
            "peers_left_out": LEFT_OUT if part == "forward" else {},
            "results": results, "failed": failed}

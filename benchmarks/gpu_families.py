@@ -95,7 +95,19 @@ def run_case(case: FamilyCase, timer: Timer | None) -> dict[str, Any]:
     start = time.perf_counter()
     with _no_tf32():
         ref = case.reference()
-    entries = {name: _entry(prep, ref, case.dtype, timer) for name, prep in case.impls.items()}
+    entries: dict[str, dict[str, Any]] = {}
+    interrupted = False
+    for name, prep in case.impls.items():
+        if interrupted:
+            entries[name] = {"status": "error", "ms": None, "max_err": None,
+                             "reason": "not run: the part's time limit came first"}
+            continue
+        try:
+            entries[name] = _entry(prep, ref, case.dtype, timer)
+        except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): keep what was measured
+            interrupted = True
+            entries[name] = {"status": "error", "ms": None, "max_err": None,
+                             "reason": "interrupted at the part's time limit"}
     base = entries["attncc"]["ms"]
     speedup = {n: e["ms"] / base for n, e in entries.items()
                if n != "attncc" and base and e["ms"]}
@@ -104,7 +116,7 @@ def run_case(case: FamilyCase, timer: Timer | None) -> dict[str, Any]:
     return {"workload": case.workload, "family": case.family, "about": case.about,
             "shape": {k: v for k, v in case.shape.items() if k != "device"},
             "params": case.params, "entries": entries, "speedup": speedup,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3), "interrupted": interrupted}
 
 
 def _ref_dtype(device: str) -> torch.dtype:

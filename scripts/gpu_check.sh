@@ -38,7 +38,6 @@ if [ "$DRY" = 1 ]; then  # a CPU rehearsal, also on a machine with a GPU
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 fi
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `benchmarks` is a folder of the repo
 
 START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET_S:-450}"   # 7 min 30 s (+ at most 15 s to kill a hung part): < 8 min
@@ -97,10 +96,12 @@ run_part() {
 
 # 0. attncc importable from this checkout (never touching torch / triton: --no-deps; offline:
 #    no build isolation, the image's setuptools builds it)
+#    (checked from / : every later command runs from the repo root, where `import attncc`
+#    would find the folder even uninstalled)
 install_attncc() {
-  if "$PY" -c 'import attncc, sys; from pathlib import Path
-sys.exit(0 if Path(attncc.__file__).resolve().is_relative_to(Path(sys.argv[1])) else 1)' "$ROOT"
-  then echo "attncc already importable from $ROOT"
+  if (cd / && "$PY" -c 'import attncc, sys; from pathlib import Path
+sys.exit(0 if Path(attncc.__file__).resolve().is_relative_to(Path(sys.argv[1])) else 1)' "$ROOT")
+  then echo "attncc already installed from $ROOT"
   else "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT"
   fi
 }

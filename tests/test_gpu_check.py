@@ -12,8 +12,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_families
+from benchmarks.peers import Unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -90,3 +92,34 @@ def test_best_peer_is_the_fastest_timed_peer():
                                         "sdpa-cudnn": None}))
     assert best == {"attncc_ms": 2.0, "peer": "flex", "peer_ms": 1.0, "ratio": 0.5}
     assert gpu_check.best_peer(_result({"attncc": 2.0, "fla": None}))["peer"] is None
+
+
+def _case(impls: dict) -> gpu_families.FamilyCase:
+    return gpu_families.FamilyCase("toy", "toy", "toy", {"L": 2}, "float32",
+                                   lambda: torch.ones(1, 2, dtype=torch.float64), impls)
+
+
+def test_a_wrong_output_is_not_timed_and_a_missing_peer_says_why():
+    def unavailable():
+        raise Unavailable("not installed")
+    timed = []
+    r = gpu_families.run_case(_case({
+        "attncc": lambda: (lambda: torch.ones(2, 2)),
+        "wrong": lambda: (lambda: torch.full((2, 2), 1.5)),
+        "missing": unavailable}), timer=lambda fn: timed.append(fn) or 1.0)
+    e = r["entries"]
+    assert e["attncc"]["status"] == "ok" and e["attncc"]["ms"] == 1.0 and len(timed) == 1
+    assert e["wrong"]["status"] == "wrong" and e["wrong"]["ms"] is None
+    assert e["missing"] == {"status": "unavailable", "ms": None, "max_err": None,
+                            "reason": "not installed"}
+
+
+def test_the_time_limit_keeps_the_entries_measured_before_it():
+    def interrupted():
+        raise KeyboardInterrupt
+    r = gpu_families.run_case(_case({"attncc": lambda: (lambda: torch.ones(2, 2)),
+                                     "slow": interrupted,
+                                     "after": lambda: (lambda: torch.ones(2, 2))}), timer=None)
+    assert r["interrupted"] and r["entries"]["attncc"]["status"] == "ok"
+    assert "time limit" in r["entries"]["slow"]["reason"]
+    assert r["entries"]["after"]["reason"].startswith("not run")
