@@ -57,6 +57,9 @@ print(re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-"))' 2>/dev/null || echo unk
 fi
 mkdir -p "$OUT_DIR/tests" "$OUT_DIR/bench"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+# a rerun into the same folder replaces the earlier run's files (the summary reads all of them)
+rm -f "$OUT_DIR"/tests/*.xml "$OUT_DIR"/tests/*.log "$OUT_DIR"/bench/*.json "$OUT_DIR"/bench/*.log \
+  "$OUT_DIR"/check.json "$OUT_DIR"/summary.md "$OUT_DIR"/summary.log "$OUT_DIR"/install.log
 : > "$OUT_DIR/parts.tsv"
 echo "gpu_check: results in $OUT_DIR (python: $PY, dry run: $DRY, budget ${BUDGET}s)"
 

@@ -67,6 +67,8 @@ def test_dry_run_writes_the_results_files(dry_run):
 
 
 def test_a_spent_budget_skips_parts_but_still_writes_the_summary(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "forward.json").write_text("{}")  # an earlier run's: replaced
     proc = _script("--dry-run", "--out", str(tmp_path), timeout=120, GPU_CHECK_BUDGET_S="20")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     statuses = {line.split("\t")[0]: line.split("\t")[1]
@@ -74,6 +76,7 @@ def test_a_spent_budget_skips_parts_but_still_writes_the_summary(tmp_path):
     assert set(statuses.values()) == {"skipped"} and "bench-all" in statuses
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["results"] == [] and all(p["status"] == "skipped" for p in check["parts"])
+    assert not (tmp_path / "bench" / "forward.json").exists()
 
 
 def test_unknown_argument_is_an_error():
