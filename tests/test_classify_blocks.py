@@ -322,11 +322,13 @@ def test_runs_never_cover_positions_outside_the_tile():
 
 
 
-@pytest.mark.parametrize("expr,warns", [(sympy.sqrt(Q_IDX) <= KV_IDX / 4, True),
+@pytest.mark.parametrize("expr,warns", [(sympy.sqrt(Q_IDX + KV_IDX) <= 6, True),
+                                        (sympy.sqrt(Q_IDX) <= KV_IDX / 4, False),
                                         (sympy.log(Q_IDX - KV_IDX) > 1, False)],
-                         ids=["sqrt", "log-nan"])
+                         ids=["sqrt", "sqrt-of-q", "log-nan"])
 def test_nodes_without_interval_rules_still_classify_exactly(expr, warns):
-    """sqrt has no interval rule (refined to points, with a warning); log of a negative is NaN,
-    undecidable even at a point, so torch_eval settles those points."""
+    """sqrt has no interval rule (refined to points, with a warning), unless it reads q_idx alone:
+    then it is a separable term, tabulated by value per row (no rule needed); log of a negative
+    is NaN, undecidable even at a point, so torch_eval settles those points."""
     with pytest.warns(UserWarning, match="no interval rule") if warns else nullcontext():
         check(attncc.Mask(expr), 40, 33, tiles=[(16, 16), (8, 32)], count=True)
