@@ -39,6 +39,8 @@ from attncc.passes.tile_terms import TermTables, separable_terms, tabulate
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "allowed_pairs", "classify_blocks"]
 
 _CHUNK = 1 << 18  # boxes per interval_eval call: bounds the temporaries of one evaluation
+_PROBE_BOXES = 2  # boxes per pair followed first when the pair needs one more witness
+_PROBE_ROUNDS = 64  # rounds that may defer boxes: past them, plain breadth-first bisection
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,10 @@ class _Boxes(NamedTuple):
         return _cat(first, second)
 
     def corners(self) -> "_Boxes":
-        """The four corner points of every box."""
-        qs, ks = (self.qlo, self.qhi, self.qlo, self.qhi), (self.klo, self.khi, self.khi, self.klo)
-        return _cat(*(_Boxes(self.pair, q, q, k, k) for q, k in zip(qs, ks)))
+        """The corner, edge-middle and centre points of every box (3 x 3)."""
+        mq, mk = (self.qlo + self.qhi) // 2, (self.klo + self.khi) // 2
+        return _cat(*(_Boxes(self.pair, q, q, k, k) for q in (self.qlo, mq, self.qhi)
+                      for k in (self.klo, mk, self.khi)))
 
     def points(self) -> Tensor:
         return (self.qlo == self.qhi) & (self.klo == self.khi)
@@ -206,18 +209,40 @@ class _Search:
         self.seen_false[boxes.pair[false]] = True
         return self.open(boxes.take(~true & ~false))
 
+    def _beyond_first(self, boxes: _Boxes, keep: int) -> Tensor:
+        """bool per box: its pair has one kind of witness and `keep` earlier boxes."""
+        order = torch.sort(boxes.pair, stable=True).indices
+        pair = boxes.pair[order]
+        start = torch.ones_like(pair, dtype=torch.bool)
+        start[1:] = pair[1:] != pair[:-1]
+        index = torch.arange(len(pair))
+        first = torch.cummax(torch.where(start, index, 0), 0).values
+        rank = torch.empty_like(index)
+        rank[order] = index - first
+        one_kind = self.seen_true[boxes.pair] ^ self.seen_false[boxes.pair]
+        return one_kind & (rank >= keep)
+
     def refine(self, undecided: _Boxes) -> Tensor | None:
         """Bisect until every box is decided or its pair PARTIAL; `undecided` boxes are known
         undecided. Depth first over batches of at most `_CHUNK` boxes, so memory stays bounded
         however deep a pair must be refined. Returns None when done, else the pairs the cap
         left undecided."""
-        stack = [undecided]
+        stack, probes = [undecided], _PROBE_ROUNDS
         while stack:
             known = self.open(stack.pop())
             if len(known) > _CHUNK:
                 half = len(known) // 2
                 stack += [known.take(slice(half, None)), known.take(slice(0, half))]
                 continue
+            if probes and len(known):
+                # A pair with a witness of one kind needs just one of the other: follow a few
+                # boxes per pair down first and keep the rest for later (dropped if a witness
+                # turns up), instead of splitting its whole undecided frontier at every level.
+                probes -= 1
+                later = self._beyond_first(known, _PROBE_BOXES)
+                if bool(later.any()):
+                    stack.append(known.take(later))
+                    known = known.take(~later)
             # Corner points are exact: for a pair that is PARTIAL they usually show both a true
             # and a false pair long before the bisection gets down to boxes that small.
             if len(known) and self.evaluate(known.corners()) is None:
