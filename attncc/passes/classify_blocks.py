@@ -17,8 +17,11 @@ Lq x Lk grid. A box is (kernel row range, kernel column range) of one tile pair:
   bisect    undecided boxes split the longer side in half (in kernel order: the halves of an
             aligned curve tile are boxes again), until decided or single (row, col) points,
             which are exact; a pair is dropped as soon as it has both a true and a false box
-            (PARTIAL), and the four corner points of every undecided box are evaluated too, as
-            cheap exact witnesses.
+            (PARTIAL), and 3 x 3 points of every undecided box (corners, edge middles, centre)
+            are evaluated too, as cheap exact witnesses. A pair that already has a witness of
+            one kind follows two of its boxes down first (the rest wait, and are dropped once
+            the pair is PARTIAL): a NA3D tile pair that touches across a face needs one true
+            point, which a full breadth-first frontier finds only after many more boxes.
 """
 
 from __future__ import annotations
@@ -243,8 +246,8 @@ class _Search:
                 if bool(later.any()):
                     stack.append(known.take(later))
                     known = known.take(~later)
-            # Corner points are exact: for a pair that is PARTIAL they usually show both a true
-            # and a false pair long before the bisection gets down to boxes that small.
+            # Points are exact: for a pair that is PARTIAL they usually show both a true and a
+            # false pair long before the bisection gets down to boxes that small.
             if len(known) and self.evaluate(known.corners()) is None:
                 return torch.cat([b.pair for b in (known, *stack)]).unique()
             fresh = self.open(known).split()
