@@ -21,6 +21,7 @@ from attncc.ir.symbols import KV_IDX, Q_IDX
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
 from attncc.ir.trace import trace_mask
 from attncc.passes.classify_blocks import allowed_pairs, classify_blocks
+from attncc.passes.tile_terms import separable_terms, tabulate
 
 TILES = [(16, 16), (32, 16), (64, 64), (8, 32)]
 HQ = 4
@@ -322,11 +323,87 @@ def test_runs_never_cover_positions_outside_the_tile():
 
 
 
-@pytest.mark.parametrize("expr,warns", [(sympy.sqrt(Q_IDX) <= KV_IDX / 4, True),
+@pytest.mark.parametrize("expr,warns", [(sympy.sqrt(Q_IDX + KV_IDX) <= 6, True),
+                                        (sympy.sqrt(Q_IDX) <= KV_IDX / 4, False),
                                         (sympy.log(Q_IDX - KV_IDX) > 1, False)],
-                         ids=["sqrt", "log-nan"])
+                         ids=["sqrt", "sqrt-of-q", "log-nan"])
 def test_nodes_without_interval_rules_still_classify_exactly(expr, warns):
-    """sqrt has no interval rule (refined to points, with a warning); log of a negative is NaN,
-    undecidable even at a point, so torch_eval settles those points."""
+    """sqrt has no interval rule (refined to points, with a warning), unless it reads q_idx alone:
+    then it is a separable term, tabulated by value per row (no rule needed); log of a negative
+    is NaN, undecidable even at a point, so torch_eval settles those points."""
     with pytest.warns(UserWarning, match="no interval rule") if warns else nullcontext():
         check(attncc.Mask(expr), 40, 33, tiles=[(16, 16), (8, 32)], count=True)
+
+
+# --- grid masks in curve order: decided from the separable terms' exact bounds ------------------
+
+CASES_CURVE = [("M15", (7, 9), 4, 2), ("M15", (12, 10), 16, 8), ("M15", (9, 16), 16, 0),
+               ("M12", (13, 11), 5, 3), ("M13", (3, 5, 7), (3, 3, 1), None)]
+
+
+def _curve_mask(name: str, grid: tuple[int, ...], a, b) -> attncc.Mask:
+    if name == "M15":
+        return attncc.hilberta(*grid, a, b, 3)
+    if name == "M12":
+        return attncc.neighbourhood_2d(*grid, a, b)
+    return attncc.neighbourhood_3d(*grid, a)
+
+
+@pytest.mark.parametrize("name,grid,a,b", CASES_CURVE,
+                         ids=[f"{n}-{'x'.join(map(str, g))}" for n, g, _, _ in CASES_CURVE])
+@pytest.mark.parametrize("tiles", [(16, 16), (8, 32), (32, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_curve_order_grid_masks_equal_brute_force(name, grid, a, b, tiles):
+    """Odd grids (generalised curves, ragged last tiles) in Hilbert order, with the brute-force
+    classes checked to hold all three kinds somewhere across the cases."""
+    pos = order("hilbert", grid)
+    L = pos.numel()
+    check(_curve_mask(name, grid, a, b), L, L, tiles=[tiles], q_pos=pos, kv_pos=pos,
+          count=tiles == (16, 16))
+
+
+def test_curve_order_brute_force_cases_hold_every_class():
+    seen = set()
+    for name, grid, a, b in CASES_CURVE:
+        pos = order("hilbert", grid)
+        mask = _curve_mask(name, grid, a, b)
+        kw = launch(mask, pos.numel(), pos.numel(), q_pos=pos, kv_pos=pos)
+        seen |= set(brute_force(dense(mask.expr, kw), 8, 8).unique().tolist())
+    assert seen == {EMPTY, PARTIAL, FULL}
+
+
+@pytest.mark.parametrize("name", ["M15", "M12", "M13"])
+def test_curve_tiles_are_decided_at_tile_level(name):
+    """L = 4096 in Hilbert order at 64 x 64 tiles (boxes of the grid): a few box evaluations per
+    tile pair. Interval rules on position hulls alone took 41 (M12) to 192 (M13) per pair."""
+    if name == "M13":
+        mask, pos = attncc.neighbourhood_3d(16, 16, 16, (3, 7, 7)), order("hilbert", (16, 16, 16))
+    elif name == "M12":
+        mask, pos = attncc.neighbourhood_2d(64, 64, 13, 13), order("hilbert", (64, 64))
+    else:
+        mask, pos = attncc.hilberta(64, 64, 64, 32, 8), order("hilbert", (64, 64))
+    kw = launch(mask, 4096, 4096, q_pos=pos, kv_pos=pos)
+    got = classify_blocks(mask.expr, block_m=64, block_n=64, **kw)
+    assert got.exact and got.boxes < 20 * 64 * 64, got.boxes
+    assert torch.equal(got.classes, brute_force(dense(mask.expr, kw), 64, 64))
+
+
+def test_separable_terms_are_tabulated_exactly():
+    """The maximal q-only / kv-only subterms of M12, and their exact min / max over row ranges
+    of a reordered axis."""
+    mask = attncc.neighbourhood_2d(6, 5, 3, 3)
+    q_terms, kv_terms = separable_terms(mask.expr)
+    assert q_terms and kv_terms
+    assert all({s.name for s in t.free_symbols} & {"q_idx", "kv_idx", "b", "h"} == {"q_idx"}
+               for t in q_terms)
+    assert all({s.name for s in t.free_symbols} & {"q_idx", "kv_idx", "b", "h"} == {"kv_idx"}
+               for t in kv_terms)
+    pos = order("hilbert", (6, 5))
+    scalars = {p.name: p.value for p in mask.params}
+    tables = tabulate(q_terms, Q_IDX, pos, scalars, {})
+    lo, hi = torch.tensor([0, 3, 7, 29]), torch.tensor([29, 3, 20, 29])
+    for term, (tlo, thi) in tables.bounds(lo, hi).items():
+        value = torch.as_tensor(evaluate(term, {s: pos if s.name == "q_idx" else scalars[s.name]
+                                                for s in term.free_symbols}, {}))
+        for i in range(4):
+            window = value.expand(30)[lo[i]:hi[i] + 1]
+            assert (tlo[i], thi[i]) == (window.min(), window.max()), term

@@ -31,10 +31,14 @@ INF = float("inf")
 
 
 def interval_eval(expr: sympy.Basic, env: Mapping[str, tuple[Tensor, Tensor]],
-                  tensors: Mapping[str, Tensor]) -> Interval:
+                  tensors: Mapping[str, Tensor],
+                  known: Mapping[sympy.Basic, Interval] | None = None) -> Interval:
     """`(lo, hi)` of `expr` over the boxes of `env` (symbol name -> (lo, hi) tensors, or Python
-    numbers); `tensors` are the captured tensors `Load` reads, by name."""
-    memo: dict[sympy.Basic, Interval] = {}  # shared subterms (floor(q/W) ...) evaluate once
+    numbers); `tensors` are the captured tensors `Load` reads, by name. `known`: bounds of whole
+    subterms, used as given (they must be sound, and exact where the box is a point): a term of
+    `q_idx` alone bounded by its true min / max over a box's rows is far tighter than the rules
+    applied to the hull of `q_idx`."""
+    memo: dict[sympy.Basic, Interval] = dict(known or {})  # shared subterms evaluate once
 
     def ev(e: sympy.Basic) -> Interval:
         out = memo.get(e)
@@ -348,11 +352,11 @@ class RangeTable:
         if n == 0:
             return zero.expand(lo.shape), zero.expand(lo.shape)
         left, right = lo.clamp(0, n - 1), hi.clamp(0, n - 1)
-        k = self.log2.to(lo.device)[(right - left + 1).clamp(min=1)]
-        mins, maxs = self.mins.to(lo.device), self.maxs.to(lo.device)
-        far = (right - (1 << k) + 1).clamp(min=0)
-        low = torch.minimum(mins[k, left], mins[k, far])
-        high = torch.maximum(maxs[k, left], maxs[k, far])
+        k = _gather(self.log2.to(lo.device), (right - left + 1).clamp(min=1))
+        mins, maxs = self.mins.to(lo.device).view(-1), self.maxs.to(lo.device).view(-1)
+        near, far = k * n + left, k * n + (right - (1 << k) + 1).clamp(min=0)
+        low = torch.minimum(_gather(mins, near), _gather(mins, far))
+        high = torch.maximum(_gather(maxs, near), _gather(maxs, far))
         inside = (hi >= 0) & (lo <= n - 1)
         outside = (lo < 0) | (hi > n - 1)
         low, high = torch.where(inside, low, zero), torch.where(inside, high, zero)
@@ -379,6 +383,12 @@ class RangeTable:
         high = torch.where(maybe_out, torch.maximum(self.high, zero), self.high.to(inside.device))
         point = _points(*zip(los, his))
         return torch.where(point, exact, low), torch.where(point, exact, high)
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """`values[index]` for 1-D `values`: `gather` stays fast where advanced indexing, with more
+    than one intra-op thread on a busy machine, costs milliseconds per call."""
+    return values.gather(0, index.reshape(-1)).view(index.shape)
 
 
 def _index(x: Tensor, n: int) -> Tensor:

@@ -7,15 +7,21 @@ Ensures: `classes[gb, gh, m, n]` is FULL iff every (row, col) pair of tile (m, n
   EMPTY iff none is, else PARTIAL. Exact unless the `max_boxes` cap is hit; then the undecided
   tiles are PARTIAL (the kernel evaluates the mask there: always correct) and `exact` is False.
 
-Cost: O(tiles x a small constant) box evaluations (`interval_eval`); the mask is never evaluated
-on the Lq x Lk grid. A box is (q interval, kv interval) of original positions:
-  level 0   the hull of each tile pair decides most pairs (a hull TRUE is FULL even when a reorder
-            puts foreign positions in the hull: the hull is a superset);
-  level 1   undecided pairs: every (q run, kv run), a run being a maximal set of consecutive
-            positions of the tile (a Hilbert 8x8 square on a 64-wide grid: 8 runs of 8);
-  bisect    undecided boxes split the wider side in half, until decided or single points (exact),
-            dropping a pair as soon as it has both a true and a false box (PARTIAL); the four
-            corner points of every undecided box are evaluated too, as cheap exact witnesses.
+Cost: O(tiles x a small constant) box evaluations (`interval_eval`) plus O(L log L) to tabulate
+the mask's separable terms (`attncc.passes.tile_terms`); the mask is never evaluated on the
+Lq x Lk grid. A box is (kernel row range, kernel column range) of one tile pair:
+  level 0   the whole tile pair. Every maximal subterm of `q_idx` alone (`q_idx // W`, a clamped
+            grid coordinate, `rank[q_idx] // t`, a boolean of the key alone ...) is bounded by its
+            exact min / max over the box's own rows, not by rules on the hull of positions, so a
+            tile of a curve order (a box of the grid) is decided here for the grid masks;
+  bisect    undecided boxes split the longer side in half (in kernel order: the halves of an
+            aligned curve tile are boxes again), until decided or single (row, col) points,
+            which are exact; a pair is dropped as soon as it has both a true and a false box
+            (PARTIAL), and 3 x 3 points of every undecided box (corners, edge middles, centre)
+            are evaluated too, as cheap exact witnesses. A pair that already has a witness of
+            one kind follows two of its boxes down first (the rest wait, and are dropped once
+            the pair is PARTIAL): a NA3D tile pair that touches across a face needs one true
+            point, which a full breadth-first frontier finds only after many more boxes.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ from torch import Tensor
 
 from attncc.ir.eval import evaluate
 from attncc.ir.intervals import interval_eval
+from attncc.ir.symbols import KV_IDX, Q_IDX
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
+from attncc.passes.tile_terms import TermTables, separable_terms, tabulate
 
 __all__ = ["EMPTY", "FULL", "PARTIAL", "BlockClasses", "allowed_pairs", "classify_blocks"]
 
 _CHUNK = 1 << 18  # boxes per interval_eval call: bounds the temporaries of one evaluation
+_PROBE_BOXES = 2  # boxes per pair followed first when the pair needs one more witness
+_PROBE_ROUNDS = 64  # rounds that may defer boxes: past them, plain breadth-first bisection
 
 
 @dataclass(frozen=True)
@@ -47,40 +57,9 @@ class BlockClasses:
     boxes: int
 
 
-class _Runs(NamedTuple):
-    """The original positions of each tile's rows, as maximal runs of consecutive integers.
-    hull_lo, hull_hi: int64[tiles]; first, count: int64[tiles] (the tile's runs in lo, hi);
-    lo, hi: int64[runs], grouped by tile."""
-
-    hull_lo: Tensor
-    hull_hi: Tensor
-    first: Tensor
-    count: Tensor
-    lo: Tensor
-    hi: Tensor
-
-
-def _tile_runs(pos: Tensor, block: int) -> _Runs:
-    length = pos.numel()
-    n_tiles = -(-length // block)
-    by_pos = torch.sort(pos, stable=True).indices
-    tile = torch.arange(length, device=pos.device) // block
-    order = by_pos[torch.sort(tile[by_pos], stable=True).indices]  # by tile, then position
-    spos, stile = pos[order], tile[order]
-    start = torch.ones(length, dtype=torch.bool, device=pos.device)
-    start[1:] = (stile[1:] != stile[:-1]) | (spos[1:] != spos[:-1] + 1)
-    end = torch.ones_like(start)
-    end[:-1] = start[1:]
-    count = torch.bincount(stile[start], minlength=n_tiles)
-    # Tile t holds sorted entries [t * block, min((t + 1) * block, L)): its hull is their ends.
-    first_row = torch.arange(n_tiles, device=pos.device) * block
-    last_row = torch.clamp(first_row + block, max=length) - 1
-    return _Runs(spos[first_row], spos[last_row], torch.cumsum(count, 0) - count, count,
-                 spos[start], spos[end])
-
-
 class _Boxes(NamedTuple):
-    """A batch of boxes: the tile pair each refines (flat index) and closed position ranges."""
+    """A batch of boxes: the tile pair each refines (flat index) and closed ranges of kernel
+    rows (q) and columns (k)."""
 
     pair: Tensor
     qlo: Tensor
@@ -88,11 +67,14 @@ class _Boxes(NamedTuple):
     klo: Tensor
     khi: Tensor
 
-    def take(self, keep: Tensor) -> "_Boxes":
+    def take(self, keep: Tensor | slice) -> "_Boxes":
         return _Boxes(*(t[keep] for t in self))
 
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.pair.numel()
+
     def split(self) -> "_Boxes":
-        """Both halves of every box, cut across its wider side (the other side is kept)."""
+        """Both halves of every box, cut across its longer side (the other side is kept)."""
         along_q = (self.qhi - self.qlo) >= (self.khi - self.klo)
         mq, mk = (self.qlo + self.qhi) // 2, (self.klo + self.khi) // 2
         first = _Boxes(self.pair, self.qlo, torch.where(along_q, mq, self.qhi),
@@ -102,9 +84,10 @@ class _Boxes(NamedTuple):
         return _cat(first, second)
 
     def corners(self) -> "_Boxes":
-        """The four corner points of every box."""
-        qs, ks = (self.qlo, self.qhi, self.qlo, self.qhi), (self.klo, self.khi, self.khi, self.klo)
-        return _cat(*(_Boxes(self.pair, q, q, k, k) for q, k in zip(qs, ks)))
+        """The corner, edge-middle and centre points of every box (3 x 3)."""
+        mq, mk = (self.qlo + self.qhi) // 2, (self.klo + self.khi) // 2
+        return _cat(*(_Boxes(self.pair, q, q, k, k) for q in (self.qlo, mq, self.qhi)
+                      for k in (self.klo, mk, self.khi)))
 
     def points(self) -> Tensor:
         return (self.qlo == self.qhi) & (self.klo == self.khi)
@@ -120,29 +103,37 @@ class _Problem:
     n_h: int  # Gh: the group index g of a pair is b * Gh + h
     n_tiles: int  # nM * nN: pair = g * n_tiles + m * nN + n
     reads_b: bool
+    q_pos: Tensor  # int64[Lq]: original position of each kernel row
+    kv_pos: Tensor
+    q_terms: TermTables
+    kv_terms: TermTables
 
     def decide(self, boxes: _Boxes) -> tuple[Tensor, Tensor]:
         """(true, false) bool per box: the mask holds on the whole box / nowhere on it."""
-        if boxes.pair.numel() == 0:
+        if len(boxes) == 0:
             return boxes.points(), boxes.points()
-        outs = [self._decide(_Boxes(*(t[i:i + _CHUNK] for t in boxes)))
-                for i in range(0, boxes.pair.numel(), _CHUNK)]
+        outs = [self._decide(boxes.take(slice(i, i + _CHUNK)))
+                for i in range(0, len(boxes), _CHUNK)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def _decide(self, boxes: _Boxes) -> tuple[Tensor, Tensor]:
         env = {k: _point(v) for k, v in self.scalars.items()}
-        env["q_idx"], env["kv_idx"] = (boxes.qlo, boxes.qhi), (boxes.klo, boxes.khi)
+        env["q_idx"] = self.q_terms.position.read_range(boxes.qlo, boxes.qhi)
+        env["kv_idx"] = self.kv_terms.position.read_range(boxes.klo, boxes.khi)
         g = boxes.pair // self.n_tiles
         env["b"] = (g // self.n_h,) * 2
         env["h"] = (g % self.n_h,) * 2
+        known = {**self.q_terms.bounds(boxes.qlo, boxes.qhi),
+                 **self.kv_terms.bounds(boxes.klo, boxes.khi)}
         lo, hi = (torch.broadcast_to(t, boxes.pair.shape)
-                  for t in interval_eval(self.expr, env, self.tensors))
+                  for t in interval_eval(self.expr, env, self.tensors, known))
         true, false = lo >= 1, hi <= 0
         # interval_eval is exact at points; a node without an interval rule (or a NaN) may still
         # leave a point undecided: torch_eval settles it.
         stuck = ~true & ~false & boxes.points()
         if bool(stuck.any()):
-            value = self.allowed(boxes.qlo[stuck], boxes.klo[stuck], g[stuck])
+            value = self.allowed(self.q_pos[boxes.qlo[stuck]], self.kv_pos[boxes.klo[stuck]],
+                                 g[stuck])
             true[stuck], false[stuck] = value, ~value
         return true, false
 
@@ -159,13 +150,20 @@ def _point(value: int | float) -> tuple[Tensor, Tensor]:
     return (torch.tensor(value, dtype=dtype),) * 2
 
 
-def _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_tiles) -> _Problem:
+def _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_tiles, q_pos=None, kv_pos=None,
+             terms: bool = False) -> _Problem:
+    """The problem; `terms`: tabulate the separable terms (classification; a pointwise count
+    needs none)."""
     expr = sympy.sympify(mask_expr)
     if not isinstance(expr, sympy.logic.boolalg.Boolean):  # a numeric mask: nonzero is allowed
         expr = sympy.Ne(expr, 0)
     names = {s.name for s in expr.free_symbols}
     scalars = {"Lq": Lq, "Lk": Lk, "Hq": Hq, "Hkv": Hkv, **params}
-    return _Problem(expr, scalars, tensors, Hq if "h" in names else 1, n_tiles, "b" in names)
+    qp, kp = _positions(q_pos, Lq, "q_pos"), _positions(kv_pos, Lk, "kv_pos")
+    q_terms, kv_terms = separable_terms(expr) if terms else ([], [])
+    return _Problem(expr, scalars, tensors, Hq if "h" in names else 1, n_tiles, "b" in names,
+                    qp, kp, tabulate(q_terms, Q_IDX, qp, scalars, tensors),
+                    tabulate(kv_terms, KV_IDX, kp, scalars, tensors))
 
 
 def _positions(pos: Tensor | None, length: int, what: str) -> Tensor:
@@ -177,36 +175,12 @@ def _positions(pos: Tensor | None, length: int, what: str) -> Tensor:
     return pos.long().cpu()
 
 
-def _level0(problem: _Problem, n_pairs: int, n_n: int, q: _Runs, k: _Runs) -> _Boxes:
-    pair = torch.arange(n_pairs)
-    m, n = (pair % problem.n_tiles) // n_n, pair % n_n
-    return _Boxes(pair, q.hull_lo[m], q.hull_hi[m], k.hull_lo[n], k.hull_hi[n])
-
-
-def _run_boxes(pairs: Tensor, n_n: int, n_tiles: int, q: _Runs, k: _Runs) -> tuple[_Boxes, Tensor]:
-    """Every (q run, kv run) box of the given tile pairs, and which boxes are a whole 1 x 1 pair
-    (equal to the hull, so already known undecided)."""
-    m, n = (pairs % n_tiles) // n_n, pairs % n_n
-    cq, ck = q.count[m], k.count[n]
-    per = cq * ck
-    local = torch.arange(int(per.sum())) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
-    ck_each = torch.repeat_interleave(ck, per)
-    qi = torch.repeat_interleave(q.first[m], per) + local // ck_each
-    ki = torch.repeat_interleave(k.first[n], per) + local % ck_each
-    boxes = _Boxes(torch.repeat_interleave(pairs, per), q.lo[qi], q.hi[qi], k.lo[ki], k.hi[ki])
-    return boxes, torch.repeat_interleave(per == 1, per)
-
-
-def _pair_chunks(per: Tensor, size: int) -> list[tuple[int, int]]:
-    """Consecutive pair ranges with about `size` level-1 boxes each (at least one pair)."""
-    ends = torch.cumsum(per, 0)
-    out, start = [], 0
-    while start < per.numel():
-        before = int(ends[start - 1]) if start else 0
-        stop = max(int(torch.searchsorted(ends, before + size, right=True)), start + 1)
-        out.append((start, stop))
-        start = stop
-    return out
+def _level0(problem: _Problem, pairs: Tensor, n_n: int, block_m: int, block_n: int,
+            Lq: int, Lk: int) -> _Boxes:
+    """The whole tile pair of each flat pair index: its kernel rows and columns."""
+    m, n = (pairs % problem.n_tiles) // n_n, pairs % n_n
+    return _Boxes(pairs, m * block_m, torch.clamp(m * block_m + block_m, max=Lq) - 1,
+                  n * block_n, torch.clamp(n * block_n + block_n, max=Lk) - 1)
 
 
 class _Search:
@@ -231,27 +205,57 @@ class _Search:
 
     def evaluate(self, boxes: _Boxes) -> _Boxes | None:
         """Record the witnesses of `boxes`; the undecided ones of open pairs, None at the cap."""
-        if not self.spend(boxes.pair.numel()):
+        if not self.spend(len(boxes)):
             return None
         true, false = self.problem.decide(boxes)
         self.seen_true[boxes.pair[true]] = True
         self.seen_false[boxes.pair[false]] = True
         return self.open(boxes.take(~true & ~false))
 
-    def refine(self, fresh: _Boxes, known: _Boxes) -> Tensor | None:
-        """Bisect breadth-first until every box is decided or its pair PARTIAL. `fresh` boxes
-        still need an evaluation, `known` ones are known undecided. Returns None when done,
-        else the pairs the cap left undecided."""
-        while fresh.pair.numel() or known.pair.numel():
-            undecided = self.evaluate(fresh)
+    def _beyond_first(self, boxes: _Boxes, keep: int) -> Tensor:
+        """bool per box: its pair has one kind of witness and `keep` earlier boxes."""
+        order = torch.sort(boxes.pair, stable=True).indices
+        pair = boxes.pair[order]
+        start = torch.ones_like(pair, dtype=torch.bool)
+        start[1:] = pair[1:] != pair[:-1]
+        index = torch.arange(len(pair))
+        first = torch.cummax(torch.where(start, index, 0), 0).values
+        rank = torch.empty_like(index)
+        rank[order] = index - first
+        one_kind = self.seen_true[boxes.pair] ^ self.seen_false[boxes.pair]
+        return one_kind & (rank >= keep)
+
+    def refine(self, undecided: _Boxes) -> Tensor | None:
+        """Bisect until every box is decided or its pair PARTIAL; `undecided` boxes are known
+        undecided. Depth first over batches of at most `_CHUNK` boxes, so memory stays bounded
+        however deep a pair must be refined. Returns None when done, else the pairs the cap
+        left undecided."""
+        stack, probes = [undecided], _PROBE_ROUNDS
+        while stack:
+            known = self.open(stack.pop())
+            if len(known) > _CHUNK:
+                half = len(known) // 2
+                stack += [known.take(slice(half, None)), known.take(slice(0, half))]
+                continue
+            if probes and len(known):
+                # A pair with a witness of one kind needs just one of the other: follow a few
+                # boxes per pair down first and keep the rest for later (dropped if a witness
+                # turns up), instead of splitting its whole undecided frontier at every level.
+                probes -= 1
+                later = self._beyond_first(known, _PROBE_BOXES)
+                if bool(later.any()):
+                    stack.append(known.take(later))
+                    known = known.take(~later)
+            # Points are exact: for a pair that is PARTIAL they usually show both a true and a
+            # false pair long before the bisection gets down to boxes that small.
+            if len(known) and self.evaluate(known.corners()) is None:
+                return torch.cat([b.pair for b in (known, *stack)]).unique()
+            fresh = self.open(known).split()
+            undecided = self.evaluate(fresh) if len(fresh) else fresh
             if undecided is None:
-                return torch.cat([fresh.pair, known.pair]).unique()
-            known = self.open(_cat(known, undecided))
-            # Corner points are exact: for a pair that is PARTIAL they usually show both a true
-            # and a false pair long before the bisection gets down to boxes that small.
-            if known.pair.numel() and self.evaluate(known.corners()) is None:
-                return known.pair.unique()
-            fresh, known = self.open(known).split(), known.take(slice(0, 0))
+                return torch.cat([b.pair for b in (fresh, *stack)]).unique()
+            if len(undecided):
+                stack.append(undecided)
         return None
 
 
@@ -265,7 +269,8 @@ def classify_blocks(mask_expr: sympy.Basic, *, Lq: int, Lk: int, Hq: int, Hkv: i
                     kv_pos: Tensor | None = None, max_boxes: int = 1 << 24) -> BlockClasses:
     """Classes of every (query tile, kv tile) of `mask_expr`; see the module docstring."""
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
-    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n)
+    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n, q_pos, kv_pos,
+                       terms=n_m * n_n > 0)
     groups_b = B if problem.reads_b else 1
     n_pairs = groups_b * problem.n_h * n_m * n_n
     shape = (groups_b, problem.n_h, n_m, n_n)
@@ -273,27 +278,17 @@ def classify_blocks(mask_expr: sympy.Basic, *, Lq: int, Lk: int, Hq: int, Hkv: i
     search = _Search(problem, n_pairs, max_boxes)
     if n_pairs == 0 or not search.spend(n_pairs):
         return BlockClasses(classes.view(shape), n_pairs == 0, 0)
-    q = _tile_runs(_positions(q_pos, Lq, "q_pos"), block_m)
-    k = _tile_runs(_positions(kv_pos, Lk, "kv_pos"), block_n)
-
-    true, false = problem.decide(_level0(problem, n_pairs, n_n, q, k))
+    tiles = _level0(problem, torch.arange(n_pairs), n_n, block_m, block_n, Lq, Lk)
+    true, false = problem.decide(tiles)
     classes[true], classes[false] = FULL, EMPTY
     pending = torch.nonzero(~true & ~false).flatten()
-    capped = []
-    per = q.count[(pending % problem.n_tiles) // n_n] * k.count[pending % n_n]
-    for start, stop in _pair_chunks(per, _CHUNK):  # bounds the memory of one refinement
-        boxes, whole = _run_boxes(pending[start:stop], n_n, problem.n_tiles, q, k)
-        # A 1 x 1 pair's only run box is its hull: known undecided, not evaluated again.
-        left = search.refine(boxes.take(~whole), boxes.take(whole))
-        if left is not None:
-            capped += [left, pending[stop:]]  # pairs never reached: the cap is spent
-            break
+    left = search.refine(tiles.take(pending))
     seen_true, seen_false = search.seen_true[pending], search.seen_false[pending]
     classes[pending] = torch.where(seen_true & seen_false, PARTIAL,
                                    torch.where(seen_true, FULL, EMPTY)).to(torch.int8)
-    for left in capped:
-        classes[left] = PARTIAL
-    return BlockClasses(classes.view(shape), not capped, search.used)
+    if left is not None:
+        classes[left] = PARTIAL  # pairs the cap left undecided
+    return BlockClasses(classes.view(shape), left is None, search.used)
 
 
 def allowed_pairs(mask_expr: sympy.Basic, result: BlockClasses, *, Lq: int, Lk: int, Hq: int,
@@ -305,7 +300,7 @@ def allowed_pairs(mask_expr: sympy.Basic, result: BlockClasses, *, Lq: int, Lk: 
     the mask is evaluated pointwise only inside PARTIAL tiles, a chunk of tiles at a time (so the
     count is exact even for classes from a capped, inexact run)."""
     groups_b, groups_h, n_m, n_n = result.classes.shape
-    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n)
+    problem = _problem(mask_expr, Lq, Lk, Hq, Hkv, params, tensors, n_m * n_n, q_pos, kv_pos)
     if problem.n_h != groups_h or (groups_b != 1 and not problem.reads_b):
         raise ValueError(f"allowed_pairs: classes of shape {list(result.classes.shape)} do not "
                          "belong to this mask")
@@ -315,7 +310,7 @@ def allowed_pairs(mask_expr: sympy.Basic, result: BlockClasses, *, Lq: int, Lk: 
     cols = (torch.clamp(torch.arange(1, n_n + 1) * block_n, max=Lk)
             - torch.arange(n_n) * block_n)
     counts = ((classes == FULL) * (rows[:, None] * cols[None, :])).sum((1, 2))
-    qp, kp = _positions(q_pos, Lq, "q_pos"), _positions(kv_pos, Lk, "kv_pos")
+    qp, kp = problem.q_pos, problem.kv_pos
     g, m, n = torch.nonzero(classes == PARTIAL, as_tuple=True)
     step = max(1, (1 << 22) // (block_m * block_n))
     for i in range(0, g.numel(), step):
