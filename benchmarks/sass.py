@@ -8,7 +8,9 @@ dropped: the `BRA self` that ends every function, and the out-of-line blocks ptx
 the function's `EXIT` that branch back into the body (their range contains the unpredicated
 `EXIT`). A *main loop* is a loop with a tensor-core instruction in it and no other such loop
 inside it (the innermost loop that does the matrix products); its "instructions per iteration"
-is the static count of instructions in its range (NOPs excluded), nested wait loops counted once.
+is the longest path from its first instruction to its back edge (NOPs excluded; a loop body
+with if/else arms executes one arm per iteration; nested wait loops counted once). The static
+size of the body (all arms) is kept too.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Region:
     global loads by kind, local-memory (spill) stores/loads in instructions and bytes."""
 
     insts: int = 0
+    path: tuple[int, int] | None = None  # (shortest, longest) path through a loop body
     mma: Counter = field(default_factory=Counter)
     loads: Counter = field(default_factory=Counter)
     spill_store_bytes: int = 0
@@ -91,7 +94,8 @@ class Region:
     ldl: int = 0
 
     def to_json(self) -> dict:
-        return {"insts": self.insts, "mma": dict(self.mma), "loads": dict(self.loads),
+        return {"insts": self.insts, "path": list(self.path) if self.path else None,
+                "mma": dict(self.mma), "loads": dict(self.loads),
                 "stl": self.stl, "ldl": self.ldl, "spill_store_bytes": self.spill_store_bytes,
                 "spill_load_bytes": self.spill_load_bytes}
 
@@ -114,6 +118,37 @@ def region(instrs: list[Instr]) -> Region:
             r.ldl += 1
             r.spill_load_bytes += access_width(ins.op)
     return r
+
+
+def paths(body: list[Instr]) -> tuple[int, int]:
+    """(shortest, longest) instruction count from a loop's first instruction to its back edge
+    (the last), NOPs excluded: what one iteration executes when the body has if/else arms.
+    Forward branches inside the body are followed; branches out of it leave the iteration; a
+    nested loop's body counts once (its own back edge is not followed)."""
+    index = {ins.addr: i for i, ins in enumerate(body)}
+    inf = len(body) + 1
+    low, high = [inf] * len(body), [-1] * len(body)
+    low[0] = high[0] = 0
+    for i, ins in enumerate(body):
+        if high[i] < 0:
+            continue  # not reachable from the loop header without a back edge
+        weight = ins.base != "NOP"
+        here = (low[i] + weight, high[i] + weight)
+        successors = []
+        if ins.base == "BRA":
+            target = _HEX.findall(ins.operands)
+            j = index.get(int(target[-1], 16)) if target else None
+            if j is not None and j > i:
+                successors.append(j)
+            if ins.pred and i + 1 < len(body):
+                successors.append(i + 1)
+        elif (ins.base not in ("EXIT", "RET") or ins.pred) and i + 1 < len(body):
+            successors.append(i + 1)
+        if i == len(body) - 1:
+            return here
+        for j in successors:
+            low[j], high[j] = min(low[j], here[0]), max(high[j], here[1])
+    raise ValueError("the back edge is not reachable from the loop header")
 
 
 def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
@@ -156,9 +191,12 @@ def analyse(name: str, instrs: list[Instr]) -> FunctionReport:
                 if any(ins.base in MMA_OPS for ins in instrs[s:e + 1])]
     main = [(s, e) for s, e in with_mma
             if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in with_mma)]
-    return FunctionReport(name, region(instrs),
-                          [(instrs[s].addr, instrs[e].addr, region(instrs[s:e + 1]))
-                           for s, e in main], len(spans))
+    found = []
+    for s, e in main:
+        counts = region(instrs[s:e + 1])
+        counts.path = paths(instrs[s:e + 1])
+        found.append((instrs[s].addr, instrs[e].addr, counts))
+    return FunctionReport(name, region(instrs), found, len(spans))
 
 
 def disassemble(cubin: bytes | Path, cuobjdump: str) -> str:

@@ -142,6 +142,20 @@ _FLA_ARGS = {  # each kernel's argument order (fla 0.6.0); scalars not listed ab
 }
 
 
+NOTES = [
+    "Tutorial anchor: `benchmarks/static_anchor.py` at attncc's tiles, warps and stages for the "
+    "same signature; it assumes contiguous [Z, H, N_CTX, D] with N_CTX a multiple of BLOCK_M "
+    "(no bounds checks), as the tutorial does. The TMA form is compiled on sm_90 only.",
+    "fla anchors: fla 0.6.0's `chunk_gated_delta_rule` forward at K = V = 128, chunk 64, bf16, "
+    "H = 16; one autotune config each (kkt BK 64 w4 s3; recompute_w_u w4 s3; fwd_kernel_h BV 64 "
+    "w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's autotuner cannot choose. "
+    "Not compiled: fla's `solve_tril` and `chunk_local_cumsum`, left out to keep the run short.",
+    "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
+    "recurrence; fla splits it into the four kernels listed (the first, second and fourth run "
+    "in parallel over chunks, `fwd_kernel_h` is the sequential state sweep).",
+]
+
+
 def fla_kernel(arch: int, name: str) -> CompiledArtifact:
     """One of fla's kernels with the arguments fla's `chunk_gated_delta_rule` passes; pointers
     16-byte aligned as the JIT sees torch's allocations; T is `do_not_specialize` in fla."""
@@ -218,8 +232,8 @@ def run(arches: list[int], only: list[str], out: Path, jobs: int) -> list[dict[s
         with ThreadPoolExecutor(jobs) as pool:
             found = list(pool.map(lambda c: measure(c, tool), selected))
         out.mkdir(parents=True, exist_ok=True)
-        record = {"arch": f"sm_{arch}", "rows": found,
-                  "toolchain": sass.toolchain(tool)}
+        record = {"arch": f"sm_{arch}", "rows": found, "toolchain": sass.toolchain(tool),
+                  "notes": NOTES}
         (out / f"sm{arch}.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / f"sm{arch}.md").write_text(markdown(record))
         rows += found

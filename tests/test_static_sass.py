@@ -52,7 +52,7 @@ def test_parser_on_a_known_snippet():
     profile = sass.analyse("toy_kernel", instrs)
     assert [(s, e) for s, e, _ in profile.main_loops] == [(0x30, 0x80), (0x90, 0xA0)]
     first = profile.main_loops[0][2]
-    assert first.insts == 5  # NOP not counted
+    assert first.insts == 5 and first.path == (5, 5)  # NOP not counted
     assert dict(first.loads) == {"LDGSTS.128": 1, "TMA": 1}
     assert dict(first.mma) == {"HGMMA.64x64x16.F32.BF16": 1}
     assert (first.ldl, first.spill_load_bytes, first.stl) == (1, 4, 0)
@@ -63,6 +63,24 @@ def test_parser_on_a_known_snippet():
     inside = [sass.Instr(0x60, "", "LDG.E.U16", "R3, desc[UR4][R4.64]") if i.addr == 0x60 else i
               for i in instrs]
     assert narrow_loop_loads(sass.analyse("toy_kernel", inside)) == 1
+
+
+BRANCHY = """
+                Function : branchy
+        /*0000*/                   HMMA.16816.F32 R8, R12, R16, R8 ;
+        /*0010*/              @P0 BRA 0x40 ;
+        /*0020*/                   FADD R1, R1, R2 ;
+        /*0030*/                   FADD R1, R1, R2 ;
+        /*0040*/              @P1 BRA 0x0 ;
+        /*0050*/                   EXIT ;
+"""
+
+
+def test_paths_through_a_loop_with_a_skipped_block():
+    """Insts/iter follows forward branches: 3 when the two FADDs are skipped, else 5."""
+    profile = sass.analyse("branchy", sass.parse_functions(BRANCHY)["branchy"])
+    (_, _, loop), = profile.main_loops
+    assert loop.path == (3, 5) and loop.insts == 5
 
 
 KERNELS = {  # the slice: one forward, one backward kernel, fp16 d64 on sm_90
