@@ -11,12 +11,17 @@ on a hand-written SASS snippet first, so the gates cannot pass by finding nothin
 
 from __future__ import annotations
 
+import contextvars
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+import triton
 
 from benchmarks import sass
+from benchmarks.static_anchor import flash_fwd_ptr, flash_fwd_tma
 from benchmarks.static import dense_backward, dense_forward, tutorial_forward
 from benchmarks.static_report import loop_spill_bytes, narrow_loop_loads, pipelined
 
@@ -82,6 +87,35 @@ def test_paths_through_a_loop_with_a_skipped_block():
     profile = sass.analyse("branchy", sass.parse_functions(BRANCHY)["branchy"])
     (_, _, loop), = profile.main_loops
     assert loop.path == (3, 5) and loop.insts == 5
+
+
+def _causal_reference(q, k, v):
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1)
+    s = s.masked_fill(future, float("-inf"))
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("form", ["ptr", "tma"])
+def test_the_anchor_is_causal_attention(form):
+    """The reference kernel computes what attncc's forward does (fp64 oracle, fp16 inputs,
+    Z=1 H=2 N=32 D=16, 16x8 tiles): an anchor that computed less would flatter itself."""
+    z, h, n, d, block_m, block_n = 1, 2, 32, 16, 16, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(z, h, n, d, generator=g).half() for _ in range(3))
+    o, lse2 = torch.empty_like(q), torch.empty(z, h, n)
+    grid, tiles = (n // block_m, z * h), {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if form == "ptr":
+        strides = [s for t in (q, k, v, o) for s in t.stride()[:3]]
+        flash_fwd_ptr[grid](q, k, v, o, lse2, d ** -0.5, *strides, z, h, n, **tiles)
+    else:  # device-side descriptors need a scratch allocator; set it in a copied context only
+        def launch():
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+            flash_fwd_tma[grid](q, k, v, o, lse2, d ** -0.5, z, h, n, **tiles)
+        contextvars.copy_context().run(launch)
+    out, lse = _causal_reference(q, k, v)
+    assert (o.double() - out).abs().max() < 2e-3
+    assert (lse2.double() * math.log(2) - lse).abs().max() < 1e-4  # the kernel's lse is base 2
 
 
 KERNELS = {  # the slice: one forward, one backward kernel, fp16 d64 on sm_90
