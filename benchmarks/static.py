@@ -111,6 +111,10 @@ _FLA = {
         {"k": "*bf16", "g": "*fp32", "beta": "*bf16", "A": "*fp32"},
         {"cu_seqlens": None, "chunk_indices": None, "H": 16, "HV": 16, "K": 128, "BT": 64,
          "BK": 64, "IS_VARLEN": False, "USE_G": True}, 4, 3),
+    "merge_16x16_to_64x64_inverse_kernel": (  # solve_tril: (I + A)^-1 of kkt's fp32 A, bf16 out
+        {"A": "*fp32", "Ai": "*bf16"},
+        {"cu_seqlens": None, "chunk_indices": None, "H": 16, "BT": 64, "USE_TMA": False,
+         "IS_VARLEN": False, "DOT_PRECISION": "ieee"}, 4, 3),
     "recompute_w_u_fwd_kernel": (
         {"k": "*bf16", "v": "*bf16", "beta": "*bf16", "w": "*bf16", "u": "*bf16", "A": "*bf16",
          "g": "*fp32"},
@@ -132,6 +136,8 @@ _FLA = {
 _FLA_ARGS = {  # each kernel's argument order (fla 0.6.0); scalars not listed above are T / scale
     "chunk_scaled_dot_kkt_fwd_kernel": "k g beta A cu_seqlens chunk_indices T H HV K BT BK "
                                        "IS_VARLEN USE_G",
+    "merge_16x16_to_64x64_inverse_kernel": "A Ai cu_seqlens chunk_indices T H BT USE_TMA "
+                                           "IS_VARLEN DOT_PRECISION",
     "recompute_w_u_fwd_kernel": "k v beta w u A g cu_seqlens chunk_indices T H HV K V BT BK BV "
                                 "USE_G IS_VARLEN",
     "chunk_gated_delta_rule_fwd_kernel_h_blockdim64": "k v w v_new g gk h h0 ht cu_seqlens "
@@ -147,12 +153,15 @@ NOTES = [
     "same signature; it assumes contiguous [Z, H, N_CTX, D] with N_CTX a multiple of BLOCK_M "
     "(no bounds checks), as the tutorial does. The TMA form is compiled on sm_90 only.",
     "fla anchors: fla 0.6.0's `chunk_gated_delta_rule` forward at K = V = 128, chunk 64, bf16, "
-    "H = 16; one autotune config each (kkt BK 64 w4 s3; recompute_w_u w4 s3; fwd_kernel_h BV 64 "
-    "w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's autotuner cannot choose. "
-    "Not compiled: fla's `solve_tril` and `chunk_local_cumsum`, left out to keep the run short.",
+    "H = 16; one autotune config each (kkt BK 64 w4 s3; solve_tril's 64x64 merge w4 s3 ieee, "
+    "pointer path: its TMA path, which fla takes on sm_90, does not compile with triton 3.9 "
+    "('Expected a 32-bit integer' at the first descriptor load); recompute_w_u w4 s3; "
+    "fwd_kernel_h BV 64 w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's "
+    "autotuner cannot choose. Not compiled: `chunk_local_cumsum` "
+    "and l2norm (elementwise, no matrix products).",
     "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
-    "recurrence; fla splits it into the four kernels listed (the first, second and fourth run "
-    "in parallel over chunks, `fwd_kernel_h` is the sequential state sweep).",
+    "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
+    "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",
 ]
 
 

@@ -13,6 +13,7 @@ from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blo
 from fla.ops.common.chunk_o import chunk_fwd_kernel_o as _o
 from fla.ops.common.chunk_scaled_dot_kkt import chunk_scaled_dot_kkt_fwd_kernel as _kkt
 from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd_kernel as _wu
+from fla.ops.utils.solve_tril import merge_16x16_to_64x64_inverse_kernel as _tril
 
 
 def _jit(kernel):
@@ -24,4 +25,5 @@ def _jit(kernel):
 chunk_gated_delta_rule_fwd_kernel_h_blockdim64 = _jit(_h)
 chunk_fwd_kernel_o = _jit(_o)
 chunk_scaled_dot_kkt_fwd_kernel = _jit(_kkt)
+merge_16x16_to_64x64_inverse_kernel = _jit(_tril)
 recompute_w_u_fwd_kernel = _jit(_wu)
