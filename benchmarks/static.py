@@ -1,0 +1,268 @@
+"""Static speed report: attncc's kernels and their anchors compiled for sm_90 / sm_80 with no GPU,
+read from the SASS side by side.
+
+```bash
+python -m benchmarks.static                          # sm_90 and sm_80 -> benchmarks/results/static/
+python -m benchmarks.static --arch 90 --only fwd     # cases whose label contains "fwd"
+```
+
+Every kernel goes through attncc's own ahead-of-time path (`attncc.backends.triton.aot`: Triton's
+whole pipeline, ptxas included, in a child process with the interpreter off), with the signature
+and constexprs its launch passes on a GPU of that arch. The anchors go through the same path: the
+tutorial-style flash forward of `benchmarks/static_anchor.py` (tensor-descriptor form on sm_90,
+pointer form with the stride hints the JIT would give on both) at attncc's tiles for the same
+signature, and fla's gated-delta-rule forward kernels (`benchmarks/static_fla_kernels.py`).
+
+Per kernel (`benchmarks/sass.py` reads the SASS): registers and stack per thread, spill bytes
+(local stores/loads, whole kernel and inside main loops), dynamic shared memory, tensor-core
+instructions by kind, global loads by kind (TMA / LDGSTS.<bits> / LDG.<bits>) and the
+instructions per iteration of each main loop. Output: `<out>/sm<arch>.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import attncc
+from attncc.backends.triton.aot import (CompiledArtifact, compile_artifact,
+                                        compile_for_target)
+from attncc.backends.triton.backward.aot import compile_backward_for_target
+from attncc.backends.triton.backward.kernel import TritonBackward
+from attncc.backends.triton.forward import TritonForward
+from attncc.backends.triton.launch_spec import forward_spec
+from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
+from attncc.backends.triton.serve_aot import compile_serve_for_target
+from attncc.ir.linear import LinearState
+from attncc.ir.nodes import Schedule
+from benchmarks import sass
+from benchmarks.static_report import markdown, summarise
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "results" / "static"
+_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel to compile: `label` names it in the report; `family` pairs attncc rows with
+    their anchors; `dense` marks the kernels the load gate applies to."""
+
+    label: str
+    family: str
+    source: str  # "attncc" | "anchor: tutorial" | "anchor: fla"
+    arch: int
+    dense: bool
+    compile: Callable[[], CompiledArtifact]
+
+
+@cache
+def causal_forward() -> TritonForward:
+    return attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
+
+
+@cache
+def paged_serving() -> Any:
+    return attncc.compile(attncc.Attention(mask=attncc.causal(), memory=attncc.paged(16))).kernels
+
+
+def dense_forward(arch: int, dtype: str, d: int) -> CompiledArtifact:
+    return compile_for_target(causal_forward(), dtype, d, d, arch)
+
+
+def dense_backward(arch: int, kernel: str, dtype: str, d: int) -> CompiledArtifact:
+    return compile_backward_for_target(TritonBackward(causal_forward(), ()), kernel, dtype, d, d,
+                                       arch)
+
+
+def tutorial_forward(arch: int, dtype: str, d: int, tma: bool) -> CompiledArtifact:
+    """The anchor at attncc's tiles, warps and stages for the same signature. Pointers, the
+    sequence length and (pointer form) the strides are passed as 16-divisible, as Triton's JIT
+    specialises a contiguous [Z, H, N_CTX, D] launch with N_CTX % 16 == 0."""
+    sched = forward_spec(causal_forward(), dtype, d, d, arch).schedule
+    t = "*" + _TYPES[dtype]
+    pointers = {"Q": t, "K": t, "V": t, "O": t, "M": "*fp32"}
+    strides = [f"stride_{x}{s}" for x in "qkvo" for s in ("z", "h", "m" if x in "qo" else "n")]
+    hinted = [] if tma else strides  # flash_fwd_ptr takes the strides before Z, H, N_CTX
+    signature = {**pointers, "sm_scale": "fp32",
+                 **dict.fromkeys([*hinted, "Z", "H", "N_CTX"], "i32")}
+    aligned = [*pointers, *hinted, "N_CTX"]
+    job = {"path": str(ROOT / "static_anchor.py"),
+           "name": "flash_fwd_tma" if tma else "flash_fwd_ptr", "aligned": aligned}
+    constexprs = {"HEAD_DIM": d, "BLOCK_M": sched.block_m, "BLOCK_N": sched.block_n}
+    return compile_artifact(job, arch, signature, constexprs, sched, f"{dtype} d{d}",
+                            dtype=dtype, head_dims=(d, d))
+
+
+# fla's gated-delta-rule chunk forward at K = V = 128, chunk 64, bf16 q/k/v (g fp32 after
+# fla's chunk_local_cumsum, the triangular solve's A in bf16, kkt's A in fp32, states fp32):
+# (pointer types, constexprs, num_warps, num_stages). One autotune config each, from fla's
+# lists for a non-Blackwell NVIDIA GPU (no GPU here to autotune on).
+_FLA = {
+    "chunk_scaled_dot_kkt_fwd_kernel": (
+        {"k": "*bf16", "g": "*fp32", "beta": "*bf16", "A": "*fp32"},
+        {"cu_seqlens": None, "chunk_indices": None, "H": 16, "HV": 16, "K": 128, "BT": 64,
+         "BK": 64, "IS_VARLEN": False, "USE_G": True}, 4, 3),
+    "merge_16x16_to_64x64_inverse_kernel": (  # solve_tril: (I + A)^-1 of kkt's fp32 A, bf16 out
+        {"A": "*fp32", "Ai": "*bf16"},
+        {"cu_seqlens": None, "chunk_indices": None, "H": 16, "BT": 64, "USE_TMA": False,
+         "IS_VARLEN": False, "DOT_PRECISION": "ieee"}, 4, 3),
+    "recompute_w_u_fwd_kernel": (
+        {"k": "*bf16", "v": "*bf16", "beta": "*bf16", "w": "*bf16", "u": "*bf16", "A": "*bf16",
+         "g": "*fp32"},
+        {"cu_seqlens": None, "chunk_indices": None, "H": 16, "HV": 16, "K": 128, "V": 128,
+         "BT": 64, "BK": 64, "BV": 64, "USE_G": True, "IS_VARLEN": False}, 4, 3),
+    "chunk_gated_delta_rule_fwd_kernel_h_blockdim64": (
+        {"k": "*bf16", "v": "*bf16", "w": "*bf16", "v_new": "*bf16", "g": "*fp32",
+         "h": "*bf16", "h0": "*fp32", "ht": "*fp32"},
+        {"gk": None, "cu_seqlens": None, "chunk_offsets": None, "H": 16, "HV": 16, "K": 128,
+         "V": 128, "BT": 64, "BV": 64, "USE_G": True, "USE_GK": False, "USE_INITIAL_STATE": True,
+         "STORE_FINAL_STATE": True, "SAVE_NEW_VALUE": True, "STATE_V_FIRST": False,
+         "IS_VARLEN": False}, 4, 2),
+    "chunk_fwd_kernel_o": (
+        {"q": "*bf16", "k": "*bf16", "v": "*bf16", "h": "*bf16", "g": "*fp32", "o": "*bf16"},
+        {"g_gamma": None, "cu_seqlens": None, "chunk_indices": None, "H": 16, "HV": 16,
+         "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64, "USE_G": True, "USE_G_GAMMA": False,
+         "STATE_V_FIRST": False, "IS_VARLEN": False}, 4, 3),
+}
+_FLA_ARGS = {  # each kernel's argument order (fla 0.6.0); scalars not listed above are T / scale
+    "chunk_scaled_dot_kkt_fwd_kernel": "k g beta A cu_seqlens chunk_indices T H HV K BT BK "
+                                       "IS_VARLEN USE_G",
+    "merge_16x16_to_64x64_inverse_kernel": "A Ai cu_seqlens chunk_indices T H BT USE_TMA "
+                                           "IS_VARLEN DOT_PRECISION",
+    "recompute_w_u_fwd_kernel": "k v beta w u A g cu_seqlens chunk_indices T H HV K V BT BK BV "
+                                "USE_G IS_VARLEN",
+    "chunk_gated_delta_rule_fwd_kernel_h_blockdim64": "k v w v_new g gk h h0 ht cu_seqlens "
+    "chunk_offsets T H HV K V BT BV USE_G USE_GK USE_INITIAL_STATE STORE_FINAL_STATE "
+    "SAVE_NEW_VALUE STATE_V_FIRST IS_VARLEN",
+    "chunk_fwd_kernel_o": "q k v h g g_gamma o cu_seqlens chunk_indices scale T H HV K V BT BK BV "
+                          "USE_G USE_G_GAMMA STATE_V_FIRST IS_VARLEN",
+}
+
+
+NOTES = [
+    "Tutorial anchor: `benchmarks/static_anchor.py` at attncc's tiles, warps and stages for the "
+    "same signature; it assumes contiguous [Z, H, N_CTX, D] with N_CTX a multiple of BLOCK_M "
+    "(no bounds checks), as the tutorial does. The TMA form is compiled on sm_90 only.",
+    "fla anchors: fla 0.6.0's `chunk_gated_delta_rule` forward at K = V = 128, chunk 64, bf16, "
+    "H = 16; one autotune config each (kkt BK 64 w4 s3; solve_tril's 64x64 merge w4 s3 ieee, "
+    "pointer path: its TMA path, which fla takes on sm_90, does not compile with triton 3.9 "
+    "('Expected a 32-bit integer' at the first descriptor load); recompute_w_u w4 s3; "
+    "fwd_kernel_h BV 64 w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's "
+    "autotuner cannot choose. Not compiled: `chunk_local_cumsum` "
+    "and l2norm (elementwise, no matrix products).",
+    "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
+    "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
+    "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",
+]
+
+
+def fla_kernel(arch: int, name: str) -> CompiledArtifact:
+    """One of fla's kernels with the arguments fla's `chunk_gated_delta_rule` passes; pointers
+    16-byte aligned as the JIT sees torch's allocations; T is `do_not_specialize` in fla."""
+    pointers, constexprs, warps, stages = _FLA[name]
+    scalars = {"T": "i32", "scale": "fp32"}
+    signature = {a: pointers.get(a) or scalars.get(a) or "constexpr"
+                 for a in _FLA_ARGS[name].split()}
+    job = {"path": str(ROOT / "static_fla_kernels.py"), "name": name, "aligned": list(pointers)}
+    return compile_artifact(job, arch, signature, constexprs,
+                            Schedule(num_warps=warps, num_stages=stages), "fla bf16 K=V=128",
+                            dtype="bfloat16", head_dims=(128, 128))
+
+
+def cases(arch: int) -> list[Case]:
+    """The report's kernels for sm_<arch>, attncc first within each family."""
+    out = []
+    for d in (64, 128):
+        for dtype in ("float16", "bfloat16"):
+            fam = f"dense fwd causal d{d} {_TYPES[dtype]}"
+            out.append(Case(f"attncc fwd causal d{d} {_TYPES[dtype]}", fam, "attncc", arch, True,
+                            lambda a=arch, t=dtype, d=d: dense_forward(a, t, d)))
+            if arch >= 90:
+                out.append(Case(f"tutorial fwd TMA d{d} {_TYPES[dtype]}", fam,
+                                "anchor: tutorial", arch, True,
+                                lambda a=arch, t=dtype, d=d: tutorial_forward(a, t, d, True)))
+            out.append(Case(f"tutorial fwd ptr d{d} {_TYPES[dtype]}", fam, "anchor: tutorial",
+                            arch, True,
+                            lambda a=arch, t=dtype, d=d: tutorial_forward(a, t, d, False)))
+    for d in (64, 128):
+        for kernel in ("dq", "dkdv"):
+            out.append(Case(f"attncc bwd {kernel} causal d{d} bf16", f"dense bwd {kernel}",
+                            "attncc", arch, True,
+                            lambda a=arch, k=kernel, d=d: dense_backward(a, k, "bfloat16", d)))
+    out.append(Case("attncc serve decode paged d128 bf16", "serving decode", "attncc", arch,
+                    False, lambda a=arch: compile_serve_for_target(paged_serving(), a,
+                                                                   "bfloat16", 128, "paged")))
+    for rule, lid in (("scalar_gate", "L3"), ("gated_delta", "L6")):
+        out.append(Case(f"attncc linear chunked {lid} {rule} d128 bf16", f"linear {lid}",
+                        "attncc", arch, False,
+                        lambda a=arch, r=rule: compile_chunked_for_target(
+                            TritonChunkedLinear(LinearState(r)), a, "bfloat16", 128, 128)))
+    for name in _FLA:
+        out.append(Case(f"fla {name}", "linear L6", "anchor: fla", arch, False,
+                        lambda a=arch, n=name: fla_kernel(a, n)))
+    return out
+
+
+def measure(case: Case, cuobjdump: str) -> dict[str, Any]:
+    """Compile `case` and return its row: the artifact's figures, the SASS profile, the compile
+    time; a compile error is recorded as the row's `error` (the report says why it is missing)."""
+    start = time.perf_counter()
+    try:
+        art = case.compile()
+    except Exception as err:  # noqa: BLE001 - recorded in the report, never hidden
+        return {"label": case.label, "family": case.family, "source": case.source,
+                "arch": case.arch, "error": f"{type(err).__name__}: {str(err)[-1500:]}"}
+    functions = sass.parse_functions(sass.disassemble(art.cubin, cuobjdump))
+    profile = sass.analyse(art.name, functions[art.name])
+    sched = art.schedule
+    return {"label": case.label, "family": case.family, "source": case.source,
+            "arch": case.arch, "dense": case.dense, "kernel": art.name,
+            "schedule": {"block_m": sched.block_m, "block_n": sched.block_n,
+                         "num_warps": sched.num_warps, "num_stages": sched.num_stages},
+            "regs": art.n_regs, "stack_bytes": art.stack_bytes, "shared_bytes": art.shared_bytes,
+            "compile_s": round(time.perf_counter() - start, 1), "sass": profile.to_json(),
+            **summarise(profile)}
+
+
+def run(arches: list[int], only: list[str], out: Path, jobs: int) -> list[dict[str, Any]]:
+    tool = sass.cuobjdump_path()
+    rows = []
+    for arch in arches:
+        selected = [c for c in cases(arch) if not only or any(o in c.label for o in only)]
+        with ThreadPoolExecutor(jobs) as pool:
+            found = list(pool.map(lambda c: measure(c, tool), selected))
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"arch": f"sm_{arch}", "rows": found, "toolchain": sass.toolchain(tool),
+                  "notes": NOTES}
+        (out / f"sm{arch}.json").write_text(json.dumps(record, indent=1) + "\n")
+        (out / f"sm{arch}.md").write_text(markdown(record))
+        rows += found
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="90, 80 (default both)")
+    parser.add_argument("--only", action="append", default=[], help="label substring")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--jobs", type=int, default=2, help="compiles at a time")
+    args = parser.parse_args(argv)
+    rows = run(args.arch or [90, 80], args.only, args.out, args.jobs)
+    for row in rows:
+        print(f"sm_{row['arch']} {row['label']}: " + (row.get("error", "")[:200] or
+              f"{row['regs']} regs, {row['stack_bytes']} B stack, {row['mma']}, "
+              f"{row['load_kind']}, {row['insts_per_iter']} insts/iter"))
+    return 1 if any("error" in r and r["source"] == "attncc" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
