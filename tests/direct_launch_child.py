@@ -149,6 +149,15 @@ def main() -> None:
     out["strided"] = {"compiles": dict(COMPILES), "launches": LAUNCHES[before:],
                       "logged": list(logged)}
 
+    # rows 40 elements apart (a head-dim slice of a wider tensor): contiguous, but a row stride
+    # that is no multiple of 16 needs the ".oddstrides" variant, compiled once with a log line
+    before = len(LAUNCHES)
+    odd_q = torch.randn(1, 2, 40, 40, generator=gen).half()[..., :32]
+    causal(odd_q, k, v, backend="triton")
+    causal(odd_q, k, v, backend="triton")
+    out["oddstrides"] = {"compiles": dict(COMPILES), "launches": LAUNCHES[before:],
+                         "logged": list(logged)}
+
     # a launch that does not match the binary's constexprs or integer widths never reaches it
     target = prebuilt.forward_target(causal.kernels.kernel, "forward", "float16", 32, 32, 90)
     kernel = prebuilt.direct_kernel(target, causal.kernels.kernel.jit_function())

@@ -155,6 +155,21 @@ def test_a_missing_variant_raises_offline_else_compiles_once_with_a_log_line(chi
     assert len(strided["launches"]) == 2
 
 
+def test_a_row_stride_that_is_no_multiple_of_16_gets_its_own_variant(built, child):
+    """The default binary assumes every stride a multiple of 16 (so its loads are 16-byte
+    vectors); a launch whose q rows are 40 elements apart must not run it: it compiles the
+    ".oddstrides" variant once (a log line), with that stride passed, then reuses it."""
+    odd = child["oddstrides"]
+    assert odd["compiles"]["compile_in_child"] == child["strided"]["compiles"][
+        "compile_in_child"] + 1
+    assert len(odd["logged"]) == len(child["strided"]["logged"]) + 1
+    assert ".oddstrides" in odd["logged"][-1] and ".strided" not in odd["logged"][-1]
+    first, second = odd["launches"]
+    assert first["hash"] == second["hash"] not in by_hash(built)
+    ints = [value for kind, value in first["args"] if kind == "int"]
+    assert ints[:6] == [3200, 1600, 40, 2560, 1280, 32]  # unit head-dim strides: constexprs
+
+
 def test_a_launch_that_does_not_fit_the_binary_is_refused(child):
     constexpr, wide = child["refused"]
     assert "constexpr D_QK is 32 in the prebuilt binary, the launch passes 64" in constexpr
@@ -183,14 +198,15 @@ def test_variants_are_separate_entries(built):
     causal = next(e for (name, kind, _), e in built["entries"].items()
                   if kind == "forward" and name.startswith("attn_fwd_causal"))
     assert causal.entry.meta["variant"] == {"write_lse": True, "gather_rows": True,
-                                            "contiguous": True, "wide_ints": False}
+                                            "contiguous": True, "wide_ints": False,
+                                            "divisible": True}
     assert "triton.json" in causal.entry.files
     with config.override(ATTNCC_CACHE_DIR=str(built["root"])):
         fwd = attncc.compile(attncc.Attention(mask=attncc.causal())).kernels.kernel
         keys = {prebuilt.artifact_key(fwd, "forward", 90, "float16", 32, 32, variant)
                 for variant in (DEFAULT_VARIANT, Variant(contiguous=False),
-                                Variant(wide_ints=True))}
-    assert len(keys) == 3 and causal.entry.meta["key"] in keys
+                                Variant(wide_ints=True), Variant(divisible=False))}
+    assert len(keys) == 4 and causal.entry.meta["key"] in keys
 
 
 @pytest.mark.gpu

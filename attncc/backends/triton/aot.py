@@ -79,12 +79,14 @@ def artifact_stem(name: str, arch: int, dtype: str, head_dim_qk: int, head_dim_v
 
 def compile_for_target(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
                        arch: int, *, write_lse: bool = True, contiguous: bool = True,
-                       variant: Variant | None = None) -> CompiledArtifact:
+                       divisible: bool = True, variant: Variant | None = None
+                       ) -> CompiledArtifact:
     """Compile `forward` for sm_<arch> and one call signature; raises `AOTCompileError` with
-    Triton's message when it does not compile. `variant` (default: from `write_lse` and
-    `contiguous`) is the specialisation compiled: `contiguous` is the one a launch with aligned,
-    unit-stride last dims gets (see `launch_spec.ALIGNED`); False, the one for any strides."""
-    variant = variant or Variant(write_lse=write_lse, contiguous=contiguous)
+    Triton's message when it does not compile. `variant` (default: from `write_lse`,
+    `contiguous` and `divisible`) is the specialisation compiled: `contiguous` is the one a
+    launch with aligned, unit-stride last dims gets (see `launch_spec.ALIGNED`), False the one
+    for any strides; `divisible`, strides that are multiples of 16 (`launch_spec.STRIDES`)."""
+    variant = variant or Variant(write_lse=write_lse, contiguous=contiguous, divisible=divisible)
     spec = forward_spec(forward, dtype, head_dim_qk, head_dim_v, arch, variant)
     what = f"{dtype}, head dims {head_dim_qk}/{head_dim_v}, {spec.schedule.text()}"
     return compile_spec(spec, arch, what, dtype=dtype, head_dims=(head_dim_qk, head_dim_v))
@@ -104,7 +106,8 @@ def compile_block_map_for_target(forward: TritonForward, arch: int, dtype: str =
 
 def compile_spec(spec: LaunchSpec, arch: int, what: str, *, dtype: str,
                  head_dims: tuple[int, int]) -> CompiledArtifact:
-    job = {"path": spec.path, "name": spec.name, "aligned": list(spec.aligned)}
+    job = {"path": spec.path, "name": spec.name, "aligned": list(spec.aligned),
+           "divisible": list(spec.divisible)}
     return compile_artifact(job, arch, dict(spec.signature), dict(spec.constexprs),
                             spec.schedule, what, dtype=dtype, head_dims=head_dims)
 

@@ -6,7 +6,8 @@ once triton is imported with TRITON_INTERPRET=1 its helpers stay interpreted and
 compiled, and the child should not pay for importing torch or attncc. It is run by path
 (`runpy.run_path`), never imported as part of the attncc package there.
 
-Input (job.json): path, name, arch, signature, constexprs, aligned, options, out. Output under
+Input (job.json): path, name, arch, signature, constexprs, aligned, divisible (integer
+arguments that are multiples of 16, optional), options, out. Output under
 `out`: kernel.cubin, kernel.ptx and result.json (shared bytes, registers and stack per thread
 from `cuobjdump -res-usage` when Triton ships it, Triton's metadata file).
 """
@@ -44,8 +45,10 @@ def _child(job_path: str) -> None:
                          f"is {list(job['signature'])}")
     index = {name: i for i, name in enumerate(fn.arg_names)}
     # keys as argument-index paths: the form triton 3.x's ASTSource stores (it converts names)
+    # "D": a pointer 16-byte aligned, an integer a multiple of 16 (what Triton's JIT infers)
+    hinted = [*job["aligned"], *job.get("divisible", ())]
     src = ASTSource(fn, job["signature"], {(index[n],): v for n, v in job["constexprs"].items()},
-                    {(index[n],): BaseBackend.parse_attr("D") for n in job["aligned"]})
+                    {(index[n],): BaseBackend.parse_attr("D") for n in hinted})
     compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                               options=job["options"])
     out = Path(job["out"])

@@ -37,7 +37,8 @@ class DirectKernel:
         # the source object `triton.compile` was given when the binary was built
         self.source = ASTSource(fn, dict(spec.signature),
                                 {(index[n],): v for n, v in spec.constexprs.items()},
-                                {(index[n],): BaseBackend.parse_attr("D") for n in spec.aligned})
+                                {(index[n],): BaseBackend.parse_attr("D")
+                                 for n in spec.aligned + spec.divisible})
         group = {f"{spec.name}.json": str(files[METADATA_FILE]),
                  **{f"{spec.name}.{f.split('.')[-1]}": str(files[f]) for f in BINARY_FILES}}
         metadata_hash = json.loads(Path(files[METADATA_FILE]).read_text())["hash"]

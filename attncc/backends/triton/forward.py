@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import torch
 
 from attncc.backends.triton import prebuilt
-from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, UNIT_STRIDES, Variant,
-                                                choose_variant, launch_constexprs)
+from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, STRIDES, UNIT_STRIDES,
+                                                Variant, choose_variant, launch_constexprs)
 from attncc.backends.targets import SUPPORTED_ARCHS
 from attncc.backends.triton.direct import DirectKernels
 from attncc.backends import keys
@@ -110,8 +110,8 @@ class TritonForward(GeneratedKernel):
         values["COUNT_VISITS"] = visits is not None
         grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
         if prebuilt_arch(q.device) is not None and visits is None:
-            variant = choose_variant(values, ALIGNED, UNIT_STRIDES, write_lse=lse is not None,
-                                     gather_rows=gather_rows)
+            variant = choose_variant(values, ALIGNED, UNIT_STRIDES, STRIDES,
+                                     write_lse=lse is not None, gather_rows=gather_rows)
             self.run_prebuilt("forward", grid, values, q.device, (dtype, dqk, dv), variant)
         else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
             self.jit_function()[grid](**values, num_warps=sched.num_warps,

@@ -1,10 +1,13 @@
 """What one compiled variant of a kernel takes: every argument's Triton type, the constexpr
-values and the pointers it assumes 16-byte aligned.
+values, the pointers it assumes 16-byte aligned and the integer strides it assumes multiples of 16.
 
 `attncc build` compiles from a `LaunchSpec` and a GPU process launches the stored binary with the
 same one, so the two cannot disagree about the argument list. Triton's JIT would specialise a
-launch on its own (alignment, unit strides, 64-bit integers); a launch of a prebuilt binary
-has to pick the variant that matches its arguments instead, which `choose_variant` does.
+launch on its own (alignment, unit strides, integers divisible by 16, 64-bit integers); a launch
+of a prebuilt binary has to pick the variant that matches its arguments instead, which
+`choose_variant` does. The stride hint is what makes Q/K/V loads vectorised and pipelined: without
+it Triton cannot prove a row starts on a 16-byte boundary, so every load is a 2-byte `LDG.E.U16`
+and the software pipeline is never built (see docs/performance.md).
 
 The constexpr tables (`launch_constexprs`, `backward_constexprs`) and the block-map kernel's
 fixed arguments live here, below the kernel classes that launch with them: the launchers
@@ -35,6 +38,14 @@ ALIGNED = ("Q", "K", "V", "O", "LSE", "VISITS")
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 BACKWARD_ALIGNED = ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DK", "DV")
 BACKWARD_UNIT_STRIDES = tuple(f"stride_{x}d" for x in ("q", "k", "v", "do", "dq", "dk", "dv"))
+# The strides the default variant assumes multiples of 16 (what Triton's JIT would infer), checked
+# on the host at every prebuilt launch; a launch with any other value gets the `divisible=False`
+# variant, compiled for any strides.
+STRIDES = tuple(f"stride_{x}{s}" for x in "qkvo" for s in ("b", "h", "m" if x in "qo" else "n",
+                                                             "d"))
+BACKWARD_STRIDES = tuple(f"stride_{x}{s}" for x, m in (
+    ("q", "m"), ("k", "n"), ("v", "n"), ("do", "m"), ("dq", "m"), ("dk", "n"), ("dv", "n"))
+    for s in ("b", "h", m, "d"))
 BACKWARD_KERNELS = ("dq", "dkdv")
 INT32_MAX = 2**31 - 1
 _INT_TYPES = ("i32", "i64")
@@ -49,11 +60,13 @@ class Variant:
     gather_rows: bool = True  # q/k/v/o in the original token order (see TritonForward.launch)
     contiguous: bool = True  # (BACKWARD_)ALIGNED 16-byte aligned, (BACKWARD_)UNIT_STRIDES 1
     wide_ints: bool = False  # an integer argument (a stride, a length) needs 64 bits
+    divisible: bool = True  # every (BACKWARD_)STRIDES value that is no constexpr a multiple of 16
 
     def suffix(self) -> str:
         """"" for the default variant, else e.g. ".strided.i64" (part of the entry's name)."""
         flags = [(not self.write_lse, "nolse"), (not self.gather_rows, "permuted"),
-                 (not self.contiguous, "strided"), (self.wide_ints, "i64")]
+                 (not self.contiguous, "strided"), (self.wide_ints, "i64"),
+                 (not self.divisible, "oddstrides")]
         return "".join(f".{word}" for on, word in flags if on)
 
 
@@ -68,6 +81,7 @@ class LaunchSpec:
     constexprs: dict[str, Any]
     aligned: tuple[str, ...]  # pointer arguments assumed 16-byte aligned
     schedule: Schedule  # num_warps / num_stages the binary was compiled with
+    divisible: tuple[str, ...] = ()  # integer arguments assumed multiples of 16
 
     def int_arguments(self) -> list[tuple[str, str]]:
         return [(n, t) for n, t in self.signature.items() if t in _INT_TYPES]
@@ -81,7 +95,7 @@ def forward_spec(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_
                                    variant.gather_rows)
     return _spec(str(forward.entry.files["kernel.py"]), forward.name,
                  fixed_arguments(dtype) + kernel_arguments(forward.plan), constexprs, sched,
-                 variant, ALIGNED, UNIT_STRIDES)
+                 variant, ALIGNED, UNIT_STRIDES, STRIDES)
 
 
 def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk: int,
@@ -97,7 +111,8 @@ def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk
     return _spec(str(backward.entry.files["kernel.py"]), f"{backward.name}_{kernel}",
                  backward_render.fixed_arguments(dtype)
                  + backward_render.backward_arguments(backward.plan, backward.loads),
-                 constexprs, sched, variant, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES)
+                 constexprs, sched, variant, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
+                 BACKWARD_STRIDES)
 
 
 def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim_v: int,
@@ -145,15 +160,20 @@ def block_map_launch_arguments() -> list[tuple[str, str]]:
 
 
 def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],
-                   unit_strides: Iterable[str], *, write_lse: bool = True,
-                   gather_rows: bool = True) -> Variant:
+                   unit_strides: Iterable[str], strides: Iterable[str] = (), *,
+                   write_lse: bool = True, gather_rows: bool = True) -> Variant:
     """The variant a launch needs: `values` names every argument; `aligned` and
-    `unit_strides` are the kernel's pointers and strides the contiguous variant specialises."""
+    `unit_strides` are the kernel's pointers and strides the contiguous variant specialises,
+    `strides` (STRIDES or BACKWARD_STRIDES) those the divisible variant assumes multiples of 16
+    (a unit stride of the contiguous variant is a constexpr, so its 1 does not count)."""
+    unit_strides = tuple(unit_strides)
     contiguous = (all(values[name].data_ptr() % 16 == 0 for name in aligned)
                   and all(values[name] == 1 for name in unit_strides))
+    divisible = all(values[name] % 16 == 0 for name in strides
+                    if not (contiguous and name in unit_strides))
     wide = any(isinstance(v, int) and not -INT32_MAX - 1 <= v <= INT32_MAX
                for v in values.values())
-    return Variant(write_lse, gather_rows, contiguous, wide)
+    return Variant(write_lse, gather_rows, contiguous, wide, divisible)
 
 
 def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
@@ -167,13 +187,14 @@ def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
 
 def _spec(path: str, name: str, arguments: list[tuple[str, str]], constexprs: dict[str, Any],
           sched: Schedule, variant: Variant, aligned: tuple[str, ...],
-          unit_strides: tuple[str, ...]) -> LaunchSpec:
+          unit_strides: tuple[str, ...], strides: tuple[str, ...]) -> LaunchSpec:
     if variant.wide_ints:
         arguments = [(n, "i64" if t == "i32" else t) for n, t in arguments]
     if variant.contiguous:
         constexprs.update({n: 1 for n in unit_strides})
+    divisible = tuple(n for n in strides if n not in constexprs) if variant.divisible else ()
     return LaunchSpec(path, name, _with_constexprs(arguments, constexprs), constexprs,
-                      aligned if variant.contiguous else (), sched)
+                      aligned if variant.contiguous else (), sched, divisible)
 
 
 def _with_constexprs(arguments: list[tuple[str, str]], constexprs: Mapping[str, Any]

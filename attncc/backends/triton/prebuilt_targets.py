@@ -52,7 +52,8 @@ class Target:
         spec = self.spec
         return keys.cache_key("triton-binary", self.source_key, extra=list(map(str, [
             self.kind, sorted(spec.signature.items()), sorted(spec.constexprs.items()),
-            spec.aligned, spec.schedule.num_warps, spec.schedule.num_stages, f"sm{self.arch}",
+            spec.aligned, spec.divisible, spec.schedule.num_warps, spec.schedule.num_stages,
+            f"sm{self.arch}",
             f"format={FORMAT}"])))
 
     def entry_name(self) -> str:

@@ -2,7 +2,11 @@
 
 The same child-process pipeline as `triton_aot.compile_for_target` (TTIR .. ptxas), with the
 signature and constexprs that `attncc.backends.triton.serve_run` passes for one memory layout
-variant.
+variant. The serving kernels launch through Triton's JIT, which specialises each launch on its
+own: unit strides become constexprs and strides that are multiples of 16 carry that hint.
+`aligned_strides` (the default) compiles what the JIT makes of contiguous tensors whose strides
+are multiples of 16, as a serving cache's [pages, page_size, heads, 16k] layout has; False, what
+it makes of arbitrary strides.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ LAYOUT_FLAGS = {  # variant -> constexprs that differ from the dense default
     "streaming_heads_paged": {"STREAM": True, "KV_MODE": 1, "HAS_KV_LEN": True},
     "cascade_suffix": {"KV_MODE": 1, "HAS_KV_LEN": True, "HAS_LK_MASK": True},
 }
+# the head-dim strides (1 in a contiguous launch, a JIT constexpr then) and the other strides of
+# the 16-bit tensors (multiples of 16 in such a launch)
+UNIT_STRIDES = tuple(f"stride_{x}d" for x in ("q", "k", "v", "o", "ks", "vs", "mk", "mv"))
+ROW_STRIDES = (tuple(f"stride_{x}{d}" for x, dims in (("q", "bmh"), ("k", "bnh"), ("v", "bnh"),
+                                                        ("o", "bmh"), ("ks", "bnh"),
+                                                        ("vs", "bnh")) for d in dims)
+               + ("stride_mkh", "stride_mks", "stride_mvh", "stride_mvs"))
 
 
 def forward_constexprs(variant: str, head_dim: int, block_m: int, block_n: int,
@@ -43,7 +54,8 @@ def forward_constexprs(variant: str, head_dim: int, block_m: int, block_n: int,
 
 def compile_serve_for_target(kernels: TritonServe, arch: int, dtype: str = "float16",
                              head_dim: int = 128, variant: str = "paged", block_m: int = 16,
-                             num_splits: int = 4, merge: bool = False) -> CompiledArtifact:
+                             num_splits: int = 4, merge: bool = False,
+                             aligned_strides: bool = True) -> CompiledArtifact:
     """Compile the forward kernel (or, with `merge`, the merge kernel) of `kernels` for
     sm_<arch> with the tile size and warps a GPU launch uses (`select_tiles.choose_serving`);
     raises `AOTCompileError` with Triton's message when it does not compile."""
@@ -58,6 +70,9 @@ def compile_serve_for_target(kernels: TritonServe, arch: int, dtype: str = "floa
         launch = Schedule(num_warps=num_warps, num_stages=2)
     aligned = [n for n, t in sig.items() if t.startswith("*")]
     job = {"path": str(kernels.entry.files["kernel.py"]), "name": name, "aligned": aligned}
+    if aligned_strides and not merge:
+        cx.update({n: 1 for n in UNIT_STRIDES})
+        job["divisible"] = list(ROW_STRIDES)
     what = f"{variant}, {dtype}, head dim {head_dim}, splits {num_splits}"
     return compile_artifact(job, arch, sig, cx, launch, what,
                             dtype=dtype, head_dims=(head_dim, head_dim))

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from attncc.backends.triton import prebuilt
-from attncc.backends.triton.launch_spec import (BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES, Variant,
+from attncc.backends.triton.launch_spec import (BACKWARD_ALIGNED, BACKWARD_STRIDES,
+                                                BACKWARD_UNIT_STRIDES, Variant,
                                                 backward_constexprs, choose_variant)
 from attncc.backends import keys
 from attncc.backends.triton.forward import BACKEND, TritonForward, argument_values, prebuilt_arch
@@ -129,7 +130,7 @@ class TritonBackward:
             dtype = keys.dtype_name(q.dtype)
             named = dict(zip(self.argument_names, args, strict=True)) | constexprs
             variant = choose_variant(named, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
-                                     gather_rows=gather_rows)
+                                     BACKWARD_STRIDES, gather_rows=gather_rows)
             for kernel, grid in grids.items():
                 self._run_prebuilt(kernel, grid, named, q.device, (dtype, dqk, d_v), variant)
             return bufs
