@@ -62,6 +62,7 @@ class TritonForward(GeneratedKernel):
         # every argument's name in order (names do not depend on the dtype): built once, not
         # on each launch
         self.kernel_arguments = kernel_arguments(plan)
+        self.captures = plan.spec.captures
         self.argument_names = [name for name, _ in fixed_arguments("float16")
                                + self.kernel_arguments]
         # per (dtype, Dqk, Dv, device, write_lse, gather_rows, counting): what a launch of that
@@ -125,7 +126,7 @@ class TritonForward(GeneratedKernel):
         prepared = self._prepared(q, k, v, lse is not None, gather_rows, visits is not None)
         sched = prepared.schedule
         extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
-                                self.kernel_arguments)
+                                self.kernel_arguments, self.captures)
         values = dict(zip(self.argument_names, [
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -199,9 +200,13 @@ _ARCHS: dict[int | None, int] = {}
 def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
                     tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
                     positions: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    arguments: list[tuple[str, str]] | None = None) -> list[Any]:
-    """Values for `arguments` (default `kernel_arguments(plan)`), in its order."""
+                    arguments: list[tuple[str, str]] | None = None,
+                    captures: tuple | None = None) -> list[Any]:
+    """Values for `arguments` (default `kernel_arguments(plan)`), in its order. `captures`:
+    `plan.spec.captures` when the caller holds it (a property that rebuilds the tuple)."""
     arguments = kernel_arguments(plan) if arguments is None else arguments
+    if not arguments:
+        return []
     values: dict[str, Any] = {keys.param_arg(name): value for name, value in params.items()}
     if kv_tiles is not None:
         values["KV_TILES"] = kv_tiles
@@ -209,7 +214,7 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
             values[f"kvt_stride_{name}"] = kv_tiles.stride(axis)
     if positions is not None:
         values["Q_POS"], values["KV_POS"] = positions
-    for cap in plan.spec.captures:
+    for cap in plan.spec.captures if captures is None else captures:
         t = tensors[cap.name]
         t = t.view(torch.uint8) if t.dtype == torch.bool else t
         ptr, strides, sizes = keys.capture_arg_names(cap.name, cap.ndim)

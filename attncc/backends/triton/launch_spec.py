@@ -149,8 +149,16 @@ def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],
                    gather_rows: bool = True) -> Variant:
     """The variant a launch needs: `values` names every argument; `aligned` and
     `unit_strides` are the kernel's pointers and strides the contiguous variant specialises."""
-    contiguous = (all(values[name].data_ptr() % 16 == 0 for name in aligned)
-                  and all(values[name] == 1 for name in unit_strides))
+    contiguous = True
+    for name in unit_strides:
+        if values[name] != 1:
+            contiguous = False
+            break
+    if contiguous:
+        for name in aligned:
+            if values[name].data_ptr() % 16:
+                contiguous = False
+                break
     ints = [v for v in values.values() if type(v) is int]  # bools are constexpr flags
     wide = bool(ints) and (min(ints) < -INT32_MAX - 1 or max(ints) > INT32_MAX)
     return Variant(write_lse, gather_rows, contiguous, wide)
