@@ -197,5 +197,7 @@ def unpack_row(sig: CallSignature, row: list[Any]) -> tuple[float, dict[str, int
             x = int(x)
         elif not math.isfinite(x):
             raise ValueError(f"parameter {p.name!r}: expected a finite float value, got {x!r}")
-        out[p.name] = check_param_value(p, x)
+        if p.positive and not x > 0:
+            check_param_value(p, x)  # raises its message; every other check holds by now
+        out[p.name] = x
     return row[0], out

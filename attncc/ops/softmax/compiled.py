@@ -125,8 +125,7 @@ class CompiledAttention:
         qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
         check_qkv(qb, kb, vb)
         check_scale(scale)
-        runtime = dict(runtime)
-        reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)
+        reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)  # pops from it
         B, Hq, Lq, dqk = qb.shape
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
