@@ -115,7 +115,10 @@ class CompiledAttention:
         `attncc::attention_fwd` (`attncc.ops.softmax.custom_op`), so o and lse are differentiable (q, k, v
         and floating captured tensors) and torch.compile sees one graph node. A runtime value
         given as a one-element CPU tensor (`window=torch.tensor(512)`) is op data: changing it
-        never recompiles a compiled graph.
+        never recompiles a compiled graph. An eager call that nothing would record (no
+        gradient wanted, no torch function or dispatch mode, no functorch transform, plain
+        tensors) runs the op's implementation directly, with the same checks and results: the
+        dispatcher's round trip is most of a cached call's host time.
 
         Non-finite inputs (docs/semantics.md): a nan or inf in k_j or v_j reaches exactly the rows
         the mask allows to attend to key j (their o, and for k their lse, become non-finite);
