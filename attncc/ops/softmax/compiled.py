@@ -125,7 +125,7 @@ class CompiledAttention:
         every other row is computed as if key j were absent, whatever the tiling."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
-        qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
+        qb, kb, vb = to_bhsd("q", q, layout), to_bhsd("k", k, layout), to_bhsd("v", v, layout)
         check_qkv(qb, kb, vb)
         check_scale(scale)
         reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)  # pops from it

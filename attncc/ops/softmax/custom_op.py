@@ -75,7 +75,8 @@ def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
     `bound` = (sm_scale, parameter values) read on the host (`unpack_params`); build
     positions, and run the chosen backend's softmax family."""
     sig = attn.signature
-    qb, kb, vb = (_bhsd(t, layout) for t in (q, k, v))
+    qb, kb, vb = (q, k, v) if layout == "bhsd" else (_bhsd(q, layout), _bhsd(k, layout),
+                                                      _bhsd(v, layout))
     B, Hq, Lq, _ = qb.shape
     Lk = kb.shape[2]
     sm_scale, values = bound
