@@ -33,7 +33,28 @@ def to_bhsd(name: str, t: Any, layout: str) -> torch.Tensor:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Shapes are BHSD here: q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv]."""
+    """Shapes are BHSD here: q [B,Hq,Lq,Dqk], k [B,Hkv,Lk,Dqk], v [B,Hkv,Lk,Dv].
+
+    The checks read only shapes, dtypes and devices, so a combination that passed once passes
+    always: it is remembered (a few hundred at most) and a repeat call skips the work. Not
+    while torch.compile traces: its shapes may be symbolic (not hashable), and the graph keeps
+    the checks it needs as guards anyway."""
+    if torch.compiler.is_compiling():
+        _check_qkv(q, k, v)
+        return
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+    if key in _PASSED_QKV:
+        return
+    _check_qkv(q, k, v)
+    if len(_PASSED_QKV) >= 256:
+        _PASSED_QKV.clear()
+    _PASSED_QKV.add(key)
+
+
+_PASSED_QKV: set[tuple] = set()
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")

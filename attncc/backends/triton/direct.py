@@ -45,17 +45,22 @@ class DirectKernel:
         self.compiled = CompiledKernel(self.source, group, metadata_hash)
         self.spec = spec
         self._int_arguments = spec.int_arguments()
+        # built once: the argument order and the constexprs every launch must pass
+        self._names = tuple(spec.signature)
+        self._constexpr_names = tuple(spec.constexprs)
+        self._constexpr_values = tuple(spec.constexprs.values())
 
     def __call__(self, grid: tuple[int, ...], values: Mapping[str, Any]) -> None:
         """Launch on the current device and stream; `values` names every argument (constexprs
         too, as the JIT passes them; the launcher drops them)."""
         check_int_arguments(self.spec.name, self._int_arguments, values)
-        for name, value in self.spec.constexprs.items():
-            if values[name] != value:  # a caller picked the wrong variant: never launch it
-                raise ValueError(f"{self.spec.name}: constexpr {name} is {value} in the prebuilt "
-                                 f"binary, the launch passes {values[name]!r}")
+        if tuple(map(values.__getitem__, self._constexpr_names)) != self._constexpr_values:
+            for name, value in self.spec.constexprs.items():
+                if values[name] != value:  # a caller picked the wrong variant: never launch it
+                    raise ValueError(f"{self.spec.name}: constexpr {name} is {value} in the "
+                                     f"prebuilt binary, the launch passes {values[name]!r}")
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.compiled[grid](*(values[name] for name in self.spec.signature))
+        self.compiled[grid](*map(values.__getitem__, self._names))
 
 
 class DirectKernels:

@@ -10,7 +10,7 @@ Triton's JIT; under the interpreter, they go through the JIT.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -61,8 +61,14 @@ class TritonForward(GeneratedKernel):
         self._prebuilt = DirectKernels()
         # every argument's name in order (names do not depend on the dtype): built once, not
         # on each launch
+        self.kernel_arguments = kernel_arguments(plan)
+        self.captures = plan.spec.captures
         self.argument_names = [name for name, _ in fixed_arguments("float16")
-                               + kernel_arguments(plan)]
+                               + self.kernel_arguments]
+        # per (dtype, Dqk, Dv, device, write_lse, gather_rows, counting): what a launch of that
+        # signature always passes (schedule, constexprs, prebuilt arch), worked out once
+        self._launches: dict[tuple, _Prepared] = {}
+        self._schedules: dict[tuple, Schedule] = {}
 
     def block_map_function(self):
         """The generated kernel that classifies tiles on the device (block map source 'device')."""
@@ -77,9 +83,32 @@ class TritonForward(GeneratedKernel):
         return self._plans[signature]
 
     def schedule_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Schedule:
-        sig = Signature(keys.dtype_name(q.dtype), q.shape[3], v.shape[3],
-                        target_of(q.device))
-        return self.plan_for(sig).schedule
+        key = (q.dtype, q.shape[3], v.shape[3], q.device)
+        sched = self._schedules.get(key)
+        if sched is None:
+            sig = Signature(keys.dtype_name(q.dtype), q.shape[3], v.shape[3],
+                            target_of(q.device))
+            sched = self._schedules[key] = self.plan_for(sig).schedule
+        return sched
+
+    def _prepared(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_lse: bool,
+                  gather_rows: bool, counting: bool) -> _Prepared:
+        key = (q.dtype, q.shape[3], v.shape[3], q.device, write_lse, gather_rows, counting)
+        hit = self._launches.get(key)
+        if hit is not None:
+            return hit
+        sched = self.schedule_for(q, k, v)
+        constexprs = launch_constexprs(sched, q.shape[3], v.shape[3], write_lse=write_lse,
+                                       gather_rows=gather_rows)
+        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
+        # there, and only there, bf16 tiles are upcast to fp32 before each dot
+        constexprs["UPCAST_DOT"] = (target_of(q.device) == "interpreter"
+                                    and q.dtype == torch.bfloat16)
+        constexprs["COUNT_VISITS"] = counting
+        arch = None if counting else prebuilt_arch(q.device)
+        hit = self._launches[key] = _Prepared(sched, constexprs, arch,
+                                              (keys.dtype_name(q.dtype), q.shape[3], v.shape[3]))
+        return hit
 
     def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor | None, *, sm_scale: float, params: Mapping[str, int | float],
@@ -93,26 +122,21 @@ class TritonForward(GeneratedKernel):
         reordered; `gather_rows` says q/k/v/o are in the original order (the kernel gathers rows
         and scatters o back) rather than already in the reordered layout."""
         B, Hq, Lq, dqk = q.shape
-        Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[3]
-        dtype = keys.dtype_name(q.dtype)
-        target = target_of(q.device)
-        sched = self.schedule_for(q, k, v)
-        extra = argument_values(self.plan, params, tensors, kv_tiles, positions)
+        Hkv, Lk = k.shape[1], k.shape[2]
+        prepared = self._prepared(q, k, v, lse is not None, gather_rows, visits is not None)
+        sched = prepared.schedule
+        extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
+                                self.kernel_arguments, self.captures)
         values = dict(zip(self.argument_names, [
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Lq, Lk, Hq, Hkv, float(sm_scale), *extra], strict=True))
-        values.update(launch_constexprs(sched, dqk, dv, write_lse=lse is not None,
-                                        gather_rows=gather_rows))
-        # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584):
-        # there, and only there, bf16 tiles are upcast to fp32 before each dot
-        values["UPCAST_DOT"] = target == "interpreter" and q.dtype == torch.bfloat16
-        values["COUNT_VISITS"] = visits is not None
+        values.update(prepared.constexprs)
         grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
-        if prebuilt_arch(q.device) is not None and visits is None:
+        if prepared.arch is not None:  # None when counting visits: that runs the JIT kernel
             variant = choose_variant(values, ALIGNED, UNIT_STRIDES, STRIDES,
                                      write_lse=lse is not None, gather_rows=gather_rows)
-            self.run_prebuilt("forward", grid, values, q.device, (dtype, dqk, dv), variant)
+            self.run_prebuilt("forward", grid, values, q.device, prepared.signature, variant)
         else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
             self.jit_function()[grid](**values, num_warps=sched.num_warps,
                                       num_stages=sched.num_stages)
@@ -148,6 +172,16 @@ class TritonForward(GeneratedKernel):
             self.block_map_function()[grid](**values)
 
 
+class _Prepared(NamedTuple):
+    """What every forward launch of one signature passes: its schedule, constexprs, the
+    prebuilt arch it runs (None: Triton's JIT) and its (dtype, Dqk, Dv)."""
+
+    schedule: Schedule
+    constexprs: dict[str, Any]
+    arch: int | None
+    signature: tuple[str, int, int]
+
+
 def prebuilt_arch(device: torch.device) -> int | None:
     """The compute capability whose prebuilt kernels a launch on `device` runs: None off CUDA,
     or on a GPU `attncc build` has no tile tables for (those launch through Triton's JIT)."""
@@ -166,9 +200,13 @@ _ARCHS: dict[int | None, int] = {}
 def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
                     tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None = None,
                     positions: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    arguments: list[tuple[str, str]] | None = None) -> list[Any]:
-    """Values for `arguments` (default `kernel_arguments(plan)`), in its order."""
+                    arguments: list[tuple[str, str]] | None = None,
+                    captures: tuple | None = None) -> list[Any]:
+    """Values for `arguments` (default `kernel_arguments(plan)`), in its order. `captures`:
+    `plan.spec.captures` when the caller holds it (a property that rebuilds the tuple)."""
     arguments = kernel_arguments(plan) if arguments is None else arguments
+    if not arguments:
+        return []
     values: dict[str, Any] = {keys.param_arg(name): value for name, value in params.items()}
     if kv_tiles is not None:
         values["KV_TILES"] = kv_tiles
@@ -176,7 +214,7 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
             values[f"kvt_stride_{name}"] = kv_tiles.stride(axis)
     if positions is not None:
         values["Q_POS"], values["KV_POS"] = positions
-    for cap in plan.spec.captures:
+    for cap in plan.spec.captures if captures is None else captures:
         t = tensors[cap.name]
         t = t.view(torch.uint8) if t.dtype == torch.bool else t
         ptr, strides, sizes = keys.capture_arg_names(cap.name, cap.ndim)

@@ -167,18 +167,30 @@ def choose_variant(values: Mapping[str, Any], aligned: Iterable[str],
     `strides` (STRIDES or BACKWARD_STRIDES) those the divisible variant assumes multiples of 16
     (a unit stride of the contiguous variant is a constexpr, so its 1 does not count)."""
     unit_strides = tuple(unit_strides)
-    contiguous = (all(values[name].data_ptr() % 16 == 0 for name in aligned)
-                  and all(values[name] == 1 for name in unit_strides))
+    contiguous = True
+    for name in unit_strides:
+        if values[name] != 1:
+            contiguous = False
+            break
+    if contiguous:
+        for name in aligned:
+            if values[name].data_ptr() % 16:
+                contiguous = False
+                break
     divisible = all(values[name] % 16 == 0 for name in strides
                     if not (contiguous and name in unit_strides))
-    wide = any(isinstance(v, int) and not -INT32_MAX - 1 <= v <= INT32_MAX
-               for v in values.values())
+    ints = [v for v in values.values() if type(v) is int]  # bools are constexpr flags
+    wide = bool(ints) and (min(ints) < -INT32_MAX - 1 or max(ints) > INT32_MAX)
     return Variant(write_lse, gather_rows, contiguous, wide, divisible)
 
 
 def check_int_arguments(name: str, arguments: Iterable[tuple[str, str]],
                         values: Mapping[str, Any]) -> None:
     """ValueError naming the first i32 argument whose value needs 64 bits."""
+    arguments = list(arguments)
+    narrow = [values[arg] for arg, kind in arguments if kind == "i32"]
+    if not narrow or -INT32_MAX - 1 <= min(narrow) and max(narrow) <= INT32_MAX:
+        return  # all fit (one pass in C); else find the first that does not, for the message
     for arg, kind in arguments:
         if kind == "i32" and not -INT32_MAX - 1 <= values[arg] <= INT32_MAX:
             raise ValueError(f"{name}: argument {arg} = {values[arg]} does not fit the kernel's "

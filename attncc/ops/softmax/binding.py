@@ -52,6 +52,15 @@ class CallSignature:
     token_tables: tuple[str, ...] = ()
     broadcast_checks: tuple[tuple[str, int], ...] = ()
 
+    def __post_init__(self) -> None:
+        # lookup tables every call reads, built once (the dataclass stays frozen)
+        set_ = object.__setattr__
+        set_(self, "param_by_name", {p.name: p for p in self.params})
+        set_(self, "capture_by_name", {c.name: c for c in self.captures})
+        set_(self, "taken", {*self.param_by_name, *self.capture_by_name})
+        set_(self, "derived", any(c.reduction is not None for c in self.captures))
+        set_(self, "nondecreasing", any(c.nondecreasing for c in self.captures))
+
     @staticmethod
     def of(spec: AttentionSpec) -> CallSignature:
         checks = []
@@ -91,19 +100,34 @@ def bind(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
          ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Check `runtime` (parameter values and replacement captured tensors) and return
     (captures in the spec's order, params float64 CPU [1 + number of parameters])."""
-    params = {p.name: p for p in sig.params}
-    captures = {c.name: c for c in sig.captures}
-    # derived captures (`buf[b].sum()`) are recomputed from their source on every call
-    runtime, derived = split_sources(sig.captures, runtime, {*params, *captures})
-    values, tensors = sort_runtime(params, captures, runtime, _param_value)
-    caps = [tensors.get(c.name, derived.get(c.name, c.tensor)) for c in sig.captures]
-    _check_captures(sig, caps, device, extents)
-    row = [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
-    if any(isinstance(x, torch.Tensor) for x in row):
-        packed = torch.stack([torch.as_tensor(x).to(torch.float64).reshape(()) for x in row])
+    caps, row = bind_row(sig, runtime, sm_scale, device, extents)
+    return caps, pack_row(row)
+
+
+def bind_row(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
+             device: torch.device, extents: Mapping[str, int]
+             ) -> tuple[list[torch.Tensor], list[Any]]:
+    """`bind` before packing: (captures, [sm_scale, *parameter values]), each value a checked
+    Python number or a one-element CPU tensor (checked by `unpack_row` when it is read)."""
+    if runtime:
+        # derived captures (`buf[b].sum()`) are recomputed from their source on every call
+        runtime, derived = split_sources(sig.captures, runtime, sig.taken)
+        values, tensors = sort_runtime(sig.param_by_name, sig.capture_by_name, runtime,
+                                       _param_value)
     else:
-        packed = torch.tensor(row, dtype=torch.float64)
-    return caps, packed
+        values, tensors = {}, {}
+        derived = split_sources(sig.captures, runtime, sig.taken)[1] if sig.derived else {}
+    caps = [tensors.get(c.name, derived.get(c.name, c.tensor)) for c in sig.captures]
+    if caps:
+        _check_captures(sig, caps, device, extents)
+    return caps, [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
+
+
+def pack_row(row: list[Any]) -> torch.Tensor:
+    """The op's `params`: float64 CPU [len(row)]."""
+    if any(isinstance(x, torch.Tensor) for x in row):
+        return torch.stack([torch.as_tensor(x).to(torch.float64).reshape(()) for x in row])
+    return torch.tensor(row, dtype=torch.float64)
 
 
 def _param_value(p: Param, value: Any) -> Any:
@@ -155,7 +179,13 @@ def unpack_params(sig: CallSignature, params: torch.Tensor
                   ) -> tuple[float, dict[str, int | float]]:
     """(sm_scale, {name: value}) from the op's `params`; values given as tensors are checked
     here, on the host, before any launch."""
-    row = params.tolist()
+    return unpack_row(sig, params.tolist())
+
+
+def unpack_row(sig: CallSignature, row: list[Any]) -> tuple[float, dict[str, int | float]]:
+    """`unpack_params` on the row before packing (the eager call's direct path): each value
+    goes through float64, as it would in the op's tensor, and the same checks."""
+    row = [float(x) for x in row]  # a tensor's .item() too: one element, real, on the CPU
     if len(row) != 1 + len(sig.params):
         raise ValueError(f"params: expected {1 + len(sig.params)} values (sm_scale and "
                          f"{[p.name for p in sig.params]}), got {len(row)}")
@@ -167,5 +197,7 @@ def unpack_params(sig: CallSignature, params: torch.Tensor
             x = int(x)
         elif not math.isfinite(x):
             raise ValueError(f"parameter {p.name!r}: expected a finite float value, got {x!r}")
-        out[p.name] = check_param_value(p, x)
+        if p.positive and not x > 0:
+            check_param_value(p, x)  # raises its message; every other check holds by now
+        out[p.name] = x
     return row[0], out

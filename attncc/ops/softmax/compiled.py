@@ -21,12 +21,29 @@ from attncc.backends.base import SoftmaxFamily, Unsupported
 from attncc.ir.positions import Positions, split_reorder_inputs
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import TileClasses
-from attncc.ops.softmax.binding import CallSignature, bind
+from attncc.ops.softmax.binding import CallSignature, bind_row, pack_row, unpack_row
 from attncc.ops.softmax.custom_op import calling, register, run_forward
 from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import LAYOUTS, check_qkv, check_scale, to_bhsd
 from attncc.warn import warn_user
 
+
+
+def _direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captures: list[torch.Tensor],
+            reorder_inputs: list[torch.Tensor]) -> bool:
+    """Whether an eager call may run the op's implementation without the dispatcher, with the
+    same result: nothing would record it (no gradient wanted, no torch function or dispatch
+    mode, no functorch transform, not compiling) and every tensor is a plain one with data (a
+    subclass or a meta tensor has its own dispatch)."""
+    C = torch._C
+    if (torch.compiler.is_compiling() or C._len_torch_function_stack()
+            or C._len_torch_dispatch_stack() or C._are_functorch_transforms_active()):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (q, k, v, *captures, *reorder_inputs):
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return q.device.type != "meta"
 
 
 class CompiledAttention:
@@ -98,29 +115,34 @@ class CompiledAttention:
         `attncc::attention_fwd` (`attncc.ops.softmax.custom_op`), so o and lse are differentiable (q, k, v
         and floating captured tensors) and torch.compile sees one graph node. A runtime value
         given as a one-element CPU tensor (`window=torch.tensor(512)`) is op data: changing it
-        never recompiles a compiled graph.
+        never recompiles a compiled graph. An eager call that nothing would record (no
+        gradient wanted, no torch function or dispatch mode, no functorch transform, plain
+        tensors) runs the op's implementation directly, with the same checks and results: the
+        dispatcher's round trip is most of a cached call's host time.
 
         Non-finite inputs (docs/semantics.md): a nan or inf in k_j or v_j reaches exactly the rows
         the mask allows to attend to key j (their o, and for k their lse, become non-finite);
         every other row is computed as if key j were absent, whatever the tiling."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
-        qb, kb, vb = (to_bhsd(n, t, layout) for n, t in (("q", q), ("k", k), ("v", v)))
+        qb, kb, vb = to_bhsd("q", q, layout), to_bhsd("k", k, layout), to_bhsd("v", v, layout)
         check_qkv(qb, kb, vb)
         check_scale(scale)
-        runtime = dict(runtime)
-        reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)
+        reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)  # pops from it
         B, Hq, Lq, dqk = qb.shape
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
-        captures, params = bind(self.signature, runtime, sm_scale, q.device,
-                                {"B": B, "Hq": Hq, "Lq": Lq, "Lk": kb.shape[2]})
-        chosen = registry.check_name(backend or self.backend)
+        captures, row = bind_row(self.signature, runtime, sm_scale, q.device,
+                                 {"B": B, "Hq": Hq, "Lq": Lq, "Lk": kb.shape[2]})
+        chosen = self.backend if backend is None else registry.check_name(backend)
         reorder_inputs = [reorder[n] for n in self.signature.reorder_keys]
-        if _visits is not None:  # a debugging counter the kernel writes: not an op input
-            o, lse = run_forward(self, q, k, v, captures, params, reorder_inputs, layout,
-                                 permuted, chosen, visits=_visits)
+        if _visits is not None or _direct(q, k, v, captures, reorder_inputs):
+            # no autograd, no mode, no tracer, plain tensors: the op's dispatcher would only
+            # hand these same arguments to its implementation (`_direct` says when that holds)
+            o, lse = run_forward(self, q, k, v, captures, unpack_row(self.signature, row),
+                                 reorder_inputs, layout, permuted, chosen, visits=_visits)
         else:
+            params = pack_row(row)
             args = (self.key, q, k, v, captures, params, reorder_inputs, layout, permuted, chosen)
             if torch.compiler.is_compiling():  # the graph names the kernel by its key
                 o, lse = torch.ops.attncc.attention_fwd(*args)

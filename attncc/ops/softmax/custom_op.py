@@ -68,18 +68,20 @@ def _positions(attn: CompiledAttention, Lq: int, Lk: int, device: torch.device,
 
 
 def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
-                captures: list[Tensor], params: Tensor, reorder_inputs: list[Tensor],
-                layout: str, permuted: bool, backend: str, visits: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-    """The op's implementation (and the direct path for `_visits` counting): read `params` on
-    the host, build positions, and run the chosen backend's softmax family."""
+                captures: list[Tensor], bound: tuple[float, dict[str, int | float]],
+                reorder_inputs: list[Tensor], layout: str, permuted: bool, backend: str,
+                visits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The op's implementation (and an eager call's direct path, `CompiledAttention.__call__`):
+    `bound` = (sm_scale, parameter values) read on the host (`unpack_params`); build
+    positions, and run the chosen backend's softmax family."""
     sig = attn.signature
-    qb, kb, vb = (_bhsd(t, layout) for t in (q, k, v))
+    qb, kb, vb = (q, k, v) if layout == "bhsd" else (_bhsd(q, layout), _bhsd(k, layout),
+                                                      _bhsd(v, layout))
     B, Hq, Lq, _ = qb.shape
     Lk = kb.shape[2]
-    sm_scale, values = unpack_params(sig, params)
+    sm_scale, values = bound
     tensors = {c.name: t for c, t in zip(sig.captures, captures)}
-    if config.debug_checks():
+    if sig.nondecreasing and config.debug_checks():  # config reads the environment
         for c in sig.captures:
             if c.nondecreasing:
                 check_nondecreasing(c.name, tensors[c.name])
@@ -108,8 +110,9 @@ BWD_SCHEMA = ("(str kernel, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, 
 def attention_fwd(kernel: str, q: Tensor, k: Tensor, v: Tensor, captures: list[Tensor],
                   params: Tensor, reorder_inputs: list[Tensor], layout: str, permuted: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
-    return run_forward(lookup(kernel), q, k, v, captures, params, reorder_inputs, layout,
-                       permuted, backend)
+    attn = lookup(kernel)
+    return run_forward(attn, q, k, v, captures, unpack_params(attn.signature, params),
+                       reorder_inputs, layout, permuted, backend)
 
 
 @attention_fwd.register_fake

@@ -1,0 +1,92 @@
+"""A fake CUDA driver for measuring attncc's host path on a machine without a GPU.
+
+`install()` makes Triton's active driver one whose module loader and launcher do nothing (they
+record what they were given), and makes CPU tensors launch the sm_90 prebuilt binaries that
+`attncc build` (or `build.build_targets`) put in ATTNCC_CACHE_DIR: all of a launch runs for real
+except the driver calls, so the time a call takes is attncc's host work plus Triton's launcher
+up to the point where the real one would call `cuLaunchKernel`. tests/direct_launch_child.py
+uses the same stand-in to check the arguments a launch hands over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+LAUNCHES = [0]  # how many launches the fake launcher received
+
+
+class FakeLauncher:
+    """Triton's launcher contract (`launcher_cls(src, metadata)`, then
+    `launcher(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *arguments)`); it only counts."""
+
+    def __init__(self, src: Any, metadata: Any) -> None:
+        self.name = metadata.name
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+                 enter_hook, exit_hook, *args) -> None:
+        LAUNCHES[0] += 1
+
+
+class FakeUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 2, 64, 0, 1024  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132,
+                "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 1980000,
+                "mem_clock_rate": 2619000, "mem_bus_width": 5120}  # an H100's
+
+    def unload_module(self, module):
+        pass
+
+
+class FakeDriver:
+    utils = FakeUtils()
+    launcher_cls = FakeLauncher
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        import torch
+        return torch.cuda
+
+    def get_benchmarker(self):
+        raise RuntimeError("the fake driver has no timer")
+
+    def is_active(self):
+        return True
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return ty
+
+
+def install() -> None:
+    """Triton's driver becomes the fake one, and CPU tensors launch sm_90 prebuilt binaries."""
+    import torch
+    from triton.runtime import driver
+
+    from attncc.backends.triton import forward as triton_forward
+    from attncc.backends.triton.backward import kernel as triton_backward
+    from attncc.backends.triton.backward import launch as triton_backward_launch
+
+    driver.set_active(FakeDriver())
+    triton_forward.prebuilt_arch = triton_backward.prebuilt_arch = lambda device: 90
+    triton_forward.target_of = triton_backward_launch.target_of = lambda device: "sm90"
+    torch.cuda.device = lambda device: contextlib.nullcontext()
