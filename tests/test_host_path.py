@@ -91,3 +91,16 @@ def test_remembered_qkv_checks_refuse_a_bad_call_every_time():
         with pytest.raises(ValueError, match="v: expected 2 heads and length 9"):
             ATTN(q, k, v[:, :1])
     ATTN(q, k, v)
+
+
+def test_jit_trace_records_the_op():
+    """torch.jit.trace records dispatched ops: a traced call must go through the op (the
+    direct path would leave the attention out of the trace)."""
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    q = torch.randn(1, 2, 9, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda q, k, v: attn(q, k, v, backend="reference"), (q, q, q),
+                                 check_trace=False)
+    assert "attncc::attention_fwd" in str(traced.graph)
+    q2 = torch.randn(1, 2, 9, 8)
+    torch.testing.assert_close(traced(q2, q2, q2), attn(q2, q2, q2, backend="reference"))

@@ -33,11 +33,12 @@ def _direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captures: list[to
             reorder_inputs: list[torch.Tensor]) -> bool:
     """Whether an eager call may run the op's implementation without the dispatcher, with the
     same result: nothing would record it (no gradient wanted, no torch function or dispatch
-    mode, no functorch transform, not compiling) and every tensor is a plain one with data (a
+    mode, no functorch transform, not compiling, not under torch.jit.trace) and every tensor is a plain one with data (a
     subclass or a meta tensor has its own dispatch)."""
     C = torch._C
     if (torch.compiler.is_compiling() or C._len_torch_function_stack()
-            or C._len_torch_dispatch_stack() or C._are_functorch_transforms_active()):
+            or C._len_torch_dispatch_stack() or C._are_functorch_transforms_active()
+            or C._get_tracing_state() is not None):  # torch.jit.trace records ops too
         return False
     grad = torch.is_grad_enabled()
     for t in (q, k, v, *captures, *reorder_inputs):
