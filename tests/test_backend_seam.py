@@ -25,7 +25,7 @@ def test_auto_resolves_once_for_every_family(monkeypatch):
 
 
 def test_names_are_checked_with_one_message():
-    assert registry.NAMES == ("auto", "triton", "reference")
+    assert registry.names() == ("auto", "triton", "reference")
     with pytest.raises(ValueError, match=r"^backend: expected one of \('auto', 'triton', "
                                          r"'reference'\), got 'cuda'$"):
         registry.resolve("cuda", torch.device("cpu"))

@@ -20,15 +20,18 @@ from attncc.backends.triton.backend import BACKEND as TRITON
 # "auto" takes the first backend here that compiles kernels and runs on the tensors' device,
 # else "reference" (the last resort: it runs everywhere)
 BACKENDS: dict[str, Backend] = {"triton": TRITON, "reference": REFERENCE}
-NAMES = ("auto", *BACKENDS)
 FALLBACK = "reference"
+
+
+def names() -> tuple[str, ...]:
+    """"auto" and every registered backend, read at the call: one registered later counts."""
+    return ("auto", *BACKENDS)
 
 
 def check_name(name: Any) -> str:
     """`name` itself when it is "auto" or a registered backend; ValueError otherwise."""
-    names = ("auto", *BACKENDS)  # read now: a backend registered later is a name too
-    if name not in names:
-        raise ValueError(f"backend: expected one of {names}, got {name!r}")
+    if name not in names():
+        raise ValueError(f"backend: expected one of {names()}, got {name!r}")
     return name
 
 
