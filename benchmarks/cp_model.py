@@ -31,27 +31,45 @@ Assumptions
   pace (IB bandwidth for W > 8).
 - all-gather: one ring all-gather of the kv shards (W - 1 steps, not overlapped), then the
   busiest rank's compute. Bytes per rank: (W - 1) kv shards; memory: the whole sequence's K, V.
+- p2p non-empty (what the shard-pair classification allows; MagiAttention's idea): a rank
+  receives the kv shards of only those ranks whose pair with its queries is not empty, all at
+  once over its links (NVLink from its node, IB from other nodes, both in parallel), while it
+  computes its own pair, then computes the rest: time = own + max(rest, receive or send); no
+  lockstep. Best time over the three assignments. Optimistic where many shards arrive at once.
 - all-to-all (Ulysses, Megatron `a2a`): q, k, v sequence -> heads and o heads -> sequence, four
   all-to-alls not overlapped; each rank then runs the whole sequence for Hq / W heads (exactly
   balanced). Needs W | Hq, and W | Hkv or Hkv | W (kv heads repeated up to W). A rank sends
   (W - 1) / W of each tensor; the share to ranks of other nodes, (W - 8) / W, goes over IB.
-- Linear recurrence (gated delta rule, L6, chunked like fla's kernels with the chunk of
-  `attncc.passes.select_tiles_linear.gpu_chunk`, c): FLOPs per token and head
-  2c(3Dk + 2Dv) + c^2 + 6 Dk Dv (K K^T, Q K^T, the UT transform, W = T K, U = T V, the state
-  read, the intra-chunk output and the state update). Context parallel ranks also build their
-  shard's affine map S_out = M S_in + U (M dense Dk x Dk for the delta rule): 2 Dk^2 + 2 Dk^3 / c
-  per token, and once S_in is known, correct their outputs: 4 Dk Dv + 2c Dv + 2 Dk^2 Dv / c per
-  token (propagate S_in through the chunks, correct the state read and the output).
-  - LASP-2: one all-gather of every rank's (M, U) (fp32, (Dk^2 + Dk Dv) * 4 bytes per head),
-    then rank r applies r maps to the zero state (W - 1 applications of 2 Dk^2 Dv for the last).
-  - prefix scan: ceil(log2 W) rounds of one p2p of (M, U) and one map composition
-    (2 Dk^3 + 2 Dk^2 Dv).
-  - ring (LASP-1): the state travels rank to rank, W - 1 sequential hops of (M, U) application
-    and one p2p of S (Dk Dv fp32).
-  - all-to-all: as softmax (plus the gates g, beta), then the whole sequence for Hq / W heads,
-    no state passing.
-  None of them overlaps its state communication with compute here (LASP-2 does, partly: the
-  model is conservative for it).
+- Linear recurrences, chunked like fla's kernels with the chunk c of
+  `attncc.passes.select_tiles_linear.gpu_chunk`; FLOPs per token and head (Dk = Dv = D):
+  - gated delta rule (L6): 2c(3Dk + 2Dv) + c^2 + 6 Dk Dv on one GPU (K K^T, Q K^T, the UT
+    transform, W = T K, U = T V, the state read, the intra-chunk output, the state update). Of
+    it, 2c(Dk + Dv) + 2 Dk Dv (Q K^T, the output, the state read) does not depend on the
+    incoming state. A context-parallel rank also builds its shard's affine map
+    S_out = M S_in + U, M dense Dk x Dk: 2 Dk^2 + 2 Dk^3 / c, and once S_in is known corrects
+    its outputs: 4 Dk Dv + 2c Dv + 2 Dk^2 Dv / c (S_in through the chunks, the state read and
+    the output). Maps are (Dk^2 + Dk Dv) fp32 per head.
+  - scalar-gated linear attention (L3, LASP-2's setting): 2c(Dk + Dv) + 4 Dk Dv; M is one
+    scalar per head (the gate product), so a map is Dk Dv + 1 fp32; correction 2 Dk Dv.
+  A rank builds its map, then exchanges maps while it computes the intra-chunk outputs
+  (overlapped), then applies the correction. Exchanges:
+  - LASP-2: one all-gather of every rank's (M, U), then rank r applies r maps to the zero
+    state (W - 1 applications, 2 Dk^2 Dv each for L6, for the last rank).
+  - prefix scan: ceil(log2 W) rounds of one p2p of (M, U) and one map composition.
+  - ring (LASP-1): the state travels rank to rank, W - 1 dependent hops of one p2p of S
+    (Dk Dv fp32) and one map application.
+  - all-to-all: as softmax (plus the gates g, beta), then whole sequences for Hq / W heads,
+    no state passing and no extra FLOPs.
+  Every dependent step (a ring step, a scan round, a hop, the correction) also pays a kernel
+  launch and a wait, 10 us.
+- The catalogue: causal, full, sliding window of 8192, documents of 64K tokens (cu_seqlens),
+  gated delta (L6), scalar-gated linear attention (L3). The fastest strategy is the one with
+  the least predicted time; a strategy that cannot run (all-to-all when heads do not split) is
+  reported with its reason and never picked.
+- Not modelled: the backward pass (about 2.5x the forward's FLOPs; ring sends dK, dV back),
+  memory limits (all-gather holds the whole K and V on every rank), hierarchical schemes
+  (all-to-all inside a node + ring across nodes), contention with other traffic, the other
+  layers of a model.
 """
 
 from __future__ import annotations
@@ -88,6 +106,7 @@ class Hardware:
     node: int = 8  # GPUs per node
     latency_nvlink: float = 5e-6
     latency_ib: float = 10e-6
+    step_overhead: float = 10e-6  # a kernel launch and a wait between dependent steps
 
     def flops_per_s(self, dtype: str) -> float:
         return self.peak_flops * self.efficiency * (0.5 if dtype == "float32" else 1.0)
@@ -177,7 +196,7 @@ SPECS: dict[str, Callable[[int], AttentionSpec]] = {
     "document": lambda L: attncc.Attention(mask=attncc.document(cu_seqlens=torch.tensor(
         sorted({*range(0, L, 64 * K), L}), dtype=torch.int32))),
 }
-LINEAR = {"gated-delta": "L6"}
+LINEAR = {"gated-delta": "L6", "linear-attention": "L3"}
 
 
 def softmax_tiles(spec: AttentionSpec, shape: Shape, n_chunks: int) -> ChunkTiles:
@@ -190,14 +209,45 @@ def _tile_flops(tiles: ChunkTiles, shape: Shape) -> float:
     return 4.0 * tiles.block_m * tiles.block_n * shape.head_dim * shape.heads
 
 
-def best_sharding(spec: AttentionSpec, shape: Shape) -> tuple[Sharding, ChunkTiles]:
-    """The assignment whose busiest rank holds the fewest tiles (contiguous first on ties)."""
+def shardings(spec: AttentionSpec, shape: Shape) -> list[tuple[Sharding, ChunkTiles]]:
+    """The candidate assignments: contiguous, head-tail, greedy over 2W chunks."""
     w = shape.world
     flat = softmax_tiles(spec, shape, w)
     two = softmax_tiles(spec, shape, 2 * w)
-    options = [(shard_balance.contiguous(w), flat), (shard_balance.head_tail(w), two),
-               (shard_balance.greedy(two, w), two)]
-    return min(options, key=lambda o: float(shard_balance.rank_work(o[1], o[0]).max()))
+    return [(shard_balance.contiguous(w), flat), (shard_balance.head_tail(w), two),
+            (shard_balance.greedy(two, w), two)]
+
+
+def best_sharding(spec: AttentionSpec, shape: Shape) -> tuple[Sharding, ChunkTiles]:
+    """The assignment whose busiest rank holds the fewest tiles (contiguous first on ties)."""
+    return min(shardings(spec, shape),
+               key=lambda o: float(shard_balance.rank_work(o[1], o[0]).max()))
+
+
+def selective(sharding: Sharding, tiles: ChunkTiles, shape: Shape, hw: Hardware) -> Strategy:
+    """p2p of kv shards to the ranks that need them only (the shard pair is not empty): each
+    rank computes its own pair while the others arrive over its links (NVLink from its node,
+    IB from others, both at once), then the rest."""
+    w, rate = shape.world, hw.flops_per_s(shape.dtype)
+    pairs = tiles.pairs(sharding)
+    work = (pairs[..., 1] + pairs[..., 2]).double() * _tile_flops(tiles, shape) / rate
+    kv_shard = 2 * shape.tokens * shape.kv_heads * shape.head_dim * shape.elem
+    ranks = torch.arange(w)
+    need = (work > 0) & (ranks[:, None] != ranks[None, :])  # [receiver, sender]
+    same_node = (ranks[:, None] // hw.node) == (ranks[None, :] // hw.node)
+
+    def link_time(mask: torch.Tensor) -> torch.Tensor:  # per rank, over rows of `mask`
+        intra = (mask & same_node).sum(1) * kv_shard / hw.nvlink
+        inter = (mask & ~same_node).sum(1) * kv_shard / hw.ib
+        latency = torch.where((mask & ~same_node).any(1), hw.latency_ib, hw.latency_nvlink)
+        return torch.where(mask.any(1), latency + torch.maximum(intra, inter), 0.0)
+
+    comm = torch.maximum(link_time(need), link_time(need.T))  # receive, send
+    own = work.diagonal()
+    seconds = float((own + torch.maximum(work.sum(1) - own, comm)).max()) + hw.step_overhead
+    busiest = float(work.sum(1).max()) * rate
+    return Strategy("p2p non-empty", seconds, float(need.sum(0).max()) * kv_shard, busiest,
+                    sharding.name)
 
 
 def softmax_strategies(spec: AttentionSpec, shape: Shape, hw: Hardware) -> list[Strategy]:
@@ -214,11 +264,13 @@ def softmax_strategies(spec: AttentionSpec, shape: Shape, hw: Hardware) -> list[
     step_send = hw.p2p(kv_shard, w)
     seconds = 0.0
     for s in range(w):
-        compute = float(work[ranks, (ranks - s) % w].max()) * per_tile / rate
+        compute = float(work[ranks, (ranks - s) % w].max()) * per_tile / rate + hw.step_overhead
         seconds += max(compute, step_send if s < w - 1 else 0.0)
     out.append(Strategy("ring", seconds, (w - 1) * kv_shard, busiest, sharding.name))
     out.append(Strategy("all-gather", hw.all_gather(kv_shard, w) + busiest / rate,
                         (w - 1) * kv_shard, busiest, sharding.name))
+    out.append(min((selective(sh, t, shape, hw) for sh, t in shardings(spec, shape)),
+                   key=lambda st: st.seconds))
     try:
         kv_heads = ulysses_kv_heads(shape)
     except ValueError as e:
@@ -236,40 +288,73 @@ def softmax_strategies(spec: AttentionSpec, shape: Shape, hw: Hardware) -> list[
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_flops(shape: Shape) -> dict[str, float]:
-    """FLOPs per token and head of the chunked gated delta rule (module docstring)."""
-    node = attncc.recurrent_state(update="delta", decay="scalar")
-    c, dk = gpu_chunk(node, shape.head_dim), shape.head_dim
-    dv = dk
-    return {"chunk": c, "local": 2 * c * (3 * dk + 2 * dv) + c * c + 6 * dk * dv,
-            "transition": 2 * dk * dk + 2 * dk ** 3 / c,
-            "correction": 4 * dk * dv + 2 * c * dv + 2 * dk * dk * dv / c,
-            "apply": 2 * dk * dk * dv, "compose": 2 * dk ** 3 + 2 * dk * dk * dv,
-            "map_bytes": 4 * (dk * dk + dk * dv), "state_bytes": 4 * dk * dv}
+@dataclass(frozen=True)
+class LinearRule:
+    """FLOPs per token and head of a chunked linear recurrence and the sizes of its shard map
+    (module docstring). `map_part` + `output_part` is the single-GPU kernel; `transition` is
+    what a context-parallel rank adds to build its shard's M, `correction` what it adds once
+    S_in is known."""
+
+    chunk: int
+    map_part: float  # the zero-state chunk recurrence: U (and the parts of it M needs)
+    output_part: float  # intra-chunk outputs and the state read: overlaps the exchange
+    transition: float
+    correction: float
+    apply: float  # one map applied to a state, per head
+    compose: float  # two maps composed, per head
+    map_bytes: int  # (M, U) per head
+    state_bytes: int  # S per head
 
 
-def linear_strategies(shape: Shape, hw: Hardware) -> list[Strategy]:
-    w, rate, f = shape.world, hw.flops_per_s(shape.dtype), linear_flops(shape)
+def linear_rule(spec_name: str, shape: Shape) -> LinearRule:
+    dk = dv = shape.head_dim
+    if spec_name == "gated-delta":  # L6: M = prod (I - beta k k^T) exp(g), dense Dk x Dk
+        c = gpu_chunk(attncc.recurrent_state(update="delta", decay="scalar"), dk)
+        return LinearRule(chunk=c, map_part=2 * c * (2 * dk + dv) + c * c + 4 * dk * dv,
+                          output_part=2 * c * (dk + dv) + 2 * dk * dv,
+                          transition=2 * dk * dk + 2 * dk ** 3 / c,
+                          correction=4 * dk * dv + 2 * c * dv + 2 * dk * dk * dv / c,
+                          apply=2 * dk * dk * dv, compose=2 * dk ** 3 + 2 * dk * dk * dv,
+                          map_bytes=4 * (dk * dk + dk * dv), state_bytes=4 * dk * dv)
+    # L3: M = exp(sum g), one scalar per head: LASP-2's own setting (linear attention + decay)
+    c = gpu_chunk(attncc.recurrent_state(update="additive", decay="scalar"), dk)
+    return LinearRule(chunk=c, map_part=2 * dk * dv, output_part=2 * c * (dk + dv) + 2 * dk * dv,
+                      transition=1, correction=2 * dk * dv, apply=2 * dk * dv,
+                      compose=2 * dk * dv + 1, map_bytes=4 * (dk * dv + 1),
+                      state_bytes=4 * dk * dv)
+
+
+def linear_strategies(spec_name: str, shape: Shape, hw: Hardware) -> list[Strategy]:
+    """Every context-parallel rank: build its map, then [exchange maps || intra-chunk outputs],
+    then the correction; all-to-all instead runs whole sequences for Hq / W heads."""
+    w, rate, f = shape.world, hw.flops_per_s(shape.dtype), linear_rule(spec_name, shape)
     h, n = shape.heads, shape.tokens
-    shard = n * h * (f["local"] + f["transition"] + f["correction"])  # every CP rank's own work
+    before = n * h * (f.map_part + f.transition) / rate
+    during = n * h * f.output_part / rate
+    after = n * h * f.correction / rate + hw.step_overhead
+    shard = n * h * (f.map_part + f.transition + f.output_part + f.correction)
+
+    def timed(exchange: float) -> float:
+        return before + max(during, exchange) + after
+
     out = []
-    lasp2_flops = shard + (w - 1) * h * f["apply"]
-    out.append(Strategy("LASP-2 all-gather",
-                        hw.all_gather(h * f["map_bytes"], w) + lasp2_flops / rate,
-                        (w - 1) * h * f["map_bytes"], lasp2_flops))
+    lasp2 = (hw.all_gather(h * f.map_bytes, w) + hw.step_overhead
+             + (w - 1) * h * f.apply / rate)
+    out.append(Strategy("LASP-2 all-gather", timed(lasp2), (w - 1) * h * f.map_bytes,
+                        shard + (w - 1) * h * f.apply))
     rounds = math.ceil(math.log2(w)) if w > 1 else 0
-    scan_flops = shard + rounds * h * f["compose"] + h * f["apply"]
-    out.append(Strategy("prefix scan", rounds * hw.p2p(h * f["map_bytes"], w)
-                        + scan_flops / rate, rounds * h * f["map_bytes"], scan_flops))
-    hop = hw.p2p(h * f["state_bytes"], w) + h * f["apply"] / rate
-    out.append(Strategy("ring (LASP-1)", shard / rate + (w - 1) * hop,
-                        h * f["state_bytes"], shard + (w - 1) * h * f["apply"]))
+    scan = rounds * (hw.p2p(h * f.map_bytes, w) + hw.step_overhead + h * f.compose / rate)
+    out.append(Strategy("prefix scan", timed(scan), rounds * h * f.map_bytes,
+                        shard + rounds * h * f.compose))
+    hop = hw.p2p(h * f.state_bytes, w) + hw.step_overhead + h * f.apply / rate
+    out.append(Strategy("ring (LASP-1)", timed((w - 1) * hop), h * f.state_bytes,
+                        shard + h * f.apply))
     try:
         kv_heads = ulysses_kv_heads(replace(shape, kv_heads=shape.heads))
     except ValueError as e:
         out.append(Strategy("all-to-all", math.inf, math.nan, math.nan, str(e)))
         return out
-    local = shape.L * (h // w) * f["local"]
+    local = shape.L * (h // w) * (f.map_part + f.output_part)
     qkvo = 4 * n * kv_heads * shape.head_dim * shape.elem
     gates = 2 * n * h * 4  # g and beta, fp32
     comm = 4 * hw.all_to_all(qkvo / 4, w) + hw.all_to_all(gates, w)
@@ -279,7 +364,7 @@ def linear_strategies(shape: Shape, hw: Hardware) -> list[Strategy]:
 
 def strategies(spec_name: str, shape: Shape, hw: Hardware = Hardware()) -> list[Strategy]:
     if spec_name in LINEAR:
-        return linear_strategies(shape, hw)
+        return linear_strategies(spec_name, shape, hw)
     if spec_name not in SPECS:
         raise ValueError(f"spec: expected one of {sorted(SPECS) + sorted(LINEAR)}, "
                          f"got {spec_name!r}")
@@ -293,10 +378,15 @@ def fastest(found: list[Strategy]) -> Strategy:
 # ----------------------------------------------------------------------------- output
 
 
+def _num(x: float) -> str:
+    """Three significant figures, thousands separated."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _cell(s: Strategy) -> str:
     if math.isinf(s.seconds):
         return "n/a (heads)"
-    return f"{s.seconds * 1e3:,.1f} ({s.bytes_per_rank / 1e9:.2f})"
+    return f"{_num(s.seconds * 1e3)} ({s.bytes_per_rank / 1e9:.3g})"
 
 
 def table(spec_name: str, base: Shape, hw: Hardware, Ls=TABLE_L, worlds=TABLE_WORLD) -> str:
@@ -307,8 +397,9 @@ def table(spec_name: str, base: Shape, hw: Hardware, Ls=TABLE_L, worlds=TABLE_WO
             best = fastest(found)
             names = [s.name for s in found]
             shard = found[0].note if spec_name not in LINEAR else "contiguous"
-            rows.append(f"| {L // K}K | {w} | {shard} | {best.flops_per_rank / 1e12:,.2f} | "
-                        + " | ".join(_cell(s) for s in found) + f" | {best.name} |")
+            rows.append(f"| {L // K}K | {w} | {shard} | {_num(best.flops_per_rank / 1e12)} | "
+                        + " | ".join(_cell(s) for s in found) + f" | {best.name}"
+                        + (f" ({best.note})" if best.note else "") + " |")
     head = (f"| L | GPUs | sharding | TFLOP/rank (best) | "
             + " | ".join(f"{n} ms (GB/rank)" for n in names) + " | fastest |\n|"
             + "---|" * (5 + len(names)) + "\n")
@@ -325,11 +416,17 @@ def report(hw: Hardware) -> str:
             f"{hw.efficiency:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, NVLink "
             f"{hw.nvlink / 1e9:.0f} GB/s within {hw.node} GPUs, IB {hw.ib / 1e9:.0f} GB/s per "
             "GPU beyond. Cells: predicted ms (GB each rank sends). n/a (heads): all-to-all "
-            "needs the world size to divide the 32 heads.\n\n"
+            "needs the world size to divide the 32 heads. sharding: the assignment of the ring "
+            "and all-gather columns; TFLOP/rank: the busiest rank's, for the fastest "
+            "strategy.\n\n"
             "## Causal softmax, bf16, 32 query heads, 8 kv heads (GQA), head dim 128\n\n"
             + table("causal", softmax, hw)
+            + "\n## Document mask (causal, documents of 64K tokens), same shapes\n\n"
+            + table("document", softmax, hw)
             + "\n## Gated delta rule (L6), bf16, 32 heads, Dk = Dv = 128, fp32 states\n\n"
-            + table("gated-delta", linear, hw))
+            + table("gated-delta", linear, hw)
+            + "\n## Scalar-gated linear attention (L3, LASP-2's setting), bf16, 32 heads, "
+            "Dk = Dv = 128\n\n" + table("linear-attention", linear, hw))
 
 
 def main(argv: list[str] | None = None) -> int:
