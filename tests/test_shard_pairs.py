@@ -13,7 +13,7 @@ import attncc
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL
 from attncc.passes import shard_balance as sb
 from attncc.passes.shard_pairs import Sharding, chunk_tiles, shard_pairs
-from tests.test_tiles import brute_force, classified
+from tests.test_tiles import brute_force, classified, tiles_of_dense
 
 
 def dense_pairs(spec, L, sharding, bm, bn, kernel=False):
@@ -71,6 +71,24 @@ def test_shard_pairs_equal_the_dense_mask(name, sharding):
         assert torch.all(ours[..., FULL] <= truth[..., FULL])
         truth = dense_pairs(spec, L, sharding, BM, BN, kernel=True)
     assert torch.equal(ours, truth), f"\n{ours.permute(2, 0, 1)}\n{truth.permute(2, 0, 1)}"
+
+
+def test_reordered_rows_are_classified_at_their_original_positions():
+    """`positions`: row r of the sharded sequence is token positions[r] (a reordered spec)."""
+    spec = attncc.Attention(mask=attncc.sliding_window(20))
+    positions = torch.randperm(L, generator=torch.Generator().manual_seed(0))
+    sharding = sb.head_tail(2)
+    ours = shard_pairs(spec, L, sharding, block_m=BM, block_n=BN, positions=positions)
+    q, k = positions[:, None], positions[None, :]
+    tiles = tiles_of_dense((k <= q) & (q - k < 20), BM, BN).long()
+    size = L // sharding.n_chunks
+    for i, qc in enumerate(sharding.chunks):
+        for j, kc in enumerate(sharding.chunks):
+            for c in (EMPTY, PARTIAL, FULL):
+                n = sum(int((tiles[a * size // BM:(a + 1) * size // BM,
+                                   b * size // BN:(b + 1) * size // BN] == c).sum())
+                        for a in qc for b in kc)
+                assert int(ours[i, j, c]) == n, (i, j, c)
 
 
 def test_sources():

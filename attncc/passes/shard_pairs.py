@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attncc.ir.eval import evaluate
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import B_IDX, H_IDX, HKV, HQ, LK, LQ, Q_FIRST, Q_LAST
+from attncc.ir.symbols import Q_FIRST, Q_LAST
 from attncc.ir.tiles import EMPTY, FULL, PARTIAL, TileClasses
 from attncc.passes.classify_blocks import classify_blocks
 from attncc.passes.pipeline import run_spec_passes
@@ -160,7 +160,6 @@ def _closed_form(tiles: TileClasses, L: int, n_chunks: int, bm: int, bn: int,
     n_m, n_n = L // bm, L // bn
     first = torch.arange(n_m) * bm
     env = {**scalars, Q_FIRST.name: first, Q_LAST.name: first + bm - 1}
-    assert {LQ.name, LK.name, HQ.name, HKV.name, B_IDX.name, H_IDX.name} <= env.keys()
     loops = [_piece_loops(p, env, tensors, first, bn, n_n) for p in tiles.pieces]
     # Every boundary of every piece, and the ends: the class is constant between two of them.
     bounds = torch.sort(torch.cat([torch.zeros(n_m, 1, dtype=torch.long),
