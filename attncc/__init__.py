@@ -16,6 +16,7 @@ from attncc.ir.verify import VerifyError, verify
 from attncc.ir.linear import LinearState
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc import fx, nn  # torch modules, the SDPA graph pass
+from attncc import dist  # context parallelism over torch.distributed
 from attncc.ops.softmax import custom_op as torch_ops  # the custom ops (importing registers them)
 from attncc.ops.linear import custom_op as torch_ops_linear  # noqa: F401
 from attncc.ops.serving import custom_op as torch_ops_serving  # noqa: F401
@@ -37,7 +38,7 @@ from attncc.ops.serving.compiled import ServePlan, ServingAttention
 __all__ = [
     "ServePlan", "ServingAttention", "paged", "per_head_lengths", "persistent", "ragged",
     "streaming_heads",
-    "compile_backend", "fx", "nn", "replace_sdpa", "torch_ops",
+    "compile_backend", "dist", "fx", "nn", "replace_sdpa", "torch_ops",
     "Attention", "AttentionSpec", "CompiledLinearAttention", "LinearState", "recurrent_state",
     "AutoReorder", "auto", "hilbert", "morton", "permutation",
     "segment_sort", "tiles", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",

@@ -1,0 +1,15 @@
+"""attncc.dist: attention over a sequence sharded across the ranks of a `torch.distributed`
+process group (context parallelism, docs/context_parallel.md).
+
+Implemented: softmax attention by all-gather of K and V, forward and backward, with contiguous,
+head-tail or any `Sharding` of the sequence. Planned (issue 16): ring with LSE merge,
+all-to-all (Ulysses), linear-recurrence state passing.
+"""
+
+from attncc.dist.collectives import gather_sequence, shard_sequence
+from attncc.dist.softmax import context_parallel_attention, sharding_for
+from attncc.passes.shard_balance import contiguous, greedy, head_tail
+from attncc.passes.shard_pairs import Sharding
+
+__all__ = ["Sharding", "context_parallel_attention", "contiguous", "gather_sequence", "greedy",
+           "head_tail", "shard_sequence", "sharding_for"]

@@ -1,0 +1,222 @@
+"""attncc.dist (docs/context_parallel.md): softmax context parallelism by all-gather of K and V
+over torch.distributed, in 2 gloo processes on the CPU (Triton interpreter), against the
+single-process fp64 reference of the whole sequence: o, lse and dq, dk, dv of each rank's slice.
+
+One spawn runs every case (starting a process costs seconds of imports); each test reads its
+case's result. Tolerances (max abs error / max(1, max |reference|)): fp32 1e-4, fp16 1e-2 (as
+tests/test_backward.py: fp16 inputs, p and dS rounded to fp16 before their dots).
+Bad inputs raise on EVERY rank before the gather of K and V (no rank hangs: the spawn has a
+deadline)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+
+import attncc
+from attncc.backends.reference.forward import attention_reference
+from attncc.passes import shard_balance
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available in this torch build",
+                allow_module_level=True)
+
+WORLD = 2
+TOL = {"fp32": 1e-4, "fp16": 1e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEADLINE_S = 240  # a hang fails the test instead of blocking the run
+
+
+def _doc_ids(L):  # documents of 21, 26 and 17 tokens: two of them cross the shard boundaries
+    return torch.tensor([0] * 21 + [1] * 26 + [2] * (L - 47))
+
+
+# name: (mask, score, sharding, dtype, Hq, Hkv, L, runtime)
+CASES = {
+    "causal-contiguous": ("causal", None, "contiguous", "fp32", 2, 2, 64, {}),
+    "causal-head-tail-fp16": ("causal", None, "head-tail", "fp16", 2, 2, 64, {}),
+    "sliding-window-head-tail": ("sliding", None, "head-tail", "fp32", 2, 2, 64, {"window": 11}),
+    "document-contiguous": ("document", None, "contiguous", "fp32", 2, 2, 64, {}),
+    "gqa-causal-alibi-head-tail": ("causal", "alibi", "head-tail", "fp32", 4, 2, 64, {}),
+    "bidirectional-window-contiguous": ("bidirectional", None, "contiguous", "fp32", 2, 1, 64,
+                                        {}),
+}
+
+
+def _spec(mask, score, L):
+    masks = {"causal": attncc.causal(), "sliding": attncc.sliding_window(4),
+             "document": attncc.document(_doc_ids(L)),
+             "bidirectional": attncc.bidirectional_window(6)}
+    return attncc.Attention(mask=masks[mask], score=attncc.alibi() if score == "alibi" else None)
+
+
+def _inputs(Hq, Hkv, L, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(1, Hq, L, D, generator=g)
+    dlse = torch.randn(1, Hq, L, generator=g)
+    return q, k, v, do, dlse
+
+
+def _run_case(name, rank, group):
+    mask, score, sharding_name, dt, Hq, Hkv, L, runtime = CASES[name]
+    spec = _spec(mask, score, L)
+    sharding = attncc.dist.sharding_for(sharding_name, WORLD)
+    q, k, v, do, dlse = _inputs(Hq, Hkv, L)
+    dtype = DTYPES[dt]
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # the reference sees the same rounded inputs
+    # the reference: fp64 autograd on the whole sequence
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = attention_reference(spec, *ref, params=runtime)
+    ((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum()).backward()
+    # this rank's slice, run sharded
+    mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
+    attn = attncc.compile(spec)
+    o, lse = attncc.dist.context_parallel_attention(attn, *mine, group=group, sharding=sharding,
+                                                   return_lse=True, **runtime)
+    ((o.double() * attncc.dist.shard_sequence(do, sharding, rank).double()).sum()
+     + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()
+     ).backward()
+    errors = {}
+    pairs = [("o", o, o_ref), ("lse", lse, lse_ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", mine, ref)]
+    for what, got, full in pairs:
+        want = attncc.dist.shard_sequence(full.detach(), sharding, rank)
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        assert got.dtype == (torch.float32 if what == "lse" else dtype), (what, got.dtype)
+        errors[what] = ((got.double() - want).abs().max().item()
+                        / max(1.0, want.abs().max().item()))
+    return errors
+
+
+def _bad_inputs(rank, group):
+    """Each bad input must raise ValueError on every rank, before the gather of K and V."""
+    spec = attncc.Attention(mask=attncc.causal())
+    attn = attncc.compile(spec)
+    q = torch.randn(1, 2, 32, 16)
+    cp = attncc.dist.context_parallel_attention
+    cases = {
+        # a sharding for 3 ranks in a group of 2
+        "world": lambda: cp(attn, q, q, q, group=group, sharding=shard_balance.contiguous(3)),
+        # 33 local tokens cannot split into head-tail's two chunks per rank
+        "length": lambda: cp(attn, *(torch.randn(1, 2, 33, 16),) * 3, group=group,
+                             sharding="head-tail"),
+        # rank 1 holds more tokens than rank 0
+        "mismatch": lambda: cp(attn, *(torch.randn(1, 2, 32 + 8 * rank, 16),) * 3, group=group),
+        # rank 1 has wrong head counts (its own check fails; rank 0 learns it by the exchange)
+        "one-rank-bad": lambda: cp(attn, q, torch.randn(1, 3 if rank else 2, 32, 16),
+                                   torch.randn(1, 3 if rank else 2, 32, 16), group=group),
+        "reorder": lambda: cp(attncc.compile(attncc.Attention(
+            mask=attncc.causal(), reorder=attncc.permutation())), q, q, q, group=group,
+            perm=torch.arange(64)),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = f"ValueError: {e}"
+        except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+            out[name] = f"{type(e).__name__}: {e}"
+    # the group is still usable: no rank is stuck in a collective
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    out["after"] = f"all_reduce {t.item()}"
+    return out
+
+
+def _worker(rank, init_file, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    group = dist.group.WORLD
+    results = {}
+    for name in CASES:
+        start = time.time()
+        try:
+            results[name] = {"errors": _run_case(name, rank, group)}
+        except Exception:  # noqa: BLE001 - reported to the parent
+            results[name] = {"exception": traceback.format_exc()}
+        results[name]["seconds"] = round(time.time() - start, 2)
+    results["bad-inputs"] = _bad_inputs(rank, group)
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def results():
+    mp = pytest.importorskip("torch.multiprocessing")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+        deadline = time.time() + DEADLINE_S
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the {WORLD} gloo processes did not finish in {DEADLINE_S} s "
+                            "(a rank hung in a collective?)")
+        out = []
+        for r in range(WORLD):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                out.append(json.load(f))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_whole_sequence(results, name):
+    tol = TOL[CASES[name][3]]
+    for rank, res in enumerate(results):
+        case = res[name]
+        assert "exception" not in case, f"rank {rank}:\n{case['exception']}"
+        for what, err in case["errors"].items():
+            assert err < tol, f"rank {rank} {name}: {what} error {err:.2e} > {tol}"
+
+
+BAD = {
+    "world": "assigns chunks to 3 ranks, the process group has 2",
+    "length": "do not split into the 2 equal chunks per rank",
+    "mismatch": "ranks hold different q, k, v shapes",
+    "one-rank-bad": None,  # rank 1: its own error; rank 0: "rank(s) [1] rejected their inputs"
+    "reorder": "is not supported yet",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_on_every_rank(results, name):
+    for rank, res in enumerate(results):
+        got = res["bad-inputs"][name]
+        assert got.startswith("ValueError"), f"rank {rank}: {got}"
+        want = BAD[name] or ("expected" if rank else "rank(s) [1] rejected their inputs")
+        assert want in got, f"rank {rank}: {got}"
+        assert res["bad-inputs"]["after"] == f"all_reduce {float(WORLD)}", rank
+
+
+def test_shard_and_gather_are_inverse():
+    """shard_sequence cuts the chunks a rank holds, in its storage order (no process group)."""
+    x = torch.arange(16).view(1, 1, 16, 1)
+    ht = shard_balance.head_tail(2)  # 4 chunks of 4: rank 0 holds 0 and 3, rank 1 holds 1, 2
+    assert attncc.dist.shard_sequence(x, ht, 0).flatten().tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert attncc.dist.shard_sequence(x, ht, 1).flatten().tolist() == list(range(4, 12))
+    with pytest.raises(ValueError, match="does not split into 4 equal chunks"):
+        attncc.dist.shard_sequence(x[:, :, :14], ht, 0)
+
+
+def test_requires_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        attncc.dist.context_parallel_attention(attn, q, q, q)
