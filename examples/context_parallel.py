@@ -13,8 +13,9 @@ whose documents cross the shard boundaries, on the cost-balanced shards of
 `attncc.dist.greedy`; GQA causal on contiguous shards. On a CPU the kernels run under Triton's
 interpreter: keep L small (the default, 256 tokens: 58 s of wall time with 4 ranks, measured
 on a 2-core VM shared with other jobs). Run it from the repository root with attncc importable
-(installed, or PYTHONPATH=.). Prints one line per spec on rank 0: the largest error over ranks, and OK / FAILED
-against the dtype's tolerance (fp32 1e-4, fp16 1e-2, relative to max(1, |reference|)).
+(installed, or PYTHONPATH=.). Prints one line per spec on rank 0: the largest error over ranks,
+and OK / FAILED against the dtype's tolerance (fp32 1e-4, fp16 1e-2, relative to
+max(1, |reference|)).
 Not covered yet: HilbertA (a reordered spec) and the linear recurrences (issue 16).
 """
 

@@ -30,8 +30,10 @@ def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
     """`spec` with every query index read at global position `q_idx + shard_q_offset`.
 
     Requires: dense memory, no reorder, no parameter or capture already named
-    `shard_q_offset` or `shard_q_offset_s`. A node (mask, score) that reads neither `q_idx` nor `Lq` is kept as is;
-    when none reads them the spec comes back unchanged and takes no offset."""
+    `shard_q_offset` or `shard_q_offset_s`. Ensures: the mask reads `shard_q_offset`, the score
+    `shard_q_offset_s` (one namespace of parameters per spec); a node that reads neither
+    `q_idx` nor `Lq` is kept as is, and when none does the spec comes back unchanged and takes
+    no offset (`offset_names` lists what a call sets)."""
     if not isinstance(spec.memory, DenseMemory):
         raise ValueError(f"sharded queries: memory {spec.memory.text()!r} is not a dense "
                          "sequence; context parallelism runs dense softmax specs only")
@@ -41,12 +43,13 @@ def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
     names = {x.name for x in (*spec.params, *spec.captures)}
     if {SHARD_OFFSET, SHARD_OFFSET + "_s"} & names:
         raise ValueError(f"sharded queries: the spec already has a parameter or tensor named "
-                         f"{SHARD_OFFSET!r}, the name the shard offset takes; rename it")
+                         f"{SHARD_OFFSET!r} or {SHARD_OFFSET + '_s'!r}, the names the shard "
+                         "offset takes; rename it")
     changes = {}
     for axis, name in (("mask", SHARD_OFFSET), ("score", SHARD_OFFSET + "_s")):
         node = getattr(spec, axis)
         if node is not None and node.expr.free_symbols & {Q_IDX, LQ}:
-            # one namespace of parameters per spec, declared per node: the score's is its own
+            # parameters are declared per node and must not repeat: the score's has its own name
             offset = Param(name, "int", 0)
             subs = {Q_IDX: Q_IDX + offset.symbol, LQ: LK}
             changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
