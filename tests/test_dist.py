@@ -48,14 +48,29 @@ CASES = {
     "gqa-causal-alibi-head-tail": ("causal", "alibi", "head-tail", "fp32", 4, 2, 64, {}),
     "bidirectional-window-contiguous": ("bidirectional", None, "contiguous", "fp32", 2, 1, 64,
                                         {}),
+    "prefix-lm-softcap-head-tail": ("prefix", "softcap", "head-tail", "fp32", 2, 2, 64, {}),
+    "traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {}),
+    "sink-causal-head-tail": ("causal", "sink", "head-tail", "fp32", 2, 2, 64, {}),
 }
+
+
+def _traced_documents(L):
+    doc = _doc_ids(L)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # FlexAttention style: raw rows, a captured tensor
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+    return mask_mod
 
 
 def _spec(mask, score, L):
     masks = {"causal": attncc.causal(), "sliding": attncc.sliding_window(4),
              "document": attncc.document(_doc_ids(L)),
-             "bidirectional": attncc.bidirectional_window(6)}
-    return attncc.Attention(mask=masks[mask], score=attncc.alibi() if score == "alibi" else None)
+             "bidirectional": attncc.bidirectional_window(6),
+             "prefix": attncc.prefix_lm(21),  # the prefix ends inside rank 0's second chunk
+             "traced": _traced_documents(L)}
+    scores = {"alibi": attncc.alibi(), "softcap": attncc.softcap(5.0)}
+    normaliser = attncc.sink(torch.tensor([0.5, -1.0])) if score == "sink" else None
+    return attncc.Attention(mask=masks[mask], score=scores.get(score), normaliser=normaliser)
 
 
 def _inputs(Hq, Hkv, L, D=16, seed=0):
