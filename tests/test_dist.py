@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -150,7 +151,8 @@ def _bad_inputs(rank, group):
 
 
 def _worker(rank, init_file, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1"
+    # the compiled kernel must run (interpreted), never the reference's slow path
+    warnings.filterwarnings("error", message=".*runs the PyTorch reference")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     group = dist.group.WORLD
@@ -173,8 +175,18 @@ def _worker(rank, init_file, out_dir):
 def results():
     mp = pytest.importorskip("torch.multiprocessing")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+        # CPU tensors run the kernels under the interpreter, also on a machine with a GPU: the
+        # children inherit the environment when they start (this process's is restored)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp),
+                                     nprocs=WORLD, join=False, start_method="spawn")
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
         deadline = time.time() + DEADLINE_S
         while not ctx.join(timeout=5):
             if time.time() > deadline:
