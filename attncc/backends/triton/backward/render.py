@@ -170,7 +170,10 @@ def _dkdv_piece(piece: dict, j: int) -> dict:
     `f_end` never decrease with m and each set is an interval, found by bisection (`searches`:
     the first m whose value exceeds n). `n_end` here omits the forward's emptiness test, so an
     m-interval may hold a tile that has no allowed pair: it is visited as partial (the mask makes
-    its contribution zero), never as full, since the full range is empty there."""
+    its contribution zero), never as full, since the full range is empty there. A tile an earlier
+    piece visits is skipped: the second piece's loops run on its ranges less piece 0's interval
+    (branch-free, so pipelined); a third piece onwards tests each tile (`earlier`), a branch
+    around its loads that keeps those loops unpipelined."""
     bounds = [f"some_lo = {piece['some_lo']}", f"some_hi = {piece['some_hi']}",
               f"all_lo = {piece['all_lo']}", f"all_hi = {piece['all_hi']}",
               "n_begin = some_lo // BLOCK_N", "n_end = some_hi // BLOCK_N + 1",
@@ -192,6 +195,11 @@ def _dkdv_piece(piece: dict, j: int) -> dict:
     else:  # extra conditions: no tile is provably full
         loops = [(f"m_a{j}", f"m_d{j}", True)]
     earlier = " & ".join(f"((m < m_a{i}) | (m >= m_d{i}))" for i in piece["earlier"])
+    if piece["earlier"] == [0]:  # the second piece: its ranges less piece 0's interval, no branch
+        loops = [r for lo, hi, masked in loops
+                 for r in ((lo, f"tl.minimum({hi}, m_a0)", masked),
+                           (f"tl.maximum({lo}, m_d0)", hi, masked))]
+        earlier = ""
     return {"comment": piece["comment"], "bounds": bounds, "searches": searches,
             "ranges": ranges, "loops": loops, "earlier": earlier}
 
