@@ -105,6 +105,23 @@ def test_every_mask(mask_id, device):
     check(spec, *MASK_SHAPE, device)
 
 
+PIECE_MASKS = ["M1-causal", "M2-sliding-window", "M3-bidirectional", "M5-prefix-lm",
+               "M6-sinks-window", "M7-chunked", "M8-block-causal", "M18-per-head",
+               "M11-cu-seqlens"]  # closed-form tile pieces (no block map)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")
+@pytest.mark.parametrize("mask_id", PIECE_MASKS, ids=[f"{m}-L63x90-t16x32" for m in PIECE_MASKS])
+def test_dkdv_query_tile_intervals(mask_id, device):
+    """16 x 32 tiles: 4 query tiles per kv tile, so the dk/dv kernel's bisection for each
+    piece's partial and full query-tile intervals (`render._dkdv_piece`) has ranges to find,
+    with one to three pieces and Lq != Lk."""
+    assert mask_id in MASKS
+    spec = attncc.Attention(mask=MASKS[mask_id], schedule=attncc.Schedule(block_m=16,
+                                                                          block_n=32))
+    check(spec, *MASK_SHAPE, device)
+
+
 SCORES = scores(2, 2, 65, 65)
 
 

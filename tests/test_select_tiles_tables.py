@@ -12,9 +12,11 @@ from attncc.passes import select_tiles_linear as sl
 
 
 @pytest.mark.parametrize("args, expected", [
-    (("sm90", "float16", 128, 128), Schedule(block_m=64, block_n=64, num_warps=8, num_stages=2)),
-    (("sm80", "float32", 256, 256), Schedule(block_m=16, block_n=16, num_warps=8, num_stages=1)),
-    (("sm86", "bfloat16", 64, 64), Schedule(block_m=64, block_n=64, num_warps=4, num_stages=2)),
+    (("sm90", "float16", 128, 128), Schedule(block_m=32, block_n=128, num_warps=8, num_stages=3)),
+    (("sm80", "bfloat16", 128, 128), Schedule(block_m=64, block_n=64, num_warps=8, num_stages=2)),
+    (("sm80", "float32", 256, 256), Schedule(block_m=16, block_n=16, num_warps=8, num_stages=2)),
+    (("sm86", "bfloat16", 64, 64), Schedule(block_m=32, block_n=128, num_warps=8, num_stages=2)),
+    (("sm86", "bfloat16", 128, 128), Schedule(block_m=64, block_n=64, num_warps=8, num_stages=2)),
     (("interpreter", "float16", 64, 64),
      Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)),
 ])

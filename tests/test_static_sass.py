@@ -169,8 +169,7 @@ def test_no_spill_in_a_main_loop(kernel, profiles):
 
 @pytest.mark.parametrize("kernel", [
     "fwd-causal-d64-fp16-sm90",
-    _known("bwd-dkdv-causal-d64-fp16-sm90", "16-byte LDG.E.128 but no LDGSTS/TMA: the dense "
-           "dk/dv loop branches on each tile's class, so Triton does not pipeline it"),
+    "bwd-dkdv-causal-d64-fp16-sm90",
     "anchor-tutorial-ptr-d64-fp16-sm90",
 ])
 def test_main_loop_loads_are_pipelined(kernel, profiles):

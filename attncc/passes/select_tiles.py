@@ -35,8 +35,9 @@ def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -
 
 
 def _shared_bytes_backward(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -> int:
-    """dk/dv kernel: resident k, v tiles plus q and do tiles per pipeline stage."""
-    return elem * (bn * (dqk + dv) + stages * bm * (dqk + dv))
+    """The larger backward kernel: dk/dv keeps k, v resident and streams q, do per pipeline
+    stage; dq keeps q, do resident and streams k, v."""
+    return elem * (dqk + dv) * max(bn + stages * bm, bm + stages * bn)
 
 
 def fit_shared_memory(sched: Schedule, target: str, shared_bytes: Callable[[Schedule], int]
@@ -81,20 +82,29 @@ def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
 
 
 def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
-    """Backward tiles by head dim, shrunk until the dk/dv kernel fits the target's shared
-    memory; the interpreter gets 64 x 64 tiles (fewer, larger tiles run faster on the CPU).
-    Not tuned on a GPU yet (none was lent): chosen from compiled register and spill counts
-    (d <= 64: no spills; d128 64 x 64 / 8 warps spills ~184 B/thread in dk/dv, 32 x 32 none
-    but a quarter of the tensor-core work per tile)."""
+    """Backward tiles by head dim (BLOCK_M query rows, BLOCK_N keys; both kernels take the
+    same tiles), shrunk until both kernels fit the target's shared memory; the interpreter gets
+    64 x 64 tiles (fewer, larger tiles run faster on the CPU). Not tuned on a GPU yet (none was
+    lent): chosen from ptxas's register and spill counts and the SASS instructions per loop
+    iteration (causal, bf16, 16-divisible strides; docs/performance.md). d <= 64: 32 x 128 at 8
+    warps, as the Triton tutorial's dk/dv (sm_90: dk/dv 202, dq 141 registers, 277 / 243
+    instructions per full iteration; 64 x 64 needs 451 / 293, at 4 warps dk/dv spills). d128
+    on sm_90: 32 x 128, 3 stages (255 registers in dk/dv but no spill, 350 / 396; 64 x 64
+    spills 72 B around the loops, 558 / 437; 16 x 128 has 234 registers at 1.4x the
+    instructions per pair); elsewhere 64 x 64 (sm_80: 182 / 202 registers; 32 x 128 spills in
+    the dk/dv loop). d256: 32 x 32, 8 warps, 2 stages (sm_90 / sm_80: 186 / 176 registers in
+    dk/dv, 141 / 166 in dq, pipelined; at 1 stage nothing is pipelined and dq needs 254)."""
     if target == "interpreter":
         return Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
     d, elem = max(padded(dqk), padded(dv)), 4 if dtype == "float32" else 2
     if d <= 64:
-        bm, bn, warps, stages = 64, 64, 4, 2
-    elif d <= 128:  # sm_80 at 1 stage: no cp.async, dq spills 200 B; at 2: 202 registers, none
+        bm, bn, warps, stages = 32, 128, 8, 2
+    elif d <= 128 and target == "sm90":
+        bm, bn, warps, stages = 32, 128, 8, 3
+    elif d <= 128:
         bm, bn, warps, stages = 64, 64, 8, 2
-    else:  # 8 warps: 4 spill ~144 B/thread in dk/dv at d256 (sm_90 compile, cuobjdump)
-        bm, bn, warps, stages = 32, 32, 8, 1
+    else:
+        bm, bn, warps, stages = 32, 32, 8, 2
     if elem == 4:
         bm, bn = max(16, bm // 2), max(16, bn // 2)
     return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),

@@ -2,9 +2,10 @@
 
 The backward reads the same IR as the forward: the mask and tile pieces print exactly as the
 forward prints them (`triton_render.piece_loops`), so both directions visit the same tiles with the
-same partial/full classification. Score mods enter through the chain rule: `d score_expr / d
-score` and, for every load of a captured tensor that requires grad, `d score_expr / d load`,
-both differentiated by sympy and printed by the same TritonPrinter.
+same partial/full classification (dk/dv inverts them per kv tile, `_dkdv_piece`; it may also visit
+as partial a tile with no allowed pair, which adds nothing). Score mods enter through the chain
+rule: `d score_expr / d score` and, for every load of a captured tensor that requires grad,
+`d score_expr / d load`, both differentiated by sympy and printed by the same TritonPrinter.
 
 `GradLoad.kind` says how a load's gradient is collected (see `attncc.backends.
 triton_backward_grads`): "reduced" (index free of `q_idx`/`kv_idx`: ALiBi slope[h], head
@@ -162,6 +163,47 @@ def _piece_lines(piece: dict, j: int) -> list[str]:
     return lines
 
 
+def _dkdv_piece(piece: dict, j: int) -> dict:
+    """The dk/dv kernel's view of piece j for one kv tile n: `m_a{j} <= m < m_d{j}` the query
+    tiles it visits, `m_b{j} <= m < m_c{j}` the full ones among them. Every bound is
+    non-decreasing in q (classify_tiles), so the forward's `n_begin`, `n_end`, `f_begin`,
+    `f_end` never decrease with m and each set is an interval, found by bisection (`searches`:
+    the first m whose value exceeds n). `n_end` here omits the forward's emptiness test, so an
+    m-interval may hold a tile that has no allowed pair: it is visited as partial (the mask makes
+    its contribution zero), never as full, since the full range is empty there. A tile an earlier
+    piece visits is skipped: the second piece's loops run on its ranges less piece 0's interval
+    (branch-free, so pipelined); a third piece onwards tests each tile (`earlier`), a branch
+    around its loads that keeps those loops unpipelined."""
+    bounds = [f"some_lo = {piece['some_lo']}", f"some_hi = {piece['some_hi']}",
+              f"all_lo = {piece['all_lo']}", f"all_hi = {piece['all_hi']}",
+              "n_begin = some_lo // BLOCK_N", "n_end = some_hi // BLOCK_N + 1",
+              "f_begin = tl.minimum(tl.maximum((all_lo + BLOCK_N - 1) // BLOCK_N, n_begin), "
+              "n_end)",
+              "f_end = tl.maximum(tl.minimum(tl.maximum(all_hi + 1, 0) // BLOCK_N, n_end), "
+              "f_begin)"]
+    searches = [{"name": f"m_a{j}", "value": "n_end"}, {"name": f"m_d{j}", "value": "n_begin"}]
+    hull = f"tl.maximum(m_d{j}, m_a{j})"
+    ranges = [f"m_d{j} = " + (f"tl.where({piece['guard']}, {hull}, m_a{j})" if piece["guard"]
+                              else hull)]
+    if piece["exact"]:
+        searches += [{"name": f"m_b{j}", "value": "f_end"},
+                     {"name": f"m_c{j}", "value": "f_begin"}]
+        ranges += [f"m_b{j} = tl.minimum(tl.maximum(m_b{j}, m_a{j}), m_d{j})",
+                   f"m_c{j} = tl.maximum(tl.minimum(m_c{j}, m_d{j}), m_b{j})"]
+        loops = [(f"m_a{j}", f"m_b{j}", True), (f"m_b{j}", f"m_c{j}", False),
+                 (f"m_c{j}", f"m_d{j}", True)]
+    else:  # extra conditions: no tile is provably full
+        loops = [(f"m_a{j}", f"m_d{j}", True)]
+    earlier = " & ".join(f"((m < m_a{i}) | (m >= m_d{i}))" for i in piece["earlier"])
+    if piece["earlier"] == [0]:  # the second piece: its ranges less piece 0's interval, no branch
+        loops = [r for lo, hi, masked in loops
+                 for r in ((lo, f"tl.minimum({hi}, m_a0)", masked),
+                           (f"tl.maximum({lo}, m_d0)", hi, masked))]
+        earlier = ""
+    return {"comment": piece["comment"], "bounds": bounds, "searches": searches,
+            "ranges": ranges, "loops": loops, "earlier": earlier}
+
+
 def _pieces_for_backward(plan: KernelPlan, printer: TritonPrinter) -> list[dict]:
     out = []
     for j, piece in enumerate(piece_loops(plan, printer)):
@@ -192,6 +234,7 @@ def render(plan: KernelPlan, grad_captures: Sequence[str]) -> str:
         dscore_expr=printer.doprint(dscore) if dscore not in (None, 1) else "",
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
         pieces=_pieces_for_backward(plan, printer),
+        dkdv_pieces=[_dkdv_piece(p, j) for j, p in enumerate(piece_loops(plan, printer))],
         block_map=plan.block_map is not None,
         reorder=spec.reorder is not None,
         reduced_grads=reduced,
