@@ -87,3 +87,35 @@ def test_names_and_dtypes():
         ["float16", "bfloat16", "float32"]
     with pytest.raises(ValueError, match="unknown dtype"):
         keys.parse_dtype("float8")
+
+
+def test_an_edit_of_the_generating_code_changes_the_stamp(tmp_path, monkeypatch):
+    """A renderer edit (not a template, not the version) must not reuse sources the old code
+    generated: the stamp hashes the package's .py and .j2 text."""
+    package = tmp_path / "attncc"
+    (package / "backends").mkdir(parents=True)
+    render = package / "backends" / "render.py"
+    render.write_text("LINE = 'a'\n")
+    (package / "templates.j2").write_text("{{ x }}\n")
+    (package / "notes.txt").write_text("not code\n")
+    monkeypatch.setattr(keys, "PACKAGE_ROOT", package)
+
+    def stamp() -> str:
+        keys.code_stamp.cache_clear()
+        return keys.code_stamp()
+
+    first = stamp()
+    (package / "notes.txt").write_text("still not code\n")
+    assert stamp() == first
+    render.write_text("LINE = 'b'\n")
+    second = stamp()
+    assert second != first
+    (package / "templates.j2").write_text("{{ y }}\n")
+    assert stamp() not in (first, second)
+    keys.code_stamp.cache_clear()
+
+
+def test_the_real_stamp_covers_the_renderers():
+    keys.code_stamp.cache_clear()
+    assert (keys.PACKAGE_ROOT / "backends" / "triton" / "backward" / "render.py").is_file()
+    assert f"code={keys.code_stamp()[:16]}" in keys.version_stamp()
