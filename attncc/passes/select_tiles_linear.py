@@ -76,3 +76,27 @@ def backward_chunk(length: int) -> int:
     [BACKWARD_CHUNK_MIN, BACKWARD_CHUNK_MAX]."""
     return min(BACKWARD_CHUNK_MAX,
                max(BACKWARD_CHUNK_MIN, padded(math.isqrt(max(length, 1) - 1) + 1)))
+
+
+# chunked backward (L1-L4, attncc.backends.triton.linear.backward_chunked): tokens per chunk,
+# value columns per dot, warps. The vector gate's C x C x Dk loops (no tensor cores) take a
+# smaller chunk, as its forward does; the interpreter's cost is per element
+BACKWARD_CHUNKED_CHUNK_GPU = 64
+BACKWARD_CHUNKED_CHUNK_RULE = {"vector_gate": 32}
+BACKWARD_CHUNKED_CHUNK_INTERPRETER = 16
+BACKWARD_CHUNKED_BLOCK_V = 64
+BACKWARD_CHUNKED_NUM_WARPS = 4
+
+
+def backward_chunked_chunk(node: LinearState, interpreted: bool) -> int:
+    """The chunked backward's default chunk: BACKWARD_CHUNKED_CHUNK_INTERPRETER under the
+    interpreter, else BACKWARD_CHUNKED_CHUNK_GPU (less for the rules in the rule table)."""
+    if interpreted:
+        return BACKWARD_CHUNKED_CHUNK_INTERPRETER
+    return BACKWARD_CHUNKED_CHUNK_RULE.get(node.rule, BACKWARD_CHUNKED_CHUNK_GPU)
+
+
+def backward_chunked_value_block(dk: int, dv: int, block_v: int | None = None) -> int:
+    """The chunked backward's value columns per program (states kernel) and per loop step
+    (chunk kernel): BACKWARD_CHUNKED_BLOCK_V, at most padded(dv), unless `block_v` asks."""
+    return min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK_V)
