@@ -8,6 +8,7 @@ Dv and where the kernel runs; a kernel built with an explicit `chunk` or `block_
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
@@ -79,13 +80,23 @@ def backward_chunk(length: int) -> int:
 
 
 # chunked backward (L1-L4, attncc.backends.triton.linear.backward_chunked): tokens per chunk,
-# value columns per dot, warps. The vector gate's C x C x Dk loops (no tensor cores) take a
-# smaller chunk, as its forward does; the interpreter's cost is per element
+# key / value block sides, warps, stages. The vector gate's C x C x Dk loops (no tensor cores)
+# take a smaller chunk, as its forward does; the interpreter's cost is per element
 BACKWARD_CHUNKED_CHUNK_GPU = 64
 BACKWARD_CHUNKED_CHUNK_RULE = {"vector_gate": 32}
 BACKWARD_CHUNKED_CHUNK_INTERPRETER = 16
-BACKWARD_CHUNKED_BLOCK_V = 64
-BACKWARD_CHUNKED_NUM_WARPS = 4
+BACKWARD_CHUNKED_BLOCK = 64  # fla's BK = BV for chunk_bwd_dqkwg / chunk_bwd_dv
+# sm_90 AOT, bf16, Dk = Dv = 128, chunk 64, L3 (regs / stack bytes): states 197 / 0 at 8 warps,
+# 255 / 64 at 4; dqk 174 / 0 at 8, 255 / 40 at 4 with 32 value columns; dv 164 / 0 at 4
+BACKWARD_CHUNKED_NUM_WARPS = {"states": 8, "dqk": 8, "dv": 4}
+BACKWARD_CHUNKED_NUM_STAGES = 2  # 3 stages of the dqk loop's fp32 state tiles: 200 KB shared
+
+
+class BackwardChunkedTiles(NamedTuple):
+    block_k: int  # key channels per dqk program
+    block_v: int  # value columns per states / dv program and per dqk loop step
+    num_warps: dict[str, int]  # per kernel: "states", "dqk", "dv"
+    num_stages: int
 
 
 def backward_chunked_chunk(node: LinearState, interpreted: bool) -> int:
@@ -96,7 +107,9 @@ def backward_chunked_chunk(node: LinearState, interpreted: bool) -> int:
     return BACKWARD_CHUNKED_CHUNK_RULE.get(node.rule, BACKWARD_CHUNKED_CHUNK_GPU)
 
 
-def backward_chunked_value_block(dk: int, dv: int, block_v: int | None = None) -> int:
-    """The chunked backward's value columns per program (states kernel) and per loop step
-    (chunk kernel): BACKWARD_CHUNKED_BLOCK_V, at most padded(dv), unless `block_v` asks."""
-    return min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK_V)
+def backward_chunked_tiles(dk: int, dv: int, block_v: int | None = None) -> BackwardChunkedTiles:
+    """The chunked backward's blocks: BACKWARD_CHUNKED_BLOCK key channels and value columns, at
+    most padded(dk) / padded(dv), unless `block_v` asks otherwise."""
+    return BackwardChunkedTiles(min(padded(dk), BACKWARD_CHUNKED_BLOCK),
+                                min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK),
+                                dict(BACKWARD_CHUNKED_NUM_WARPS), BACKWARD_CHUNKED_NUM_STAGES)
