@@ -14,7 +14,9 @@ checkpoints [programs, cdiv(L, CHUNK), F, DV_BLOCK] and scratch [programs, CHUNK
 (together programs * (L / CHUNK + CHUNK) state tiles: CHUNK ~ sqrt(L) by default), and fp32
 partials [NV, B, H, L, Dk] for dq, dk (and L4's dg) summed over the NV value blocks.
 Sequential work: about three forward passes (the forward, the per-chunk recompute, the backward
-step), one token at a time; a chunked (matrix-form) backward would be faster and is not here.
+step), one token at a time. The family (`family.backward_kernel`) runs this kernel for the delta
+rules L5, L6 only: the additive rules L1-L4 take the chunked matrix form
+(`backward_chunked.py`), which has no delta-rule (WY) backward yet.
 """
 
 from __future__ import annotations
