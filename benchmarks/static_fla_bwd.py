@@ -14,26 +14,28 @@ at 4 warps, 2 stages. States and their gradients fp32 (`states_in_fp32=True`, as
 
 from __future__ import annotations
 
+import importlib
+
 import triton
-from fla.ops.common.chunk_h import chunk_bwd_kernel_dh as _dh
-from fla.ops.common.chunk_h import chunk_fwd_kernel_h as _h
-from fla.ops.common.chunk_o import chunk_bwd_kernel_dqkwg as _dqkwg
-from fla.ops.common.chunk_o import chunk_bwd_kernel_dv as _dv
 
 from attncc.backends.triton.aot import CompiledArtifact, compile_artifact
 from attncc.ir.nodes import Schedule
 
+# kernel -> its fla module: imported on first use (module __getattr__), so that importing this
+# file (benchmarks/static.py does) needs no fla
+_MODULES = {"chunk_fwd_kernel_h": "fla.ops.common.chunk_h",
+            "chunk_bwd_kernel_dh": "fla.ops.common.chunk_h",
+            "chunk_bwd_kernel_dqkwg": "fla.ops.common.chunk_o",
+            "chunk_bwd_kernel_dv": "fla.ops.common.chunk_o"}
 
-def _jit(kernel):
-    while not isinstance(kernel, triton.runtime.JITFunction):
+
+def __getattr__(name: str) -> triton.runtime.JITFunction:
+    if name not in _MODULES:
+        raise AttributeError(name)
+    kernel = getattr(importlib.import_module(_MODULES[name]), name)
+    while not isinstance(kernel, triton.runtime.JITFunction):  # strip heuristics / autotune
         kernel = kernel.fn
     return kernel
-
-
-chunk_fwd_kernel_h = _jit(_h)
-chunk_bwd_kernel_dh = _jit(_dh)
-chunk_bwd_kernel_dqkwg = _jit(_dqkwg)
-chunk_bwd_kernel_dv = _jit(_dv)
 
 _SHAPE = {"H": 16, "K": 128, "V": 128, "BT": 64}
 _NONE = {"g_gamma": None, "gk": None, "gv": None, "cu_seqlens": None}
@@ -72,7 +74,7 @@ def fla_bwd_kernel(arch: int, name: str) -> CompiledArtifact:
     """One of fla's L3 backward kernels compiled for sm_<arch>; pointers 16-byte aligned as the
     JIT sees torch's allocations; T (and scale) runtime scalars, as fla passes them."""
     pointers, constexprs, warps, stages = FLA_BWD[name]
-    fn = globals()[name]
+    fn = __getattr__(name)
     scalars = {"T": "i32", "scale": "fp32"}
     signature = {a: pointers.get(a) or scalars.get(a) or "constexpr" for a in fn.arg_names}
     job = {"path": __file__, "name": name, "aligned": list(pointers)}
