@@ -57,7 +57,8 @@ FLA_BWD = {
     "chunk_bwd_kernel_dqkwg": (
         {"q": "*bf16", "k": "*bf16", "v": "*bf16", "g": "*fp32", "h": "*fp32", "do": "*bf16",
          "dh": "*fp32", "dq": "*bf16", "dk": "*bf16", "dg": "*fp32"},
-        {"g_gamma": None, "cu_seqlens": None, "dw": None, "dv": None, "chunk_indices": None, "B": 2, "HV": 16, **_SHAPE,
+        {"g_gamma": None, "cu_seqlens": None, "dw": None, "dv": None, "chunk_indices": None,
+         "B": 2, "HV": 16, **_SHAPE,
          "BK": 128, "BV": 128, "USE_G": True, "USE_G_GAMMA": False, "USE_DW": False,
          "STATE_V_FIRST": False, "IS_VARLEN": False}, 4, 2),
     "chunk_bwd_kernel_dv": (
