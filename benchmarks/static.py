@@ -39,11 +39,16 @@ from attncc.backends.triton.backward.aot import compile_backward_for_target
 from attncc.backends.triton.backward.kernel import TritonBackward
 from attncc.backends.triton.forward import TritonForward
 from attncc.backends.triton.launch_spec import forward_spec
+from attncc.backends.triton.linear.aot import compile_linear_backward_for_target
+from attncc.backends.triton.linear.backward import TritonLinearBackward
+from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
+                                                            compile_chunked_backward_for_target)
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
 from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
 from benchmarks import sass
+from benchmarks.static_fla_bwd import FLA_BWD, fla_bwd_kernel
 from benchmarks.static_report import markdown, summarise
 
 ROOT = Path(__file__).resolve().parent
@@ -159,6 +164,12 @@ NOTES = [
     "fwd_kernel_h BV 64 w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's "
     "autotuner cannot choose. Not compiled: `chunk_local_cumsum` "
     "and l2norm (elementwise, no matrix products).",
+    "Linear backward: attncc's chunked form is three kernels (`states`: the forward state "
+    "sweep and the reverse gradient sweep, one chunk per iteration; `dqk` and `dv`: parallel "
+    "over chunks); fla's L3 backward is four (`chunk_fwd_kernel_h`, `chunk_bwd_kernel_dh`: the "
+    "sweeps; `chunk_bwd_kernel_dqkwg`, `chunk_bwd_kernel_dv`), compiled at one config of its "
+    "autotune lists (`benchmarks/static_fla_bwd.py`). The token sweep's loops run once per "
+    "token (no tensor cores: its loop counts are not in the main-loop column).",
     "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
     "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
     "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",
@@ -209,6 +220,28 @@ def cases(arch: int) -> list[Case]:
     for name in _FLA:
         out.append(Case(f"fla {name}", "linear L6", "anchor: fla", arch, False,
                         lambda a=arch, n=name: fla_kernel(a, n)))
+    return out + linear_backward_cases(arch)
+
+
+def linear_backward_cases(arch: int) -> list[Case]:
+    """The linear backward rows: attncc's chunked backward of L3 (chunk 64) and L4 (chunk 32)
+    at bf16 d128, its token sweep (L3, checkpoints every 64 tokens) and fla's L3 backward."""
+    out = []
+    for rule, lid in (("scalar_gate", "L3"), ("vector_gate", "L4")):
+        for part in ("states", "dqk", "dv"):
+            out.append(Case(f"attncc linear bwd chunked {lid} {part} d128 bf16",
+                            f"linear bwd {lid}", "attncc", arch, False,
+                            lambda a=arch, r=rule, p=part: compile_chunked_backward_for_target(
+                                TritonChunkedLinearBackward(LinearState(r)), p, a, "bfloat16",
+                                128, 128)))
+    out.append(Case("attncc linear bwd token sweep L3 d128 bf16 (L5, L6's path)", "linear bwd L3",
+                    "attncc", arch, False,
+                    lambda a=arch: compile_linear_backward_for_target(
+                        TritonLinearBackward(LinearState("scalar_gate")), a, "bfloat16", 128, 128,
+                        chunk=64)))
+    for name in FLA_BWD:
+        out.append(Case(f"fla {name}", "linear bwd L3", "anchor: fla", arch, False,
+                        lambda a=arch, n=name: fla_bwd_kernel(a, n)))
     return out
 
 

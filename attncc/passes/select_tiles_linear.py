@@ -8,6 +8,7 @@ Dv and where the kernel runs; a kernel built with an explicit `chunk` or `block_
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from attncc.ir.linear import LinearState
 from attncc.passes.select_tiles import padded
@@ -76,3 +77,39 @@ def backward_chunk(length: int) -> int:
     [BACKWARD_CHUNK_MIN, BACKWARD_CHUNK_MAX]."""
     return min(BACKWARD_CHUNK_MAX,
                max(BACKWARD_CHUNK_MIN, padded(math.isqrt(max(length, 1) - 1) + 1)))
+
+
+# chunked backward (L1-L4, attncc.backends.triton.linear.backward_chunked): tokens per chunk,
+# key / value block sides, warps, stages. The vector gate's C x C x Dk loops (no tensor cores)
+# take a smaller chunk, as its forward does; the interpreter's cost is per element
+BACKWARD_CHUNKED_CHUNK_GPU = 64
+BACKWARD_CHUNKED_CHUNK_RULE = {"vector_gate": 32}
+BACKWARD_CHUNKED_CHUNK_INTERPRETER = 16
+BACKWARD_CHUNKED_BLOCK = 64  # fla's BK = BV for chunk_bwd_dqkwg / chunk_bwd_dv
+# sm_90 AOT, bf16, Dk = Dv = 128, chunk 64, L3 (regs / stack bytes): states 197 / 0 at 8 warps,
+# 255 / 64 at 4; dqk 174 / 0 at 8, 255 / 40 at 4 with 32 value columns; dv 164 / 0 at 4
+BACKWARD_CHUNKED_NUM_WARPS = {"states": 8, "dqk": 8, "dv": 4}
+BACKWARD_CHUNKED_NUM_STAGES = 2  # 3 stages of the dqk loop's fp32 state tiles: 200 KB shared
+
+
+class BackwardChunkedTiles(NamedTuple):
+    block_k: int  # key channels per dqk program
+    block_v: int  # value columns per states / dv program and per dqk loop step
+    num_warps: dict[str, int]  # per kernel: "states", "dqk", "dv"
+    num_stages: int
+
+
+def backward_chunked_chunk(node: LinearState, interpreted: bool) -> int:
+    """The chunked backward's default chunk: BACKWARD_CHUNKED_CHUNK_INTERPRETER under the
+    interpreter, else BACKWARD_CHUNKED_CHUNK_GPU (less for the rules in the rule table)."""
+    if interpreted:
+        return BACKWARD_CHUNKED_CHUNK_INTERPRETER
+    return BACKWARD_CHUNKED_CHUNK_RULE.get(node.rule, BACKWARD_CHUNKED_CHUNK_GPU)
+
+
+def backward_chunked_tiles(dk: int, dv: int, block_v: int | None = None) -> BackwardChunkedTiles:
+    """The chunked backward's blocks: BACKWARD_CHUNKED_BLOCK key channels and value columns, at
+    most padded(dk) / padded(dv), unless `block_v` asks otherwise."""
+    return BackwardChunkedTiles(min(padded(dk), BACKWARD_CHUNKED_BLOCK),
+                                min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK),
+                                dict(BACKWARD_CHUNKED_NUM_WARPS), BACKWARD_CHUNKED_NUM_STAGES)

@@ -1,8 +1,9 @@
 """Autograd for the linear-recurrence family (docs/catalog.md, L1-L7).
 
 The autograd formula lives with the custom ops (`attncc.ops.linear.custom_op`): the op
-`attncc::linear_bwd` runs the chosen backend's backward (the generated reverse-time kernel, or
-autograd through the reference loop), so o and the final state are differentiable with respect
+`attncc::linear_bwd` runs the chosen backend's backward (generated kernels: the chunked matrix
+form for L1-L4, a reverse-time token sweep for L5, L6; or autograd through the reference loop;
+docs/performance.md#linear-backward), so o and the final state are differentiable with respect
 to q, k, v, g, beta and the initial state.
 """
 

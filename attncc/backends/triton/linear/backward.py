@@ -14,7 +14,9 @@ checkpoints [programs, cdiv(L, CHUNK), F, DV_BLOCK] and scratch [programs, CHUNK
 (together programs * (L / CHUNK + CHUNK) state tiles: CHUNK ~ sqrt(L) by default), and fp32
 partials [NV, B, H, L, Dk] for dq, dk (and L4's dg) summed over the NV value blocks.
 Sequential work: about three forward passes (the forward, the per-chunk recompute, the backward
-step), one token at a time; a chunked (matrix-form) backward would be faster and is not here.
+step), one token at a time. The family (`family.backward_kernel`) runs this kernel for the delta
+rules L5, L6 only: the additive rules L1-L4 take the chunked matrix form
+(`backward_chunked.py`), which has no delta-rule (WY) backward yet.
 """
 
 from __future__ import annotations
@@ -199,36 +201,16 @@ class TritonLinearBackward(GeneratedKernel):
         Returns {"q", "k", "v", "g", "beta", "initial_state"}: each in its input's dtype and
         shape (None for absent inputs)."""
         node = self.node
-        varlen = cu_seqlens is not None
-        if varlen:
-            qv, kv, vv, gv, bv, nb = varlen_views(q, k, v, node, g, beta, initial_state,
-                                                  cu_seqlens)
-            cu = cu_seqlens.to(q.device, torch.int32)
-            lengths = cu[1:] - cu[:-1]
-            max_len = int(lengths.max().item()) if nb > 0 else 0
-        else:
-            check_inputs(q, k, v, node, g, beta, initial_state)
-            qv, kv, vv, gv, bv, nb, cu = q, k, v, g, beta, q.shape[0], None
-            max_len = q.shape[2]
-        dov = do.transpose(0, 1).unsqueeze(0) if varlen else do
-        if list(dov.shape) != list(vv.shape):
-            raise ValueError(f"do: expected o's shape {list(v.shape)}, got {list(do.shape)}")
+        run = prepare_backward(node, q, k, v, do, g=g, beta=beta, scale=scale,
+                               initial_state=initial_state, d_final_state=d_final_state,
+                               cu_seqlens=cu_seqlens, o=o)
+        qv, kv, vv, dov, gv, bv, nb, cu = (run.q, run.k, run.v, run.do, run.g, run.beta, run.nb,
+                                           run.cu)
+        varlen, max_len, s0, dsn, scale = run.varlen, run.max_len, run.s0, run.dsn, run.scale
         Bv, H, Lv, Dk = qv.shape
         dev, f32 = q.device, torch.float32
-        s0 = None if initial_state is None else initial_state.to(dev, f32).contiguous()
-        scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-        if node.normalize:  # the additive rule's kernel on v' = [v, 1] (its z column)
-            if o is None or list(o.shape) != list(do.shape):
-                got = None if o is None else list(o.shape)
-                raise ValueError(f"o: expected the forward's output {list(do.shape)} for "
-                                 f"normalize=True, got {got}")
-            ov = o.transpose(0, 1).unsqueeze(0) if varlen else o
-            vv, dov = augment(node, qv, kv, vv, dov, ov, s0, scale, cu)
         Dv = vv.shape[-1]
         state_shape = [nb, H, Dk, Dv]
-        if d_final_state is not None and list(d_final_state.shape) != state_shape:
-            raise ValueError(f"d_final_state: expected {state_shape}, "
-                             f"got {list(d_final_state.shape)}")
         dv_block = backward_value_block(Dk, Dv, self.block_v)
         nv = -(-Dv // dv_block) if Dv > 0 else 0
         chunk = self.chunk or backward_chunk(max_len)
@@ -244,19 +226,12 @@ class TritonLinearBackward(GeneratedKernel):
         db_p = torch.zeros(nv, Bv, H, Lv, dtype=f32, device=dev)
         dvv = torch.zeros(Bv, H, Lv, Dv, dtype=f32, device=dev)
         ds0 = torch.zeros(state_shape, dtype=f32, device=dev)
-        dsn = None if d_final_state is None else d_final_state.to(dev, f32).contiguous()
         g32 = None if gv is None else gv.to(f32)
         b32 = None if bv is None else bv.to(f32)
-        lam = None
-        if node.decay is not None:
-            vals = node.decay if isinstance(node.decay, tuple) else (node.decay,) * H
-            lam = torch.tensor(vals, dtype=f32, device=dev)
+        lam = run.lam
 
         def strides(x: Tensor | None, n: int) -> list[int]:
-            if x is None:
-                return [0] * n
-            st = (list(x.stride()) + [0])[:n]
-            return [0] + st[1:] if varlen else st
+            return view_strides(x, n, varlen)
 
         def part(x: Tensor) -> list[int]:  # [NV, B, H, L, ...]: no batch stride when varlen
             st = list(x.stride())[:4]
@@ -277,10 +252,8 @@ class TritonLinearBackward(GeneratedKernel):
         elif dsn is not None:  # nothing to step through: the final state is the initial one
             ds0.copy_(dsn)
 
-        def back(x: Tensor, like: Tensor) -> Tensor:  # view shape -> the input's layout
-            if varlen:  # [1, H, T, ...] -> [T, H, ...]
-                x = x[0].transpose(0, 1)
-            return x.to(like.dtype).reshape(like.shape)
+        def back(x: Tensor, like: Tensor) -> Tensor:
+            return to_input_layout(x, like, varlen)
 
         grads = {"q": back(dq_p.sum(0), q), "k": back(dk_p.sum(0), k),
                  "v": back(dvv[..., :v.shape[-1]], v),
@@ -288,3 +261,85 @@ class TritonLinearBackward(GeneratedKernel):
                  "beta": None if beta is None else back(db_p.sum(0), beta),
                  "initial_state": None if initial_state is None else ds0.to(initial_state.dtype)}
         return grads
+
+
+class BackwardInputs(NamedTuple):
+    """A backward call's checked inputs as [Bv, H, Lv, .] views (Bv = 1 when packed: `cu`
+    holds the int32 offsets; `nb` sequences or batch entries), `max_len` the longest sequence,
+    s0 / dsn the fp32 initial state and final-state gradient (or None), lam the fp32 per-head
+    decays (or None), `scale` resolved. With the normaliser, v and do are already augmented
+    (`backward_norm.augment`: v' = [v, 1], do' fp32)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    do: Tensor
+    g: Tensor | None
+    beta: Tensor | None
+    nb: int
+    cu: Tensor | None
+    varlen: bool
+    max_len: int
+    s0: Tensor | None
+    dsn: Tensor | None
+    lam: Tensor | None
+    scale: float
+
+
+def prepare_backward(node: LinearState, q: Tensor, k: Tensor, v: Tensor, do: Tensor, *,
+                     g: Tensor | None, beta: Tensor | None, scale: float | None,
+                     initial_state: Tensor | None, d_final_state: Tensor | None,
+                     cu_seqlens: Tensor | None, o: Tensor | None) -> BackwardInputs:
+    """Check a backward call's inputs (ValueError before any launch) and lay them out as the
+    backward kernels read them (shared by the token sweep and the chunked backward)."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        qv, kv, vv, gv, bv, nb = varlen_views(q, k, v, node, g, beta, initial_state,
+                                              cu_seqlens)
+        cu = cu_seqlens.to(q.device, torch.int32)
+        lengths = cu[1:] - cu[:-1]
+        max_len = int(lengths.max().item()) if nb > 0 else 0
+    else:
+        check_inputs(q, k, v, node, g, beta, initial_state)
+        qv, kv, vv, gv, bv, nb, cu = q, k, v, g, beta, q.shape[0], None
+        max_len = q.shape[2]
+    dov = do.transpose(0, 1).unsqueeze(0) if varlen else do
+    if list(dov.shape) != list(vv.shape):
+        raise ValueError(f"do: expected o's shape {list(v.shape)}, got {list(do.shape)}")
+    H, Dk = qv.shape[1], qv.shape[3]
+    dev, f32 = q.device, torch.float32
+    s0 = None if initial_state is None else initial_state.to(dev, f32).contiguous()
+    scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
+    if node.normalize:  # the additive rule's kernel on v' = [v, 1] (its z column)
+        if o is None or list(o.shape) != list(do.shape):
+            got = None if o is None else list(o.shape)
+            raise ValueError(f"o: expected the forward's output {list(do.shape)} for "
+                             f"normalize=True, got {got}")
+        ov = o.transpose(0, 1).unsqueeze(0) if varlen else o
+        vv, dov = augment(node, qv, kv, vv, dov, ov, s0, scale, cu)
+    state_shape = [nb, H, Dk, vv.shape[-1]]
+    if d_final_state is not None and list(d_final_state.shape) != state_shape:
+        raise ValueError(f"d_final_state: expected {state_shape}, "
+                         f"got {list(d_final_state.shape)}")
+    dsn = None if d_final_state is None else d_final_state.to(dev, f32).contiguous()
+    lam = None
+    if node.decay is not None:
+        vals = node.decay if isinstance(node.decay, tuple) else (node.decay,) * H
+        lam = torch.tensor(vals, dtype=f32, device=dev)
+    return BackwardInputs(qv, kv, vv, dov, gv, bv, nb, cu, varlen, max_len, s0, dsn, lam, scale)
+
+
+def view_strides(x: Tensor | None, n: int, varlen: bool) -> list[int]:
+    """x's first n strides (zeros for None); packed views have no batch stride (the launch's
+    batch axis is the sequence index)."""
+    if x is None:
+        return [0] * n
+    st = (list(x.stride()) + [0])[:n]
+    return [0] + st[1:] if varlen else st
+
+
+def to_input_layout(x: Tensor, like: Tensor, varlen: bool) -> Tensor:
+    """A gradient in view shape [Bv, H, Lv, ...] back to its input's layout and dtype."""
+    if varlen:  # [1, H, T, ...] -> [T, H, ...]
+        x = x[0].transpose(0, 1)
+    return x.to(like.dtype).reshape(like.shape)

@@ -1,5 +1,12 @@
 """The Triton backend's linear-recurrence family: the recurrent (one token per step) and
-chunked (prefill) kernels of one `LinearState`, and its backward kernel, built on first use."""
+chunked (prefill) kernels of one `LinearState`, and its backward kernels, built on first use.
+
+The backward is picked by rule (`backward_kernel`): the chunked matrix form
+(`backward_chunked.TritonChunkedLinearBackward`) for the additive rules L1-L4 with phi identity
+or elu1, the token-at-a-time reverse sweep (`backward.TritonLinearBackward`) for the delta
+rules L5, L6, which have no chunked backward yet; taylor2 and L7 have neither
+(`no_backward`: the caller differentiates the reference, with a warning). docs/performance.md
+lists the same routing."""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from torch import Tensor
 
 from attncc.backends.base import Unsupported
 from attncc.backends.triton.linear.backward import TritonLinearBackward, unsupported
+from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
+                                                            unsupported_chunked)
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.ir.linear import LinearState
@@ -37,7 +46,7 @@ class TritonLinear:
         self.backend, self.node = backend, node
         self.name = (self.recurrent or self.chunked).name
         self.no_backward = unsupported(node)
-        self._backward: TritonLinearBackward | None = None
+        self._backward: TritonChunkedLinearBackward | TritonLinearBackward | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None,
                 beta: Tensor | None, scale: float | None, initial_state: Tensor | None,
@@ -61,12 +70,20 @@ class TritonLinear:
                  g: Tensor | None, beta: Tensor | None, scale: float | None,
                  initial_state: Tensor | None, d_final_state: Tensor | None,
                  cu_seqlens: Tensor | None) -> dict[str, Tensor | None]:
-        """The generated reverse-time kernel (built on first use); the caller checks
-        `no_backward` first."""
+        """The rule's backward kernels (`backward_kernel`, built on first use); the caller
+        checks `no_backward` first."""
         if self.no_backward is not None:
             raise Unsupported(self.no_backward)
         if self._backward is None:
-            self._backward = TritonLinearBackward(self.node)
+            self._backward = backward_kernel(self.node)
         return self._backward(q, k, v, do, o=o, g=g, beta=beta, scale=scale,
                               initial_state=initial_state, d_final_state=d_final_state,
                               cu_seqlens=cu_seqlens)
+
+
+def backward_kernel(node: LinearState) -> TritonChunkedLinearBackward | TritonLinearBackward:
+    """The backward for `node`, by rule: the chunked form for L1-L4 (phi identity or elu1),
+    the token sweep for L5, L6 (no chunked delta-rule backward yet)."""
+    if unsupported_chunked(node) is None:
+        return TritonChunkedLinearBackward(node)
+    return TritonLinearBackward(node)
