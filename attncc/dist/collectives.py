@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from attncc.passes.shard_pairs import Sharding
 
-__all__ = ["chunk_runs", "gather_sequence", "shard_sequence"]
+__all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "shard_sequence"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -87,3 +87,11 @@ def shard_sequence(x: torch.Tensor, sharding: Sharding, rank: int, dim: int = 2)
     size = L // sharding.n_chunks
     return torch.cat([x.narrow(dim, first * size, count * size)
                       for _, first, count in chunk_runs(sharding.chunks[rank])], dim)
+
+
+def gather_stacked(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """[W, *x.shape]: every rank's `x` in rank order, differentiable (the backward hands each
+    rank the sum over ranks of the gradient of its own entry). A collective: every rank of
+    `group` calls it with equal shapes, and its backward is one collective too, so every rank
+    must run the backward of whatever it computed from the result."""
+    return _AllGather.apply(x.unsqueeze(0), group, 0)
