@@ -30,13 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attncc.dist.agree import agree_on_inputs
 from attncc.dist.collectives import gather_stacked
 from attncc.ops.linear.compiled import CompiledLinearAttention
 from attncc.validate.linear import check_inputs
 
 __all__ = ["context_parallel_linear"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DENSE = ("delta", "gated_delta")  # rules whose shard transition is a dense Dk x Dk matrix
 _COVERED = ("linear", "decay", "scalar_gate", "vector_gate") + _DENSE
 
@@ -69,35 +69,6 @@ def _local_error(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, 
     if q.shape[2] == 0:
         return "a rank holds no tokens (every rank must hold L / W > 0 of them)"
     return None
-
-
-def _shape_row(q: Any, v: Any, failed: bool) -> list[int]:
-    row = [int(failed)]
-    for t in (q, v):
-        ok = isinstance(t, torch.Tensor) and t.dim() == 4
-        row += list(t.shape) if ok else [-1] * 4
-        row.append(_DTYPES.index(t.dtype) if ok and t.dtype in _DTYPES else -1)
-    return row
-
-
-def _agree(q: Any, v: Any, error: str | None, group: Any, device: Any) -> None:
-    """All-gather every rank's shapes and check flag; raise the same error on every rank."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor(_shape_row(q, v, error is not None), dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    table = [r.tolist() for r in rows]
-    if error is not None:
-        raise ValueError(f"context parallel (rank {dist.get_rank(group)}): {error}")
-    failed = [r for r, row in enumerate(table) if row[0]]
-    if failed:
-        raise ValueError(f"context parallel: rank(s) {failed} rejected their inputs (their "
-                         "error says why); no rank ran the recurrence")
-    if any(row != table[0] for row in table):
-        shapes = {r: (row[1:5], row[6:10]) for r, row in enumerate(table)}
-        raise ValueError(f"context parallel: ranks hold different q, v shapes or dtypes "
-                         f"(rank: (q, v) shapes): {shapes}; every rank must hold the same "
-                         "number of tokens of the same heads")
 
 
 def _diagonal(attn: CompiledLinearAttention, q: torch.Tensor, g: torch.Tensor | None,
@@ -189,7 +160,7 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
             "(docs/context_parallel.md)")
     error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
     if check:
-        _agree(q, v, error, group, q.device if isinstance(q, torch.Tensor) else "cpu")
+        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence")
     elif error is not None:
         raise ValueError(f"context parallel (rank {rank}): {error}")
     run = {"scale": scale, "backend": backend}

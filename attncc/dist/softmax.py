@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attncc.dist.agree import agree_on_inputs
 from attncc.dist.collectives import chunk_runs, gather_sequence
 from attncc.ir.shard import at_query_offset, offset_names
 from attncc.ops.softmax.compiled import CompiledAttention
@@ -33,7 +34,6 @@ from attncc.validate import LAYOUTS, check_qkv, to_bhsd
 __all__ = ["context_parallel_attention", "sharding_for"]
 
 _SEQ_DIM = {"bhsd": 2, "bshd": 1}
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the compiled attention at global query positions, one per CompiledAttention
 _SHARDED: "weakref.WeakKeyDictionary[CompiledAttention, CompiledAttention]" = (
     weakref.WeakKeyDictionary())
@@ -77,35 +77,6 @@ def _local_error(q: Any, k: Any, v: Any, layout: str, sharding: Sharding) -> str
                 f"equal chunks per rank of the {sharding.name or ''} sharding (the sequence "
                 f"length must be a positive multiple of {sharding.n_chunks})")
     return None
-
-
-def _shape_row(q: Any, k: Any, v: Any, failed: bool) -> list[int]:
-    row = [int(failed)]
-    for t in (q, k, v):
-        ok = isinstance(t, torch.Tensor) and t.dim() == 4
-        row += list(t.shape) if ok else [-1] * 4
-        row.append(_DTYPES.index(t.dtype) if ok and t.dtype in _DTYPES else -1)
-    return row
-
-
-def _agree(q: Any, k: Any, v: Any, error: str | None, group: Any, device: torch.device) -> None:
-    """All-gather every rank's shapes and check flag; raise the same error on every rank."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor(_shape_row(q, k, v, error is not None), dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    table = [r.tolist() for r in rows]
-    if error is not None:
-        raise ValueError(f"context parallel (rank {dist.get_rank(group)}): {error}")
-    failed = [r for r, row in enumerate(table) if row[0]]
-    if failed:
-        raise ValueError(f"context parallel: rank(s) {failed} rejected their inputs (their "
-                         "error says why); no rank ran the attention")
-    if any(row != table[0] for row in table):
-        shapes = {r: (row[1:5], row[6:10], row[11:15]) for r, row in enumerate(table)}
-        raise ValueError(f"context parallel: ranks hold different q, k, v shapes or dtypes "
-                         f"(rank: (q, k, v) shapes): {shapes}; every rank must hold the same "
-                         "number of tokens of the same heads")
 
 
 def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor,
@@ -152,7 +123,7 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
                          "sets itself; do not pass it")
     error = _local_error(q, k, v, layout, plan)
     if check:
-        _agree(q, k, v, error, group, q.device if isinstance(q, torch.Tensor) else "cpu")
+        agree_on_inputs({"q": q, "k": k, "v": v}, error, group, "the attention")
     elif error is not None:
         raise ValueError(f"context parallel (rank {rank}): {error}")
     dim = _SEQ_DIM[layout]
