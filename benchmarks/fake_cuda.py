@@ -83,10 +83,14 @@ def install() -> None:
     from triton.runtime import driver
 
     from attncc.backends.triton import forward as triton_forward
+    from attncc.backends.triton import serve_run
     from attncc.backends.triton.backward import kernel as triton_backward
     from attncc.backends.triton.backward import launch as triton_backward_launch
 
     driver.set_active(FakeDriver())
     triton_forward.prebuilt_arch = triton_backward.prebuilt_arch = lambda device: 90
     triton_forward.target_of = triton_backward_launch.target_of = lambda device: "sm90"
+    # serving kernels launch through Triton's JIT, which compiles for the fake driver's sm_90
+    serve_run.target_of = lambda device: "sm90"
+    serve_run.TritonServing.check_device = lambda self, device: None
     torch.cuda.device = lambda device: contextlib.nullcontext()

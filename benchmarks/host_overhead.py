@@ -34,6 +34,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 B, H, L, D = 1, 4, 256, 64
 ROUNDS = 7
+# paged decode: batch, query heads, kv heads, page size, pages per request (head dim D)
+SERVE = {"B": 8, "Hq": 32, "Hkv": 8, "P": 16, "M": 64}
 
 
 def specs() -> dict[str, Any]:
@@ -111,11 +113,43 @@ def child_calls(calls: int) -> dict[str, Any]:
         launches = fake_cuda.LAUNCHES[0] - before
         out[f"eager_{name}"] = per_call(fn, calls) | {"launches_per_call": launches}
 
+    out.update(serving_calls(calls))
     out["launch_triton_compiled_kernel"] = per_call(
         lambda: kernel.compiled[grid3](*arguments), calls)
     out["launch_attncc_direct_kernel"] = per_call(lambda: kernel(grid, values), calls)
     out["fake_driver_launches"] = fake_cuda.LAUNCHES[0]
     return out
+
+
+def serving_calls(calls: int) -> dict[str, Any]:
+    """Paged decode (causal, fp16): `plan` (all host work: work list, splits, buffers) and
+    `run` (checks, arguments, the forward launch and the merge launch when the plan splits,
+    the index-check assert) through Triton's JIT launcher, compiled for the fake sm_90 at the
+    first run."""
+    import torch
+
+    import attncc
+    from benchmarks import fake_cuda
+    serve = attncc.compile(attncc.Attention(mask=attncc.causal(),
+                                            memory=attncc.paged(SERVE["P"])))
+    Bs, Hq, Hkv, P, M = (SERVE[n] for n in ("B", "Hq", "Hkv", "P", "M"))
+    k_cache, v_cache = (torch.randn(Bs * M, P, Hkv, D).half() for _ in range(2))
+    page_table = torch.arange(Bs * M, dtype=torch.int32).view(Bs, M)
+    kv_len = torch.full((Bs,), M * P - 5, dtype=torch.int32)
+    q = torch.randn(Bs, Hq, 1, D).half()
+    make = lambda: serve.plan(batch=Bs, num_heads=Hq, num_kv_heads=Hkv,  # noqa: E731
+                              head_dim=D, max_q_len=1, max_pages=M, dtype=torch.float16,
+                              device="cpu")
+    plan = make()
+    run = lambda: serve.run(plan, q, k_cache, v_cache, page_table=page_table,  # noqa: E731
+                            kv_len=kv_len)
+    run()  # compiles
+    before = fake_cuda.LAUNCHES[0]
+    run()
+    launches = fake_cuda.LAUNCHES[0] - before
+    return {"serve_plan": per_call(make, max(calls // 10, 1)),
+            "serve_run": per_call(run, calls) | {"launches_per_call": launches,
+                                                 "num_splits": plan.num_splits}}
 
 
 def child_first_call() -> dict[str, Any]:
@@ -195,6 +229,7 @@ def main() -> None:
               "machine": device | {"cores": os.cpu_count(), "gpu": "none: fake CUDA driver"},
               "versions": environment.versions(), "git": environment.git(),
               "shape": {"B": B, "H": H, "L": L, "D": D, "dtype": "float16", "arch": "sm_90"},
+              "serving_shape": SERVE | {"D": D, "Lq": 1},
               "per_call": calls, "import": imports, "first_call_warm_cache": first}
     out = Path(args.out) if args.out else (
         HERE / "results" / f"host_overhead-{environment.slug(device['name'])}.json")
