@@ -8,13 +8,16 @@ tensors, so everything a call does runs for real except the driver's own calls (
 `cuLaunchKernel`). Measured, in microseconds per call (best and median of several rounds):
 
 - eager `attn(q, k, v)`: dense causal, a document mask (captured doc ids), a sliding window
-  given its window as a runtime value on every call;
+  given its window as a runtime value on every call, and a score mod (causal + soft-cap);
 - the raw launch alone: Triton's `CompiledKernel[grid](*arguments)` for the causal kernel
-  (what any launcher pays), and attncc's `DirectKernel` (its argument checks added);
-- serving `plan` and `run` (paged decode, causal) through Triton's JIT launcher;
+  (what any launcher pays), and attncc's checked `DirectKernel.__call__` (a variant's first
+  launch; later ones hand the same arguments to the binary positionally);
+- serving `plan` and `run` (paged decode, causal; `run` through Triton's JIT launcher);
 
-and, each in a fresh process: `import torch`, `import attncc` beyond it, and the first call
-(compile + first launch) with the cache warm. Results go to
+and, each in a fresh process: `import torch`, `import attncc` beyond it (and `-X importtime`'s
+self time of what it loads, by package), and the first call (compile + first launch) with the
+cache warm. CPU times are this thread's (robust to other processes on the cores, though a
+loaded machine still slows them); the load average before and after is recorded. Results go to
 benchmarks/results/host_overhead-<machine>.json with this machine's description.
 """
 
@@ -187,6 +190,24 @@ def child_import() -> dict[str, Any]:
             "import_torch_cpu_ms": ms(c0, c1), "import_attncc_cpu_ms": ms(c1, c2)}
 
 
+def import_breakdown(env: dict[str, str]) -> dict[str, float]:
+    """`python -X importtime`: the self time (ms) of every module `import attncc` loads after
+    torch, summed by top-level package (sympy, triton, attncc itself, ...)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch; import attncc"],
+                         env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=300,
+                         check=True)
+    rows = [line[len("import time:"):].split("|") for line in run.stderr.splitlines()
+            if line.startswith("import time:") and "cumulative" not in line]
+    end_of_torch = max(i for i, r in enumerate(rows) if r[2].rstrip() == " torch")
+    totals: dict[str, float] = {}
+    for self_us, _, name in rows[end_of_torch + 1:]:
+        package = name.strip().split(".")[0]
+        totals[package] = totals.get(package, 0) + int(self_us) / 1e3
+    top = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {"total_ms": round(sum(totals.values()), 1),
+            **{name: round(ms, 1) for name, ms in top if ms >= 1}}
+
+
 def in_child(what: str, env: dict[str, str], *extra: str) -> dict[str, Any]:
     run = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--child", what,
                           *extra], env=env, cwd=HERE.parent, capture_output=True, text=True,
@@ -216,6 +237,7 @@ def main() -> None:
         return
 
     from benchmarks import environment
+    load_before = os.getloadavg()  # other processes on these cores inflate every figure
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="attncc-host-")
     env = dict(os.environ, ATTNCC_CACHE_DIR=cache_dir, TRITON_INTERPRET="0",
                TRITON_CACHE_DIR=str(Path(cache_dir) / "triton"), OMP_NUM_THREADS="1",
@@ -223,6 +245,7 @@ def main() -> None:
     build_in_child(env, cache_dir)
     calls = in_child("calls", env, "--calls", str(args.calls))
     imports = median_of([in_child("import", env) for _ in range(args.fresh)])
+    breakdown = import_breakdown(env)
     first = median_of([in_child("first", env) for _ in range(args.fresh)])
     device = environment.device_info("cpu")
     result = {"benchmark": "host_overhead", "date": environment.now(),
@@ -230,7 +253,10 @@ def main() -> None:
               "versions": environment.versions(), "git": environment.git(),
               "shape": {"B": B, "H": H, "L": L, "D": D, "dtype": "float16", "arch": "sm_90"},
               "serving_shape": SERVE | {"D": D, "Lq": 1},
-              "per_call": calls, "import": imports, "first_call_warm_cache": first}
+              "load_average": {"before": [round(x, 2) for x in load_before],
+                               "after": [round(x, 2) for x in os.getloadavg()]},
+              "per_call": calls, "import": imports,
+              "import_self_ms_by_package": breakdown, "first_call_warm_cache": first}
     out = Path(args.out) if args.out else (
         HERE / "results" / f"host_overhead-{environment.slug(device['name'])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,9 @@ class TritonForward(GeneratedKernel):
         # per (dtype, Dqk, Dv, device, write_lse, gather_rows, counting): what a launch of that
         # signature always passes (schedule, constexprs, prebuilt arch), worked out once
         self._launches: dict[tuple, _Prepared] = {}
+        # per (strides and sizes, Dqk, Dv, dtype, device, no lse, gather_rows) of a launch
+        # without visit counting: its _Prepared and the _Geometry of its strides
+        self._geometries: dict[tuple, tuple[_Prepared, _Geometry]] = {}
         self._schedules: dict[tuple, Schedule] = {}
 
     def block_map_function(self):
@@ -115,7 +118,7 @@ class TritonForward(GeneratedKernel):
         arch = None if counting else prebuilt_arch(q.device)
         hit = self._launches[key] = _Prepared(sched, constexprs, arch,
                                               (keys.dtype_name(q.dtype), q.shape[3], v.shape[3]),
-                                              {}, {})
+                                              {})
         return hit
 
     def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -129,21 +132,31 @@ class TritonForward(GeneratedKernel):
         positions: int32 (q_pos, kv_pos), original position of each row, when tokens are
         reordered; `gather_rows` says q/k/v/o are in the original order (the kernel gathers rows
         and scatters o back) rather than already in the reordered layout."""
-        B, Hq, Lq, dqk = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        prepared = self._prepared(q, k, v, lse is not None, gather_rows, visits is not None)
-        sched = prepared.schedule
+        if visits is None:  # the common case: one lookup for the signature and the strides
+            sizes = (*q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                     q.shape[2], k.shape[2], q.shape[1], k.shape[1])
+            key = (sizes, q.shape[3], v.shape[3], q.dtype, q.device, lse is None, gather_rows)
+            known = self._geometries.get(key)
+            if known is None:
+                if len(self._geometries) >= 256:
+                    self._geometries.clear()
+                prepared = self._prepared(q, k, v, lse is not None, gather_rows, False)
+                known = self._geometries[key] = (prepared, _Geometry.of(sizes))
+            prepared, geometry = known
+        else:
+            prepared = self._prepared(q, k, v, lse is not None, gather_rows, True)
         if self._param_arguments is not None:  # parameters only: read them in order
             extra = [params[name] for name in self._param_arguments]
         else:
             extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
                                     self.kernel_arguments, self.captures)
-        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
+        grid = (-(-q.shape[2] // prepared.schedule.block_m), q.shape[0] * q.shape[1])
         if prepared.arch is not None:  # None when counting visits: that runs the JIT kernel
-            self._launch_prebuilt(prepared, grid, q, k, v, o, lse, float(sm_scale), extra,
-                                  gather_rows)
+            self._launch_prebuilt(prepared, geometry, sizes, grid, q, k, v, o, lse,
+                                  float(sm_scale), extra, gather_rows)
             return
         # the interpreter, a GPU `attncc build` cannot target, or visit counting
+        sched = prepared.schedule
         values = self._values(q, k, v, o, lse, visits, float(sm_scale), extra)
         values.update(prepared.constexprs)
         self.jit_function()[grid](**values, num_warps=sched.num_warps,
@@ -158,25 +171,19 @@ class TritonForward(GeneratedKernel):
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             q.shape[2], k.shape[2], q.shape[1], k.shape[1], sm_scale, *extra], strict=True))
 
-    def _launch_prebuilt(self, prepared: _Prepared, grid: tuple[int, int], q: torch.Tensor,
+    def _launch_prebuilt(self, prepared: _Prepared, geometry: _Geometry,
+                         sizes: tuple[int, ...], grid: tuple[int, int], q: torch.Tensor,
                          k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor | None, sm_scale: float, extra: list[Any],
                          gather_rows: bool) -> None:
         """The prebuilt forward launch with the variant `choose_variant` would pick, from
         what each launch must recheck: the pointers' alignment and the widths of the
         integers that are not strides or sizes (parameters, captured tensors' geometry) on
-        every call; the strides and sizes once per distinct tuple of them (`_Geometry`). The
-        first launch of each variant goes through the checked `DirectKernel.__call__` (the
-        constexprs and integer widths of the binary against this launch's values) and its
-        variant is compared with `choose_variant`'s; later ones pass the same arguments
-        positionally."""
-        sizes = (*q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                 q.shape[2], k.shape[2], q.shape[1], k.shape[1])
-        geometry = prepared.geometries.get(sizes)
-        if geometry is None:
-            if len(prepared.geometries) >= 256:
-                prepared.geometries.clear()
-            geometry = prepared.geometries[sizes] = _Geometry.of(sizes)
+        every call; the strides and sizes (`sizes`) once per distinct tuple of them
+        (`geometry`). The first launch of each variant goes through the checked
+        `DirectKernel.__call__` (the constexprs and integer widths of the binary against this
+        launch's values) and its variant is compared with `choose_variant`'s; later ones pass
+        the same arguments positionally."""
         lse_arg = lse if lse is not None else o
         contiguous = geometry.unit and not (q.data_ptr() % 16 or k.data_ptr() % 16
                                             or v.data_ptr() % 16 or o.data_ptr() % 16
@@ -237,15 +244,14 @@ class TritonForward(GeneratedKernel):
 
 class _Prepared(NamedTuple):
     """What every forward launch of one signature passes: its schedule, constexprs, the
-    prebuilt arch it runs (None: Triton's JIT) and its (dtype, Dqk, Dv); `geometries`: the
-    `_Geometry` of each strides-and-sizes tuple seen; `kernels`: per (contiguous, wide_ints,
-    divisible, device index) the loaded binary and the constexprs that end its argument list."""
+    prebuilt arch it runs (None: Triton's JIT) and its (dtype, Dqk, Dv); `kernels`: per
+    (contiguous, wide_ints, divisible, device index) the loaded binary and the constexprs that
+    end its argument list."""
 
     schedule: Schedule
     constexprs: dict[str, Any]
     arch: int | None
     signature: tuple[str, int, int]
-    geometries: dict[tuple[int, ...], _Geometry]
     kernels: dict[tuple, tuple[DirectKernel, tuple[Any, ...]]]
 
 
