@@ -1,36 +1,62 @@
-"""A fake CUDA driver for measuring attncc's host path on a machine without a GPU.
+"""A fake CUDA driver for running attncc's host path on a machine without a GPU.
 
 `install()` makes Triton's active driver one whose module loader and launcher do nothing (they
-record what they were given), and makes CPU tensors launch the sm_90 prebuilt binaries that
-`attncc build` (or `build.build_targets`) put in ATTNCC_CACHE_DIR: all of a launch runs for real
-except the driver calls, so the time a call takes is attncc's host work plus Triton's launcher
-up to the point where the real one would call `cuLaunchKernel`. tests/direct_launch_child.py
-uses the same stand-in to check the arguments a launch hands over.
+count, and with `install(record=True)` record, what they were given), and makes CPU tensors
+launch the sm_90 prebuilt binaries that `attncc build` (or `build.build_targets`) put in
+ATTNCC_CACHE_DIR: all of a launch runs for real except the driver calls, so the time a call
+takes is attncc's host work plus Triton's launcher up to the point where the real one would call
+`cuLaunchKernel`. Used by benchmarks/host_overhead.py (timings) and tests/direct_launch_child.py
+(the arguments a launch hands over, the binaries it loads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 LAUNCHES = [0]  # how many launches the fake launcher received
+RECORDED: list[dict] = []  # with install(record=True): one entry per launch
+LOADS: list[dict] = []  # one entry per binary loaded onto the fake device
+_recording = [False]
+
+
+def describe(value: Any) -> list:
+    """A launch argument as [kind, value]: a tensor's pointer as its offset modulo 16."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ["ptr", value.data_ptr() % 16]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", value]
+    return ["float", value]
 
 
 class FakeLauncher:
     """Triton's launcher contract (`launcher_cls(src, metadata)`, then
     `launcher(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
-    exit_hook, *arguments)`); it only counts."""
+    exit_hook, *arguments)`, constexprs among the arguments); it counts (and records)."""
 
     def __init__(self, src: Any, metadata: Any) -> None:
-        self.name = metadata.name
+        self.types = list(src.signature.values())
+        self.name, self.hash = metadata.name, metadata.hash
 
     def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
                  enter_hook, exit_hook, *args) -> None:
         LAUNCHES[0] += 1
+        if _recording[0]:
+            RECORDED.append({"name": self.name, "hash": self.hash, "grid": [gx, gy, gz],
+                             "function": function, "n_args": len(args),
+                             "args": [describe(a) for a, t in zip(args, self.types, strict=True)
+                                      if t != "constexpr"]})
 
 
 class FakeUtils:
     def load_binary(self, name, kernel, shared, device):
+        LOADS.append({"name": name, "sha": hashlib.sha256(kernel).hexdigest(),
+                      "shared": shared})
         return 1, 2, 64, 0, 1024  # module, function, registers, spills, max threads
 
     def get_device_properties(self, device):
@@ -77,16 +103,22 @@ class FakeDriver:
         return ty
 
 
-def install() -> None:
-    """Triton's driver becomes the fake one, and CPU tensors launch sm_90 prebuilt binaries."""
+def install(record: bool = False) -> None:
+    """Triton's driver becomes the fake one, and CPU tensors launch sm_90 prebuilt binaries;
+    `record`: every launch is also described in RECORDED (slower: not for timings)."""
     import torch
     from triton.runtime import driver
 
     from attncc.backends.triton import forward as triton_forward
+    from attncc.backends.triton import serve_run
     from attncc.backends.triton.backward import kernel as triton_backward
     from attncc.backends.triton.backward import launch as triton_backward_launch
 
+    _recording[0] = record
     driver.set_active(FakeDriver())
     triton_forward.prebuilt_arch = triton_backward.prebuilt_arch = lambda device: 90
     triton_forward.target_of = triton_backward_launch.target_of = lambda device: "sm90"
+    # serving kernels launch through Triton's JIT, which compiles for the fake driver's sm_90
+    serve_run.target_of = lambda device: "sm90"
+    serve_run.TritonServing.check_device = lambda self, device: None
     torch.cuda.device = lambda device: contextlib.nullcontext()

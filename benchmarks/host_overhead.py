@@ -8,13 +8,16 @@ tensors, so everything a call does runs for real except the driver's own calls (
 `cuLaunchKernel`). Measured, in microseconds per call (best and median of several rounds):
 
 - eager `attn(q, k, v)`: dense causal, a document mask (captured doc ids), a sliding window
-  given its window as a runtime value on every call;
+  given its window as a runtime value on every call, and a score mod (causal + soft-cap);
 - the raw launch alone: Triton's `CompiledKernel[grid](*arguments)` for the causal kernel
-  (what any launcher pays), and attncc's `DirectKernel` (its argument checks added);
-- serving `plan` and `run` (paged decode, causal) through Triton's JIT launcher;
+  (what any launcher pays), and attncc's checked `DirectKernel.__call__` (a variant's first
+  launch; later ones hand the same arguments to the binary positionally);
+- serving `plan` and `run` (paged decode, causal; `run` through Triton's JIT launcher);
 
-and, each in a fresh process: `import torch`, `import attncc` beyond it, and the first call
-(compile + first launch) with the cache warm. Results go to
+and, each in a fresh process: `import torch`, `import attncc` beyond it (and `-X importtime`'s
+self time of what it loads, by package), and the first call (compile + first launch) with the
+cache warm. CPU times are this thread's (robust to other processes on the cores, though a
+loaded machine still slows them); the load average before and after is recorded. Results go to
 benchmarks/results/host_overhead-<machine>.json with this machine's description.
 """
 
@@ -34,6 +37,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 B, H, L, D = 1, 4, 256, 64
 ROUNDS = 7
+# paged decode: batch, query heads, kv heads, page size, pages per request (head dim D)
+SERVE = {"B": 8, "Hq": 32, "Hkv": 8, "P": 16, "M": 64}
 
 
 def specs() -> dict[str, Any]:
@@ -43,7 +48,8 @@ def specs() -> dict[str, Any]:
     doc = torch.arange(L, dtype=torch.int32) // 100  # three documents
     return {"causal": attncc.Attention(mask=attncc.causal()),
             "document": attncc.Attention(mask=attncc.document(doc)),
-            "sliding_window": attncc.Attention(mask=attncc.sliding_window(64))}
+            "sliding_window": attncc.Attention(mask=attncc.sliding_window(64)),
+            "softcap": attncc.Attention(mask=attncc.causal(), score=attncc.softcap(30.0))}
 
 
 def build(cache_dir: str) -> None:
@@ -91,15 +97,10 @@ def child_calls(calls: int) -> dict[str, Any]:
     runs = {"causal": lambda: compiled["causal"](q, k, v, backend="triton"),
             "document": lambda: compiled["document"](q, k, v, backend="triton"),
             "sliding_window": lambda: compiled["sliding_window"](q, k, v, backend="triton",
-                                                                 window=128)}
-    for name, fn in runs.items():
-        fn()  # the first call builds (block maps, positions) what later calls reuse
-        before = fake_cuda.LAUNCHES[0]
-        fn()
-        launches = fake_cuda.LAUNCHES[0] - before
-        out[f"eager_{name}"] = per_call(fn, calls) | {"launches_per_call": launches}
-
-    # the raw launch: the causal call's own kernel and arguments, captured once
+                                                                 window=128),
+            "softcap": lambda: compiled["softcap"](q, k, v, backend="triton")}
+    # the raw launch: the causal call's own kernel and arguments, captured at its first launch
+    # (later launches of that variant hand the same arguments over positionally)
     seen: list = []
     original = direct.DirectKernel.__call__
     direct.DirectKernel.__call__ = lambda self, grid, values: seen.append((self, grid, values))
@@ -108,11 +109,50 @@ def child_calls(calls: int) -> dict[str, Any]:
     kernel, grid, values = seen[0]
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     arguments = [values[name] for name in kernel.spec.signature]
+    for name, fn in runs.items():
+        fn()  # the first call builds (block maps, positions) what later calls reuse
+        before = fake_cuda.LAUNCHES[0]
+        fn()
+        launches = fake_cuda.LAUNCHES[0] - before
+        out[f"eager_{name}"] = per_call(fn, calls) | {"launches_per_call": launches}
+
+    out.update(serving_calls(calls))
     out["launch_triton_compiled_kernel"] = per_call(
         lambda: kernel.compiled[grid3](*arguments), calls)
     out["launch_attncc_direct_kernel"] = per_call(lambda: kernel(grid, values), calls)
     out["fake_driver_launches"] = fake_cuda.LAUNCHES[0]
     return out
+
+
+def serving_calls(calls: int) -> dict[str, Any]:
+    """Paged decode (causal, fp16): `plan` (all host work: work list, splits, buffers) and
+    `run` (checks, arguments, the forward launch and the merge launch when the plan splits,
+    the index-check assert) through Triton's JIT launcher, compiled for the fake sm_90 at the
+    first run."""
+    import torch
+
+    import attncc
+    from benchmarks import fake_cuda
+    serve = attncc.compile(attncc.Attention(mask=attncc.causal(),
+                                            memory=attncc.paged(SERVE["P"])))
+    Bs, Hq, Hkv, P, M = (SERVE[n] for n in ("B", "Hq", "Hkv", "P", "M"))
+    k_cache, v_cache = (torch.randn(Bs * M, P, Hkv, D).half() for _ in range(2))
+    page_table = torch.arange(Bs * M, dtype=torch.int32).view(Bs, M)
+    kv_len = torch.full((Bs,), M * P - 5, dtype=torch.int32)
+    q = torch.randn(Bs, Hq, 1, D).half()
+    make = lambda: serve.plan(batch=Bs, num_heads=Hq, num_kv_heads=Hkv,  # noqa: E731
+                              head_dim=D, max_q_len=1, max_pages=M, dtype=torch.float16,
+                              device="cpu")
+    plan = make()
+    run = lambda: serve.run(plan, q, k_cache, v_cache, page_table=page_table,  # noqa: E731
+                            kv_len=kv_len)
+    run()  # compiles
+    before = fake_cuda.LAUNCHES[0]
+    run()
+    launches = fake_cuda.LAUNCHES[0] - before
+    return {"serve_plan": per_call(make, max(calls // 10, 1)),
+            "serve_run": per_call(run, calls) | {"launches_per_call": launches,
+                                                 "num_splits": plan.num_splits}}
 
 
 def child_first_call() -> dict[str, Any]:
@@ -150,6 +190,24 @@ def child_import() -> dict[str, Any]:
             "import_torch_cpu_ms": ms(c0, c1), "import_attncc_cpu_ms": ms(c1, c2)}
 
 
+def import_breakdown(env: dict[str, str]) -> dict[str, float]:
+    """`python -X importtime`: the self time (ms) of every module `import attncc` loads after
+    torch, summed by top-level package (sympy, triton, attncc itself, ...)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch; import attncc"],
+                         env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=300,
+                         check=True)
+    rows = [line[len("import time:"):].split("|") for line in run.stderr.splitlines()
+            if line.startswith("import time:") and "cumulative" not in line]
+    end_of_torch = max(i for i, r in enumerate(rows) if r[2].rstrip() == " torch")
+    totals: dict[str, float] = {}
+    for self_us, _, name in rows[end_of_torch + 1:]:
+        package = name.strip().split(".")[0]
+        totals[package] = totals.get(package, 0) + int(self_us) / 1e3
+    top = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {"total_ms": round(sum(totals.values()), 1),
+            **{name: round(ms, 1) for name, ms in top if ms >= 1}}
+
+
 def in_child(what: str, env: dict[str, str], *extra: str) -> dict[str, Any]:
     run = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--child", what,
                           *extra], env=env, cwd=HERE.parent, capture_output=True, text=True,
@@ -179,6 +237,7 @@ def main() -> None:
         return
 
     from benchmarks import environment
+    load_before = os.getloadavg()  # other processes on these cores inflate every figure
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="attncc-host-")
     env = dict(os.environ, ATTNCC_CACHE_DIR=cache_dir, TRITON_INTERPRET="0",
                TRITON_CACHE_DIR=str(Path(cache_dir) / "triton"), OMP_NUM_THREADS="1",
@@ -186,13 +245,18 @@ def main() -> None:
     build_in_child(env, cache_dir)
     calls = in_child("calls", env, "--calls", str(args.calls))
     imports = median_of([in_child("import", env) for _ in range(args.fresh)])
+    breakdown = import_breakdown(env)
     first = median_of([in_child("first", env) for _ in range(args.fresh)])
     device = environment.device_info("cpu")
     result = {"benchmark": "host_overhead", "date": environment.now(),
               "machine": device | {"cores": os.cpu_count(), "gpu": "none: fake CUDA driver"},
               "versions": environment.versions(), "git": environment.git(),
               "shape": {"B": B, "H": H, "L": L, "D": D, "dtype": "float16", "arch": "sm_90"},
-              "per_call": calls, "import": imports, "first_call_warm_cache": first}
+              "serving_shape": SERVE | {"D": D, "Lq": 1},
+              "load_average": {"before": [round(x, 2) for x in load_before],
+                               "after": [round(x, 2) for x in os.getloadavg()]},
+              "per_call": calls, "import": imports,
+              "import_self_ms_by_package": breakdown, "first_call_warm_cache": first}
     out = Path(args.out) if args.out else (
         HERE / "results" / f"host_overhead-{environment.slug(device['name'])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,86 +1,32 @@
-"""Run by tests/test_direct_launch.py in a new process with TRITON_INTERPRET=0, after the test
-built sm_90 kernels into ATTNCC_CACHE_DIR. A fake CUDA driver stands in for the GPU, so all of a
-prebuilt launch runs for real on a CPU except the driver calls: choosing the variant, loading the
-cache entry into Triton's `CompiledKernel`, and handing the arguments to a launcher with the
-contract of Triton's (`CudaLauncher(src, metadata)`, then
+"""Run by tests/test_direct_launch.py (`python -m tests.direct_launch_child` from the
+repository root) in a new process with TRITON_INTERPRET=0, after the test built sm_90 kernels
+into ATTNCC_CACHE_DIR. The fake CUDA driver of benchmarks/fake_cuda.py stands in for the GPU,
+so all of a prebuilt launch runs for real on a CPU except the driver calls: choosing the
+variant, loading the cache entry into Triton's `CompiledKernel`, and handing the arguments to a
+launcher with the contract of Triton's (`CudaLauncher(src, metadata)`, then
 `launcher(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
 exit_hook, *arguments)`, constexprs among the arguments). It prints one JSON record.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 
 import torch
 import triton
-from triton.runtime import driver
 
 import attncc
 from attncc.backends.triton import prebuilt
 from attncc.backends import cache
 from attncc.backends.triton import aot as triton_aot
-from attncc.backends.triton import forward as triton_backend
-from attncc.backends.triton.backward import kernel as triton_backward
-from attncc.backends.triton.backward import launch as triton_backward_launch
 
-LAUNCHES: list[dict] = []
-LOADS: list[dict] = []
+from benchmarks import fake_cuda
+
+LAUNCHES = fake_cuda.RECORDED
+LOADS = fake_cuda.LOADS
 COMPILES = {"triton.compile": 0, "compile_in_child": 0}
-
-
-def describe(value):
-    if isinstance(value, torch.Tensor):
-        return ["ptr", value.data_ptr() % 16]
-    if isinstance(value, bool):
-        return ["bool", value]
-    if isinstance(value, int):
-        return ["int", value]
-    return ["float", value]
-
-
-class FakeLauncher:
-    def __init__(self, src, metadata):
-        self.types = list(src.signature.values())
-        self.name, self.hash = metadata.name, metadata.hash
-
-    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
-                 enter_hook, exit_hook, *args):
-        LAUNCHES.append({"name": self.name, "hash": self.hash, "grid": [gx, gy, gz],
-                         "function": function,
-                         "n_args": len(args),
-                         "args": [describe(a) for a, t in zip(args, self.types, strict=True)
-                                  if t != "constexpr"]})
-
-
-class FakeUtils:
-    def load_binary(self, name, kernel, shared, device):
-        LOADS.append({"name": name, "sha": hashlib.sha256(kernel).hexdigest(), "shared": shared})
-        return 1, 2, 64, 0, 1024  # module, function, registers, spills, max threads
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448}  # an H100's
-
-    def unload_module(self, module):
-        pass
-
-
-class FakeDriver:
-    utils = FakeUtils()
-    launcher_cls = FakeLauncher
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):  # triton 3.6 asks for the warp size here
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", 90, 32)
 
 
 def counted(name, fn):
@@ -91,13 +37,10 @@ def counted(name, fn):
 
 
 def main() -> None:
-    driver.set_active(FakeDriver())
+    # this CPU plays an sm_90 GPU: its tensors launch the sm_90 prebuilt binaries
+    fake_cuda.install(record=True)
     triton.compile = counted("triton.compile", triton.compile)
     triton_aot.compile_in_child = counted("compile_in_child", triton_aot.compile_in_child)
-    # this CPU plays an sm_90 GPU: its tensors launch the sm_90 prebuilt binaries
-    triton_backend.prebuilt_arch = triton_backward.prebuilt_arch = lambda device: 90
-    triton_backend.target_of = triton_backward_launch.target_of = lambda device: "sm90"
-    torch.cuda.device = lambda device: contextlib.nullcontext()
     logged: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())

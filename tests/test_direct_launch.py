@@ -57,8 +57,9 @@ def child(built) -> dict:
     env = dict(os.environ, ATTNCC_CACHE_DIR=str(built["root"]), TRITON_INTERPRET="0",
                TRITON_CACHE_DIR=str(built["root"] / "triton"), OMP_NUM_THREADS="1")
     env.pop("ATTNCC_OFFLINE", None)
-    run = subprocess.run([sys.executable, str(HERE / "direct_launch_child.py")], env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run([sys.executable, "-m", "tests.direct_launch_child"], env=env,
+                         cwd=HERE.parent, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

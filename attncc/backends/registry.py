@@ -30,6 +30,8 @@ def names() -> tuple[str, ...]:
 
 def check_name(name: Any) -> str:
     """`name` itself when it is "auto" or a registered backend; ValueError otherwise."""
+    if type(name) is str and (name == "auto" or name in BACKENDS):
+        return name
     if name not in names():
         raise ValueError(f"backend: expected one of {names()}, got {name!r}")
     return name

@@ -165,6 +165,8 @@ class BlockMaps:
         self.plan: KernelPlan = forward.plan
         self.builds = 0  # how many maps were built (tests: an unchanged call builds none)
         self._maps: ValueCache[torch.Tensor] = ValueCache(CACHED_MAPS)
+        # the mask's captured tensors by name, in sorted order (the map's key and data order)
+        self._reads = tuple(sorted({c.name for c in self.plan.spec.mask.captures}))
 
     def get(self, *, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, block_m: int, block_n: int,
             params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
@@ -172,13 +174,13 @@ class BlockMaps:
             device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
             ) -> torch.Tensor:
         """The block map for one call; `prebuilt_for`: see `device_classes`."""
-        reads = {c.name: tensors[c.name] for c in self.plan.spec.mask.captures}
-        data = [t for _, t in sorted(reads.items())]
+        reads = {name: tensors[name] for name in self._reads}
+        data = list(reads.values())
         # a grid order's positions follow from (Lq, Lk, device) alone; R5 / R6 from tensors
         if positions is not None and isinstance(self.plan.spec.reorder, DATA_ORDERS):
             data += list(positions)
-        key = (B, Hq, Hkv, Lq, Lk, block_m, block_n, device, tuple(sorted(params.items())),
-               tuple(sorted(reads)))
+        key = (B, Hq, Hkv, Lq, Lk, block_m, block_n, device,
+               tuple(sorted(params.items())) if params else (), self._reads)
         cacheable = on_host(data) or self.plan.block_map.source == "analytic"
         if cacheable:
             hit = self._maps.get(key, data)

@@ -62,6 +62,22 @@ class DirectKernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled[grid](*map(values.__getitem__, self._names))
 
+    def tail_after(self, names: tuple[str, ...]) -> tuple[Any, ...]:
+        """The constexpr values a positional launch passes after the arguments `names`, which
+        must be the first arguments of the binary's signature in order (ValueError if not).
+        A caller that has checked one launch with `__call__` launches the same variant again
+        as `compiled[grid](*values_of_names, *tail)`: the constexprs never change, and what
+        the checks read from the arguments is the caller's to keep (see
+        `TritonForward.launch`)."""
+        if self._names[:len(names)] != tuple(names):
+            raise ValueError(f"{self.spec.name}: the launch names {list(names)}, the binary's "
+                             f"signature starts {list(self._names[:len(names)])}")
+        tail = self._names[len(names):]
+        missing = [n for n in tail if n not in self.spec.constexprs]
+        if missing:
+            raise ValueError(f"{self.spec.name}: arguments {missing} are no constexprs")
+        return tuple(self.spec.constexprs[n] for n in tail)
+
 
 class DirectKernels:
     """The direct kernels one kernel holder has loaded in this process, one per (what, device):
@@ -70,14 +86,21 @@ class DirectKernels:
     def __init__(self) -> None:
         self._loaded: dict[tuple, DirectKernel] = {}
 
-    def launch(self, what: tuple, device: Any, load: Callable[[], DirectKernel],
-               grid: tuple[int, ...], values: Mapping[str, Any]) -> None:
-        """Launch the kernel `what` names on `device`, `load()`ing it on first use."""
-        import torch
-
+    def get(self, what: tuple, device: Any, load: Callable[[], DirectKernel]) -> DirectKernel:
+        """The kernel `what` names on `device`, `load()`ed on first use."""
         key = (what, device.index)
         kernel = self._loaded.get(key)
         if kernel is None:
             kernel = self._loaded[key] = load()
+        return kernel
+
+    def launch(self, what: tuple, device: Any, load: Callable[[], DirectKernel],
+               grid: tuple[int, ...], values: Mapping[str, Any]) -> DirectKernel:
+        """Launch the kernel `what` names on `device` (checked: `DirectKernel.__call__`),
+        `load()`ing it on first use; returns it."""
+        import torch
+
+        kernel = self.get(what, device, load)
         with torch.cuda.device(device):
             kernel(grid, values)
+        return kernel

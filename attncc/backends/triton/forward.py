@@ -9,16 +9,18 @@ Triton's JIT; under the interpreter, they go through the JIT.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from attncc.backends.triton import prebuilt
-from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, STRIDES, UNIT_STRIDES,
-                                                Variant, choose_variant, launch_constexprs)
+from attncc.backends.triton.launch_spec import (ALIGNED, DEFAULT_VARIANT, INT32_MAX, STRIDES,
+                                                UNIT_STRIDES, Variant, choose_variant,
+                                                launch_constexprs)
 from attncc.backends.targets import SUPPORTED_ARCHS
-from attncc.backends.triton.direct import DirectKernels
+from attncc.backends.triton.direct import DirectKernel, DirectKernels
 from attncc.backends import keys
 from attncc.backends.triton.prebuilt_targets import forward_target
 from attncc.backends.triton.printer import PRINTER_VERSION
@@ -63,11 +65,19 @@ class TritonForward(GeneratedKernel):
         # on each launch
         self.kernel_arguments = kernel_arguments(plan)
         self.captures = plan.spec.captures
+        # when the kernel's own arguments are all runtime parameters (no captured tensor, block
+        # map or positions): their names, in order
+        by_arg = {keys.param_arg(p.name): p.name for p in plan.spec.params}
+        self._param_arguments = (tuple(by_arg[n] for n, _ in self.kernel_arguments)
+                                 if all(n in by_arg for n, _ in self.kernel_arguments) else None)
         self.argument_names = [name for name, _ in fixed_arguments("float16")
                                + self.kernel_arguments]
         # per (dtype, Dqk, Dv, device, write_lse, gather_rows, counting): what a launch of that
         # signature always passes (schedule, constexprs, prebuilt arch), worked out once
         self._launches: dict[tuple, _Prepared] = {}
+        # per (strides and sizes, Dqk, Dv, dtype, device, no lse, gather_rows) of a launch
+        # without visit counting: its _Prepared and the _Geometry of its strides
+        self._geometries: dict[tuple, tuple[_Prepared, _Geometry]] = {}
         self._schedules: dict[tuple, Schedule] = {}
 
     def block_map_function(self):
@@ -107,7 +117,8 @@ class TritonForward(GeneratedKernel):
         constexprs["COUNT_VISITS"] = counting
         arch = None if counting else prebuilt_arch(q.device)
         hit = self._launches[key] = _Prepared(sched, constexprs, arch,
-                                              (keys.dtype_name(q.dtype), q.shape[3], v.shape[3]))
+                                              (keys.dtype_name(q.dtype), q.shape[3], v.shape[3]),
+                                              {})
         return hit
 
     def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -121,30 +132,89 @@ class TritonForward(GeneratedKernel):
         positions: int32 (q_pos, kv_pos), original position of each row, when tokens are
         reordered; `gather_rows` says q/k/v/o are in the original order (the kernel gathers rows
         and scatters o back) rather than already in the reordered layout."""
-        B, Hq, Lq, dqk = q.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        prepared = self._prepared(q, k, v, lse is not None, gather_rows, visits is not None)
+        if visits is None:  # the common case: one lookup for the signature and the strides
+            sizes = (*q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                     q.shape[2], k.shape[2], q.shape[1], k.shape[1])
+            key = (sizes, q.shape[3], v.shape[3], q.dtype, q.device, lse is None, gather_rows)
+            known = self._geometries.get(key)
+            if known is None:
+                if len(self._geometries) >= 256:
+                    self._geometries.clear()
+                prepared = self._prepared(q, k, v, lse is not None, gather_rows, False)
+                known = self._geometries[key] = (prepared, _Geometry.of(sizes))
+            prepared, geometry = known
+        else:
+            prepared = self._prepared(q, k, v, lse is not None, gather_rows, True)
+        if self._param_arguments is not None:  # parameters only: read them in order
+            extra = [params[name] for name in self._param_arguments]
+        else:
+            extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
+                                    self.kernel_arguments, self.captures)
+        grid = (-(-q.shape[2] // prepared.schedule.block_m), q.shape[0] * q.shape[1])
+        if prepared.arch is not None:  # None when counting visits: that runs the JIT kernel
+            self._launch_prebuilt(prepared, geometry, sizes, grid, q, k, v, o, lse,
+                                  float(sm_scale), extra, gather_rows)
+            return
+        # the interpreter, a GPU `attncc build` cannot target, or visit counting
         sched = prepared.schedule
-        extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
-                                self.kernel_arguments, self.captures)
-        values = dict(zip(self.argument_names, [
+        values = self._values(q, k, v, o, lse, visits, float(sm_scale), extra)
+        values.update(prepared.constexprs)
+        self.jit_function()[grid](**values, num_warps=sched.num_warps,
+                                  num_stages=sched.num_stages)
+
+    def _values(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                lse: torch.Tensor | None, visits: torch.Tensor | None, sm_scale: float,
+                extra: list[Any]) -> dict[str, Any]:
+        """Every non-constexpr argument by name."""
+        return dict(zip(self.argument_names, [
             q, k, v, o, lse if lse is not None else o, visits if visits is not None else o,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Lq, Lk, Hq, Hkv, float(sm_scale), *extra], strict=True))
-        values.update(prepared.constexprs)
-        grid = (triton_cdiv(Lq, sched.block_m), B * Hq)
-        if prepared.arch is not None:  # None when counting visits: that runs the JIT kernel
+            q.shape[2], k.shape[2], q.shape[1], k.shape[1], sm_scale, *extra], strict=True))
+
+    def _launch_prebuilt(self, prepared: _Prepared, geometry: _Geometry,
+                         sizes: tuple[int, ...], grid: tuple[int, int], q: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor | None, sm_scale: float, extra: list[Any],
+                         gather_rows: bool) -> None:
+        """The prebuilt forward launch with the variant `choose_variant` would pick, from
+        what each launch must recheck: the pointers' alignment and the widths of the
+        integers that are not strides or sizes (parameters, captured tensors' geometry) on
+        every call; the strides and sizes (`sizes`) once per distinct tuple of them
+        (`geometry`). The first launch of each variant goes through the checked
+        `DirectKernel.__call__` (the constexprs and integer widths of the binary against this
+        launch's values) and its variant is compared with `choose_variant`'s; later ones pass
+        the same arguments positionally."""
+        lse_arg = lse if lse is not None else o
+        contiguous = geometry.unit and not (q.data_ptr() % 16 or k.data_ptr() % 16
+                                            or v.data_ptr() % 16 or o.data_ptr() % 16
+                                            or lse_arg.data_ptr() % 16)
+        wide = geometry.wide or (bool(extra) and _any_wide(extra))
+        flags = (contiguous, wide, geometry.divisible_contiguous if contiguous
+                 else geometry.divisible, q.device.index)
+        known = prepared.kernels.get(flags)
+        if known is None:
+            values = self._values(q, k, v, o, lse, None, sm_scale, extra)
+            values.update(prepared.constexprs)
             variant = choose_variant(values, ALIGNED, UNIT_STRIDES, STRIDES,
                                      write_lse=lse is not None, gather_rows=gather_rows)
-            self.run_prebuilt("forward", grid, values, q.device, prepared.signature, variant)
-        else:  # the interpreter, a GPU `attncc build` cannot target, or visit counting
-            self.jit_function()[grid](**values, num_warps=sched.num_warps,
-                                      num_stages=sched.num_stages)
+            mine = Variant(lse is not None, gather_rows, *flags[:3])
+            if variant != mine:  # the fast choice must be choose_variant's, always
+                raise AssertionError(f"{self.name}: variant {mine} != {variant}")
+            kernel = self.run_prebuilt("forward", grid, values, q.device, prepared.signature,
+                                       variant)
+            if isinstance(kernel, DirectKernel):  # (tests replace run_prebuilt: no kernel)
+                prepared.kernels[flags] = (kernel,
+                                           kernel.tail_after(tuple(self.argument_names)))
+            return
+        kernel, tail = known
+        with torch.cuda.device(q.device):
+            kernel.compiled[(grid[0], grid[1], 1)](q, k, v, o, lse_arg, o, *sizes, sm_scale,
+                                                    *extra, *tail)
 
     def run_prebuilt(self, kind: str, grid: tuple[int, ...], values: Mapping[str, Any],
                      device: torch.device, signature: tuple[str, int, int],
                      variant: Variant = DEFAULT_VARIANT,
-                     tiles: tuple[int, int] | None = None) -> None:
+                     tiles: tuple[int, int] | None = None) -> DirectKernel:
         """Launch the prebuilt `kind` kernel ("forward" | "block_map", the latter at `tiles`)
         for (dtype, Dqk, Dv) and `variant` on `device` (see `attncc.backends.triton.prebuilt`):
         loaded from the cache once per process, compiled first (one log line) if `attncc build`
@@ -156,8 +226,8 @@ class TritonForward(GeneratedKernel):
             fn = self.jit_function() if kind == "forward" else self.block_map_function()
             return prebuilt.direct_kernel(target, fn)
 
-        self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,
-                              values)
+        return self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,
+                                     values)
 
     def launch_block_map(self, grid: tuple[int, ...], values: Mapping[str, Any],
                          device: torch.device, prebuilt_for: tuple[str, int, int] | None,
@@ -174,12 +244,39 @@ class TritonForward(GeneratedKernel):
 
 class _Prepared(NamedTuple):
     """What every forward launch of one signature passes: its schedule, constexprs, the
-    prebuilt arch it runs (None: Triton's JIT) and its (dtype, Dqk, Dv)."""
+    prebuilt arch it runs (None: Triton's JIT) and its (dtype, Dqk, Dv); `kernels`: per
+    (contiguous, wide_ints, divisible, device index) the loaded binary and the constexprs that
+    end its argument list."""
 
     schedule: Schedule
     constexprs: dict[str, Any]
     arch: int | None
     signature: tuple[str, int, int]
+    kernels: dict[tuple, tuple[DirectKernel, tuple[Any, ...]]]
+
+
+class _Geometry(NamedTuple):
+    """What `choose_variant` reads from a launch's 16 strides (q, k, v, o) and 4 sizes: whether
+    the UNIT_STRIDES are 1, whether the STRIDES are multiples of 16 (all of them, or all but
+    the unit strides: the contiguous variant's constexprs) and whether any needs 64 bits."""
+
+    unit: bool
+    divisible: bool
+    divisible_contiguous: bool
+    wide: bool
+
+    @staticmethod
+    def of(sizes: tuple[int, ...]) -> _Geometry:
+        named = dict(zip(STRIDES, sizes))
+        unit = all(named[n] == 1 for n in UNIT_STRIDES)
+        return _Geometry(unit, all(named[n] % 16 == 0 for n in STRIDES),
+                         all(named[n] % 16 == 0 for n in STRIDES if n not in UNIT_STRIDES),
+                         _any_wide(sizes))
+
+
+def _any_wide(values: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether an int among `values` (bools are flags, not ints) needs 64 bits."""
+    return any(type(x) is int and not -INT32_MAX - 1 <= x <= INT32_MAX for x in values)
 
 
 def prebuilt_arch(device: torch.device) -> int | None:
@@ -217,12 +314,18 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
     for cap in plan.spec.captures if captures is None else captures:
         t = tensors[cap.name]
         t = t.view(torch.uint8) if t.dtype == torch.bool else t
-        ptr, strides, sizes = keys.capture_arg_names(cap.name, cap.ndim)
+        ptr, strides, sizes = _capture_arg_names(cap.name, cap.ndim)
         values.update({ptr: t, **dict(zip(strides, t.stride())), **dict(zip(sizes, t.shape))})
-    missing = [name for name, _ in arguments if name not in values]
-    if missing:
-        raise ValueError(f"{kernel_name(plan)}: no value for kernel arguments {missing}")
-    return [values[name] for name, _ in arguments]
+    try:
+        return [values[name] for name, _ in arguments]
+    except KeyError:
+        missing = [name for name, _ in arguments if name not in values]
+        raise ValueError(f"{kernel_name(plan)}: no value for kernel arguments {missing}"
+                         ) from None
+
+
+# a capture's argument names, built once per (name, rank) rather than on every launch
+_capture_arg_names = functools.cache(keys.capture_arg_names)
 
 
 def _sources(plan: KernelPlan) -> dict[str, bytes]:

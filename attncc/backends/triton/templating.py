@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib import resources
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from attncc.backends.keys import sources_hash
+
+if TYPE_CHECKING:
+    import jinja2
 
 PACKAGE = "attncc.backends.triton.templates"
 
@@ -28,7 +30,10 @@ def template_hash(names: Sequence[str]) -> str:
 
 
 def environment() -> jinja2.Environment:
-    """The jinja environment every Triton renderer uses."""
+    """The jinja environment every Triton renderer uses. jinja2 is imported here, at the first
+    render, not with attncc: a call whose source is in the disk cache never renders."""
+    import jinja2
+
     return jinja2.Environment(loader=jinja2.FunctionLoader(template_source),
                               undefined=jinja2.StrictUndefined, trim_blocks=True,
                               lstrip_blocks=True, keep_trailing_newline=True)

@@ -60,6 +60,8 @@ class CallSignature:
         set_(self, "taken", {*self.param_by_name, *self.capture_by_name})
         set_(self, "derived", any(c.reduction is not None for c in self.captures))
         set_(self, "nondecreasing", any(c.nondecreasing for c in self.captures))
+        set_(self, "default_captures", tuple(c.tensor for c in self.captures))
+        set_(self, "default_values", tuple(p.value for p in self.params))
 
     @staticmethod
     def of(spec: AttentionSpec) -> CallSignature:
@@ -109,18 +111,21 @@ def bind_row(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
              ) -> tuple[list[torch.Tensor], list[Any]]:
     """`bind` before packing: (captures, [sm_scale, *parameter values]), each value a checked
     Python number or a one-element CPU tensor (checked by `unpack_row` when it is read)."""
-    if runtime:
+    if not runtime and not sig.derived:  # the spec's own values and tensors
+        caps, row = list(sig.default_captures), [sm_scale, *sig.default_values]
+    else:
         # derived captures (`buf[b].sum()`) are recomputed from their source on every call
-        runtime, derived = split_sources(sig.captures, runtime, sig.taken)
+        if sig.derived:
+            runtime, derived = split_sources(sig.captures, runtime, sig.taken)
+        else:
+            derived = {}
         values, tensors = sort_runtime(sig.param_by_name, sig.capture_by_name, runtime,
                                        _param_value)
-    else:
-        values, tensors = {}, {}
-        derived = split_sources(sig.captures, runtime, sig.taken)[1] if sig.derived else {}
-    caps = [tensors.get(c.name, derived.get(c.name, c.tensor)) for c in sig.captures]
+        caps = [tensors.get(c.name, derived.get(c.name, c.tensor)) for c in sig.captures]
+        row = [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
     if caps:
         _check_captures(sig, caps, device, extents)
-    return caps, [sm_scale] + [values.get(p.name, p.value) for p in sig.params]
+    return caps, row
 
 
 def pack_row(row: list[Any]) -> torch.Tensor:
@@ -185,6 +190,8 @@ def unpack_params(sig: CallSignature, params: torch.Tensor
 def unpack_row(sig: CallSignature, row: list[Any]) -> tuple[float, dict[str, int | float]]:
     """`unpack_params` on the row before packing (the eager call's direct path): each value
     goes through float64, as it would in the op's tensor, and the same checks."""
+    if len(row) == 1 and not sig.params:  # sm_scale alone: a float `check_scale` passed
+        return float(row[0]), {}
     row = [float(x) for x in row]  # a tensor's .item() too: one element, real, on the CPU
     if len(row) != 1 + len(sig.params):
         raise ValueError(f"params: expected {1 + len(sig.params)} values (sm_scale and "

@@ -41,7 +41,7 @@ def _direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, captures: list[to
             or C._get_tracing_state() is not None):  # torch.jit.trace records ops too
         return False
     grad = torch.is_grad_enabled()
-    for t in (q, k, v, *captures, *reorder_inputs):
+    for t in (q, k, v, *captures, *reorder_inputs) if captures or reorder_inputs else (q, k, v):
         if type(t) is not torch.Tensor or (grad and t.requires_grad):
             return False
     return q.device.type != "meta"
@@ -71,6 +71,10 @@ class CompiledAttention:
         self._warned_reference = False
         self.signature = CallSignature.of(self.spec)
         self.key = register(self)  # the name attncc::attention_fwd finds this kernel by
+        # (layout, shapes, dtypes, devices) of q/k/v that passed `_check`, and the family each
+        # (backend, device type) resolved to where that cannot change (`family`)
+        self._checked: set[tuple] = set()
+        self._resolved: dict[tuple[str, str], SoftmaxFamily] = {}
 
     @property
     def name(self) -> str:
@@ -90,6 +94,9 @@ class CompiledAttention:
         """The family a call on `device` runs: "auto" resolved by the registry (once per object,
         a warning when it falls back to the reference); ValueError when the chosen backend has
         no `what` ("kernel yet", "backward kernel") for this spec."""
+        family = self._resolved.get((backend, device.type))
+        if family is not None:
+            return family
         choice = registry.resolve(backend, device)
         if choice.why is not None and not self._warned_reference:
             warn_user(f"{self.name}: {choice.why}, so this runs the PyTorch reference (slow "
@@ -100,7 +107,17 @@ class CompiledAttention:
         if isinstance(family, Unsupported):
             raise ValueError(f"backend {choice.name!r}: memory {self.spec.memory.text()!r} has "
                              f"no {what}; use backend='reference'")
+        if backend != "auto" or device.type == "cuda":  # else it reads TRITON_INTERPRET
+            self._resolved[(backend, device.type)] = family
         return family
+
+    @staticmethod
+    def _check(q: Any, k: Any, v: Any, layout: str) -> None:
+        """The q/k/v checks of every call (`attncc.validate`): they read only the layout and
+        q/k/v's types, shapes, dtypes and devices."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
+        check_qkv(to_bhsd("q", q, layout), to_bhsd("k", k, layout), to_bhsd("v", v, layout))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  return_lse: bool = False, scale: float | None = None, layout: str = "bhsd",
@@ -124,19 +141,31 @@ class CompiledAttention:
         Non-finite inputs (docs/semantics.md): a nan or inf in k_j or v_j reaches exactly the rows
         the mask allows to attend to key j (their o, and for k their lse, become non-finite);
         every other row is computed as if key j were absent, whatever the tiling."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {layout!r}")
-        qb, kb, vb = to_bhsd("q", q, layout), to_bhsd("k", k, layout), to_bhsd("v", v, layout)
-        check_qkv(qb, kb, vb)
+        if torch.compiler.is_compiling() or not (type(q) is type(k) is type(v) is torch.Tensor):
+            self._check(q, k, v, layout)
+        else:  # what the checks read is in the key: a combination that passed once passes
+            key = (layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+                   k.device, v.device)
+            if key not in self._checked:
+                self._check(q, k, v, layout)
+                if len(self._checked) >= 256:
+                    self._checked.clear()
+                self._checked.add(key)
         check_scale(scale)
         reorder = split_reorder_inputs(self.spec.reorder, runtime, permuted)  # pops from it
-        B, Hq, Lq, dqk = qb.shape
+        if layout == "bshd":
+            B, Lq, Hq, dqk = q.shape
+            Lk = k.shape[1]
+        else:
+            B, Hq, Lq, dqk = q.shape
+            Lk = k.shape[2]
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
         captures, row = bind_row(self.signature, runtime, sm_scale, q.device,
-                                 {"B": B, "Hq": Hq, "Lq": Lq, "Lk": kb.shape[2]})
+                                 {"B": B, "Hq": Hq, "Lq": Lq, "Lk": Lk})
         chosen = self.backend if backend is None else registry.check_name(backend)
-        reorder_inputs = [reorder[n] for n in self.signature.reorder_keys]
+        reorder_inputs = ([reorder[n] for n in self.signature.reorder_keys] if reorder
+                          else [])
         if _visits is not None or _direct(q, k, v, captures, reorder_inputs):
             # no autograd, no mode, no tracer, plain tensors: the op's dispatcher would only
             # hand these same arguments to its implementation (`_direct` says when that holds)

@@ -80,16 +80,17 @@ def run_forward(attn: CompiledAttention, q: Tensor, k: Tensor, v: Tensor,
     B, Hq, Lq, _ = qb.shape
     Lk = kb.shape[2]
     sm_scale, values = bound
-    tensors = {c.name: t for c, t in zip(sig.captures, captures)}
+    tensors = {c.name: t for c, t in zip(sig.captures, captures)} if captures else {}
     if sig.nondecreasing and config.debug_checks():  # config reads the environment
         for c in sig.captures:
             if c.nondecreasing:
                 check_nondecreasing(c.name, tensors[c.name])
-    reorder = dict(zip(sig.reorder_keys, reorder_inputs))
-    positions = _positions(attn, Lq, Lk, q.device, reorder)
+    reorder = dict(zip(sig.reorder_keys, reorder_inputs)) if reorder_inputs else {}
+    positions = _positions(attn, Lq, Lk, q.device, reorder) if attn.positions else None
     family = attn.family(backend, q.device)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    o = torch.empty(q.shape[:-1] + (vb.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    o = (torch.empty_like(q, memory_format=torch.contiguous_format) if vb.shape[3] == q.shape[3]
+         else q.new_empty((*q.shape[:3], vb.shape[3])))  # q's dtype and device, contiguous
     family.forward(qb, kb, vb, _bhsd(o, layout), lse, sm_scale=sm_scale, params=values,
                    tensors=tensors, reorder_inputs=reorder, positions=positions,
                    permuted=permuted, visits=visits)
