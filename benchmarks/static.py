@@ -39,10 +39,13 @@ from attncc.backends.triton.backward.aot import compile_backward_for_target
 from attncc.backends.triton.backward.kernel import TritonBackward
 from attncc.backends.triton.forward import TritonForward
 from attncc.backends.triton.launch_spec import forward_spec
-from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
+from attncc.backends.triton.linear.chunked import (TritonChunkedLinear,
+                                                   compile_chunked_for_target)
+from attncc.backends.triton.linear.chunked import parts as chunked_parts
 from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
+from attncc.passes.select_tiles_linear import chunked_value_block, gpu_chunk
 from benchmarks import sass
 from benchmarks.static_report import markdown, summarise
 
@@ -62,6 +65,7 @@ class Case:
     arch: int
     dense: bool
     compile: Callable[[], CompiledArtifact]
+    sweep: tuple[int, int] | None = None  # a sequential state sweep: (chunk, value columns)
 
 
 @cache
@@ -133,6 +137,7 @@ _FLA = {
          "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64, "USE_G": True, "USE_G_GAMMA": False,
          "STATE_V_FIRST": False, "IS_VARLEN": False}, 4, 3),
 }
+FLA_SWEEP = "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"  # fla's sequential state sweep
 _FLA_ARGS = {  # each kernel's argument order (fla 0.6.0); scalars not listed above are T / scale
     "chunk_scaled_dot_kkt_fwd_kernel": "k g beta A cu_seqlens chunk_indices T H HV K BT BK "
                                        "IS_VARLEN USE_G",
@@ -159,9 +164,13 @@ NOTES = [
     "fwd_kernel_h BV 64 w4 s2; chunk_fwd_kernel_o BK = BV = 64 w4 s3): with no GPU fla's "
     "autotuner cannot choose. Not compiled: `chunk_local_cumsum` "
     "and l2norm (elementwise, no matrix products).",
-    "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
-    "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
-    "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",
+    "attncc's L1-L6 forward is fla's structure: the delta rules' WY kernel (kkt, the "
+    "triangular solve by forward substitution, W and U in one chunk-parallel kernel), the "
+    "sequential state sweep (grid batch-head x value block) and the chunk-parallel output "
+    "kernel. Linear kernels are compiled as Triton's JIT specialises a contiguous launch "
+    "(unit last-dim strides, 16-divisible token and head strides), as fla's constexpr H and K "
+    "give fla's kernels. Sweep cost per token: insts/iter x warps / chunk (warp-instructions "
+    "per token for one program's value columns), and x programs per head at Dv = 128.",
 ]
 
 
@@ -202,13 +211,19 @@ def cases(arch: int) -> list[Case]:
                     False, lambda a=arch: compile_serve_for_target(paged_serving(), a,
                                                                    "bfloat16", 128, "paged")))
     for rule, lid in (("scalar_gate", "L3"), ("gated_delta", "L6")):
-        out.append(Case(f"attncc linear chunked {lid} {rule} d128 bf16", f"linear {lid}",
-                        "attncc", arch, False,
-                        lambda a=arch, r=rule: compile_chunked_for_target(
-                            TritonChunkedLinear(LinearState(r)), a, "bfloat16", 128, 128)))
+        node = LinearState(rule)
+        for part in chunked_parts(node):
+            sweep = (gpu_chunk(node, 128), chunked_value_block(128, 128, None, rule)) \
+                if part == "sweep" else None
+            out.append(Case(f"attncc linear {lid} {rule} {part} d128 bf16", f"linear {lid}",
+                            "attncc", arch, False,
+                            lambda a=arch, n=node, p=part: compile_chunked_for_target(
+                                TritonChunkedLinear(n), a, "bfloat16", 128, 128, only=p)[0],
+                            sweep))
     for name in _FLA:
+        sweep = (64, 64) if name == FLA_SWEEP else None  # BT 64, BV 64 (the config above)
         out.append(Case(f"fla {name}", "linear L6", "anchor: fla", arch, False,
-                        lambda a=arch, n=name: fla_kernel(a, n)))
+                        lambda a=arch, n=name: fla_kernel(a, n), sweep))
     return out
 
 
@@ -230,7 +245,19 @@ def measure(case: Case, cuobjdump: str) -> dict[str, Any]:
                          "num_warps": sched.num_warps, "num_stages": sched.num_stages},
             "regs": art.n_regs, "stack_bytes": art.stack_bytes, "shared_bytes": art.shared_bytes,
             "compile_s": round(time.perf_counter() - start, 1), "sass": profile.to_json(),
-            **summarise(profile)}
+            **summarise(profile), **sweep_cost(case, profile, sched.num_warps)}
+
+
+def sweep_cost(case: Case, profile: Any, warps: int) -> dict[str, Any]:
+    """A sequential sweep's warp-instructions per token: per program (its value columns) and
+    per head of Dv = 128 (every value-block program of a head walks the same tokens)."""
+    if case.sweep is None or not profile.main_loops:
+        return {}
+    chunk, columns = case.sweep
+    per_token = max(r.path[1] for _, _, r in profile.main_loops) * warps / chunk
+    return {"sweep": {"chunk": chunk, "value_columns": columns,
+                      "warp_insts_per_token": round(per_token, 1),
+                      "warp_insts_per_token_head128": round(per_token * -(-128 // columns), 1)}}
 
 
 def run(arches: list[int], only: list[str], out: Path, jobs: int) -> list[dict[str, Any]]:

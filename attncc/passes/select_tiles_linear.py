@@ -15,17 +15,21 @@ from attncc.passes.select_tiles import padded
 # recurrent kernel: S [128, 64] fp32 is 64 registers a thread at 4 warps
 DV_BLOCK_MAX = 64
 
-# chunked kernel
+# chunked kernels
 CHUNK_GPU = 64
 CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per element
-# sm_90 AOT, bf16, Dk = Dv = 128 (stack bytes = spills): gated_delta 1440 at chunk 64, 576 at 32;
-# vector_gate 216 at chunk 64, 0 at chunk 32 with 32 value columns. So these rules take chunk 32
-# on a GPU (and the vector gate 32 value columns); taylor2 (F_PAD 512) takes 16 to stay within
-# shared memory (chunk 64 asks for 292 KiB)
-CHUNK_GPU_RULE = {"vector_gate": 32, "delta": 32, "gated_delta": 32}
+# The split kernels (L1-L6: WY, sweep, output) at chunk 64 (sm_90 / sm_80 AOT, bf16 / fp16,
+# Dk = Dv = 128; benchmarks/results/static): see SPLIT_NUM_WARPS. The vector gate keeps chunk
+# 32 and 32 value columns (its output kernel builds A one key column at a time: C^2 Dk work per
+# chunk); taylor2 (F_PAD 512) takes 16 to stay within shared memory (chunk 64 asks for 292 KiB)
+CHUNK_GPU_RULE = {"vector_gate": 32}
 BLOCK_V_RULE = {"vector_gate": 32}
-# sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing; ieee fp32 dots (FMA,
-# no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4, so they are kept for fp32 inputs only
+# warps of each split kernel: S [128, 64] fp32 is 64 registers a thread at 4 warps, as fla's
+# fwd_kernel_h (BV 64, 4 warps)
+SPLIT_NUM_WARPS = {"wy": 4, "sweep": 4, "output": 4}
+SPLIT_NUM_STAGES = {"wy": 3, "sweep": 2, "output": 3}
+# L7's one kernel, sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing;
+# ieee fp32 dots (FMA, no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4
 CHUNKED_NUM_WARPS = 8
 
 # backward kernel
