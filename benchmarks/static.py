@@ -4,6 +4,7 @@ read from the SASS side by side.
 ```bash
 python -m benchmarks.static                          # sm_90 and sm_80 -> benchmarks/results/static/
 python -m benchmarks.static --arch 90 --only fwd     # cases whose label contains "fwd"
+python -m benchmarks.static --only linear --only fla --update  # re-measure those rows only
 ```
 
 Every kernel goes through attncc's own ahead-of-time path (`attncc.backends.triton.aot`: Triton's
@@ -260,15 +261,25 @@ def sweep_cost(case: Case, profile: Any, warps: int) -> dict[str, Any]:
                       "warp_insts_per_token_head128": round(per_token * -(-128 // columns), 1)}}
 
 
-def run(arches: list[int], only: list[str], out: Path, jobs: int) -> list[dict[str, Any]]:
+def run(arches: list[int], only: list[str], out: Path, jobs: int,
+        update: bool = False) -> list[dict[str, Any]]:
     tool = sass.cuobjdump_path()
     rows = []
     for arch in arches:
-        selected = [c for c in cases(arch) if not only or any(o in c.label for o in only)]
+        all_cases = cases(arch)
+        selected = [c for c in all_cases if not only or any(o in c.label for o in only)]
         with ThreadPoolExecutor(jobs) as pool:
             found = list(pool.map(lambda c: measure(c, tool), selected))
         out.mkdir(parents=True, exist_ok=True)
-        record = {"arch": f"sm_{arch}", "rows": found, "toolchain": sass.toolchain(tool),
+        report = found
+        if update and (out / f"sm{arch}.json").exists():  # the other cases' rows stay as they were
+            fresh = {r["label"]: r for r in found}
+            kept = {c.label for c in all_cases} - set(fresh)
+            old = json.loads((out / f"sm{arch}.json").read_text())["rows"]
+            old_rows = {r["label"]: r for r in old if r["label"] in kept}
+            report = [fresh.get(c.label) or old_rows[c.label] for c in all_cases
+                      if c.label in fresh or c.label in old_rows]
+        record = {"arch": f"sm_{arch}", "rows": report, "toolchain": sass.toolchain(tool),
                   "notes": NOTES}
         (out / f"sm{arch}.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / f"sm{arch}.md").write_text(markdown(record))
@@ -282,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="label substring")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--jobs", type=int, default=2, help="compiles at a time")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: keep the other cases' rows of the existing report")
     args = parser.parse_args(argv)
-    rows = run(args.arch or [90, 80], args.only, args.out, args.jobs)
+    rows = run(args.arch or [90, 80], args.only, args.out, args.jobs, args.update)
     for row in rows:
         print(f"sm_{row['arch']} {row['label']}: " + (row.get("error", "")[:200] or
               f"{row['regs']} regs, {row['stack_bytes']} B stack, {row['mma']}, "

@@ -134,5 +134,6 @@ class GeneratedKernel:
     def source(self) -> str:
         return self.kernel.source
 
-    def jit_function(self):
-        return self.kernel.jit_function()
+    def jit_function(self, name: str | None = None):
+        """The jit function `name` of the kernel's source (default: the kernel's own)."""
+        return self.kernel.jit_function(name)

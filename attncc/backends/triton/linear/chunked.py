@@ -42,9 +42,8 @@ from attncc.backends.triton.templating import environment
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
 from attncc.passes.select_tiles import padded
-from attncc.passes.select_tiles_linear import (CHUNKED_NUM_WARPS, SPLIT_NUM_STAGES,
-                                               SPLIT_NUM_WARPS,
-                                               chunked_chunk, chunked_value_block, gpu_chunk)
+from attncc.passes.select_tiles_linear import (CHUNKED_NUM_WARPS, chunked_chunk,
+                                               chunked_value_block, gpu_chunk, split_launch)
 
 BACKEND = "triton-linear-chunked"
 TEMPLATE = "linear_split.py.j2"
@@ -123,7 +122,8 @@ def render(node: LinearState) -> str:
         gate_lines=lines.gate_chunk(node),
         sweep_setup=lines.sweep_setup(node), sweep_chunk=lines.sweep_chunk(node),
         sweep_final=lines.sweep_final(node),
-        output_setup=lines.setup(node), output_loads=lines.loads(node, "q") + lines.loads(node, "k"),
+        output_setup=lines.setup(node),
+        output_loads=lines.loads(node, "q") + lines.loads(node, "k"),
         products=lines.products(node), output_normalize=lines.output_normalize(node))
 
 
@@ -162,7 +162,7 @@ class TritonChunkedLinear(GeneratedKernel):
 
     def part(self, name: str):
         """The jit function `<name>_<part>` of the split source."""
-        return self.kernel.jit_function(f"{self.name}_{name}")
+        return self.jit_function(f"{self.name}_{name}")
 
     def chunk_for(self, device: torch.device, f_dim: int) -> int:
         if self.chunk is not None:
@@ -210,6 +210,11 @@ class TritonChunkedLinear(GeneratedKernel):
         n_views, H, length = run.views, qv.shape[1], qv.shape[2]
         dev, dt = qv.device, scratch_dtype(qv.dtype, qv.device)
         nv = -(-run.dv // dv_block)
+        arch = None
+        if dev.type == "cuda" and not config.triton_interpret():
+            major, minor = torch.cuda.get_device_capability(dev)
+            arch = 10 * major + minor
+        launch = {part: split_launch(part, arch) for part in ("wy", "sweep", "output")}
         if run.varlen:  # every sequence's chunks in order: (sequence, chunk) per row of HS
             lens = (run.cu[1:] - run.cu[:-1]).tolist()
             counts = [-(-n // chunk) for n in lens]
@@ -241,15 +246,15 @@ class TritonChunkedLinear(GeneratedKernel):
             self.part("wy")[chunk_grid](
                 kv, vv, values, w, p["g"], p["beta"], cu, cidx, *st["k"], *st["v"], *vst, *wst,
                 *st["g"], *st["b"], H, length, nt, **shape, VARLEN=flags["VARLEN"],
-                num_warps=SPLIT_NUM_WARPS["wy"], num_stages=SPLIT_NUM_STAGES["wy"])
+                num_warps=launch["wy"][0], num_stages=launch["wy"][1])
         self.part("sweep")[(run.nbh, nv)](
             kv, values, w, p["g"], p["lam"], p["s0"], p["sn"], hs, cu, choff, *st["k"], *vst,
             *wst, *st["g"], *st["s"], *hst, H, length, nt, **shape, **flags,
-            num_warps=SPLIT_NUM_WARPS["sweep"], num_stages=SPLIT_NUM_STAGES["sweep"])
+            num_warps=launch["sweep"][0], num_stages=launch["sweep"][1])
         self.part("output")[(*chunk_grid, nv)](
             qv, kv, values, p["o"], p["g"], p["lam"], hs, cu, cidx, *st["q"], *st["k"], *vst,
             *st["o"], *st["g"], *hst, H, length, nt, run.scale, **shape, VARLEN=flags["VARLEN"],
-            num_warps=SPLIT_NUM_WARPS["output"], num_stages=SPLIT_NUM_STAGES["output"])
+            num_warps=launch["output"][0], num_stages=launch["output"][1])
 
 
 def scratch_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -336,10 +341,10 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
         flags = {"VARLEN": varlen} if part != "sweep" else \
             {"HAS_INITIAL": True, "STORE_FINAL": True, "VARLEN": varlen}
         unit, divisible = _jit_specialisation(node, part)
+        warps, stages = split_launch(part, arch)
         job = {"path": path, "name": f"{kernel.name}_{part}", "divisible": divisible,
                "aligned": [a for a, t in signature.items() if t.startswith("*")]}
         out.append(compile_artifact(job, arch, signature, {**consts, **flags, **unit},
-                                    Schedule(num_warps=SPLIT_NUM_WARPS[part],
-                                             num_stages=SPLIT_NUM_STAGES[part]),
+                                    Schedule(num_warps=warps, num_stages=stages),
                                     what, dtype=dtype, head_dims=(head_dim_k, head_dim_v)))
     return out
