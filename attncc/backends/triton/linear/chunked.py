@@ -216,15 +216,14 @@ class TritonChunkedLinear(GeneratedKernel):
             arch = 10 * major + minor
         launch = {part: split_launch(part, arch) for part in ("wy", "sweep", "output")}
         if run.varlen:  # every sequence's chunks in order: (sequence, chunk) per row of HS
-            lens = (run.cu[1:] - run.cu[:-1]).tolist()
-            counts = [-(-n // chunk) for n in lens]
-            cidx = torch.tensor([[n, c] for n, m in enumerate(counts) for c in range(m)],
-                                dtype=torch.int32).reshape(-1, 2).to(dev)
-            starts = [0]
-            for m in counts:
-                starts.append(starts[-1] + m)
-            choff = torch.tensor(starts, dtype=torch.int32, device=dev)
-            rows, nt, chunk_grid = starts[-1], 0, (starts[-1], H)
+            counts = (run.cu[1:] - run.cu[:-1] + chunk - 1) // chunk
+            choff = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            rows = int(choff[-1])  # the one host sync: the grid's size
+            seq = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts,
+                                          output_size=rows)
+            cidx = torch.stack([seq, torch.arange(rows, device=dev) - choff[seq]], 1)
+            cidx = cidx.to(torch.int32).contiguous()
+            nt, chunk_grid = 0, (rows, H)
         else:
             nt = -(-length // chunk)
             cidx = choff = run.cu if run.cu is not None else qv
