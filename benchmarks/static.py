@@ -214,7 +214,7 @@ def cases(arch: int) -> list[Case]:
     for rule, lid in (("scalar_gate", "L3"), ("gated_delta", "L6")):
         node = LinearState(rule)
         for part in chunked_parts(node):
-            sweep = (gpu_chunk(node, 128), chunked_value_block(128, 128, None, rule)) \
+            sweep = (gpu_chunk(node, 128), chunked_value_block(128, 128, None, rule, arch)) \
                 if part == "sweep" else None
             out.append(Case(f"attncc linear {lid} {rule} {part} d128 bf16", f"linear {lid}",
                             "attncc", arch, False,

@@ -24,13 +24,16 @@ CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per el
 # chunk); taylor2 (F_PAD 512) takes 16 to stay within shared memory (chunk 64 asks for 292 KiB)
 CHUNK_GPU_RULE = {"vector_gate": 32}
 BLOCK_V_RULE = {"vector_gate": 32}
-# (warps, stages) of each split kernel, from the SASS at chunk 64, Dk = Dv = 128, 16-bit:
-# sm_90 (warpgroup MMA, accumulators in registers once): 4 warps as fla's fwd_kernel_h (S
-# [128, 64] fp32 is 64 registers a thread); the sweep at 2 stages (3: L6 250 registers, 137 KB
-# shared; 2: 226 and 96 KB, no spill). sm_80 (mma.sync): the sweep at 4 warps spills in its
-# loop (L3 255 registers, 144 B); at 8 warps L3 230 / L6 255 registers, no spill
+# (warps, stages) of each split kernel, from the SASS at chunk 64, Dk = Dv = 128, 16-bit
+# (benchmarks/results/static): 4 warps as fla's fwd_kernel_h (S [128, 64] fp32 is 64 registers
+# a thread); the sweep at 2 stages (sm_90 L6 at 3: 250 registers, 137 KB shared; at 2: 226 and
+# 96 KB, no spill)
 SPLIT_LAUNCH = {"wy": (4, 3), "sweep": (4, 2), "output": (4, 3)}
-SPLIT_LAUNCH_SM80 = {"wy": (4, 3), "sweep": (8, 2), "output": (4, 3)}
+# sm_80 (mma.sync: operands and accumulators all in registers) takes 32 value columns a
+# program: at 64 the sweep spills in its loop at 4 warps (L3 255 registers, 144 B), and at 8
+# warps L6's sweep and both output kernels sit at 255 registers; at 32 and 4 warps: sweep L3
+# 235 / L6 223, output 182, no spill
+BLOCK_V_SM80 = 32
 # L7's one kernel, sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing;
 # ieee fp32 dots (FMA, no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4
 CHUNKED_NUM_WARPS = 8
@@ -49,18 +52,23 @@ def value_block(f_dim: int, dv: int, block_v: int | None = None) -> int:
     return min(padded(dv), block_v)
 
 
-def chunked_value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "") -> int:
+def chunked_value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "",
+                        arch: int | None = None) -> int:
     """Chunked kernel's value columns per program: the state tile S [padded(F), DV_BLOCK] stays
-    <= 8192 fp32 (64 registers a thread at 4 warps), unless `block_v` asks otherwise."""
+    <= 8192 fp32 (64 registers a thread at 4 warps), at most BLOCK_V_SM80 for the split kernels
+    (every rule but L7's) on sm_<arch> below 90, unless `block_v` asks otherwise. `arch` None:
+    the interpreter."""
     if block_v is None:
-        block_v = max(16, min(BLOCK_V_RULE.get(rule, 64), 8192 // padded(f_dim)))
+        most = BLOCK_V_RULE.get(rule, 64)
+        if arch is not None and arch < 90 and rule != "block_causal":
+            most = min(most, BLOCK_V_SM80)
+        block_v = max(16, min(most, 8192 // padded(f_dim)))
     return min(padded(dv), block_v)
 
 
-def split_launch(part: str, arch: int | None) -> tuple[int, int]:
-    """(num_warps, num_stages) of split kernel `part` (wy, sweep, output) on sm_<arch>; None
-    (the interpreter) takes the sm_90 row."""
-    return (SPLIT_LAUNCH_SM80 if arch is not None and arch < 90 else SPLIT_LAUNCH)[part]
+def split_launch(part: str) -> tuple[int, int]:
+    """(num_warps, num_stages) of split kernel `part` (wy, sweep, output)."""
+    return SPLIT_LAUNCH[part]
 
 
 def gpu_chunk(node: LinearState, f_dim: int) -> int:

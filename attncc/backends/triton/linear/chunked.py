@@ -189,7 +189,11 @@ class TritonChunkedLinear(GeneratedKernel):
             raise ValueError(f"q: expected feature dim F <= {F_MAX} (taylor2: head dim <= 16), "
                              f"got head dim {run.dk} (F = {f_dim})")
         if run.nbh > 0 and run.dv > 0:
-            dv_block = chunked_value_block(f_dim, run.dv, self.block_v, node.rule)
+            arch = None
+            if q.device.type == "cuda" and not config.triton_interpret():
+                major, minor = torch.cuda.get_device_capability(q.device)
+                arch = 10 * major + minor
+            dv_block = chunked_value_block(f_dim, run.dv, self.block_v, node.rule, arch)
             chunk = self.chunk_for(q.device, f_dim)
             consts = launch_constexprs(run.dk, f_dim, run.dv, dv_block, chunk,
                                        dot_precision(q.dtype, q.device))
@@ -210,11 +214,7 @@ class TritonChunkedLinear(GeneratedKernel):
         n_views, H, length = run.views, qv.shape[1], qv.shape[2]
         dev, dt = qv.device, scratch_dtype(qv.dtype, qv.device)
         nv = -(-run.dv // dv_block)
-        arch = None
-        if dev.type == "cuda" and not config.triton_interpret():
-            major, minor = torch.cuda.get_device_capability(dev)
-            arch = 10 * major + minor
-        launch = {part: split_launch(part, arch) for part in ("wy", "sweep", "output")}
+        launch = {part: split_launch(part) for part in ("wy", "sweep", "output")}
         if run.varlen:  # every sequence's chunks in order: (sequence, chunk) per row of HS
             counts = (run.cu[1:] - run.cu[:-1] + chunk - 1) // chunk
             choff = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
@@ -318,7 +318,7 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
     `AOTCompileError`."""
     node = kernel.node
     f_dim = node.feature_dim(head_dim_k)
-    dv_block = chunked_value_block(f_dim, head_dim_v, kernel.block_v, node.rule)
+    dv_block = chunked_value_block(f_dim, head_dim_v, kernel.block_v, node.rule, arch)
     if chunk is None:
         chunk = kernel.chunk or gpu_chunk(node, f_dim)
     precision = "ieee" if dtype == "float32" else "tf32"  # as `dot_precision` on a GPU
@@ -340,7 +340,7 @@ def compile_chunked_for_target(kernel: TritonChunkedLinear, arch: int, dtype: st
         flags = {"VARLEN": varlen} if part != "sweep" else \
             {"HAS_INITIAL": True, "STORE_FINAL": True, "VARLEN": varlen}
         unit, divisible = _jit_specialisation(node, part)
-        warps, stages = split_launch(part, arch)
+        warps, stages = split_launch(part)
         job = {"path": path, "name": f"{kernel.name}_{part}", "divisible": divisible,
                "aligned": [a for a, t in signature.items() if t.startswith("*")]}
         out.append(compile_artifact(job, arch, signature, {**consts, **flags, **unit},
