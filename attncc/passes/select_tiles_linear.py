@@ -26,7 +26,7 @@ CHUNK_GPU_RULE = {"vector_gate": 32}
 BLOCK_V_RULE = {"vector_gate": 32}
 # (warps, stages) of each split kernel, from the SASS at chunk 64, Dk = Dv = 128, 16-bit
 # (benchmarks/results/static): 4 warps as fla's fwd_kernel_h (S [128, 64] fp32 is 64 registers
-# a thread); the sweep at 2 stages (sm_90 L6 at 3: 250 registers, 137 KB shared; at 2: 226 and
+# a thread); the sweep at 2 stages (sm_90 L6 at 3: 250 registers, 137 KB shared; at 2: 228 and
 # 96 KB, no spill)
 SPLIT_LAUNCH = {"wy": (4, 3), "sweep": (4, 2), "output": (4, 3)}
 # sm_80 (mma.sync: operands and accumulators all in registers) takes 32 value columns a
