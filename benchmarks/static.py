@@ -4,6 +4,7 @@ read from the SASS side by side.
 ```bash
 python -m benchmarks.static                          # sm_90 and sm_80 -> benchmarks/results/static/
 python -m benchmarks.static --arch 90 --only fwd     # cases whose label contains "fwd"
+python -m benchmarks.static --only linear --only fla --update  # re-measure those rows only
 ```
 
 Every kernel goes through attncc's own ahead-of-time path (`attncc.backends.triton.aot`: Triton's
@@ -43,10 +44,13 @@ from attncc.backends.triton.linear.aot import compile_linear_backward_for_target
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
                                                             compile_chunked_backward_for_target)
-from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
+from attncc.backends.triton.linear.chunked import (TritonChunkedLinear,
+                                                   compile_chunked_for_target)
+from attncc.backends.triton.linear.chunked import parts as chunked_parts
 from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
+from attncc.passes.select_tiles_linear import chunked_value_block, gpu_chunk
 from benchmarks import sass
 from benchmarks.static_fla_bwd import FLA_BWD, fla_bwd_kernel
 from benchmarks.static_report import markdown, summarise
@@ -67,6 +71,7 @@ class Case:
     arch: int
     dense: bool
     compile: Callable[[], CompiledArtifact]
+    sweep: tuple[int, int] | None = None  # a sequential state sweep: (chunk, value columns)
 
 
 @cache
@@ -138,6 +143,7 @@ _FLA = {
          "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64, "USE_G": True, "USE_G_GAMMA": False,
          "STATE_V_FIRST": False, "IS_VARLEN": False}, 4, 3),
 }
+FLA_SWEEP = "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"  # fla's sequential state sweep
 _FLA_ARGS = {  # each kernel's argument order (fla 0.6.0); scalars not listed above are T / scale
     "chunk_scaled_dot_kkt_fwd_kernel": "k g beta A cu_seqlens chunk_indices T H HV K BT BK "
                                        "IS_VARLEN USE_G",
@@ -170,9 +176,13 @@ NOTES = [
     "sweeps; `chunk_bwd_kernel_dqkwg`, `chunk_bwd_kernel_dv`), compiled at one config of its "
     "autotune lists (`benchmarks/static_fla_bwd.py`). The token sweep's loops run once per "
     "token (no tensor cores: its loop counts are not in the main-loop column).",
-    "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
-    "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
-    "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",
+    "attncc's L1-L6 forward is fla's structure: the delta rules' WY kernel (kkt, the "
+    "triangular solve by forward substitution, W and U in one chunk-parallel kernel), the "
+    "sequential state sweep (grid batch-head x value block) and the chunk-parallel output "
+    "kernel. Linear kernels are compiled as Triton's JIT specialises a contiguous launch "
+    "(unit last-dim strides, 16-divisible token and head strides), as fla's constexpr H and K "
+    "give fla's kernels. Sweep cost per token: insts/iter x warps / chunk (warp-instructions "
+    "per token for one program's value columns), and x programs per head at Dv = 128.",
 ]
 
 
@@ -213,13 +223,19 @@ def cases(arch: int) -> list[Case]:
                     False, lambda a=arch: compile_serve_for_target(paged_serving(), a,
                                                                    "bfloat16", 128, "paged")))
     for rule, lid in (("scalar_gate", "L3"), ("gated_delta", "L6")):
-        out.append(Case(f"attncc linear chunked {lid} {rule} d128 bf16", f"linear {lid}",
-                        "attncc", arch, False,
-                        lambda a=arch, r=rule: compile_chunked_for_target(
-                            TritonChunkedLinear(LinearState(r)), a, "bfloat16", 128, 128)))
+        node = LinearState(rule)
+        for part in chunked_parts(node):
+            sweep = (gpu_chunk(node, 128), chunked_value_block(128, 128, None, rule, arch)) \
+                if part == "sweep" else None
+            out.append(Case(f"attncc linear {lid} {rule} {part} d128 bf16", f"linear {lid}",
+                            "attncc", arch, False,
+                            lambda a=arch, n=node, p=part: compile_chunked_for_target(
+                                TritonChunkedLinear(n), a, "bfloat16", 128, 128, only=p)[0],
+                            sweep))
     for name in _FLA:
+        sweep = (64, 64) if name == FLA_SWEEP else None  # BT 64, BV 64 (the config above)
         out.append(Case(f"fla {name}", "linear L6", "anchor: fla", arch, False,
-                        lambda a=arch, n=name: fla_kernel(a, n)))
+                        lambda a=arch, n=name: fla_kernel(a, n), sweep))
     return out + linear_backward_cases(arch)
 
 
@@ -263,18 +279,40 @@ def measure(case: Case, cuobjdump: str) -> dict[str, Any]:
                          "num_warps": sched.num_warps, "num_stages": sched.num_stages},
             "regs": art.n_regs, "stack_bytes": art.stack_bytes, "shared_bytes": art.shared_bytes,
             "compile_s": round(time.perf_counter() - start, 1), "sass": profile.to_json(),
-            **summarise(profile)}
+            **summarise(profile), **sweep_cost(case, profile, sched.num_warps)}
 
 
-def run(arches: list[int], only: list[str], out: Path, jobs: int) -> list[dict[str, Any]]:
+def sweep_cost(case: Case, profile: Any, warps: int) -> dict[str, Any]:
+    """A sequential sweep's warp-instructions per token: per program (its value columns) and
+    per head of Dv = 128 (every value-block program of a head walks the same tokens)."""
+    if case.sweep is None or not profile.main_loops:
+        return {}
+    chunk, columns = case.sweep
+    per_token = max(r.path[1] for _, _, r in profile.main_loops) * warps / chunk
+    return {"sweep": {"chunk": chunk, "value_columns": columns,
+                      "warp_insts_per_token": round(per_token, 1),
+                      "warp_insts_per_token_head128": round(per_token * -(-128 // columns), 1)}}
+
+
+def run(arches: list[int], only: list[str], out: Path, jobs: int,
+        update: bool = False) -> list[dict[str, Any]]:
     tool = sass.cuobjdump_path()
     rows = []
     for arch in arches:
-        selected = [c for c in cases(arch) if not only or any(o in c.label for o in only)]
+        all_cases = cases(arch)
+        selected = [c for c in all_cases if not only or any(o in c.label for o in only)]
         with ThreadPoolExecutor(jobs) as pool:
             found = list(pool.map(lambda c: measure(c, tool), selected))
         out.mkdir(parents=True, exist_ok=True)
-        record = {"arch": f"sm_{arch}", "rows": found, "toolchain": sass.toolchain(tool),
+        report = found
+        if update and (out / f"sm{arch}.json").exists():  # the other cases' rows stay as they were
+            fresh = {r["label"]: r for r in found}
+            kept = {c.label for c in all_cases} - set(fresh)
+            old = json.loads((out / f"sm{arch}.json").read_text())["rows"]
+            old_rows = {r["label"]: r for r in old if r["label"] in kept}
+            report = [fresh.get(c.label) or old_rows[c.label] for c in all_cases
+                      if c.label in fresh or c.label in old_rows]
+        record = {"arch": f"sm_{arch}", "rows": report, "toolchain": sass.toolchain(tool),
                   "notes": NOTES}
         (out / f"sm{arch}.json").write_text(json.dumps(record, indent=1) + "\n")
         (out / f"sm{arch}.md").write_text(markdown(record))
@@ -288,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="label substring")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--jobs", type=int, default=2, help="compiles at a time")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: keep the other cases' rows of the existing report")
     args = parser.parse_args(argv)
-    rows = run(args.arch or [90, 80], args.only, args.out, args.jobs)
+    rows = run(args.arch or [90, 80], args.only, args.out, args.jobs, args.update)
     for row in rows:
         print(f"sm_{row['arch']} {row['label']}: " + (row.get("error", "")[:200] or
               f"{row['regs']} regs, {row['stack_bytes']} B stack, {row['mma']}, "

@@ -85,4 +85,12 @@ def markdown(record: dict[str, Any]) -> str:
         families.setdefault(row["family"], []).append(row)
     for family, rows in families.items():
         text += f"\n## {family}\n\n" + _HEADER + "".join(_row(r) for r in rows)
+    sweeps = [r for r in record["rows"] if "sweep" in r]
+    if sweeps:
+        text += ("\n## Sequential state sweeps, per token\n\n"
+                 "| Kernel | Chunk | Value columns a program | Warp-insts per token a program "
+                 "| Per token, head Dv = 128 |\n|---|---|---|---|---|\n")
+        text += "".join(f"| {r['label']} | {r['sweep']['chunk']} | {r['sweep']['value_columns']} "
+                        f"| {r['sweep']['warp_insts_per_token']} | "
+                        f"{r['sweep']['warp_insts_per_token_head128']} |\n" for r in sweeps)
     return text + "\n## Notes\n\n" + "".join(f"- {n}\n" for n in record.get("notes", []))

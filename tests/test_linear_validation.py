@@ -40,7 +40,7 @@ def packed() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def no_launch(monkeypatch):
     """Any kernel launch fails the test: the checks must come first."""
-    def launched(self):
+    def launched(self, *name):  # the chunked forward's split kernels are asked for by name
         raise AssertionError("launched")
     for cls in (TritonChunkedLinear, TritonRecurrentLinear):
         monkeypatch.setattr(cls, "jit_function", launched)

@@ -38,8 +38,11 @@ def test_linear_tables():
     assert sl.backward_value_block(128, 128) == 32
     assert sl.chunked_value_block(128, 128, rule="vector_gate") == 32
     assert sl.chunked_value_block(273, 64, rule="linear") == 16
+    assert sl.chunked_value_block(128, 128, rule="gated_delta") == 64
+    assert sl.chunked_value_block(128, 128, rule="gated_delta", arch=80) == sl.BLOCK_V_SM80
+    assert sl.chunked_value_block(64, 64, rule="block_causal", arch=80) == 64  # L7: one kernel
     gated, plain = LinearState(rule="gated_delta"), LinearState(rule="linear")
-    assert sl.gpu_chunk(gated, 128) == 32 and sl.gpu_chunk(plain, 64) == 64
+    assert sl.gpu_chunk(gated, 128) == 64 and sl.gpu_chunk(plain, 64) == 64
     assert sl.gpu_chunk(plain, 273) == 16
     assert sl.chunked_chunk(gated, 128, interpreted=True) == sl.CHUNK_INTERPRETER
     assert [sl.backward_chunk(n) for n in (1, 100, 10**5)] == [16, 16, 128]

@@ -2,7 +2,10 @@
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), so shapes stay small.
 Tolerances (max error relative to max(reference max magnitude, 1)): fp32 1e-4; fp16 2e-2
-(inputs rounded to 16 bits, the state and every product in fp32).
+(inputs rounded to 16 bits; the L1-L6 kernels' dot operands and scratch (W, U / V', the
+per-chunk states) in fp16 as on a GPU, fp32 accumulation and an fp32 state: the tolerance did
+not change; L = 65 measures up to 7.4e-4 on o and 3.1e-4 on the state); bf16 4e-2 (the interpreter's bf16 dot is wrong, so bf16 runs its dots and scratch
+in fp32 there).
 """
 
 from __future__ import annotations
@@ -246,7 +249,8 @@ def test_taylor2_feature_map(rule, block, normalize, device):
                                              ("linear_elu1_norm", 80, "bfloat16"),
                                              ("decay", 90, "bfloat16")])
 def test_aot_compiles_for_real_gpus(name, arch, dtype):
-    art = compile_chunked_for_target(kernel(name), arch, dtype, 64, 64)
-    assert art.arch == arch and art.cubin and f".target sm_{arch}" in art.ptx
-    if arch == 90:  # 8 warps, tf32 dots: no spills (sm_80 elu1_norm still spills ~0.5 KB)
-        assert art.stack_bytes in (None, 0)
+    arts = compile_chunked_for_target(kernel(name), arch, dtype, 64, 64)
+    assert [a.name for a in arts] == kernel(name).function_names()  # sweep, output
+    for art in arts:
+        assert art.arch == arch and art.cubin and f".target sm_{arch}" in art.ptx
+        assert art.stack_bytes in (None, 0), f"{art.name}: {art.stack_bytes} bytes of stack"

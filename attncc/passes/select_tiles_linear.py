@@ -16,17 +16,27 @@ from attncc.passes.select_tiles import padded
 # recurrent kernel: S [128, 64] fp32 is 64 registers a thread at 4 warps
 DV_BLOCK_MAX = 64
 
-# chunked kernel
+# chunked kernels
 CHUNK_GPU = 64
 CHUNK_INTERPRETER = 32  # fewer, smaller tiles: the interpreter's cost is per element
-# sm_90 AOT, bf16, Dk = Dv = 128 (stack bytes = spills): gated_delta 1440 at chunk 64, 576 at 32;
-# vector_gate 216 at chunk 64, 0 at chunk 32 with 32 value columns. So these rules take chunk 32
-# on a GPU (and the vector gate 32 value columns); taylor2 (F_PAD 512) takes 16 to stay within
-# shared memory (chunk 64 asks for 292 KiB)
-CHUNK_GPU_RULE = {"vector_gate": 32, "delta": 32, "gated_delta": 32}
+# The split kernels (L1-L6: WY, sweep, output) at chunk 64 (sm_90 / sm_80 AOT, bf16 / fp16,
+# Dk = Dv = 128; benchmarks/results/static): see SPLIT_NUM_WARPS. The vector gate keeps chunk
+# 32 and 32 value columns (its output kernel builds A one key column at a time: C^2 Dk work per
+# chunk); taylor2 (F_PAD 512) takes 16 to stay within shared memory (chunk 64 asks for 292 KiB)
+CHUNK_GPU_RULE = {"vector_gate": 32}
 BLOCK_V_RULE = {"vector_gate": 32}
-# sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing; ieee fp32 dots (FMA,
-# no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4, so they are kept for fp32 inputs only
+# (warps, stages) of each split kernel, from the SASS at chunk 64, Dk = Dv = 128, 16-bit
+# (benchmarks/results/static): 4 warps as fla's fwd_kernel_h (S [128, 64] fp32 is 64 registers
+# a thread); the sweep at 2 stages (sm_90 L6 at 3: 250 registers, 137 KB shared; at 2: 228 and
+# 96 KB, no spill)
+SPLIT_LAUNCH = {"wy": (4, 3), "sweep": (4, 2), "output": (4, 3)}
+# sm_80 (mma.sync: operands and accumulators all in registers) takes 32 value columns a
+# program: at 64 the sweep spills in its loop at 4 warps (L3 255 registers, 144 B), and at 8
+# warps L6's sweep and both output kernels sit at 255 registers; at 32 and 4 warps: sweep L3
+# 235 / L6 223, output 182, no spill
+BLOCK_V_SM80 = 32
+# L7's one kernel, sm_90 AOT, Dk = Dv = 64, chunk 64: 8 warps with tf32 dots spill nothing;
+# ieee fp32 dots (FMA, no tensor cores) spill ~7 KB at 8 warps and ~10 KB at 4
 CHUNKED_NUM_WARPS = 8
 
 # backward kernel
@@ -43,12 +53,23 @@ def value_block(f_dim: int, dv: int, block_v: int | None = None) -> int:
     return min(padded(dv), block_v)
 
 
-def chunked_value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "") -> int:
+def chunked_value_block(f_dim: int, dv: int, block_v: int | None = None, rule: str = "",
+                        arch: int | None = None) -> int:
     """Chunked kernel's value columns per program: the state tile S [padded(F), DV_BLOCK] stays
-    <= 8192 fp32 (64 registers a thread at 4 warps), unless `block_v` asks otherwise."""
+    <= 8192 fp32 (64 registers a thread at 4 warps), at most BLOCK_V_SM80 for the split kernels
+    (every rule but L7's) on sm_<arch> below 90, unless `block_v` asks otherwise. `arch` None:
+    the interpreter."""
     if block_v is None:
-        block_v = max(16, min(BLOCK_V_RULE.get(rule, 64), 8192 // padded(f_dim)))
+        most = BLOCK_V_RULE.get(rule, 64)
+        if arch is not None and arch < 90 and rule != "block_causal":
+            most = min(most, BLOCK_V_SM80)
+        block_v = max(16, min(most, 8192 // padded(f_dim)))
     return min(padded(dv), block_v)
+
+
+def split_launch(part: str) -> tuple[int, int]:
+    """(num_warps, num_stages) of split kernel `part` (wy, sweep, output)."""
+    return SPLIT_LAUNCH[part]
 
 
 def gpu_chunk(node: LinearState, f_dim: int) -> int:

@@ -118,10 +118,11 @@ class CachedSource:
     def source(self) -> str:
         return self.entry.files["kernel.py"].read_text()
 
-    def jit_function(self):
+    def jit_function(self, name: str | None = None):
+        """The jit function `name` (default: the entry's own name) of `kernel.py`."""
         if self._module is None:
             self._module = load_module(str(self.entry.files["kernel.py"]), self.name)
-        return getattr(self._module, self.name)
+        return getattr(self._module, name or self.name)
 
 
 class GeneratedKernel:
@@ -133,5 +134,6 @@ class GeneratedKernel:
     def source(self) -> str:
         return self.kernel.source
 
-    def jit_function(self):
-        return self.kernel.jit_function()
+    def jit_function(self, name: str | None = None):
+        """The jit function `name` of the kernel's source (default: the kernel's own)."""
+        return self.kernel.jit_function(name)

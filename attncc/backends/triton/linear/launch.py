@@ -11,6 +11,7 @@ sequence index, which picks the state and the token offset cu[n].
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,13 @@ class LinearLaunch:
     varlen: bool
     o: Tensor  # [B, H, L, Dv] or packed [T, H, Dv]
     s_out: Tensor | None  # [B or N, H, F, Dv'] fp32
+    # the same pointers and strides by name (q, k, v, o, g, beta, lam, s0, sn, cu; strides of
+    # q, k, v, o, g, b, s), for kernels whose argument list differs (the chunked ones)
+    pointers: dict
+    strides: dict
+    views: int  # batch size of the [B, H, L, D] views (1 for packed inputs)
+    cu: Tensor | None  # cu_seqlens as int32 on the device
+    strides_of: Callable[[Tensor | None, int], list[int]]  # strides as the launch passes them
 
 
 def prepare_launch(node: LinearState, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
@@ -72,10 +80,13 @@ def prepare_launch(node: LinearState, q: Tensor, k: Tensor, v: Tensor, g: Tensor
 
     # s_in and s_out are both contiguous [B, H, F, Dv']: one set of strides serves both
     s_strides = list((s_out if s_out is not None else s_in if s_in is not None else ov).stride())
-    args = [qv, kv, vv, ov, q if g is None else gv, q if beta is None else bv,
-            q if lam is None else lam, ov if s_in is None else s_in,
-            ov if s_out is None else s_out, q if cu is None else cu,
-            *strides(qv, 4), *strides(kv, 4), *strides(vv, 4), *strides(ov, 4), *strides(gv, 4),
-            *strides(bv, 3), *s_strides, H, L]
+    pointers = {"q": qv, "k": kv, "v": vv, "o": ov, "g": q if g is None else gv,
+                "beta": q if beta is None else bv, "lam": q if lam is None else lam,
+                "s0": ov if s_in is None else s_in, "sn": ov if s_out is None else s_out,
+                "cu": q if cu is None else cu}
+    named = {"q": strides(qv, 4), "k": strides(kv, 4), "v": strides(vv, 4), "o": strides(ov, 4),
+             "g": strides(gv, 4), "b": strides(bv, 3), "s": s_strides}
+    args = [*pointers.values(), *(x for st in named.values() for x in st), H, L]
     scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-    return LinearLaunch(args, nb * H, Dk, Dv, L, scale, varlen, o, s_out)
+    return LinearLaunch(args, nb * H, Dk, Dv, L, scale, varlen, o, s_out, pointers, named,
+                        qv.shape[0], cu, strides)
