@@ -113,6 +113,10 @@ def choose_serving(head_dim_max: int, interpreter: bool) -> tuple[int, int]:
     return (64 if head_dim_max <= 128 else 32), (8 if head_dim_max >= 128 else 4)
 
 
+# kv tiles the row-interval block-map kernel classifies at once (one vector of tile bounds; the
+# exact count for undecided tiles works on BLOCK_M x this many row / tile pairs)
+BLOCK_MAP_KV_TILES = 32
+
 SERVING_SMS = 132  # programs to fill an H100; the split count aims at this many
 SERVING_MAX_SPLITS = 32
 
