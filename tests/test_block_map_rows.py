@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc.backends.reference.forward import attention_reference
 from attncc.backends.triton.block_maps import block_map_values, group_sizes
 from attncc.backends.triton.render import block_map_kernel_name, render_block_map
 from attncc.backends.triton.source import load_module
@@ -28,9 +27,13 @@ from attncc.ir.symbols import H_IDX, KV_IDX, Q_IDX, QP, Load, buffer_symbol
 from attncc.passes.pipeline import run_spec_passes
 from attncc.passes.row_intervals import row_intervals
 from tests.catalog_cases import masks as catalogue
+from tests.test_backward import _assert_close, _backward
+from tests.test_backward import _inputs as _bw_inputs
 from tests.test_classify_blocks import HQ, brute_force, dense
 
 B = 2
+PAIRS_FORM = "# block-map kernel form: the mask at every (q, kv) pair of every tile"
+ROWS_FORM = "# block-map kernel form: per-row key intervals"
 
 
 def _table(name: str) -> sympy.Basic:
@@ -84,6 +87,7 @@ def kernel(plan, pairs: bool):
     """The block-map kernel of `plan` in the pair or the row-interval form, rendered into a
     file of its own and loaded once per source."""
     source = render_block_map(plan, pairs=pairs)
+    assert (PAIRS_FORM if pairs else ROWS_FORM) in source
     if source not in _LOADED:
         name = block_map_kernel_name(plan)
         fd, path = tempfile.mkstemp(suffix=".py", prefix=name)
@@ -153,3 +157,58 @@ def test_tile_edges_on_every_offset(name):
     tiles: where the O(1) min / max tests decide a tile alone, an off-by-one there shows."""
     for value in EDGE_VALUES[name]:
         check(name, 53, 70, 16, 16, 0, params=dict.fromkeys(PARAMS, value), pairs=False)
+
+
+# --- which builder the analysis picks, and that the forward / backward run it ------------------
+
+_g = torch.Generator().manual_seed(5)
+L_E2E = 150
+DOC = torch.sort(torch.randint(0, 4, (L_E2E,), generator=_g))[0]
+OFFSETS = torch.tensor([0, 37, 37, 101], dtype=torch.int32)  # document d starts at OFFSETS[d]
+LO = torch.randint(-4, L_E2E, (L_E2E,), generator=_g, dtype=torch.int32)
+HI = LO + torch.randint(-2, 70, (L_E2E,), generator=_g, dtype=torch.int32)
+
+
+def doc_offsets(b, h, q_idx, kv_idx):
+    """FlexAttention's document mask from offsets: an interval per row, not one the closed
+    form can bound (OFFSETS[DOC[q]] is not known to be nondecreasing)."""
+    return (kv_idx >= OFFSETS[DOC[q_idx]]) & (kv_idx <= q_idx)
+
+
+def row_table(b, h, q_idx, kv_idx):
+    return (kv_idx >= LO[q_idx]) & (kv_idx <= HI[q_idx])
+
+
+@pytest.mark.parametrize("mask,why", [
+    (attncc.global_tokens(9, torch.rand(64) < 0.1), "Load(is_global, kv_idx)"),
+    (attncc.document(torch.tensor([0, 0, 1, 1])), "Load(doc, kv_idx)"),
+    (attncc.tree(3, torch.rand(8, 8) < 0.5), "Load(ancestors, q_idx, kv_idx - prefix)"),
+    (attncc.block_topk(torch.zeros(1, 1, 4, 3, dtype=torch.int64), 16), "block_idx"),
+])
+def test_masks_without_intervals_keep_the_pair_kernel_and_say_why(mask, why):
+    plan = run_spec_passes(attncc.Attention(mask=mask))
+    rows = plan.block_map.rows
+    assert rows.pieces is None and why in rows.why and "every (q, kv) pair" in rows.text()
+    assert PAIRS_FORM in render_block_map(plan)
+
+
+def test_reordered_tokens_keep_the_pair_kernel():
+    doc = attncc.document(cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32))
+    plan = run_spec_passes(attncc.Attention(mask=doc, reorder=attncc.UserPermutation()))
+    assert plan.block_map.source == "device" and plan.block_map.rows.pieces is None
+    assert "reordered" in plan.block_map.rows.why
+
+
+@pytest.mark.parametrize("fn", [doc_offsets, row_table])
+def test_forward_and_backward_use_the_row_interval_kernel(fn, device):
+    """A traced mask routed to the device builder: its block-map source is the row-interval
+    form, and the forward and backward that read its map match the fp64 reference."""
+    attn = attncc.compile(attncc.Attention(mask=fn))
+    source = attn.plan.block_map
+    assert source.source == "device" and source.rows.pieces is not None, source.text()
+    kernel = attn.kernels.kernel
+    assert ROWS_FORM in kernel.entry.files["block_map.py"].read_text()
+    q, k, v = _bw_inputs(1, 4, 2, L_E2E, L_E2E, 32, torch.float32, device)
+    got, ref, grads = _backward(attn, q, k, v)
+    _assert_close(got, ref, grads, torch.float32)
+    assert attn.kernels.block_maps.builds >= 1  # the map was built, by the device kernel
