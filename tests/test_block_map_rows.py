@@ -81,6 +81,15 @@ def make_mask(name: str, Lq: int, Lk: int, seed: int) -> Mask:
 
 
 _LOADED: dict[str, object] = {}
+_PLANS: dict[str, object] = {}
+
+
+def _plan(name: str, mask: Mask):
+    """The plan of mask `name`: its structure (and so its kernels) does not change with the
+    shape, seed or parameter values a check draws; the values are passed at launch."""
+    if name not in _PLANS:
+        _PLANS[name] = run_spec_passes(attncc.Attention(mask=mask))
+    return _PLANS[name]
 
 
 def kernel(plan, pairs: bool):
@@ -114,7 +123,7 @@ def check(name: str, Lq: int, Lk: int, bm: int, bn: int, seed: int,
     """Row-interval classes == brute force on the dense mask (== pair-form classes when
     `pairs`); `params`: run-time values replacing the mask's own (new values, same kernel)."""
     mask = make_mask(name, Lq, Lk, seed)
-    plan = run_spec_passes(attncc.Attention(mask=mask))
+    plan = _plan(name, mask)
     assert row_intervals(plan.spec).pieces is not None, row_intervals(plan.spec).why
     params = {p.name: (params or {}).get(p.name, p.value) for p in mask.params}
     kw = dict(Lq=Lq, Lk=Lk, B=B, params=params,
@@ -130,11 +139,11 @@ def check(name: str, Lq: int, Lk: int, bm: int, bn: int, seed: int,
 
 @pytest.mark.parametrize("name", NAMES)
 def test_rows_equal_pairs_and_dense(name):
-    check(name, 77, 131, 32, 16, 0)
+    check(name, 45, 83, 16, 16, 0)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(NAMES), Lq=st.integers(1, 150), Lk=st.integers(1, 150),
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(NAMES), Lq=st.integers(1, 100), Lk=st.integers(1, 100),
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32]), seed=st.integers(0, 99),
        value=st.integers(1, 70))
 def test_rows_equal_pairs_and_dense_on_random_shapes(name, Lq, Lk, bm, bn, seed, value):
@@ -146,8 +155,8 @@ def test_rows_equal_pairs_and_dense_on_random_shapes(name, Lq, Lk, bm, bn, seed,
 PARAMS = ("window", "prefix", "sinks", "chunk", "block")
 
 
-EDGE_VALUES = {"M2-sliding-window": [*range(1, 19), *range(30, 37)],
-               "M6-sinks-window": list(range(1, 19)), "M7-chunked": list(range(1, 19))}
+EDGE_VALUES = {"M2-sliding-window": [*range(1, 18), 32, 33, 34],
+               "M6-sinks-window": list(range(1, 18)), "M7-chunked": list(range(1, 18))}
 
 
 @pytest.mark.parametrize("name", list(EDGE_VALUES))
@@ -156,7 +165,7 @@ def test_tile_edges_on_every_offset(name):
     a tile, first and last included, and windows near BLOCK_M + BLOCK_N make the first full
     tiles: where the O(1) min / max tests decide a tile alone, an off-by-one there shows."""
     for value in EDGE_VALUES[name]:
-        check(name, 53, 70, 16, 16, 0, params=dict.fromkeys(PARAMS, value), pairs=False)
+        check(name, 40, 57, 16, 16, 0, params=dict.fromkeys(PARAMS, value), pairs=False)
 
 
 # --- which builder the analysis picks, and that the forward / backward run it ------------------
