@@ -11,9 +11,9 @@ Both forms of each mask go through attncc's ahead-of-time path (`attncc.backends
 ptxas included) at the launch's signature, tiles 128 x 64, 4 warps. Per kernel: the
 instructions before the tile loop (once per program: per-row bounds in the row form), and one
 iteration of the tile loop (`benchmarks.sass.paths`: shortest and longest path). The pair form
-classifies one kv tile per iteration; the row form 32 (`BLOCK_MAP_KV_TILES`), on the short
-path when the min / max decide every tile of the chunk and on the long one (the exact count)
-otherwise. The estimate at Lq = Lk = 16384 sums, over the 128 programs of one (batch, head)
+classifies one kv tile per iteration; the row form a chunk of them (`block_map_kv_tiles`: 32
+for one interval per row), on the short path when the min / max decide every tile of the
+chunk and on the long one (the exact count) otherwise. The estimate at Lq = Lk = 16384 sums, over the 128 programs of one (batch, head)
 group, prologue + iterations x path, with the number of long-path chunks of each program
 counted on the host from the mask's own row bounds (the same tests the kernel makes). A static
 count of issued warp instructions, not a timing: memory traffic (one int8 store per tile in
@@ -45,7 +45,7 @@ from attncc.ir.eval import evaluate
 from attncc.ir.plan import KernelPlan
 from attncc.passes.pipeline import run_spec_passes
 from attncc.passes.row_intervals import row_intervals
-from attncc.passes.select_tiles import BLOCK_MAP_KV_TILES
+from attncc.passes.select_tiles import block_map_kv_tiles
 from benchmarks import sass
 
 OUT = Path(__file__).resolve().parent / "results" / "static"
@@ -108,14 +108,14 @@ def long_chunks(plan: KernelPlan, params: dict, tensors: dict) -> list[int]:
         lo, hi = torch.where(on, lo, L).view(n_m, -1), torch.where(on, hi, -1).view(n_m, -1)
         full |= (lo.amax(1, keepdim=True) <= c0) & (hi.amin(1, keepdim=True) >= c1)
         empty &= (c1 < lo.amin(1, keepdim=True)) | (c0 > hi.amax(1, keepdim=True))
-    undecided = (~full & ~empty).view(n_m, -1, BLOCK_MAP_KV_TILES)
+    undecided = (~full & ~empty).view(n_m, -1, block_map_kv_tiles(len(pieces)))
     return undecided.any(2).sum(1).tolist()
 
 
-def estimate(old: dict, new: dict, chunks: list[int]) -> dict[str, Any]:
+def estimate(old: dict, new: dict, chunks: list[int], kv_tiles: int) -> dict[str, Any]:
     """Instructions per program (one warp's stream) summed over one group's programs."""
     n_m, n_n = L // BLOCK_M, L // BLOCK_N
-    n_c = -(-n_n // BLOCK_MAP_KV_TILES)
+    n_c = -(-n_n // kv_tiles)
     pairs = n_m * (old["prologue"] + n_n * old["loop_path"][1])
     short, long = new["loop_path"]
     rows = sum(new["prologue"] + n_c * short + u * (long - short) for u in chunks)
@@ -136,10 +136,11 @@ def run(out: Path) -> list[dict[str, Any]]:
             params = {p.name: p.value for p in plan.spec.mask.params}
             tensors = {c.name: c.tensor for c in plan.spec.mask.captures}
             source = plan.block_map.source if plan.block_map else "closed form (no block map)"
+            kv_tiles = block_map_kv_tiles(len(row_intervals(plan.spec).pieces))
             rows.append({"mask": name, "tile_source": source, "pairs": old, "rows": new,
-                         **estimate(old, new, long_chunks(plan, params, tensors))})
+                         "kv_tiles_per_chunk": kv_tiles,
+                         **estimate(old, new, long_chunks(plan, params, tensors), kv_tiles)})
     record = {"arch": f"sm_{ARCH}", "L": L, "tiles": [BLOCK_M, BLOCK_N], "num_warps": 4,
-              "kv_tiles_per_chunk": BLOCK_MAP_KV_TILES,
               "toolchain": sass.toolchain(sass.cuobjdump_path()), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"block_maps_sm{ARCH}.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -152,9 +153,9 @@ def markdown(record: dict[str, Any]) -> str:
              f"{record['tiles'][0]}x{record['tiles'][1]}, {record['num_warps']} warps "
              f"({record['toolchain']})", "",
              "SASS instructions of one warp. Pair form: the mask at every pair, one kv tile "
-             "per loop iteration. Row form: bounds once per row, "
-             f"{record['kv_tiles_per_chunk']} kv tiles per iteration (short path: min / max "
-             "decide every tile; long path: exact count). Estimate: summed over the "
+             "per loop iteration. Row form: bounds once per row, a chunk of kv tiles "
+             "(`block_map_kv_tiles`: 32 for one interval per row) per iteration (short path: "
+             "min / max decide every tile; long path: exact count). Estimate: summed over the "
              f"{record['L'] // record['tiles'][0]} programs of one (batch, head).", "",
              "| mask | tile source | pairs: regs, prologue, per tile | rows: regs, prologue, "
              "per chunk (short / long) | long chunks | insts pairs -> rows | per tile | "

@@ -66,6 +66,7 @@ def per_head_union_mask(Hq: int, seed: int) -> Mask:
     return Mask(expr, (), (cap,), tag="heads")
 
 
+PARAMS = ("window", "prefix", "sinks", "chunk", "block")
 INTERVAL_CATALOGUE = ["M1-causal", "M2-sliding-window", "M3-bidirectional", "M5-prefix-lm",
                       "M6-sinks-window", "M7-chunked", "M8-block-causal", "M18-per-head",
                       "M11-cu-seqlens"]
@@ -145,27 +146,28 @@ def test_rows_equal_pairs_and_dense(name):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(NAMES), Lq=st.integers(1, 100), Lk=st.integers(1, 100),
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32]), seed=st.integers(0, 99),
-       value=st.integers(1, 70))
-def test_rows_equal_pairs_and_dense_on_random_shapes(name, Lq, Lk, bm, bn, seed, value):
-    """Random odd shapes, tiles, tables and run-time parameter values (every size parameter
-    of the mask set to `value`)."""
-    check(name, Lq, Lk, bm, bn, seed, params=dict.fromkeys(PARAMS, value))
+       values=st.fixed_dictionaries({p: st.integers(1, 70) for p in PARAMS}))
+def test_rows_equal_pairs_and_dense_on_random_shapes(name, Lq, Lk, bm, bn, seed, values):
+    """Random odd shapes, tiles, tables and run-time values of the mask's size parameters."""
+    check(name, Lq, Lk, bm, bn, seed, params=values)
 
 
-PARAMS = ("window", "prefix", "sinks", "chunk", "block")
+EDGE_PARAMS = {
+    "M2-sliding-window": [{"window": v} for v in [*range(1, 18), 32, 33, 34]],
+    # sinks < BLOCK_N with a window reaching back into the sinks: tiles the two intervals cover
+    # only together (full by the exact count, never by one piece's min / max)
+    "M6-sinks-window": [{"sinks": v, "window": v + 16} for v in range(1, 18)],
+    "M7-chunked": [{"chunk": v} for v in range(1, 18)],
+}
 
 
-EDGE_VALUES = {"M2-sliding-window": [*range(1, 18), 32, 33, 34],
-               "M6-sinks-window": list(range(1, 18)), "M7-chunked": list(range(1, 18))}
-
-
-@pytest.mark.parametrize("name", list(EDGE_VALUES))
+@pytest.mark.parametrize("name", list(EDGE_PARAMS))
 def test_tile_edges_on_every_offset(name):
-    """Window and chunk sizes 1..BLOCK_N + 2 put a row's first or last key on every column of
+    """Window and chunk sizes 1..BLOCK_N + 1 put a row's first or last key on every column of
     a tile, first and last included, and windows near BLOCK_M + BLOCK_N make the first full
     tiles: where the O(1) min / max tests decide a tile alone, an off-by-one there shows."""
-    for value in EDGE_VALUES[name]:
-        check(name, 40, 57, 16, 16, 0, params=dict.fromkeys(PARAMS, value), pairs=False)
+    for params in EDGE_PARAMS[name]:
+        check(name, 40, 57, 16, 16, 0, params=params, pairs=False)
 
 
 # --- which builder the analysis picks, and that the forward / backward run it ------------------

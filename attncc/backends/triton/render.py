@@ -18,7 +18,7 @@ from attncc.ir.nodes import ScoreMod
 from attncc.ir.plan import KernelPlan
 from attncc.ir.tiles import RowInterval
 from attncc.passes.row_intervals import row_intervals
-from attncc.passes.select_tiles import BLOCK_MAP_KV_TILES
+from attncc.passes.select_tiles import block_map_kv_tiles
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
                                SCORE, Load, buffer_symbol)
 
@@ -163,7 +163,7 @@ def render_block_map(plan: KernelPlan, pairs: bool = False) -> str:
             **common, mask_expr=printer.doprint(plan.spec.mask.expr),
             reorder=plan.spec.reorder is not None)
     return environment().get_template(BLOCK_MAP_ROWS_TEMPLATE).render(
-        **common, kv_tiles=BLOCK_MAP_KV_TILES, **_row_pieces(rows, printer))
+        **common, kv_tiles=block_map_kv_tiles(len(rows)), **_row_pieces(rows, printer))
 
 
 def _row_pieces(rows: tuple[RowInterval, ...], printer: TritonPrinter) -> dict:
