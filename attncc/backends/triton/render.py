@@ -182,10 +182,9 @@ def _row_pieces(rows: tuple[RowInterval, ...], printer: TritonPrinter) -> dict:
         for members in combinations(range(len(rows)), size):
             name = "".join(str(i) for i in members)
             if size > 1:
-                lows = ", ".join(f"lo{i}" for i in members)
-                highs = ", ".join(f"hi{i}" for i in members)
-                intersections += [f"lo{name} = {_nested('tl.maximum', lows.split(', '))}",
-                                  f"hi{name} = {_nested('tl.minimum', highs.split(', '))}"]
+                lows, highs = [f"lo{i}" for i in members], [f"hi{i}" for i in members]
+                intersections += [f"lo{name} = {_nested('tl.maximum', lows)}",
+                                  f"hi{name} = {_nested('tl.minimum', highs)}"]
             terms.append({"sign": "" if size % 2 else "-", "lo": f"lo{name}",
                           "hi": f"hi{name}"})
     return {"pieces": pieces, "full_expr": full, "empty_expr": empty,
