@@ -400,7 +400,7 @@ def table(spec_name: str, base: Shape, hw: Hardware, Ls=TABLE_L, worlds=TABLE_WO
             rows.append(f"| {L // K}K | {w} | {shard} | {_num(best.flops_per_rank / 1e12)} | "
                         + " | ".join(_cell(s) for s in found) + f" | {best.name}"
                         + (f" ({best.note})" if best.note else "") + " |")
-    head = (f"| L | GPUs | sharding | TFLOP/rank (best) | "
+    head = ("| L | GPUs | sharding | TFLOP/rank (best) | "
             + " | ".join(f"{n} ms (GB/rank)" for n in names) + " | fastest |\n|"
             + "---|" * (5 + len(names)) + "\n")
     return head + "\n".join(rows) + "\n"

@@ -18,7 +18,8 @@ with many loads and spills, are the slowest), so not every combination is compil
 - reordered kernels (M12 in Hilbert order, HilbertA) and a top-k kernel whose blocks nest its
   tiles; masks with inexact closed-form ranges compile in their block-map form (the forward
   kernel reads kv-tile lists), and the generated block-map kernels of the data-dependent masks
-  (BLOCK_MAP_SM90 / BLOCK_MAP_SM80) compile too.
+  (BLOCK_MAP_SM90 / BLOCK_MAP_SM80) compile too, in both forms: the pair form, and the
+  row-interval form of a mask that is an interval per row (`traced-doc-offsets`).
 
 The compiles of all selected tests start together, os.cpu_count() at a time, when the first test
 asks for them (the `compiled` fixture); each test then waits for its own, so --durations shows
@@ -54,6 +55,13 @@ def doc_window(b, h, q_idx, kv_idx):  # a FlexAttention mask_mod with a captured
     return (_doc[q_idx] == _doc[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < 128)
 
 
+_offsets = torch.tensor([0, 40, 40, 170], dtype=torch.int32)
+
+
+def doc_offsets(b, h, q_idx, kv_idx):  # FlexAttention's document mask from offsets
+    return (kv_idx >= _offsets[_doc[q_idx]]) & (kv_idx <= q_idx)
+
+
 def capped_alibi(score, b, h, q_idx, kv_idx):  # a FlexAttention score_mod
     return 30.0 * torch.tanh(score / 30.0) + _head_slope[h] * (kv_idx - q_idx)
 
@@ -75,6 +83,7 @@ SPECS = {
     "causal&sw+softcap": attncc.Attention(mask=attncc.causal() & attncc.sliding_window(128),
                                           score=attncc.softcap(30.0)),
     "traced-mask_mod": attncc.Attention(mask=doc_window),
+    "traced-doc-offsets": attncc.Attention(mask=doc_offsets),
     "traced-score_mod": attncc.Attention(score=capped_alibi),
     "traced-flex-suite-mods": attncc.Attention(score=flex_suite_mix),
     "causal+softcap": attncc.Attention(mask=attncc.causal(), score=attncc.softcap(30.0)),
@@ -90,8 +99,8 @@ SM80 = ["M1-causal", "M2-sliding-window", "M11-document", "M16-block-topk", "M17
         "M20-full", "S5-bias", "N2-sink", "traced-mask_mod", "M15-hilberta"]
 # specs whose tiles come from a device-built block map: their block-map kernel compiles too
 BLOCK_MAP_SM90 = ["M10-global", "M11-document", "M16-block-topk", "M17-bigbird", "M19-tree",
-                  "traced-mask_mod"]
-BLOCK_MAP_SM80 = ["M11-document", "M19-tree"]
+                  "traced-mask_mod", "traced-doc-offsets"]
+BLOCK_MAP_SM80 = ["M11-document", "M19-tree", "traced-doc-offsets"]
 SWEEP = [(dt, d, d) for dt in ("float16", "bfloat16", "float32") for d in (32, 72, 96, 128, 256)]
 SWEEP += [("float16", 192, 128)]
 SWEEP_SM80 = [("bfloat16", 128, 128), ("float32", 128, 128), ("float32", 256, 256),
@@ -164,6 +173,12 @@ def test_kernel_compiles_for_gpu(case: Case, compiled, request):
     assert re.search(rf"\.entry\s+{art.name}\s*\(", art.ptx), "kernel entry missing from the PTX"
     assert re.search(rf"^\.target\s+sm_{case.arch}", art.ptx, re.MULTILINE), "another target"
     assert art.shared_bytes > 0
+    if case.kernel == "block_map":  # the form the analysis chose is the one compiled
+        forward = compiled[1][case.spec]
+        rows = "block-map kernel form: per-row key intervals" in \
+            forward.entry.files["block_map.py"].read_text()
+        assert rows == (forward.plan.block_map.rows.pieces is not None)
+        assert rows == (case.spec == "traced-doc-offsets")
 
 
 def test_artifacts_are_saved_beside_the_source(compiled):

@@ -181,14 +181,27 @@ def test_precompile_compiles_once_then_loads(tmp_path, monkeypatch, caplog):
     assert entry.path.name.startswith(f"{attn.name}.sm90.fp16.d16-")
 
 
-def test_precompile_builds_the_block_map_kernel_too(tmp_path, monkeypatch, caplog):
-    """A mask on a captured tensor has its tiles classified on the device by a second kernel;
-    precompile stores both (Dqk != Dv: the block map uses the forward kernel's tiles)."""
+_DOC = torch.tensor([0, 0, 1, 1, 1, 2], dtype=torch.int32)
+_OFFSETS = torch.tensor([0, 2, 5], dtype=torch.int32)
+
+
+def _doc_offsets(b, h, q_idx, kv_idx):  # one key interval per row: the row-interval form
+    return (kv_idx >= _OFFSETS[_DOC[q_idx]]) & (kv_idx <= q_idx)
+
+
+@pytest.mark.parametrize("mask,rows", [(attncc.document(_DOC), False), (_doc_offsets, True)],
+                         ids=["pairs", "row-intervals"])
+def test_precompile_builds_the_block_map_kernel_too(tmp_path, monkeypatch, caplog, mask, rows):
+    """A mask on a captured tensor has its tiles classified on the device by a second kernel
+    (in the form the analysis chose: at every pair, or from per-row key intervals); precompile
+    stores both (Dqk != Dv: the block map uses the forward kernel's tiles)."""
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    doc = torch.tensor([0, 0, 1, 1, 1, 2], dtype=torch.int32)
-    attn = attncc.compile(attncc.Attention(mask=attncc.document(doc)))
+    attn = attncc.compile(attncc.Attention(mask=mask))
     assert prebuilt.kinds(attn.kernels.kernel) == ("forward", "block_map")
+    assert (attn.plan.block_map.rows.pieces is not None) == rows
+    assert ("form: per-row key intervals" in
+            attn.kernels.kernel.entry.files["block_map.py"].read_text()) == rows
     with caplog.at_level(logging.WARNING, logger="attncc"):
         art = attn.precompile("float16", 32, 16, arch="sm_80")
     assert art.name == attn.name and (art.head_dim_qk, art.head_dim_v) == (32, 16)

@@ -58,21 +58,57 @@ class TileClasses:
 
 BLOCK_MAP_SOURCES = {
     "analytic": "tile classes from interval reasoning on the symbolic mask, O(tiles), on the host",
-    "device": "tile classes from a generated block-map kernel that evaluates the mask per tile",
+    "device": "tile classes from a generated block-map kernel on the device",
     "topk": "the block top-k index tensor, turned into kv-tile lists on the device",
 }
 
 
 @dataclass(frozen=True)
-class BlockMapTiles:
-    """The kernel reads, per query tile, lists of partial and full kv tiles (a kernel argument,
-    so new values never recompile) instead of closed-form ranges. `source` says who builds them."""
+class RowInterval:
+    """One disjunct of a mask as a key interval per query row: row `q_idx` allows keys
+    `lo <= kv_idx <= hi` when `cond` holds. `lo`, `hi` and `cond` may read `q_idx`, `b`, `h`,
+    shape symbols, parameters and captured tensors, never `kv_idx`; `lo` and `hi` are
+    integer-valued."""
 
-    source: str  # a key of BLOCK_MAP_SOURCES
+    lo: sympy.Expr
+    hi: sympy.Expr
+    cond: sympy.Basic = sympy.true
+
+    def text(self) -> str:
+        cond = "" if self.cond is sympy.true else f" if {sympy.sstr(self.cond)}"
+        return f"kv in [{sympy.sstr(self.lo)}, {sympy.sstr(self.hi)}]{cond}"
+
+
+@dataclass(frozen=True)
+class RowIntervals:
+    """How the device builder classifies tiles (`attncc.passes.row_intervals`): `pieces` is the
+    mask as a union of per-row key intervals, or None when it has no such form, and then the
+    builder evaluates the mask at every pair; `why` says which and why."""
+
+    pieces: tuple[RowInterval, ...] | None
     why: str
 
     def text(self) -> str:
-        return f"block map ({self.source}: {BLOCK_MAP_SOURCES[self.source]}); {self.why}"
+        if self.pieces is None:
+            return f"every (q, kv) pair of every tile: {self.why}"
+        shown = " or ".join(p.text() for p in self.pieces)
+        return f"per-row key intervals ({shown}): {self.why}"
+
+
+@dataclass(frozen=True)
+class BlockMapTiles:
+    """The kernel reads, per query tile, lists of partial and full kv tiles (a kernel argument,
+    so new values never recompile) instead of closed-form ranges. `source` says who builds them;
+    `rows`, for the sources with a device kernel ("device", and "topk" which falls back to it),
+    says how that kernel classifies tiles."""
+
+    source: str  # a key of BLOCK_MAP_SOURCES
+    why: str
+    rows: RowIntervals | None = None
+
+    def text(self) -> str:
+        rows = f"; device kernel classifies from {self.rows.text()}" if self.rows else ""
+        return f"block map ({self.source}: {BLOCK_MAP_SOURCES[self.source]}); {self.why}{rows}"
 
 
 def tile_loops(piece_values: tuple[int, int, int, int], exact: bool, enabled: bool,

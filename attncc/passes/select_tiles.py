@@ -123,6 +123,15 @@ def choose_serving(head_dim_max: int, interpreter: bool) -> tuple[int, int]:
     return (64 if head_dim_max <= 128 else 32), (8 if head_dim_max >= 128 else 4)
 
 
+def block_map_kv_tiles(pieces: int) -> int:
+    """kv tiles the row-interval block-map kernel classifies at once: one vector of tile
+    bounds; the exact count for undecided tiles works on BLOCK_M x this many (row, tile) pairs
+    per intersection of pieces (2^pieces - 1 of them). Read from ptxas (128 x 64 tiles, 4 warps,
+    sm_90 / sm_80): one piece at 32, 65-121 registers, no spill; two pieces (M5, M6) at 16 spill
+    16 B on sm_80, at 8 take 72-80 registers; three (M18) at 32 take 255 and spill 136 B on
+    sm_90, at 8 161-163 and none."""
+    return 32 if pieces == 1 else 8
+
 SERVING_SMS = 132  # programs to fill an H100; the split count aims at this many
 SERVING_MAX_SPLITS = 32
 

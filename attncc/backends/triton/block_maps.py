@@ -114,20 +114,34 @@ def device_classes(forward: TritonForward, *, Gb: int, Gh: int, Lq: int, Lk: int
                    positions: tuple[torch.Tensor, torch.Tensor] | None,
                    device: torch.device, prebuilt_for: tuple[str, int, int] | None = None
                    ) -> torch.Tensor:
-    """Launch the generated block-map kernel: one program per (query tile, group).
+    """Launch the generated block-map kernel: one program per (query tile, group). It
+    classifies from per-row key intervals or at every pair, as `plan.block_map.rows` says
+    (`attncc.backends.triton.render.render_block_map`).
     `prebuilt_for`: the (dtype, Dqk, Dv) of the forward or backward launch the map is for; on
     a GPU the prebuilt block-map binary at these tiles runs (`attncc.backends.triton.prebuilt`),
     otherwise Triton's JIT (`TritonForward.launch_block_map` decides)."""
     n_m, n_n = -(-Lq // block_m), -(-Lk // block_n)
     classes = torch.empty(Gb, Gh, n_m, n_n, dtype=torch.int8, device=device)
-    arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
-    values = dict(zip((name for name, _ in arguments), [
-        classes, *classes.stride()[:3], Gh, Lq, Lk, Hq, Hkv,
-        *argument_values(forward.plan, params, tensors, None, positions,
-                         block_map_arguments(forward.plan))], strict=True))
-    values.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    values = block_map_values(forward.plan, classes, Lq=Lq, Lk=Lk, Hq=Hq, Hkv=Hkv,
+                              block_m=block_m, block_n=block_n, params=params, tensors=tensors,
+                              positions=positions)
     forward.launch_block_map((n_m, Gb * Gh), values, device, prebuilt_for, (block_m, block_n))
     return classes
+
+
+def block_map_values(plan: KernelPlan, classes: torch.Tensor, *, Lq: int, Lk: int, Hq: int,
+                     Hkv: int, block_m: int, block_n: int, params: Mapping[str, Any],
+                     tensors: Mapping[str, torch.Tensor],
+                     positions: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+    """The block-map kernel's arguments (either form: both take the same ones) for a launch
+    on grid (nM, Gb * Gh) that writes `classes` (int8 [Gb, Gh, nM, nN])."""
+    arguments = block_map_launch_arguments() + block_map_arguments(plan)
+    values = dict(zip((name for name, _ in arguments), [
+        classes, *classes.stride()[:3], classes.shape[1], Lq, Lk, Hq, Hkv,
+        *argument_values(plan, params, tensors, None, positions,
+                         block_map_arguments(plan))], strict=True))
+    values.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    return values
 
 
 def analytic_classes(plan: KernelPlan, *, Gb: int, Gh: int, B: int, Lq: int, Lk: int, Hq: int,

@@ -7,6 +7,8 @@ renderer, the launcher and the ahead-of-time compiler share.
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import sympy
 
 from attncc.backends import keys
@@ -14,12 +16,17 @@ from attncc.backends.triton.printer import TritonPrinter
 from attncc.backends.triton.templating import environment
 from attncc.ir.nodes import ScoreMod
 from attncc.ir.plan import KernelPlan
+from attncc.ir.tiles import RowInterval
+from attncc.passes.row_intervals import row_intervals
+from attncc.passes.select_tiles import block_map_kv_tiles
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
                                SCORE, Load, buffer_symbol)
 
 TEMPLATE = "attn_fwd.py.j2"
 BLOCK_MAP_TEMPLATE = "block_map.py.j2"
-TEMPLATES = (TEMPLATE, BLOCK_MAP_TEMPLATE, "helpers.py.j2")  # every file a source depends on
+BLOCK_MAP_ROWS_TEMPLATE = "block_map_rows.py.j2"
+TEMPLATES = (TEMPLATE, BLOCK_MAP_TEMPLATE, BLOCK_MAP_ROWS_TEMPLATE,
+             "helpers.py.j2")  # every file a source depends on
 
 
 def kernel_name(plan: KernelPlan) -> str:
@@ -134,17 +141,56 @@ def block_map_arguments(plan: KernelPlan) -> list[tuple[str, str]]:
     return [a for a in kernel_arguments(plan) if a not in BLOCK_MAP_ARGS]
 
 
-def render_block_map(plan: KernelPlan) -> str:
-    """Triton source of the kernel that classifies tiles of `plan`'s mask on the device."""
+def render_block_map(plan: KernelPlan, pairs: bool = False) -> str:
+    """Triton source of the kernel that classifies tiles of `plan`'s mask on the device: from
+    per-row key intervals when `attncc.passes.row_intervals` finds the mask is a union of a few
+    (`plan.block_map.rows` records that decision for `explain`), else by evaluating the mask
+    at every pair. `pairs=True` renders the pair form whatever the mask (tests and the static
+    report compare the two)."""
     RENDERS[0] += 1
     printer = TritonPrinter(printer_names(plan))
     args = block_map_arguments(plan)
-    return environment().get_template(BLOCK_MAP_TEMPLATE).render(
+    rows = None if pairs else row_intervals(plan.spec).pieces
+    common = dict(
         kernel_name=block_map_kernel_name(plan),
         spec_lines=plan.spec.text().splitlines(),
         runtime_scalars=unspecialised_scalars(["Gh", "Lq", "Lk", "cls_stride_b", "cls_stride_h",
-                                          "cls_stride_m"], args),
+                                               "cls_stride_m"], args),
         extra_args=[name for name, _ in args],
-        mask_expr=printer.doprint(plan.spec.mask.expr),
-        reorder=plan.spec.reorder is not None,
     )
+    if rows is None:
+        return environment().get_template(BLOCK_MAP_TEMPLATE).render(
+            **common, mask_expr=printer.doprint(plan.spec.mask.expr),
+            reorder=plan.spec.reorder is not None)
+    return environment().get_template(BLOCK_MAP_ROWS_TEMPLATE).render(
+        **common, kv_tiles=block_map_kv_tiles(len(rows)), **_row_pieces(rows, printer))
+
+
+def _row_pieces(rows: tuple[RowInterval, ...], printer: TritonPrinter) -> dict:
+    """The row-interval kernel's prepared lines: each piece's bounds, the tile tests, and the
+    inclusion-exclusion terms (every non-empty set of pieces; its intersection's bounds are the
+    max of the lows and the min of the highs, its sign (-1)^(size + 1))."""
+    pieces = [{"i": i, "comment": f"piece {i}: {p.text()}", "lo": printer.doprint(p.lo),
+               "hi": printer.doprint(p.hi),
+               "on": f"row_ok & (lo{i} <= hi{i})" + ("" if p.cond is sympy.true else
+                                                    f" & (({printer.doprint(p.cond)}) != 0)")}
+              for i, p in enumerate(rows)]
+    full = " | ".join(f"((all_lo{i} <= c0) & (all_hi{i} >= c1))" for i in range(len(rows)))
+    empty = " & ".join(f"((c1 < some_lo{i}) | (c0 > some_hi{i}))" for i in range(len(rows)))
+    intersections, terms = [], []
+    for size in range(1, len(rows) + 1):
+        for members in combinations(range(len(rows)), size):
+            name = "".join(str(i) for i in members)
+            if size > 1:
+                lows, highs = [f"lo{i}" for i in members], [f"hi{i}" for i in members]
+                intersections += [f"lo{name} = {_nested('tl.maximum', lows)}",
+                                  f"hi{name} = {_nested('tl.minimum', highs)}"]
+            terms.append({"sign": "" if size % 2 else "-", "lo": f"lo{name}",
+                          "hi": f"hi{name}"})
+    return {"pieces": pieces, "full_expr": full, "empty_expr": empty,
+            "intersections": intersections, "terms": terms}
+
+
+def _nested(fn: str, names: list[str]) -> str:
+    """`fn(a, fn(b, c))`: tl.maximum / tl.minimum take two operands."""
+    return names[0] if len(names) == 1 else f"{fn}({names[0]}, {_nested(fn, names[1:])})"
