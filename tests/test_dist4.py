@@ -217,10 +217,9 @@ def test_bad_input_raises_on_every_rank(results, name):
 
 
 def test_auto_chooses_all_to_all_where_heads_divide():
-    spec = attncc.Attention(mask=attncc.causal())
-    assert attncc.dist.choose_strategy(spec, 8, 4, 4) == "all_to_all"
-    assert attncc.dist.choose_strategy(spec, 8, 2, 4) == "all_gather"  # kv heads do not split
-    assert attncc.dist.choose_strategy(spec, 6, 6, 4) == "all_gather"
+    assert attncc.dist.choose_strategy(8, 4, 4) == "all_to_all"
+    assert attncc.dist.choose_strategy(8, 2, 4) == "all_gather"  # kv heads do not split
+    assert attncc.dist.choose_strategy(6, 6, 4) == "all_gather"
 
 
 def test_head_offset_reads_global_heads():

@@ -36,7 +36,6 @@ from attncc.dist.agree import agree_on_inputs
 from attncc.dist.collectives import (chunk_runs, gather_sequence, heads_to_sequence,
                                     sequence_to_heads)
 from attncc.ir.shard import at_head_offset, at_query_offset, head_names, offset_names
-from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import H_IDX
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc.passes import shard_balance
@@ -55,7 +54,7 @@ _SHARDED_HEADS: "weakref.WeakKeyDictionary[CompiledAttention, CompiledAttention]
     weakref.WeakKeyDictionary())
 
 
-def choose_strategy(spec: AttentionSpec, heads_q: int, heads_kv: int, world: int) -> str:
+def choose_strategy(heads_q: int, heads_kv: int, world: int) -> str:
     """What `strategy="auto"` runs: "all_to_all" when the world size divides both head counts,
     else "all_gather" (docs/context_parallel.md, "Choosing a strategy").
 
@@ -64,8 +63,8 @@ def choose_strategy(spec: AttentionSpec, heads_q: int, heads_kv: int, world: int
     exactly balanced (whole sequences, a W-th of the heads) for any mask; the scaling model
     (benchmarks/cp_model.py) predicts it no slower than the all-gather wherever it can run.
     It is also the only strategy here for a reordered spec. Where heads do not divide, the
-    all-gather runs (and refuses a reordered spec, naming the head requirement)."""
-    del spec  # the rule reads only the shapes today; kept so that it may read the spec
+    all-gather runs (and refuses a reordered spec). The rule reads shapes only, which the
+    agreement step checks are the same on every rank, so every rank picks the same."""
     return "all_to_all" if heads_q % world == 0 and heads_kv % world == 0 else "all_gather"
 
 
@@ -94,7 +93,8 @@ def _sharded(attn: CompiledAttention) -> CompiledAttention:
 def _sharded_heads(attn: CompiledAttention) -> CompiledAttention:
     hit = _SHARDED_HEADS.get(attn)
     if hit is None:
-        hit = CompiledAttention(at_head_offset(attn.spec), attn.backend)
+        spec = at_head_offset(attn.spec)  # the same spec when nothing reads a head index
+        hit = attn if spec is attn.spec else CompiledAttention(spec, attn.backend)
         _SHARDED_HEADS[attn] = hit
     return hit
 
@@ -142,8 +142,7 @@ def _local_error(attn: CompiledAttention, q: Any, k: Any, v: Any, layout: str,
     return None
 
 
-def _strategy(strategy: str, attn: CompiledAttention, q: Any, k: Any, layout: str,
-              world: int) -> str:
+def _strategy(strategy: str, q: Any, k: Any, layout: str, world: int) -> str:
     """The strategy this call runs ("auto" resolved by `choose_strategy` on this rank's shapes,
     which the agreement step then checks are every rank's)."""
     if strategy not in STRATEGIES:
@@ -154,7 +153,7 @@ def _strategy(strategy: str, attn: CompiledAttention, q: Any, k: Any, layout: st
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
             and k.dim() == 4):
         return "all_gather"  # the checks reject these inputs anyway
-    return choose_strategy(attn.spec, q.shape[heads], k.shape[heads], world)
+    return choose_strategy(q.shape[heads], k.shape[heads], world)
 
 
 def _prepare(attn: CompiledAttention, strategy: str, runtime: dict[str, Any]
@@ -213,7 +212,7 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
                          "members may call (each holds a slice of the sequence)")
     world = dist.get_world_size(group)
     plan = sharding_for(sharding, world)
-    chosen = _strategy(strategy, attn, q, k, layout, world)
+    chosen = _strategy(strategy, q, k, layout, world)
     # a spec the strategy cannot run is this rank's error like a bad shape: with "auto" ranks
     # holding different shapes could choose differently, and must still meet in the agreement
     sharded, error = _prepare(attn, chosen, runtime)
