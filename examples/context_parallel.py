@@ -1,5 +1,6 @@
 """Context parallelism with attncc.dist: one sequence sharded over the ranks of a process group,
-softmax attention by all-gather of K and V, output and gradients compared with the
+softmax attention by all-gather of K and V or by all-to-all between sequence and heads
+(Ulysses), and a gated delta rule (L6) by state passing, output and gradients compared with the
 single-process result (docs/context_parallel.md).
 
     torchrun --nproc-per-node 4 examples/context_parallel.py            # gloo on the CPU
@@ -8,15 +9,16 @@ single-process result (docs/context_parallel.md).
 Every rank builds the same whole-sequence q, k, v (one seed), keeps its chunks
 (`attncc.dist.shard_sequence`), runs `context_parallel_attention` forward and backward, and
 compares its o, dq, dk, dv with the rows of the same compiled attention run on the whole
-sequence in one process. Specs: causal + sliding window on head-tail shards; a document mask
-whose documents cross the shard boundaries, on the cost-balanced shards of
-`attncc.dist.greedy`; GQA causal on contiguous shards. On a CPU the kernels run under Triton's
-interpreter: keep L small (the default, 256 tokens: 58 s of wall time with 4 ranks, measured
-on a 2-core VM shared with other jobs). Run it from the repository root with attncc importable
+sequence in one process. Softmax specs, all-gather: causal + sliding window on head-tail
+shards; a document mask whose documents cross the shard boundaries, on the cost-balanced shards
+of `attncc.dist.greedy`; GQA causal on contiguous shards. All-to-all (one head per rank): HilbertA
+(M15 in Hilbert order, a reordered spec) on an (L/16) x 16 grid. Linear: the gated delta rule
+(L6) by `context_parallel_linear` on contiguous shards, o, the final state (compared on every
+rank) and dq, dk, dv, dg, dbeta. On a CPU the kernels run under Triton's interpreter: keep L
+small (the default, 256 tokens). Run it from the repository root with attncc importable
 (installed, or PYTHONPATH=.). Prints one line per spec on rank 0: the largest error over ranks,
 and OK / FAILED against the dtype's tolerance (fp32 1e-4, fp16 1e-2, relative to
 max(1, |reference|)).
-Not covered yet: HilbertA (a reordered spec) and the linear recurrences (issue 16).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
@@ -46,17 +49,59 @@ def cases(L: int, world: int) -> dict:
     doc = attncc.Attention(mask=attncc.document(cu_seqlens=documents(L)))
     block = min(64, L // (2 * world))  # chunk_tiles wants whole tiles per chunk
     tiles = chunk_tiles(doc, L, 2 * world, block_m=block, block_n=block)
-    return {  # name: (spec, sharding, Hq, Hkv, runtime)
+    hilberta = attncc.Attention(mask=attncc.hilberta(L // 16, 16, 64, 32, 4),
+                                reorder=attncc.hilbert((L // 16, 16)))
+    return {  # name: (spec, sharding, strategy, Hq, Hkv, runtime)
         "causal + sliding window, head-tail": (
             attncc.Attention(mask=attncc.causal() & attncc.sliding_window(L // 4)),
-            attncc.dist.head_tail(world), 2, 2, {}),
-        "documents across shards, greedy": (doc, attncc.dist.greedy(tiles, world), 2, 2, {}),
+            attncc.dist.head_tail(world), "all_gather", 2, 2, {}),
+        "documents across shards, greedy": (doc, attncc.dist.greedy(tiles, world), "all_gather",
+                                            2, 2, {}),
         "GQA causal, contiguous": (attncc.Attention(mask=attncc.causal()),
-                                   attncc.dist.contiguous(world), 4, 2, {}),
+                                   attncc.dist.contiguous(world), "all_gather", 4, 2, {}),
+        "HilbertA (reordered), all-to-all": (hilberta, attncc.dist.contiguous(world),
+                                             "all_to_all", world, world, {}),
     }
 
 
-def run(name, spec, sharding, Hq, Hkv, runtime, L, D, dtype, device, rank) -> float:
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+
+
+def run_gated_delta(L, D, dtype, device, rank, world) -> float:
+    """L6 over contiguous shards by state passing: o, final state and gradients."""
+    g = torch.Generator().manual_seed(0)
+    H = 2
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    k = F.normalize(k, dim=-1)  # unit-norm keys, as delta-rule models have
+    gate = -0.3 * torch.rand(1, H, L, generator=g)
+    beta = torch.rand(1, H, L, generator=g)
+    do = torch.randn(1, H, L, D, generator=g)
+    x = {n: t.to(device, dtype) for n, t in zip(("q", "k", "v", "g", "beta"),
+                                                (q, k, v, gate, beta))}
+    attn = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(update="delta",
+                                                                          decay="scalar")))
+    whole = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o_ref, s_ref = attn(whole["q"], whole["k"], whole["v"], g=whole["g"], beta=whole["beta"],
+                        return_state=True)
+    o_ref.backward(do.to(device, dtype))
+    sharding = attncc.dist.contiguous(world)
+    mine = {n: attncc.dist.shard_sequence(t, sharding, rank).requires_grad_()
+            for n, t in x.items()}
+    o, s = attncc.dist.context_parallel_linear(attn, mine["q"], mine["k"], mine["v"],
+                                               g=mine["g"], beta=mine["beta"],
+                                               return_state=True)
+    o.backward(attncc.dist.shard_sequence(do.to(device, dtype), sharding, rank))
+    worst = max(relative(o, attncc.dist.shard_sequence(o_ref.detach(), sharding, rank)),
+                relative(s.detach(), s_ref.detach()))
+    for n, t in mine.items():
+        worst = max(worst, relative(t.grad,
+                                    attncc.dist.shard_sequence(whole[n].grad, sharding, rank)))
+    return worst
+
+
+def run(name, spec, sharding, strategy, Hq, Hkv, runtime, L, D, dtype, device, rank) -> float:
     g = torch.Generator().manual_seed(0)  # the same whole sequence on every rank
     q, k, v = (torch.randn(1, h, L, D, generator=g).to(device, dtype) for h in (Hq, Hkv, Hkv))
     do = torch.randn(1, Hq, L, D, generator=g).to(device, dtype)
@@ -67,7 +112,8 @@ def run(name, spec, sharding, Hq, Hkv, runtime, L, D, dtype, device, rank) -> fl
     o_ref.backward(do)
     # this rank's chunks, sharded
     mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
-    o = attncc.dist.context_parallel_attention(attn, *mine, sharding=sharding, **runtime)
+    o = attncc.dist.context_parallel_attention(attn, *mine, sharding=sharding,
+                                               strategy=strategy, **runtime)
     o.backward(attncc.dist.shard_sequence(do, sharding, rank))
     worst = 0.0
     for got, ref in [(o, o_ref)] + [(t.grad, r.grad) for t, r in zip(mine, whole)]:
@@ -93,9 +139,12 @@ def main() -> None:
         print(f"{world} ranks, {dist.get_backend()}, L={args.L}, d={args.D}, "
               f"{str(dtype).removeprefix('torch.')}")
     failed = False
-    for name, (spec, sharding, Hq, Hkv, runtime) in cases(args.L, world).items():
-        err = torch.tensor([run(name, spec, sharding, Hq, Hkv, runtime, args.L, args.D, dtype,
-                                device, rank)], device=device)
+    results = {name: lambda n=name, c=c: run(n, *c, args.L, args.D, dtype, device, rank)
+               for name, c in cases(args.L, world).items()}
+    results["gated delta rule (L6), state passing"] = (
+        lambda: run_gated_delta(args.L, args.D, dtype, device, rank, world))
+    for name, result in results.items():
+        err = torch.tensor([result()], device=device)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         ok = err.item() < TOL[dtype]
         failed |= not ok

@@ -1,5 +1,6 @@
 """attncc.dist (docs/context_parallel.md): softmax context parallelism by all-gather of K and V
-over torch.distributed, in 2 gloo processes on the CPU (Triton interpreter), against the
+(strategy="all_gather"; the all-to-all strategy and world size 4: tests/test_dist4.py) over
+torch.distributed, in 2 gloo processes on the CPU (Triton interpreter), against the
 single-process fp64 reference of the whole sequence: o, lse and dq, dk, dv of each rank's slice.
 
 One spawn runs every case (starting a process costs seconds of imports); each test reads its
@@ -11,7 +12,6 @@ deadline)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -97,7 +97,8 @@ def _run_case(name, rank, group):
     mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
     attn = attncc.compile(spec)
     o, lse = attncc.dist.context_parallel_attention(attn, *mine, group=group, sharding=sharding,
-                                                   return_lse=True, **runtime)
+                                                   strategy="all_gather", return_lse=True,
+                                                   **runtime)
     ((o.double() * attncc.dist.shard_sequence(do, sharding, rank).double()).sum()
      + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()
      ).backward()
@@ -132,7 +133,7 @@ def _bad_inputs(rank, group):
                                    torch.randn(1, 3 if rank else 2, 32, 16), group=group),
         "reorder": lambda: cp(attncc.compile(attncc.Attention(
             mask=attncc.causal(), reorder=attncc.permutation())), q, q, q, group=group,
-            perm=torch.arange(64)),
+            strategy="all_gather", perm=torch.arange(64)),
     }
     out = {}
     for name, call in cases.items():

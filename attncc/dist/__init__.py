@@ -1,17 +1,20 @@
 """attncc.dist: attention over a sequence sharded across the ranks of a `torch.distributed`
 process group (context parallelism, docs/context_parallel.md).
 
-Implemented: softmax attention by all-gather of K and V, forward and backward, with contiguous,
-head-tail or any `Sharding` of the sequence; linear recurrences (L1-L6) by state passing (one
-all-gather of each shard's affine map), forward and backward. Planned (issue 16): ring with LSE
-merge, all-to-all (Ulysses), varlen linear recurrences.
+Implemented: softmax attention by all-gather of K and V or by all-to-all between sequence and
+heads (Ulysses), forward and backward, with contiguous, head-tail or any `Sharding` of the
+sequence; linear recurrences (L1-L6) by state passing (one all-gather of each shard's affine
+map), forward and backward. Planned (issue 16): ring with LSE merge, varlen linear recurrences.
 """
 
-from attncc.dist.collectives import gather_sequence, shard_sequence
+from attncc.dist.collectives import (gather_sequence, heads_to_sequence, sequence_to_heads,
+                                    shard_sequence)
 from attncc.dist.linear import context_parallel_linear
-from attncc.dist.softmax import context_parallel_attention, sharding_for
+from attncc.dist.softmax import (STRATEGIES, choose_strategy, context_parallel_attention,
+                                 sharding_for)
 from attncc.passes.shard_balance import contiguous, greedy, head_tail
 from attncc.passes.shard_pairs import Sharding
 
-__all__ = ["Sharding", "context_parallel_attention", "context_parallel_linear", "contiguous",
-           "gather_sequence", "greedy", "head_tail", "shard_sequence", "sharding_for"]
+__all__ = ["STRATEGIES", "Sharding", "choose_strategy", "context_parallel_attention",
+           "context_parallel_linear", "contiguous", "gather_sequence", "greedy", "head_tail",
+           "heads_to_sequence", "sequence_to_heads", "shard_sequence", "sharding_for"]

@@ -3,6 +3,11 @@
 `gather_sequence` all-gathers every rank's slice of a sequence and puts the chunks in global
 order; its backward hands each rank the sum over ranks of the gradient of its own slice
 (reduce-scatter under NCCL; all-reduce then slice under gloo, which has no reduce-scatter).
+`sequence_to_heads` / `heads_to_sequence` are the all-to-all (Ulysses) pair: a rank's slice of
+the sequence for all heads <-> the whole sequence (global order) for its W-th of the heads; each
+one's backward is the other (an all-to-all is a permutation of the data across ranks). They use
+`dist.all_to_all_single`, which NCCL and gloo both implement (gloo's `alltoall_base`; checked
+under gloo with torch 2.13).
 Everything goes through `torch.distributed`: attncc has no transport of its own.
 """
 
@@ -15,7 +20,8 @@ import torch.distributed as dist
 
 from attncc.passes.shard_pairs import Sharding
 
-__all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "shard_sequence"]
+__all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "heads_to_sequence",
+           "sequence_to_heads", "shard_sequence"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -44,6 +50,71 @@ class _AllGather(torch.autograd.Function):
         return out.movedim(0, dim), None, None
 
 
+def _all_to_all(x: torch.Tensor, group: Any, split_dim: int, cat_dim: int) -> torch.Tensor:
+    """Split `x` into W equal parts along `split_dim`, part j to rank j; concatenate the parts
+    received, in rank order, along `cat_dim`. Every rank passes the same shape."""
+    world = dist.get_world_size(group)
+    send = torch.stack(x.chunk(world, split_dim)).contiguous()  # all_to_all_single splits dim 0
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), cat_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """`_all_to_all` with its inverse (the same exchange, dimensions swapped) as the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, split_dim: int,
+                cat_dim: int) -> torch.Tensor:
+        ctx.args = (group, split_dim, cat_dim)
+        return _all_to_all(x, group, split_dim, cat_dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        group, split_dim, cat_dim = ctx.args
+        return _all_to_all(grad, group, cat_dim, split_dim), None, None, None
+
+
+def _global_order(x: torch.Tensor, sharding: Sharding, dim: int) -> torch.Tensor:
+    """Every rank's chunks in rank order (each rank's in its storage order) along `dim` ->
+    the sequence in global order."""
+    per_rank = len(sharding.chunks[0])
+    size = x.shape[dim] // sharding.n_chunks
+    pieces = {}  # global chunk -> (start in the gathered tensor, chunks)
+    for r, chunks in enumerate(sharding.chunks):
+        for local, first, count in chunk_runs(chunks):
+            pieces[first] = ((r * per_rank + local) * size, count)
+    if len(pieces) == 1:  # contiguous: rank order is global order
+        return x
+    return torch.cat([x.narrow(dim, start, count * size)
+                      for _, (start, count) in sorted(pieces.items())], dim)
+
+
+def _rank_order(x: torch.Tensor, sharding: Sharding, dim: int) -> torch.Tensor:
+    """The inverse of `_global_order`: rank 0's chunks, then rank 1's, ... along `dim`."""
+    size = x.shape[dim] // sharding.n_chunks
+    runs = [run for chunks in sharding.chunks for run in chunk_runs(chunks)]
+    if len(runs) == 1:
+        return x
+    return torch.cat([x.narrow(dim, first * size, count * size) for _, first, count in runs],
+                     dim)
+
+
+def sequence_to_heads(x: torch.Tensor, sharding: Sharding, group: Any = None, seq_dim: int = 2,
+                      head_dim: int = 1) -> torch.Tensor:
+    """This rank's chunks of the sequence for all H heads -> the whole sequence, in global
+    order, for heads [r H/W, (r + 1) H/W) (one all-to-all; differentiable). W must divide H.
+    A collective: every rank of `group` calls it with the same sharding and equal shapes."""
+    return _global_order(_AllToAll.apply(x, group, head_dim, seq_dim), sharding, seq_dim)
+
+
+def heads_to_sequence(y: torch.Tensor, sharding: Sharding, group: Any = None, seq_dim: int = 2,
+                      head_dim: int = 1) -> torch.Tensor:
+    """The inverse of `sequence_to_heads`: the whole sequence (global order) for this rank's
+    heads -> this rank's chunks (storage order) for all heads (one all-to-all)."""
+    return _AllToAll.apply(_rank_order(y, sharding, seq_dim), group, seq_dim, head_dim)
+
+
 def chunk_runs(chunks: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """(local chunk, global chunk, count) for each run of consecutive global chunks."""
     runs: list[tuple[int, int, int]] = []
@@ -60,17 +131,7 @@ def gather_sequence(x: torch.Tensor, sharding: Sharding, group: Any = None,
     """The whole sequence in global order from each rank's slice `x` (its chunks of
     `sharding`, in storage order, along `dim`); differentiable. A collective: every rank of
     `group` calls it with the same sharding and equal shapes."""
-    full = _AllGather.apply(x, group, dim)
-    per_rank = len(sharding.chunks[0])
-    size = x.shape[dim] // per_rank
-    pieces = {}  # global chunk -> (start in the gathered tensor, chunks)
-    for r, chunks in enumerate(sharding.chunks):
-        for local, first, count in chunk_runs(chunks):
-            pieces[first] = ((r * per_rank + local) * size, count)
-    if len(pieces) == 1:  # contiguous: rank order is global order
-        return full
-    return torch.cat([full.narrow(dim, start, count * size)
-                      for _, (start, count) in sorted(pieces.items())], dim)
+    return _global_order(_AllGather.apply(x, group, dim), sharding, dim)
 
 
 def shard_sequence(x: torch.Tensor, sharding: Sharding, rank: int, dim: int = 2) -> torch.Tensor:

@@ -10,6 +10,13 @@ position. `at_query_offset` rewrites a spec so that both read `q_idx + offset`: 
 `offset` a runtime int parameter (`SHARD_OFFSET`): one kernel serves every shard, and a mask,
 a score or a captured tensor indexed by the query means on a shard what it means on the whole
 sequence. Keys are not rewritten: every rank holds all of them in sequence order (all-gather).
+
+`at_head_offset` is the same idea along heads, for the all-to-all (Ulysses) strategy: a rank
+runs the whole sequence for a slice `[offset, offset + Hq / W)` of the query heads, so `h`
+becomes `h + shard_head_offset` and `Hq`, `Hkv` the whole model's head counts (`shard_hq`,
+`shard_hkv`), all runtime int parameters: per-head ALiBi slopes, per-head masks (M18) and
+captured tensors indexed by head read the rank's GLOBAL heads. The sink normaliser's `sink[h]`
+is not an expression: the caller slices the sink tensor instead.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ import dataclasses
 
 from attncc.ir.nodes import DenseMemory, Param
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import LK, LQ, Q_IDX
+from attncc.ir.symbols import H_IDX, HKV, HQ, LK, LQ, Q_IDX
 
-__all__ = ["SHARD_OFFSET", "at_query_offset", "offset_names"]
+__all__ = ["HEAD_PARAMS", "SHARD_OFFSET", "at_head_offset", "at_query_offset", "head_names",
+           "offset_names"]
 
 # the runtime parameter that holds a shard's first global query position
 SHARD_OFFSET = "shard_q_offset"
+# the runtime parameters of a head slice: its first global query head, the global Hq and Hkv
+HEAD_PARAMS = ("shard_head_offset", "shard_hq", "shard_hkv")
 
 
 def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
@@ -61,3 +71,45 @@ def offset_names(spec: AttentionSpec) -> tuple[str, ...]:
     """The parameters of a spec from `at_query_offset` that take the shard's offset (none, the
     mask's, the score's or both): a call passes the same value to each."""
     return tuple(p.name for p in spec.params if p.name.startswith(SHARD_OFFSET))
+
+
+def at_head_offset(spec: AttentionSpec) -> AttentionSpec:
+    """`spec` with every head index read at global head `h + shard_head_offset` and `Hq`, `Hkv`
+    read as the global head counts `shard_hq`, `shard_hkv`.
+
+    Requires: dense memory, no parameter or capture already named like those (or with the
+    score's `_s` suffix). Reorders are kept: they permute positions, not heads. Ensures: each of
+    mask and score gets only the parameters it reads (the score's carry the suffix `_s`: one
+    namespace per spec); when neither reads `h`, `Hq` or `Hkv` the spec comes back unchanged
+    (`head_names` lists what a call sets)."""
+    if not isinstance(spec.memory, DenseMemory):
+        raise ValueError(f"sharded heads: memory {spec.memory.text()!r} is not a dense "
+                         "sequence; context parallelism runs dense softmax specs only")
+    names = {x.name for x in (*spec.params, *spec.captures)}
+    taken = sorted(names & {n + suffix for n in HEAD_PARAMS for suffix in ("", "_s")})
+    if taken:
+        raise ValueError(f"sharded heads: the spec already has a parameter or tensor named "
+                         f"{taken[0]!r}, a name the head offset takes; rename it")
+    changes = {}
+    for axis, suffix in (("mask", ""), ("score", "_s")):
+        node = getattr(spec, axis)
+        if node is None:
+            continue
+        used = [(sym, name) for sym, name in zip((H_IDX, HQ, HKV), HEAD_PARAMS)
+                if sym in node.expr.free_symbols]
+        if not used:
+            continue
+        # the offset may be 0, the head counts are positive
+        params = {sym: Param(name + suffix, "int", 0 if sym is H_IDX else 1,
+                             positive=sym is not H_IDX) for sym, name in used}
+        subs = {sym: (H_IDX + p.symbol if sym is H_IDX else p.symbol) for sym, p in params.items()}
+        changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
+                                            params=(*node.params, *params.values()))
+    return spec.replace(**changes) if changes else spec
+
+
+def head_names(spec: AttentionSpec) -> dict[str, int]:
+    """name -> index into (first head, Hq, Hkv) of each parameter of a spec from
+    `at_head_offset` (the mask's and the score's): what a call sets."""
+    return {p.name: HEAD_PARAMS.index(p.name.removesuffix("_s")) for p in spec.params
+            if p.name.removesuffix("_s") in HEAD_PARAMS}

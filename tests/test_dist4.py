@@ -1,0 +1,238 @@
+"""attncc.dist at world size 4 (docs/context_parallel.md): both softmax strategies, all-gather of
+K and V and all-to-all between sequence and heads (Ulysses), in 4 gloo processes on the CPU
+(Triton interpreter), against the single-process fp64 reference of the whole sequence: o, lse
+and dq, dk, dv of each rank's slice. Tiny shapes (L = 64, d = 16, fp32): 4 processes share the
+CPU with everything else.
+
+One spawn runs every case; each test reads its case's result. Tolerance: fp32 1e-4 of
+max(1, max |reference|), as tests/test_dist.py. Bad inputs raise on EVERY rank before any
+collective of the attention (the spawn has a deadline, so a hang fails instead of blocking).
+The all-to-all cases put one or two heads on each rank, so a head-dependent spec that read
+local head indices (ALiBi slopes, per-head mask classes, sinks) would be wrong on ranks 1-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+
+import attncc
+from attncc.backends.reference.forward import attention_reference
+from attncc.ir.shard import at_head_offset, head_names
+from attncc.ops.softmax.compiled import CompiledAttention
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available in this torch build",
+                allow_module_level=True)
+
+WORLD = 4
+L, D = 64, 16
+TOL = 1e-4
+DEADLINE_S = 300  # a hang fails the test instead of blocking the run
+HEAD_CLASS = [0, 1, 1, 0]  # M18: heads 0 and 3 causal, 1 and 2 streaming
+
+
+def _spec(name):
+    if name == "causal":
+        return attncc.Attention(mask=attncc.causal())
+    if name == "document":  # documents of 21, 26 and 17 tokens cross the 16-token shards
+        return attncc.Attention(mask=attncc.document(
+            torch.tensor([0] * 21 + [1] * 26 + [2] * 17)))
+    if name == "per-head-alibi":
+        return attncc.Attention(mask=attncc.per_head_classes(
+            torch.tensor(HEAD_CLASS, dtype=torch.int32), sinks=2, window=8), score=attncc.alibi())
+    if name == "hilberta":  # M15 on an 8 x 8 grid in Hilbert order (R1)
+        return attncc.Attention(mask=attncc.hilberta(8, 8, 16, 8, 2),
+                                reorder=attncc.hilbert((8, 8)))
+    if name == "gqa-sink":
+        return attncc.Attention(mask=attncc.causal(), normaliser=attncc.sink(
+            torch.linspace(-1.0, 1.0, 8)))
+    raise KeyError(name)
+
+
+# name: (spec, strategy, sharding, Hq, Hkv, layout)
+CASES = {
+    "causal-all_gather-head-tail": ("causal", "all_gather", "head-tail", 1, 1, "bhsd"),
+    "document-all_gather-contiguous": ("document", "all_gather", "contiguous", 1, 1, "bhsd"),
+    "causal-all_to_all-contiguous": ("causal", "all_to_all", "contiguous", 4, 4, "bhsd"),
+    "per-head-alibi-all_to_all-head-tail": ("per-head-alibi", "all_to_all", "head-tail", 4, 4,
+                                            "bhsd"),
+    "hilberta-all_to_all-contiguous": ("hilberta", "all_to_all", "contiguous", 4, 4, "bhsd"),
+    "gqa-sink-all_to_all-bshd": ("gqa-sink", "all_to_all", "contiguous", 8, 4, "bshd"),
+}
+
+
+def _run_case(name, rank, group):
+    spec_name, strategy, sharding_name, Hq, Hkv, layout = CASES[name]
+    spec = _spec(spec_name)
+    sharding = attncc.dist.sharding_for(sharding_name, WORLD)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(1, Hq, L, D, generator=g)
+    dlse = torch.randn(1, Hq, L, generator=g)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = attention_reference(spec, *ref)
+    ((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum()).backward()
+
+    def mine_of(t):  # this rank's slice, in the call's layout
+        part = attncc.dist.shard_sequence(t, sharding, rank)
+        return part.transpose(1, 2) if layout == "bshd" and part.dim() == 4 else part
+
+    mine = [mine_of(t).detach().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.dist.context_parallel_attention(
+        attncc.compile(spec), *mine, group=group, sharding=sharding, strategy=strategy,
+        layout=layout, return_lse=True)
+    ((o.double() * mine_of(do).double()).sum()
+     + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()
+     ).backward()
+    errors = {}
+    pairs = [("o", o, o_ref), ("lse", lse, lse_ref)] + [
+        (f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", mine, ref)]
+    for what, got, full in pairs:
+        want = (attncc.dist.shard_sequence(full.detach(), sharding, rank) if what == "lse"
+                else mine_of(full.detach()))
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        errors[what] = ((got.double() - want).abs().max().item()
+                        / max(1.0, want.abs().max().item()))
+    return errors
+
+
+def _bad_inputs(rank, group):
+    """Each bad input must raise ValueError on every rank, before any collective but the
+    agreement's."""
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    cp = attncc.dist.context_parallel_attention
+    x = torch.randn(1, 2, 16, D)
+    hilbert = attncc.compile(_spec("hilberta"))
+    y = torch.randn(1, 4, 16, D)
+    cases = {
+        # 2 heads do not split over 4 ranks
+        "heads": lambda: cp(attn, x, x, x, group=group, strategy="all_to_all"),
+        # GQA: 8 query heads split, 2 kv heads do not
+        "kv-heads": lambda: cp(attn, torch.randn(1, 8, 16, D), x, x, group=group,
+                               strategy="all_to_all"),
+        # the all-gather needs positions of sharded queries, which a reorder takes away
+        "reorder-all_gather": lambda: cp(hilbert, y, y, y, group=group, strategy="all_gather"),
+        # "auto" with heads that do not divide falls back to the all-gather, which refuses
+        "reorder-auto-heads": lambda: cp(hilbert, x, x, x, group=group),
+        "strategy": lambda: cp(attn, y, y, y, group=group, strategy="ring"),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = f"ValueError: {e}"
+        except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+            out[name] = f"{type(e).__name__}: {e}"
+    t = torch.ones(1)  # the group is still usable: no rank is stuck in a collective
+    dist.all_reduce(t, group=group)
+    out["after"] = f"all_reduce {t.item()}"
+    return out
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)  # 4 processes on a small shared machine
+    warnings.filterwarnings("error", message=".*runs the PyTorch reference")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    group = dist.group.WORLD
+    results = {}
+    for name in CASES:
+        start = time.time()
+        try:
+            results[name] = {"errors": _run_case(name, rank, group)}
+        except Exception:  # noqa: BLE001 - reported to the parent
+            results[name] = {"exception": traceback.format_exc()}
+        results[name]["seconds"] = round(time.time() - start, 2)
+    results["bad-inputs"] = _bad_inputs(rank, group)
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def results():
+    mp = pytest.importorskip("torch.multiprocessing")
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.environ.get("TRITON_INTERPRET")  # children inherit it when they start
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp),
+                                     nprocs=WORLD, join=False, start_method="spawn")
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        deadline = time.time() + DEADLINE_S
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the {WORLD} gloo processes did not finish in {DEADLINE_S} s "
+                            "(a rank hung in a collective?)")
+        out = []
+        for r in range(WORLD):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                out.append(json.load(f))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_whole_sequence(results, name):
+    for rank, res in enumerate(results):
+        case = res[name]
+        assert "exception" not in case, f"rank {rank}:\n{case['exception']}"
+        for what, err in case["errors"].items():
+            assert err < TOL, f"rank {rank} {name}: {what} error {err:.2e} > {TOL}"
+
+
+BAD = {
+    "heads": "needs the world size to divide Hq = 2 and Hkv = 2",
+    "kv-heads": "needs the world size to divide Hq = 8 and Hkv = 2",
+    "reorder-all_gather": "is not supported yet",
+    "reorder-auto-heads": "is not supported yet",
+    "strategy": "strategy: expected one of",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_on_every_rank(results, name):
+    for rank, res in enumerate(results):
+        got = res["bad-inputs"][name]
+        assert got.startswith("ValueError"), f"rank {rank}: {got}"
+        assert BAD[name] in got, f"rank {rank}: {got}"
+        assert res["bad-inputs"]["after"] == f"all_reduce {float(WORLD)}", rank
+
+
+def test_auto_chooses_all_to_all_where_heads_divide():
+    assert attncc.dist.choose_strategy(8, 4, 4) == "all_to_all"
+    assert attncc.dist.choose_strategy(8, 2, 4) == "all_gather"  # kv heads do not split
+    assert attncc.dist.choose_strategy(6, 6, 4) == "all_gather"
+
+
+def test_head_offset_reads_global_heads():
+    """A rank's head slice run by the rewritten spec equals those heads of the whole run; the
+    spec as it is (local head indices) does not (one process, no group)."""
+    attn = attncc.compile(_spec("per-head-alibi"))  # CPU tensors: interpreted (conftest)
+    sharded = CompiledAttention(at_head_offset(attn.spec), attn.backend)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 32, D, generator=g) for _ in range(3))
+    whole = attn(q, k, v)
+    first = 2
+    values = {n: (first, 4, 4)[i] for n, i in head_names(sharded.spec).items()}
+    part = sharded(q[:, 2:], k[:, 2:], v[:, 2:], **values)
+    assert sorted(values) == ["shard_head_offset", "shard_head_offset_s", "shard_hq_s"]
+    torch.testing.assert_close(part, whole[:, 2:], rtol=0, atol=1e-5)
+    assert (attn(q[:, 2:], k[:, 2:], v[:, 2:]) - whole[:, 2:]).abs().max() > 0.1
