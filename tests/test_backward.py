@@ -23,6 +23,7 @@ import attncc
 from attncc.ir.positions import split_reorder_inputs
 from attncc.backends.reference.forward import attention_reference
 from attncc.backends.reference.softmax import reference_backward
+from attncc.backends.triton.backward import kernel as backward_kernel
 from attncc.ops.softmax.backward import attention_backward
 from attncc.validate import split_runtime
 from tests.catalog_cases import masks, scores
@@ -209,6 +210,23 @@ def test_reordered_block_map_kernel(permuted, device):
         perm = attncc.Hilbert2D(7, 9).permutation(63, device=device)
         q, k, v = q[:, :, perm], k[:, :, perm], v[:, :, perm]
     got, ref, grads = _backward(attn, q, k, v, permuted=permuted)
+    _assert_close(got, ref, grads, torch.float32)
+
+
+def test_dq_and_dkdv_at_their_own_tiles(monkeypatch, device):
+    """dq at 16 x 32 and dk/dv at 32 x 16 (on a GPU they differ by default): a document mask's
+    block map is built once at each kernel's tiles (dq reads it, dk/dv its transpose), and
+    ALiBi's per-program slope sums are laid out by dq's query tiles."""
+    tiles = {"dq": (16, 32), "dkdv": (32, 16)}
+    monkeypatch.setattr(backward_kernel, "choose_backward",
+                        lambda target, dtype, dqk, dv, kernel: attncc.Schedule(
+                            *tiles[kernel], num_warps=4, num_stages=1))
+    doc = torch.tensor([0] * 13 + [1] * 30 + [2] * 27, dtype=torch.int32)
+    spec = attncc.Attention(mask=attncc.document(doc), score=attncc.alibi(torch.rand(2) + 0.1))
+    q, k, v = _inputs(1, 2, 1, 70, 70, 32, torch.float32, device)
+    attn = attncc.compile(spec)
+    got, ref, grads = _backward(attn, q, k, v)
+    assert attn.block_maps.builds == 3  # the forward's map and one per kernel's tiles
     _assert_close(got, ref, grads, torch.float32)
 
 

@@ -93,3 +93,7 @@ def test_backward_kernel_compiles_for_gpu(case: Case, compiled):
     assert re.search(rf"\.entry\s+{art.name}\s*\(", art.ptx), "kernel entry missing from the PTX"
     assert re.search(rf"^\.target\s+sm_{case.arch}", art.ptx, re.MULTILINE), "another target"
     assert art.shared_bytes > 0
+    if case.arch == 90 and case.dtype != "float32":
+        # each kernel's tiles keep its multiplies on Hopper's warpgroup MMA: dq's 128 query
+        # rows, dk/dv's 128 keys (32-row query tiles in dq fell back to mma.sync)
+        assert "wgmma.mma_async" in art.ptx, f"{case}: no warpgroup MMA"

@@ -260,7 +260,13 @@ def test_build_targets_add_the_permuted_forward_and_the_backward_kernels():
                                    ("block_map", DEFAULT_VARIANT, 128, 64)]
     assert [k for k, *_ in described(hilbert)][:2] == ["forward", "forward"]
     assert described(hilbert)[1][1] == Variant(gather_rows=False)
-    # training: dq and dkdv, and the block map again at the backward's smaller tiles
+    # training: dq and dkdv, and the block map again at dk/dv's tiles (dq's, 128 x 64 on
+    # sm_90, are the forward's: its map serves dq too)
     kinds = described(document, backward=True)
     assert [k for k, *_ in kinds] == ["forward", "block_map", "dq", "dkdv", "block_map"]
-    assert kinds[2][2:] == kinds[3][2:] == kinds[4][2:] != kinds[1][2:]
+    assert kinds[2][2:] == kinds[1][2:] != kinds[3][2:] == kinds[4][2:]
+    # sm_80: dq at 128 x 32, dk/dv at 32 x 128, a map at each
+    tiles = [(t.kind, t.spec.schedule.block_m, t.spec.schedule.block_n)
+             for t in build.build_targets(document, "float16", 64, 64, 80, backward=True)]
+    assert tiles == [("forward", 128, 64), ("block_map", 128, 64), ("dq", 128, 32),
+                     ("dkdv", 32, 128), ("block_map", 128, 32), ("block_map", 32, 128)]

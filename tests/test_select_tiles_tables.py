@@ -11,17 +11,33 @@ from attncc.passes import select_tiles as st
 from attncc.passes import select_tiles_linear as sl
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("sm90", "float16", 128, 128), Schedule(block_m=32, block_n=128, num_warps=8, num_stages=3)),
-    (("sm80", "bfloat16", 128, 128), Schedule(block_m=64, block_n=64, num_warps=8, num_stages=2)),
-    (("sm80", "float32", 256, 256), Schedule(block_m=16, block_n=16, num_warps=8, num_stages=2)),
-    (("sm86", "bfloat16", 64, 64), Schedule(block_m=32, block_n=128, num_warps=8, num_stages=2)),
-    (("sm86", "bfloat16", 128, 128), Schedule(block_m=64, block_n=64, num_warps=8, num_stages=2)),
-    (("interpreter", "float16", 64, 64),
-     Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)),
+def _s(bm, bn, warps, stages):
+    return Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+
+
+@pytest.mark.parametrize("args, dq, dkdv", [
+    (("sm90", "float16", 128, 128), _s(128, 64, 8, 2), _s(32, 128, 8, 3)),
+    (("sm90", "bfloat16", 64, 64), _s(128, 64, 8, 2), _s(32, 128, 8, 2)),
+    (("sm80", "bfloat16", 128, 128), _s(128, 32, 8, 2), _s(64, 64, 8, 2)),
+    (("sm80", "float32", 256, 256), _s(16, 16, 8, 2), _s(16, 16, 8, 2)),
+    (("sm86", "bfloat16", 64, 64), _s(128, 32, 8, 2), _s(32, 128, 8, 2)),
+    (("sm86", "bfloat16", 128, 128), _s(128, 32, 8, 2), _s(64, 64, 8, 2)),
+    (("interpreter", "float16", 64, 64), _s(64, 64, 4, 1), _s(64, 64, 4, 1)),
 ])
-def test_backward_tiles(args, expected):
-    assert st.choose_backward(*args) == expected
+def test_backward_tiles(args, dq, dkdv):
+    """dq and dk/dv take their own tiles (on sm_90, 128 query rows keep dq on the warpgroup
+    MMA; 32 x 128 keeps dk/dv there); each fits the target's shared memory."""
+    assert st.choose_backward(*args, "dq") == dq
+    assert st.choose_backward(*args, "dkdv") == dkdv
+    with pytest.raises(ValueError, match="kernel"):
+        st.choose_backward(*args, "both")
+
+
+def test_backward_tiles_fit_shared_memory():
+    """sm_86 has 99 KB: dq's resident q, do (128 rows) plus 2 stages of k, v at d128 fit as
+    they are; fp32 halves both tiles."""
+    assert st._shared_bytes_backward("dq", 128, 32, 2, 128, 128, 2) <= st.SHARED_MEMORY["sm86"]
+    assert st.choose_backward("sm86", "float32", 128, 128, "dq") == _s(64, 16, 8, 2)
 
 
 def test_serving_tiles_and_splits():

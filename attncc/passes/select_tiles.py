@@ -34,10 +34,15 @@ def _shared_bytes(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -
     return elem * (bm * dqk + stages * bn * (dqk + dv))
 
 
-def _shared_bytes_backward(bm: int, bn: int, stages: int, dqk: int, dv: int, elem: int) -> int:
-    """The larger backward kernel: dk/dv keeps k, v resident and streams q, do per pipeline
-    stage; dq keeps q, do resident and streams k, v."""
-    return elem * (dqk + dv) * max(bn + stages * bm, bm + stages * bn)
+def _shared_bytes_backward(kernel: str, bm: int, bn: int, stages: int, dqk: int, dv: int,
+                           elem: int) -> int:
+    """A backward kernel's tiles in shared memory: dk/dv keeps k, v resident and streams q, do
+    per pipeline stage; dq keeps q, do resident and streams k, v."""
+    resident, streamed = (bn, bm) if kernel == "dkdv" else (bm, bn)
+    return elem * (dqk + dv) * (resident + stages * streamed)
+
+
+BACKWARD_KERNELS = ("dq", "dkdv")
 
 
 def fit_shared_memory(sched: Schedule, target: str, shared_bytes: Callable[[Schedule], int]
@@ -81,23 +86,43 @@ def choose(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
                                                               padded(dv), elem))
 
 
-def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
-    """Backward tiles by head dim (BLOCK_M query rows, BLOCK_N keys; both kernels take the
-    same tiles), shrunk until both kernels fit the target's shared memory; the interpreter gets
-    64 x 64 tiles (fewer, larger tiles run faster on the CPU). Not tuned on a GPU yet (none was
-    lent): chosen from ptxas's register and spill counts and the SASS instructions per loop
-    iteration (causal, bf16, 16-divisible strides; docs/performance.md). d <= 64: 32 x 128 at 8
-    warps, as the Triton tutorial's dk/dv (sm_90: dk/dv 202, dq 141 registers, 277 / 243
-    instructions per full iteration; 64 x 64 needs 451 / 293, at 4 warps dk/dv spills). d128
-    on sm_90: 32 x 128, 3 stages (255 registers in dk/dv but no spill, 350 / 396; 64 x 64
-    spills 72 B around the loops, 558 / 437; 16 x 128 has 234 registers at 1.4x the
-    instructions per pair); elsewhere 64 x 64 (sm_80: 182 / 202 registers; 32 x 128 spills in
-    the dk/dv loop). d256: 32 x 32, 8 warps, 2 stages (sm_90 / sm_80: 186 / 176 registers in
-    dk/dv, 141 / 166 in dq, pipelined; at 1 stage nothing is pipelined and dq needs 254)."""
+def choose_backward(target: str, dtype: str, dqk: int, dv: int, kernel: str) -> Schedule:
+    """Tiles of one backward kernel ("dq" or "dkdv") by head dim (BLOCK_M query rows, BLOCK_N
+    keys), shrunk until that kernel fits the target's shared memory; the interpreter gets
+    64 x 64 tiles for both (fewer, larger tiles run faster on the CPU). Each kernel has its own
+    tiles because their multiplies differ: dk/dv's rows are keys, dq's are queries, and Hopper's
+    warpgroup MMA (HGMMA) needs 64 rows. Not tuned on a GPU yet (none was lent): chosen from
+    ptxas's register and spill counts and the SASS instructions per loop iteration (causal,
+    bf16, 16-divisible strides; docs/performance.md).
+
+    dk/dv: d <= 64: 32 x 128 at 8 warps, as the Triton tutorial's dk/dv (sm_90: 202
+    registers, 277 instructions per full iteration and warp; 64 x 64 needs 451, at 4 warps it
+    spills). d128 on sm_90: 32 x 128, 3 stages (255 registers but no spill, 350; 64 x 64 spills
+    72 B around the loops, 558; 16 x 128 has 234 registers at 1.4x the instructions per pair);
+    elsewhere 64 x 64 (sm_80: 182 registers; 32 x 128 spills in the loop). d256: 32 x 32,
+    8 warps, 2 stages (sm_90 / sm_80: 186 / 176 registers, pipelined).
+
+    dq: 128 query rows (two 64-row warpgroup MMAs on sm_90), as the tutorial's dq (128 x 32);
+    instructions per 4096 (query, key) pairs over all warps, full / partial tiles. d <= 128 on
+    sm_90: 128 x 64, 8 warps, 2 stages (d64: 167 registers, 1140 / 2696; 128 x 32 1512 / 2920,
+    64 x 64 at 4 warps 1200 / 2848, the shared 32 x 128 on mma.sync 1944 / 3696; d128: 239
+    registers, no spill, 1416 / 3012; 128 x 32 at 3 stages 1992 / 3776, 32 x 128 3168 / 5320,
+    64 x 64 3224 / 6512, 128 x 64 at 3 stages 244 registers). Elsewhere 128 x 32, 8 warps,
+    2 stages (sm_80 d64: 172 registers, 1448 / 3000, 32 x 128 1936 / 4232, at 4 warps 8 B of
+    stack; d128: 191 registers, 2264 / 4264, 64 x 64 2752 / 5000, 128 x 64 spills 32 B).
+    d256: 32 x 32, 8 warps, 2 stages (sm_90 / sm_80: 141 / 166 registers, pipelined; at
+    1 stage nothing is pipelined and it needs 254)."""
+    if kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"kernel: expected one of {BACKWARD_KERNELS}, got {kernel!r}")
     if target == "interpreter":
         return Schedule(block_m=64, block_n=64, num_warps=4, num_stages=1)
     d, elem = max(padded(dqk), padded(dv)), 4 if dtype == "float32" else 2
-    if d <= 64:
+    if kernel == "dq":
+        if d <= 128:
+            bm, bn, warps, stages = 128, 64 if target == "sm90" else 32, 8, 2
+        else:
+            bm, bn, warps, stages = 32, 32, 8, 2
+    elif d <= 64:
         bm, bn, warps, stages = 32, 128, 8, 2
     elif d <= 128 and target == "sm90":
         bm, bn, warps, stages = 32, 128, 8, 3
@@ -108,9 +133,9 @@ def choose_backward(target: str, dtype: str, dqk: int, dv: int) -> Schedule:
     if elem == 4:
         bm, bn = max(16, bm // 2), max(16, bn // 2)
     return fit_shared_memory(Schedule(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
-                             target, lambda sc: _shared_bytes_backward(sc.block_m, sc.block_n,
-                                                                       sc.num_stages, padded(dqk),
-                                                                       padded(dv), elem))
+                             target, lambda sc: _shared_bytes_backward(
+                                 kernel, sc.block_m, sc.block_n, sc.num_stages, padded(dqk),
+                                 padded(dv), elem))
 
 
 def choose_serving(head_dim_max: int, interpreter: bool) -> tuple[int, int]:

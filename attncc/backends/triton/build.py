@@ -26,8 +26,8 @@ def build_targets(forward: TritonForward, dtype: Any, head_dim_qk: int, head_dim
     """What `attncc build` and `precompile` make per signature: the usual forward; with a
     reorder also the one for tokens kept in the reordered order (`permuted=True`, how a model
     that stays permuted across layers calls it); the block-map kernel when there is one; with
-    `backward`, the dq and dkdv kernels (no learnable captures) and the block map at their
-    tiles."""
+    `backward`, the dq and dkdv kernels (no learnable captures) and the block map at each
+    one's tiles (dq and dk/dv take different tiles)."""
     def one(kind: str, variant: Variant = DEFAULT_VARIANT, tiles=None) -> Target:
         return forward_target(forward, kind, dtype, head_dim_qk, head_dim_v, arch, variant,
                               tiles)
@@ -42,10 +42,14 @@ def build_targets(forward: TritonForward, dtype: Any, head_dim_qk: int, head_dim
         kernels = TritonBackward(forward, ())
         targets += [backward_target(kernels, k, dtype, head_dim_qk, head_dim_v, arch)
                     for k in ("dq", "dkdv")]
-        tiles = (targets[-1].spec.schedule.block_m, targets[-1].spec.schedule.block_n)
-        if has_block_map and tiles != (targets[0].spec.schedule.block_m,
-                                       targets[0].spec.schedule.block_n):
-            targets.append(one("block_map", tiles=tiles))
+        if has_block_map:  # a map at each backward kernel's tiles that no earlier map has
+            made = [(t.spec.schedule.block_m, t.spec.schedule.block_n) for t in targets
+                    if t.kind == "block_map"]
+            for t in targets[-2:]:
+                tiles = (t.spec.schedule.block_m, t.spec.schedule.block_n)
+                if tiles not in made:
+                    made.append(tiles)
+                    targets.append(one("block_map", tiles=tiles))
     return targets
 
 

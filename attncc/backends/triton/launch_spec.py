@@ -105,7 +105,7 @@ def backward_spec(backward: TritonBackward, kernel: str, dtype: str, head_dim_qk
         raise ValueError(f"kernel: expected one of {BACKWARD_KERNELS}, got {kernel!r}")
     if not variant.write_lse:
         raise ValueError("the backward kernels have no write_lse=False variant")
-    sched = backward.schedule(dtype, head_dim_qk, head_dim_v, f"sm{arch}")
+    sched = backward.schedule(dtype, head_dim_qk, head_dim_v, f"sm{arch}", kernel)
     constexprs = backward_constexprs(sched, head_dim_qk, head_dim_v,
                                      gather_rows=variant.gather_rows)
     return _spec(str(backward.entry.files["kernel.py"]), f"{backward.name}_{kernel}",
@@ -124,7 +124,7 @@ def forward_tiles(forward: TritonForward, dtype: str, head_dim_qk: int, head_dim
 
 def block_map_spec(forward: TritonForward, arch: int, tiles: tuple[int, int]) -> LaunchSpec:
     """`forward`'s block-map kernel for (BLOCK_M, BLOCK_N) = `tiles` on sm_<arch> (the forward's
-    or the backward's tiles); the launch allocates CLASSES, so it is always aligned."""
+    or a backward kernel's); the launch allocates CLASSES, so it is always aligned."""
     arguments = block_map_launch_arguments() + block_map_arguments(forward.plan)
     constexprs = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     return LaunchSpec(str(forward.entry.files["block_map.py"]), block_map_kernel_name(forward.plan),

@@ -75,7 +75,7 @@ def forward_target(forward: TritonForward, kind: str, dtype: Any, head_dim_qk: i
                    head_dim_v: int, arch: int | str, variant: Variant = DEFAULT_VARIANT,
                    tiles: tuple[int, int] | None = None) -> Target:
     """The forward kernel or the block-map kernel (with `tiles`, default the forward's, for
-    the backward's tiles) of `forward` for one signature; arguments are checked here."""
+    a backward kernel's tiles) of `forward` for one signature; arguments are checked here."""
     if kind not in KINDS[:2]:
         raise ValueError(f"kind: expected one of {KINDS[:2]}, got {kind!r}")
     if kind not in kinds(forward):

@@ -5,7 +5,8 @@ of grad-requiring captures), module loaded once per process, two launches per ca
 program per kv tile of one (batch, kv head), summing its GQA group in-program): no atomics, so
 dq, dk, dv and capture gradients are bitwise reproducible. Tile sizes come from
 `attncc.passes.select_tiles.choose_backward`: the dk/dv kernel keeps k, v and their fp32
-gradients resident while streaming q and do, so it needs smaller tiles than the forward. On a
+gradients resident while streaming q and do, so it needs smaller tiles than the forward; the dq
+kernel keeps q and do resident and takes its own tiles (each launch gets its kernel's). On a
 GPU `attncc build` can target, both run their prebuilt binaries
 (`attncc.backends.triton.prebuilt`), not Triton's JIT.
 """
@@ -82,10 +83,11 @@ class TritonBackward:
         return getattr(self._module, self.name + "_dq"), getattr(self._module,
                                                                  self.name + "_dkdv")
 
-    def schedule(self, dtype: str, dqk: int, dv: int, target: str) -> Schedule:
-        key = (dtype, dqk, dv, target)
+    def schedule(self, dtype: str, dqk: int, dv: int, target: str, kernel: str) -> Schedule:
+        """The tiles of `kernel` ("dq" | "dkdv") for one signature."""
+        key = (dtype, dqk, dv, target, kernel)
         if key not in self._schedules:
-            chosen = choose_backward(target, dtype, dqk, dv)
+            chosen = choose_backward(target, dtype, dqk, dv, kernel)
             user = self.plan.spec.schedule  # fields the user fixed apply to both directions
             self._schedules[key] = dataclasses.replace(chosen, **{
                 f.name: getattr(user, f.name) for f in dataclasses.fields(user)
@@ -102,42 +104,46 @@ class TritonBackward:
 
     def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
                lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-               dv: torch.Tensor, *, sched: Schedule, sm_scale: float,
+               dv: torch.Tensor, *, scheds: Mapping[str, Schedule], sm_scale: float,
                params: Mapping[str, int | float], tensors: Mapping[str, torch.Tensor],
                kv_tiles: torch.Tensor | None, q_tiles: torch.Tensor | None,
                positions: tuple[torch.Tensor, torch.Tensor] | None, gather_rows: bool,
                upcast_dot: bool) -> list[torch.Tensor]:
         """q/k/v/do/dq/dk/dv BHSD views (any strides); lse, delta fp32 [B, Hq, Lq] contiguous,
-        rows in the kernel's layout order (as the forward wrote lse). Returns the grad-load
-        buffers, filled."""
+        rows in the kernel's layout order (as the forward wrote lse); `scheds`: each kernel's
+        ("dq", "dkdv") tiles; `kv_tiles`: the block map at dq's tiles, `q_tiles`: the transposed
+        one at dk/dv's (each kernel reads only its own). Returns the grad-load buffers, filled."""
         B, Hq, Lq, dqk = q.shape
         Hkv, Lk, d_v = k.shape[1], k.shape[2], v.shape[3]
-        bufs = self.buffers(B, Hq, Lq, Lk, sched.block_m, q.device)
+        bufs = self.buffers(B, Hq, Lq, Lk, scheds["dq"].block_m, q.device)
         values = argument_values(self.plan, params, tensors, kv_tiles, positions)
         if q_tiles is not None:
             values += [q_tiles, *(q_tiles.stride(axis) for axis in range(4))]
         values += bufs
         expected = len(backward_arguments(self.plan, self.loads))
         assert len(values) == expected, (len(values), expected)
-        constexprs = backward_constexprs(sched, dqk, d_v, upcast_dot=upcast_dot,
-                                         gather_rows=gather_rows)
         args = (q, k, v, do, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
                 Lq, Lk, Hq, Hkv, float(sm_scale), *values)
-        grids = {"dq": (-(-Lq // sched.block_m), B * Hq), "dkdv": (-(-Lk // sched.block_n),
-                                                                  B * Hkv)}
+        constexprs = {kernel: backward_constexprs(sched, dqk, d_v, upcast_dot=upcast_dot,
+                                                  gather_rows=gather_rows)
+                      for kernel, sched in scheds.items()}
+        grids = {"dq": (-(-Lq // scheds["dq"].block_m), B * Hq),
+                 "dkdv": (-(-Lk // scheds["dkdv"].block_n), B * Hkv)}
         if prebuilt_arch(q.device) is not None:
             dtype = keys.dtype_name(q.dtype)
-            named = dict(zip(self.argument_names, args, strict=True)) | constexprs
-            variant = choose_variant(named, BACKWARD_ALIGNED, BACKWARD_UNIT_STRIDES,
-                                     BACKWARD_STRIDES, gather_rows=gather_rows)
+            named = dict(zip(self.argument_names, args, strict=True))
+            variant = choose_variant(named | constexprs["dq"], BACKWARD_ALIGNED,
+                                     BACKWARD_UNIT_STRIDES, BACKWARD_STRIDES,
+                                     gather_rows=gather_rows)
             for kernel, grid in grids.items():
-                self._run_prebuilt(kernel, grid, named, q.device, (dtype, dqk, d_v), variant)
+                self._run_prebuilt(kernel, grid, named | constexprs[kernel], q.device,
+                                   (dtype, dqk, d_v), variant)
             return bufs
-        dq_fn, dkdv_fn = self.functions()  # the interpreter, or a GPU attncc build cannot target
-        launch = dict(num_warps=sched.num_warps, num_stages=sched.num_stages, **constexprs)
-        dq_fn[grids["dq"]](*args, **launch)
-        dkdv_fn[grids["dkdv"]](*args, **launch)
+        functions = dict(zip(("dq", "dkdv"), self.functions()))  # the interpreter, or a GPU
+        for kernel, grid in grids.items():  # attncc build cannot target
+            functions[kernel][grid](*args, num_warps=scheds[kernel].num_warps,
+                                    num_stages=scheds[kernel].num_stages, **constexprs[kernel])
         return bufs
 
     def _run_prebuilt(self, kernel: str, grid: tuple[int, int], values: Mapping[str, Any],

@@ -1,5 +1,5 @@
-"""One Triton backward call of a compiled attention: delta, block maps, the two kernel
-launches, captured-tensor and sink gradients.
+"""One Triton backward call of a compiled attention: delta, block maps (one at each kernel's
+tiles), the two kernel launches, captured-tensor and sink gradients.
 
 `triton_backward` is the Triton softmax family's backward
 (`attncc.backends.triton.softmax.TritonSoftmax.backward`), which the front end's
@@ -69,19 +69,27 @@ def triton_backward(attn: TritonSoftmax, q: torch.Tensor, k: torch.Tensor,
     else:
         target = target_of(q.device)
         dtype = keys.dtype_name(q.dtype)
-        sched = kernels.schedule(dtype, dqk, d_v, target)
+        scheds = {kernel: kernels.schedule(dtype, dqk, d_v, target, kernel)
+                  for kernel in ("dq", "dkdv")}
         positions = (attn.positions.get(Lq, Lk, q.device, dict(reorder_inputs))
                      if attn.positions is not None else None)
         kv_tiles = q_tiles = None
         if attn.block_maps is not None:
-            kv_tiles = attn.block_maps.get(
-                B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=sched.block_m,
-                block_n=sched.block_n, params=params, tensors=tensors, positions=positions,
-                device=q.device, prebuilt_for=(dtype, dqk, d_v))
-            q_tiles = q_tile_lists(kv_tiles)
+            # one map per kernel's tiles, built once when they agree (a map on device tensors
+            # is rebuilt on every get)
+            maps: dict[tuple[int, int], torch.Tensor] = {}
+            for sched in scheds.values():
+                tiles = (sched.block_m, sched.block_n)
+                if tiles not in maps:
+                    maps[tiles] = attn.block_maps.get(
+                        B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, block_m=tiles[0], block_n=tiles[1],
+                        params=params, tensors=tensors, positions=positions, device=q.device,
+                        prebuilt_for=(dtype, dqk, d_v))
+            kv_tiles = maps[scheds["dq"].block_m, scheds["dq"].block_n]
+            q_tiles = q_tile_lists(maps[scheds["dkdv"].block_m, scheds["dkdv"].block_n])
         # the interpreter's tl.dot multiplies raw bf16 bits (triton-lang/triton#11584)
         upcast = target == "interpreter" and q.dtype == torch.bfloat16
-        buffers = kernels.launch(q, k, v, do, lse, delta, dq, dk, dv, sched=sched,
+        buffers = kernels.launch(q, k, v, do, lse, delta, dq, dk, dv, scheds=scheds,
                                  sm_scale=sm_scale, params=params, tensors=tensors,
                                  kv_tiles=kv_tiles, q_tiles=q_tiles, positions=positions,
                                  gather_rows=not permuted, upcast_dot=upcast)

@@ -1,11 +1,12 @@
 """Render the backward kernels of a KernelPlan with `attncc/backends/triton/templates/attn_bwd.py.j2`.
 
 The backward reads the same IR as the forward: the mask and tile pieces print exactly as the
-forward prints them (`triton_render.piece_loops`), so both directions visit the same tiles with the
-same partial/full classification (dk/dv inverts them per kv tile, `_dkdv_piece`; it may also visit
-as partial a tile with no allowed pair, which adds nothing). Score mods enter through the chain
-rule: `d score_expr / d score` and, for every load of a captured tensor that requires grad,
-`d score_expr / d load`, both differentiated by sympy and printed by the same TritonPrinter.
+forward prints them (`triton_render.piece_loops`), so both directions classify tiles (partial /
+full) by the same arithmetic, each kernel at its own tile sizes (dk/dv inverts it per kv tile,
+`_dkdv_piece`; it may also visit as partial a tile with no allowed pair, which adds nothing).
+Score mods enter through the chain rule: `d score_expr / d score` and, for every load of a
+captured tensor that requires grad, `d score_expr / d load`, both differentiated by sympy and
+printed by the same TritonPrinter.
 
 `GradLoad.kind` says how a load's gradient is collected (see `attncc.backends.
 triton_backward_grads`): "reduced" (index free of `q_idx`/`kv_idx`: ALiBi slope[h], head
