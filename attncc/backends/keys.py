@@ -85,7 +85,6 @@ def code_stamp() -> str:
     return h.hexdigest()
 
 
-@functools.cache
 def version_stamp() -> str:
     """What every key includes: a new attncc (or any edit of its code), torch or triton never
     loads old entries."""
