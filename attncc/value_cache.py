@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 def on_host(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether comparing `tensors` by value needs no device sync."""
-    return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cpu for t in tensors)
 
 
 def keep(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -30,10 +30,16 @@ def keep(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 def same_values(kept: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> bool:
     """Exact equality of shapes, dtypes and values (a NaN never equals: such a result is
-    rebuilt, which is safe)."""
-    return len(kept) == len(tensors) and all(
-        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach().cpu())
-        for a, b in zip(kept, tensors))
+    rebuilt, which is safe). A host tensor is compared where it is (`torch.equal` reads its
+    values, whatever its autograd state); a device one through a host copy."""
+    if len(kept) != len(tensors):
+        return False
+    for a, b in zip(kept, tensors):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not torch.equal(a, b if b.is_cpu else b.detach().cpu()):
+            return False
+    return True
 
 
 class ValueCache(Generic[T]):

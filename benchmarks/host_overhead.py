@@ -12,7 +12,8 @@ tensors, so everything a call does runs for real except the driver's own calls (
 - the raw launch alone: Triton's `CompiledKernel[grid](*arguments)` for the causal kernel
   (what any launcher pays), and attncc's checked `DirectKernel.__call__` (a variant's first
   launch; later ones hand the same arguments to the binary positionally);
-- serving `plan` and `run` (paged decode, causal; `run` through Triton's JIT launcher);
+- serving `plan` and `run` (paged decode, causal; `run` compiled by Triton's JIT at the first
+  run, later runs launching the binary it returned with the remembered arguments);
 
 and, each in a fresh process: `import torch`, `import attncc` beyond it (and `-X importtime`'s
 self time of what it loads, by package), and the first call (compile + first launch) with the
@@ -127,8 +128,8 @@ def child_calls(calls: int) -> dict[str, Any]:
 def serving_calls(calls: int) -> dict[str, Any]:
     """Paged decode (causal, fp16): `plan` (all host work: work list, splits, buffers) and
     `run` (checks, arguments, the forward launch and the merge launch when the plan splits,
-    the index-check assert) through Triton's JIT launcher, compiled for the fake sm_90 at the
-    first run."""
+    the index-check assert), compiled by Triton's JIT for the fake sm_90 at the first run;
+    later runs of the same input geometry launch that binary positionally."""
     import torch
 
     import attncc

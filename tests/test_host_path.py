@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncc
-from attncc.ops.softmax import custom_op
+from attncc.backends.triton import forward as forward_module
+from attncc.ops.softmax import binding, custom_op
 
 ATTN = attncc.compile(attncc.Attention(mask=attncc.sliding_window(5)))
 
@@ -104,3 +105,65 @@ def test_jit_trace_records_the_op():
     assert "attncc::attention_fwd" in str(traced.graph)
     q2 = torch.randn(1, 2, 9, 8)
     torch.testing.assert_close(traced(q2, q2, q2), attn(q2, q2, q2, backend="reference"))
+
+
+@pytest.mark.parametrize("runtime", [
+    {"window": 3}, {"window": 2**53}, {"window": 2**53 + 1}, {"window": True}, {"window": 2.0},
+    {"window": 0}, {"window": -4}, {"window": torch.tensor(3)}, {"other": 3},
+    {"softcap": 5}, {"softcap": 2.5}, {"softcap": float("inf")}, {"softcap": float("nan")},
+    {"softcap": -1.0}, {"softcap": 0.0}, {"softcap": False}, {"softcap": 2**60}])
+def test_numbers_bind_as_the_general_path_does(runtime):
+    """`bind_numbers` (plain numbers for parameters, the eager direct path) gives exactly
+    what the general binding and `unpack_row` give, or None where they do something else
+    (raise, read a tensor, round an int through float64): every value it accepts passed
+    every check."""
+    specs = (attncc.Attention(mask=attncc.sliding_window(5)),
+             attncc.Attention(mask=attncc.causal(), score=attncc.softcap(30.0)))
+    for spec in specs:
+        sig = binding.CallSignature.of(spec)
+        fast = binding.bind_numbers(sig, runtime, 0.25)
+        try:
+            general = binding.unpack_row(sig, binding.bind_row(
+                sig, runtime, 0.25, torch.device("cpu"), {})[1])
+        except (TypeError, ValueError):
+            general = None
+        if fast is not None:
+            assert fast == general and all(type(x) is type(y) for x, y in zip(
+                fast[1].values(), general[1].values())), (runtime, fast, general)
+        plain = all(type(x) in (int, float) and abs(x) <= 2**53 for x in runtime.values())
+        if general is not None and plain and set(runtime) <= {p.name for p in spec.params}:
+            assert fast is not None  # the fast binding takes every plain call the general takes
+
+
+def test_arguments_read_from_sources_equal_argument_values():
+    """The forward's per-kernel argument sources give, launch after launch, exactly what
+    `argument_values` finds by name: block map and strides, positions, a bool capture (as
+    uint8), a 2-d capture's strides and sizes, parameters."""
+    g = torch.Generator().manual_seed(0)
+    doc = torch.arange(40, dtype=torch.int32) // 7
+    keep = torch.rand(5, generator=g) > 0.5  # bigbird's random blocks: a bool capture
+    slopes = torch.rand(2, generator=g)  # a float capture read per head
+    specs = [(attncc.Attention(mask=attncc.document(doc)), {"doc": doc}),
+             (attncc.Attention(mask=attncc.causal() & attncc.sliding_window(9),
+                               reorder=attncc.Hilbert2D(5, 8)), {}),
+             (attncc.Attention(mask=attncc.bigbird(8, 1, keep, attncc.bigbird_random_blocks(
+                 5, 2, seed=1))), {}),
+             (attncc.Attention(mask=attncc.causal(), score=attncc.alibi(slopes)), {}),
+             (attncc.Attention(mask=attncc.causal(), score=attncc.softcap(3.0)), {})]
+    kv_tiles = torch.zeros(2, 3, 4, 2, 5, dtype=torch.int32)[:, :, ::2]
+    positions = (torch.arange(40, dtype=torch.int32), torch.arange(40, dtype=torch.int32))
+    for spec, given in specs:
+        forward = attncc.compile(spec).kernels.kernel
+        params = {p.name: p.value for p in spec.params}
+        tensors = {c.name: c.tensor for c in spec.captures} | given
+        expected = forward_module.argument_values(forward.plan, params, tensors, kv_tiles,
+                                                  positions, forward.kernel_arguments)
+        sources = forward._sources
+        assert sources is not None, spec.text()
+        got = forward_module._read_arguments(sources[0], forward.captures, params, tensors,
+                                             kv_tiles, positions)
+        assert len(got) == len(expected) and all(
+            (x.data_ptr(), x.dtype, x.shape, x.stride()) == (y.data_ptr(), y.dtype, y.shape,
+                                                             y.stride())
+            if isinstance(y, torch.Tensor) else (type(x), x) == (type(y), y)
+            for x, y in zip(got, expected, strict=True)), spec.text()

@@ -10,9 +10,12 @@ would skip or a capture would refuse, whatever the backend's launcher does.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton.compiler import CompiledKernel
 
 import attncc
 from attncc.backends.reference.memory import paged_reference
@@ -106,3 +109,67 @@ def test_run_calls_no_torch_operation_but_the_index_assert(monkeypatch):
         attn.run(plan, q, kc, vc, page_table=table, kv_len=kv_len)
         int(kv_len[0])
     assert "aten._local_scalar_dense.default" in mode.ops
+
+
+class _Binary(CompiledKernel):
+    """Stands for the `CompiledKernel` Triton's JIT returns: records what its runner is given."""
+
+    def __init__(self, name: str, log: list) -> None:  # noqa: D107 (no binary behind it)
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append((self.name, grid, list(args)))
+
+    def __del__(self) -> None:  # nothing loaded to unload
+        pass
+
+
+def test_later_runs_of_one_geometry_launch_the_first_runs_binaries_with_its_arguments(
+        monkeypatch):
+    """A run's first launch of each input geometry goes through the JIT (checked); later ones
+    hand the binary it returned the same arguments in the kernel's order (constexprs included,
+    as `JITFunction.run` does), the new run's tensors put in, and still call no torch operation
+    but the index assert. A new geometry, or a misaligned tensor, goes through the JIT again;
+    a bad input is still refused."""
+    jit: list = []
+    fast: list = []
+
+    def launch(name, fn, grid, args, cx, **options):
+        jit.append((name, grid, list(args) + [cx[n] for n in fn.arg_names[len(args):]]))
+        return _Binary(name, fast)
+
+    monkeypatch.setattr(serve_run, "launch", launch)
+    # the device Triton's JIT would launch on (no CUDA driver here)
+    monkeypatch.setattr(serve_run, "driver", SimpleNamespace(
+        active=SimpleNamespace(get_current_device=lambda: 0)))
+    attn = attncc.compile(_spec())
+    plan = attn.plan(batch=2, num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_q_len=1,
+                     max_pages=MAX_PAGES, dtype=torch.float16, return_lse=True, device="cpu")
+    q, kc, vc, table, kv_len = _step(LENGTHS[1], 1, "cpu")
+    with torch.no_grad():
+        attn.run(plan, q, kc, vc, page_table=table, kv_len=kv_len)
+        assert [n for n, _, _ in jit] == [attn.kernels.name, attn.kernels.name + "_merge"]
+        q2, kc2, vc2, table2, kv_len2 = _step(LENGTHS[2], 2, "cpu")
+        with _Ops() as mode:
+            attn.run(plan, q2, kc2, vc2, page_table=table2, kv_len=kv_len2)
+        assert mode.ops == ["aten._assert_async.msg"], mode.ops
+        assert len(jit) == 2 and len(fast) == 2
+        swap = {id(a): b for a, b in zip((q, kc, vc, table, kv_len),
+                                         (q2, kc2, vc2, table2, kv_len2))}
+        for (name, grid, args), (fname, fgrid, fargs) in zip(jit, fast):
+            assert fname == name and fgrid == tuple(grid) + (1,) * (3 - len(grid))
+            expected = [swap.get(id(a), a) for a in args]
+            assert len(fargs) == len(expected)
+            assert all(x is y if isinstance(y, torch.Tensor) else x == y
+                       for x, y in zip(fargs, expected, strict=True))
+        assert any(x is q2 for x in fast[0][2]) and not any(x is q for x in fast[0][2])
+
+        # q at an address 2 bytes past a 16-byte boundary: Triton specialises on alignment
+        odd = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape).copy_(q)
+        attn.run(plan, odd, kc, vc, page_table=table, kv_len=kv_len)
+        assert len(jit) == 4
+        # a page table of the wrong width is refused, after runs of the right one were kept
+        with pytest.raises(ValueError, match="page_table"):
+            attn.run(plan, q, kc, vc, page_table=table[:, :-1], kv_len=kv_len)
+        with pytest.raises(ValueError, match="page_table"):
+            attn.run(plan, q, kc, vc, page_table=table.long(), kv_len=kv_len)

@@ -99,6 +99,9 @@ class ServePlan:
     # int64[6] the kernel's index-error record (`attncc.backends.serve_checks`); err_ok = err[:1]
     err: Tensor | None = field(default=None, repr=False)
     err_ok: Tensor | None = field(default=None, repr=False)
+    # the backend's own per-plan state for `run` (its launches worked out once per geometry of
+    # the run's inputs); empty when made, never read outside the backend
+    launches: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:

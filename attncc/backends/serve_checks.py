@@ -16,6 +16,7 @@ CUDA too.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,19 +116,21 @@ def error_record(device: torch.device) -> Tensor:
     return torch.tensor(CLEAN, dtype=torch.int64, device=device)
 
 
-def raise_index_errors(err: Tensor, ok: Tensor, inputs: dict[str, Any]) -> None:
+def raise_index_errors(err: Tensor, ok: Tensor,
+                       inputs: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
     """After a launch: raise when the kernel flagged an index value in `err` (`ok` = err[:1],
-    a view made once). No sync unless ATTNCC_DEBUG=1 or on the CPU. `inputs`: the index
-    tensors by argument name, num_pages, kv_cap, cap_what (what kv_cap is) and q_offsets (the
-    planned cu_seqlens_q), read only to report an error."""
+    a view made once). No sync unless ATTNCC_DEBUG=1 or on the CPU. `inputs` (or a function
+    that returns it, called only on an error): the index tensors by argument name, num_pages,
+    kv_cap, cap_what (what kv_cap is) and q_offsets (the planned cu_seqlens_q), read only to
+    report an error."""
     if config.debug_checks():
         if int(err[0]) == 0:
-            _raise(err, inputs)
+            _raise(err, inputs() if callable(inputs) else inputs)
         return
     try:
         torch._assert_async(ok, ASYNC_MESSAGE)
     except RuntimeError:  # a CPU tensor fails here; a CUDA one at the next sync
-        _raise(err, inputs)
+        _raise(err, inputs() if callable(inputs) else inputs)
 
 
 def _raise(err: Tensor, inputs: dict[str, Any]) -> None:

@@ -70,6 +70,8 @@ class TritonForward(GeneratedKernel):
         by_arg = {keys.param_arg(p.name): p.name for p in plan.spec.params}
         self._param_arguments = (tuple(by_arg[n] for n, _ in self.kernel_arguments)
                                  if all(n in by_arg for n, _ in self.kernel_arguments) else None)
+        # otherwise, where each of them comes from (`argument_values` finds it by name)
+        self._sources = _argument_sources(self.kernel_arguments, by_arg, self.captures)
         self.argument_names = [name for name, _ in fixed_arguments("float16")
                                + self.kernel_arguments]
         # per (dtype, Dqk, Dv, device, write_lse, gather_rows, counting): what a launch of that
@@ -147,6 +149,14 @@ class TritonForward(GeneratedKernel):
             prepared = self._prepared(q, k, v, lse is not None, gather_rows, True)
         if self._param_arguments is not None:  # parameters only: read them in order
             extra = [params[name] for name in self._param_arguments]
+        elif self._sources is not None and (kv_tiles is not None or not self._sources[1]) and (
+                positions is not None or not self._sources[2]):
+            try:
+                extra = _read_arguments(self._sources[0], self.captures, params, tensors,
+                                        kv_tiles, positions)
+            except KeyError:  # a value missing: argument_values says which
+                extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
+                                        self.kernel_arguments, self.captures)
         else:
             extra = argument_values(self.plan, params, tensors, kv_tiles, positions,
                                     self.kernel_arguments, self.captures)
@@ -326,6 +336,63 @@ def argument_values(plan: KernelPlan, params: Mapping[str, int | float],
 
 # a capture's argument names, built once per (name, rank) rather than on every launch
 _capture_arg_names = functools.cache(keys.capture_arg_names)
+
+# where `_read_arguments` finds an argument: a parameter (by name), the block map or one of
+# its strides (by axis), a position tensor (0: q, 1: kv), a captured tensor (by index) or
+# one of its strides or sizes (capture index, axis)
+_PARAM, _MAP, _MAP_STRIDE, _POSITIONS, _CAPTURE, _STRIDE, _SIZE = range(7)
+
+
+def _argument_sources(arguments: list[tuple[str, str]], params: Mapping[str, str],
+                      captures: tuple) -> tuple[tuple, bool, bool] | None:
+    """Per argument of `arguments`, where `argument_values` would find its value, as
+    (kind, key, axis); and whether the block map and the positions are read. None when an
+    argument is none of those (then `argument_values` reports it)."""
+    named: dict[str, tuple] = {f"kvt_stride_{c}": (_MAP_STRIDE, None, axis)
+                               for axis, c in enumerate("bhmc")}
+    named.update({"KV_TILES": (_MAP, None, 0), "Q_POS": (_POSITIONS, None, 0),
+                  "KV_POS": (_POSITIONS, None, 1)})
+    named.update({arg: (_PARAM, name, 0) for arg, name in params.items()})
+    for i, cap in enumerate(captures):
+        ptr, strides, sizes = _capture_arg_names(cap.name, cap.ndim)
+        named[ptr] = (_CAPTURE, i, 0)
+        named.update({n: (_STRIDE, i, axis) for axis, n in enumerate(strides)})
+        named.update({n: (_SIZE, i, axis) for axis, n in enumerate(sizes)})
+    if any(name not in named for name, _ in arguments):
+        return None
+    sources = tuple(named[name] for name, _ in arguments)
+    return (sources, any(k in (_MAP, _MAP_STRIDE) for k, _, _ in sources),
+            any(k == _POSITIONS for k, _, _ in sources))
+
+
+def _read_arguments(sources: tuple, captures: tuple, params: Mapping[str, int | float],
+                    tensors: Mapping[str, torch.Tensor], kv_tiles: torch.Tensor | None,
+                    positions: tuple[torch.Tensor, torch.Tensor] | None) -> list[Any]:
+    """`argument_values` from the sources `_argument_sources` worked out once: the same
+    values (a bool capture as uint8), without a dict of every argument per launch."""
+    caps = []
+    for cap in captures:
+        t = tensors[cap.name]
+        t = t.view(torch.uint8) if t.dtype == torch.bool else t
+        caps.append((t, t.stride(), t.shape))
+    map_strides = kv_tiles.stride() if kv_tiles is not None else ()
+    out: list[Any] = []
+    for kind, key, axis in sources:
+        if kind == _PARAM:
+            out.append(params[key])
+        elif kind == _CAPTURE:
+            out.append(caps[key][0])
+        elif kind == _STRIDE:
+            out.append(caps[key][1][axis])
+        elif kind == _SIZE:
+            out.append(caps[key][2][axis])
+        elif kind == _MAP:
+            out.append(kv_tiles)
+        elif kind == _MAP_STRIDE:
+            out.append(map_strides[axis])
+        else:
+            out.append(positions[axis])
+    return out
 
 
 def _sources(plan: KernelPlan) -> dict[str, bytes]:

@@ -161,9 +161,10 @@ class TritonServe:
 
 
 def launch(name: str, fn: Any, grid: tuple, args: list[Any], constexprs: dict[str, Any],
-           **options: Any) -> None:
-    """fn[grid](*args, **constexprs, **options), inside every hook of LAUNCH_HOOKS."""
+           **options: Any) -> Any:
+    """fn[grid](*args, **constexprs, **options), inside every hook of LAUNCH_HOOKS; returns
+    what Triton's launch returns (its `CompiledKernel` when the JIT ran one)."""
     with contextlib.ExitStack() as stack:
         for hook in LAUNCH_HOOKS:
             stack.enter_context(hook(name, grid, {"args": args, **constexprs}))
-        fn[grid](*args, **constexprs, **options)
+        return fn[grid](*args, **constexprs, **options)

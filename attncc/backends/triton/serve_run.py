@@ -6,21 +6,32 @@ Nothing here reads device data or allocates (cascade excepted, which says so): a
 are tensors, their strides and the plan's integers. After the launches, one
 `torch._assert_async` on the plan's error record raises what the kernel found wrong in the
 index values (`attncc.backends.serve_checks`), without a sync.
+
+The first run of a plan with inputs of one geometry (`_run_key`: each input's type, shape,
+strides, dtype, device and 16-byte alignment, the layout, the current device) checks and
+assembles everything and launches through Triton's JIT; the plan keeps the `CompiledKernel`s
+the JIT returned and the arguments in each kernel's order (`_Remembered`). A later run of the
+same geometry passed every check that run did (they read nothing else), gets the same integer
+arguments, constexprs and JIT specialisation, so it only puts its own tensors into their
+positions and calls the binaries: no dict, no check, no specialisation per argument.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
 
 from attncc import config
 from attncc.backends.base import Backend, ServePlan
 from attncc.backends.serve_checks import check_absent, check_tensor, raise_index_errors
 from attncc.backends.triton.forward import argument_values, target_of
+from attncc.backends.triton import serve as serve_kernels
 from attncc.backends.triton.serve import (FIXED_ARGS, MERGE_FIXED_ARGS, TritonServe,
                                           extra_arguments, launch)
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
@@ -205,9 +216,10 @@ def _stream_arguments(plan: ServePlan, mem: PerHeadLengths, k_stream: Tensor | N
 
 def launch_plan(kernels: TritonServe, plan: ServePlan, a: dict[str, Any], cx: dict[str, Any],
                 *, split_base: int, parts: int, num_splits: int | None = None,
-                merge_parts: bool = True) -> None:
+                merge_parts: bool = True) -> list[_Launched]:
     """Forward over the plan's work list; then, unless it wrote final outputs, the merge of
-    `parts` partials (split_base: first partial slice this launch writes)."""
+    `parts` partials (split_base: first partial slice this launch writes). Returns the
+    launches made, in order."""
     splits = plan.num_splits if num_splits is None else num_splits
     partial = parts > 1
     a = dict(a, split_base=split_base)
@@ -218,27 +230,39 @@ def launch_plan(kernels: TritonServe, plan: ServePlan, a: dict[str, Any], cx: di
               DOT_PRECISION="ieee",
               UPCAST_DOT=target == "interpreter" and plan.dtype == torch.bfloat16,
               NUM_SPLITS=splits, WRITE_PARTIAL=partial, WRITE_LSE=plan.lse is not None)
+    launched: list[_Launched] = []
     if plan.work.shape[0]:
-        launch(kernels.name, kernels.forward(), (plan.work.shape[0], plan.hkv, splits),
-               [a[n] for n in names] + list(plan.extra), cx, num_warps=plan.num_warps,
-               num_stages=2)
+        fn, grid = kernels.forward(), (plan.work.shape[0], plan.hkv, splits)
+        args = [a[n] for n in names] + list(plan.extra)
+        launched.append(_Launched(launch(kernels.name, fn, grid, args, cx,
+                                         num_warps=plan.num_warps, num_stages=2),
+                                  grid, _positional(fn, args, cx)))
     if partial and merge_parts:
-        merge(kernels, plan, plan.o_part, plan.lse_part, parts)
+        launched += merge(kernels, plan, plan.o_part, plan.lse_part, parts)
+    return launched
 
 
 def raise_errors(plan: ServePlan, a: dict[str, Any]) -> None:
     """After the launches of one run: raise what the kernel wrote to the plan's error record
     (no sync; see `attncc.backends.serve_checks.raise_index_errors`)."""
     if _checks and plan.work.shape[0]:
-        raise_index_errors(plan.err, plan.err_ok, {
-            "num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
+        raise_index_errors(plan.err, plan.err_ok, _error_inputs(plan, a))
+
+
+ERROR_ARGUMENTS = ("num_pages", "kv_cap", "cap_what", "PAGE_TABLE", "KV_LEN", "CU_K", "CU_Q_IN",
+                   "HEAD_LEN")
+
+
+def _error_inputs(plan: ServePlan, a: dict[str, Any]) -> dict[str, Any]:
+    """What an index error's message reads: the run's index tensors and capacities."""
+    return {"num_pages": a["num_pages"], "kv_cap": a["kv_cap"], "cap_what": a["cap_what"],
             "q_offsets": plan.cu_q, "page_table": a["PAGE_TABLE"], "kv_len": a["KV_LEN"],
             "cu_seqlens_k": a["CU_K"], "cu_seqlens_q": a["CU_Q_IN"],
-            "head_kv_len": a["HEAD_LEN"]})
+            "head_kv_len": a["HEAD_LEN"]}
 
 
 def merge(kernels: TritonServe, plan: ServePlan, o_part: Tensor, lse_part: Tensor,
-          parts: int) -> None:
+          parts: int) -> list[_Launched]:
     o, lse = plan.o, plan.lse if plan.lse is not None else plan.work
     a = {"O_PART": o_part, "LSE_PART": lse_part, "O": o, "LSE": lse,
          **_q_strides(o, plan.ragged_q, "stride_o"), **_lse_strides(plan),
@@ -246,9 +270,12 @@ def merge(kernels: TritonServe, plan: ServePlan, o_part: Tensor, lse_part: Tenso
          "rows_per_b": plan.rows if plan.ragged_q else plan.q_rows, "Hq": plan.hq,
          "n_parts": parts}
     cx = {"D_V": plan.dv, "D_V_PAD": padded(plan.dv), "WRITE_LSE": plan.lse is not None}
-    if plan.rows:
-        launch(kernels.name + "_merge", kernels.merge(), (plan.rows, plan.hq),
-               [a[n] for n, _ in MERGE_FIXED_ARGS] + list(plan.extra), cx, num_warps=1)
+    if not plan.rows:
+        return []
+    fn, grid = kernels.merge(), (plan.rows, plan.hq)
+    args = [a[n] for n, _ in MERGE_FIXED_ARGS] + list(plan.extra)
+    return [_Launched(launch(kernels.name + "_merge", fn, grid, args, cx, num_warps=1), grid,
+                      _positional(fn, args, cx))]
 
 
 def cascade(kernels: TritonServe, plan: ServePlan, q: Tensor, prefix_k: Tensor,
@@ -290,6 +317,110 @@ def cascade(kernels: TritonServe, plan: ServePlan, q: Tensor, prefix_k: Tensor,
     return (plan.o, plan.lse) if plan.lse is not None else plan.o
 
 
+# -- later runs of one geometry: the arguments of the first, the binaries its JIT returned --
+
+RUN_TENSORS = ("page_table", "kv_len", "cu_seqlens_q", "cu_seqlens_k", "mem_k", "mem_v",
+               "head_kv_len", "k_stream", "v_stream")  # after q, k, v: a run's own tensors
+_REMEMBERED_PER_PLAN = 16  # geometries one plan keeps (a decode loop has one)
+
+
+class _Launched(NamedTuple):
+    """One launch of a run: what Triton returned (its `CompiledKernel` from the JIT; nothing
+    under the interpreter), the grid, and every argument in the kernel's order, constexprs
+    included (what the JIT hands the binary; None if the launch's names do not cover them)."""
+
+    compiled: Any
+    grid: tuple[int, ...]
+    positional: list[Any] | None
+
+
+def _positional(fn: Any, args: list[Any], constexprs: dict[str, Any]) -> list[Any] | None:
+    """`args` then the constexprs in the order of `fn`'s parameters (what `JITFunction.run`
+    binds and passes to `CompiledKernel.run`); None unless they are exactly the rest."""
+    rest = list(getattr(fn, "arg_names", ()))[len(args):]
+    if sorted(rest) != sorted(constexprs):
+        return None
+    return list(args) + [constexprs[n] for n in rest]
+
+
+def _geometry(t: Any) -> Any:
+    """What a run's checks and Triton's specialisation read of one input: its type, shape,
+    strides, dtype, device, and whether its address is 16-byte aligned."""
+    if t is None:
+        return None
+    return type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
+
+
+def _run_key(plan: ServePlan, tensors: tuple, kv_layout: str) -> tuple:
+    """Everything the checks, the arguments other than the run's tensors, the constexprs and
+    the binary a run launches depend on: each input's `_geometry`, the layout, whether the
+    index checks are on, the current device (Triton loads a binary per device) and the
+    alignment of the plan's captured tensors."""
+    return (kv_layout, _checks, driver.active.get_current_device(),
+            *[_geometry(t) for t in tensors],
+            *[x.data_ptr() % 16 for x in plan.extra if isinstance(x, Tensor)])
+
+
+class _Remembered(NamedTuple):
+    """The launches of one run geometry: per launch the binary's runner (`compiled[grid]`),
+    its arguments and, for the forward, (position, index into the run's tensors) of every
+    argument that is one of them; `error_at`: the same for what an index error reports."""
+
+    runners: tuple[Callable[..., None], ...]
+    arguments: tuple[list[Any], ...]
+    slots: tuple[tuple[tuple[int, int], ...], ...]
+    error_at: dict[str, Any]
+
+    def run(self, plan: ServePlan, tensors: tuple) -> None:
+        for runner, arguments, slots in zip(self.runners, self.arguments, self.slots):
+            if slots:
+                arguments = arguments.copy()
+                for position, index in slots:
+                    arguments[position] = tensors[index]
+            runner(*arguments)
+        if _checks and plan.work.shape[0]:
+            raise_index_errors(plan.err, plan.err_ok, lambda: self.error_inputs(plan, tensors))
+
+    def error_inputs(self, plan: ServePlan, tensors: tuple) -> dict[str, Any]:
+        return _error_inputs(plan, {name: tensors[at.index] if isinstance(at, _Slot) else at
+                                    for name, at in self.error_at.items()})
+
+
+class _Slot(NamedTuple):
+    """Stands for the run's tensor `index` (in `RUN_TENSORS` order after q, k, v)."""
+
+    index: int
+
+
+def _remember(plan: ServePlan, tensors: tuple, kv_layout: str, launched: list[_Launched],
+              a: dict[str, Any]) -> None:
+    """Keep what this run (just launched through the JIT, all checks passed) launched, for the
+    later runs of its geometry. Kept only when every launch ran a `CompiledKernel` and each
+    argument that is one of the run's tensors names it unambiguously: no run tensor is
+    another, or one the plan owns (then its position could stand for either)."""
+    if not launched or not all(isinstance(x.compiled, CompiledKernel)
+                               and x.positional is not None for x in launched):
+        return
+    given = [t for t in tensors if t is not None]
+    owned = [plan.o, plan.lse, plan.o_part, plan.lse_part, plan.work, plan.err, plan.cu_q,
+             plan.head_map, *plan.extra]
+    if any(t is u for i, t in enumerate(given) for u in given[i + 1:] + owned):
+        return
+
+    def index_of(value: Any) -> int | None:
+        return next((i for i, t in enumerate(tensors) if t is not None and t is value), None)
+
+    slots = tuple(tuple((p, i) for p, i in ((p, index_of(x)) for p, x in enumerate(
+        run.positional)) if i is not None) for run in launched)
+    error_at = {name: a[name] if index_of(a[name]) is None else _Slot(index_of(a[name]))
+                for name in ERROR_ARGUMENTS}
+    if len(plan.launches) >= _REMEMBERED_PER_PLAN:
+        plan.launches.clear()
+    plan.launches[_run_key(plan, tensors, kv_layout)] = _Remembered(
+        tuple(x.compiled[tuple(x.grid) + (1,) * (3 - len(x.grid))] for x in launched),
+        tuple(x.positional for x in launched), slots, error_at)
+
+
 class TritonServing(TritonServe):
     """The serving family of the Triton backend (`attncc.backends.base`): the kernels of
     `TritonServe`, the plan-time choices only they need (kv tile, warps, bound arguments), and
@@ -322,16 +453,26 @@ class TritonServing(TritonServe):
 
     def run(self, plan: ServePlan, q: Tensor, k: Tensor, v: Tensor, kv_layout: str,
             inputs: dict[str, Any]) -> None:
-        """One run of `plan`: check, assemble, launch (and merge), raise index errors."""
-        args, cx = arguments(self, plan, q, k, v, inputs["page_table"], inputs["kv_len"],
-                             inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], inputs["mem_k"],
-                             inputs["mem_v"], inputs["head_kv_len"], kv_layout,
-                             inputs["k_stream"], inputs["v_stream"])
+        """One run of `plan`: check, assemble, launch (and merge), raise index errors.
+
+        The first run of each geometry of the inputs (`_run_key`) does all of it through
+        Triton's JIT; later runs of that geometry launch the binaries it returned with the
+        arguments it assembled, only the run's tensors put in (`_Remembered`)."""
+        tensors = (q, k, v, *map(inputs.__getitem__, RUN_TENSORS))
         visits = inputs.get("_visits")
+        if plan.launches and visits is None and not serve_kernels.LAUNCH_HOOKS:
+            key = _run_key(plan, tensors, kv_layout)
+            known = plan.launches.get(key)
+            if known is not None:
+                known.run(plan, tensors)
+                return
+        args, cx = arguments(self, plan, q, k, v, *tensors[3:10], kv_layout, *tensors[10:])
         if visits is not None:  # tests: int32[B] += kv tiles read (all heads and splits)
             args["VISITS"], cx["COUNT_VISITS"] = visits, True
-        launch_plan(self, plan, args, cx, split_base=0, parts=plan.num_splits)
+        launched = launch_plan(self, plan, args, cx, split_base=0, parts=plan.num_splits)
         raise_errors(plan, args)
+        if visits is None and not serve_kernels.LAUNCH_HOOKS:
+            _remember(plan, tensors, kv_layout, launched, args)
 
     def cascade(self, plan: ServePlan, q: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                 k: Tensor, v: Tensor, **inputs: Any) -> Tensor | tuple[Tensor, Tensor]:

@@ -62,6 +62,11 @@ class CallSignature:
         set_(self, "nondecreasing", any(c.nondecreasing for c in self.captures))
         set_(self, "default_captures", tuple(c.tensor for c in self.captures))
         set_(self, "default_values", tuple(p.value for p in self.params))
+        # `unpack_row`'s values of the spec's own parameters (what `bind_numbers` starts from)
+        try:
+            set_(self, "default_bound", unpack_row(self, [1.0, *self.default_values])[1])
+        except (TypeError, ValueError):
+            set_(self, "default_bound", None)
 
     @staticmethod
     def of(spec: AttentionSpec) -> CallSignature:
@@ -126,6 +131,39 @@ def bind_row(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float,
     if caps:
         _check_captures(sig, caps, device, extents)
     return caps, row
+
+
+_EXACT = 2**53  # |an int| up to this goes through float64 unchanged
+
+
+def bind_numbers(sig: CallSignature, runtime: Mapping[str, Any], sm_scale: float
+                 ) -> tuple[float, dict[str, int | float]] | None:
+    """`unpack_row(sig, bind_row(sig, runtime, ...)[1])` for a call whose runtime values are
+    all plain Python numbers for parameters (`window=128`) of a spec without captured
+    tensors: the same values (as they come back from float64) after the same checks, without
+    the general path's sorting and row. None when the call is not of that kind or a check
+    fails: the general path then binds it (and raises its error)."""
+    values = sig.default_bound
+    if sig.captures or values is None:
+        return None
+    values = dict(values)
+    by_name = sig.param_by_name
+    for name, x in runtime.items():
+        p = by_name.get(name)
+        kind = type(x)
+        if p is None or (kind is not int and (kind is not float or p.kind == "int")):
+            return None  # an unknown name, a bool, a tensor, a float for an int, ...
+        if kind is int:
+            if not -_EXACT <= x <= _EXACT:
+                return None
+            if p.kind == "float":
+                x = float(x)
+        elif not math.isfinite(x):
+            return None
+        if p.positive and not x > 0:
+            return None
+        values[name] = x
+    return float(sm_scale), values
 
 
 def pack_row(row: list[Any]) -> torch.Tensor:

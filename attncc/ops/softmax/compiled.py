@@ -21,7 +21,8 @@ from attncc.backends.base import SoftmaxFamily, Unsupported
 from attncc.ir.positions import Positions, split_reorder_inputs
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.tiles import TileClasses
-from attncc.ops.softmax.binding import CallSignature, bind_row, pack_row, unpack_row
+from attncc.ops.softmax.binding import (CallSignature, bind_numbers, bind_row, pack_row,
+                                        unpack_row)
 from attncc.ops.softmax.custom_op import calling, register, run_forward
 from attncc.passes.pipeline import run_spec_passes
 from attncc.validate import LAYOUTS, check_qkv, check_scale, to_bhsd
@@ -161,15 +162,22 @@ class CompiledAttention:
             Lk = k.shape[2]
         scale = scale if scale is not None else self.spec.scale
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(dqk)
-        captures, row = bind_row(self.signature, runtime, sm_scale, q.device,
-                                 {"B": B, "Hq": Hq, "Lq": Lq, "Lk": Lk})
+        # runtime values that are plain numbers (`window=128`): checked and bound as one
+        # dict fill (`bind_numbers`), else the general binding
+        numbers = bind_numbers(self.signature, runtime, sm_scale) if runtime else None
+        if numbers is not None:
+            captures, row = [], [numbers[0], *numbers[1].values()]
+        else:
+            captures, row = bind_row(self.signature, runtime, sm_scale, q.device,
+                                     {"B": B, "Hq": Hq, "Lq": Lq, "Lk": Lk})
         chosen = self.backend if backend is None else registry.check_name(backend)
         reorder_inputs = ([reorder[n] for n in self.signature.reorder_keys] if reorder
                           else [])
         if _visits is not None or _direct(q, k, v, captures, reorder_inputs):
             # no autograd, no mode, no tracer, plain tensors: the op's dispatcher would only
             # hand these same arguments to its implementation (`_direct` says when that holds)
-            o, lse = run_forward(self, q, k, v, captures, unpack_row(self.signature, row),
+            bound = numbers if numbers is not None else unpack_row(self.signature, row)
+            o, lse = run_forward(self, q, k, v, captures, bound,
                                  reorder_inputs, layout, permuted, chosen, visits=_visits)
         else:
             params = pack_row(row)
