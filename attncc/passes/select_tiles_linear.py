@@ -113,3 +113,16 @@ def backward_chunked_tiles(dk: int, dv: int, block_v: int | None = None) -> Back
     return BackwardChunkedTiles(min(padded(dk), BACKWARD_CHUNKED_BLOCK),
                                 min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK),
                                 dict(BACKWARD_CHUNKED_NUM_WARPS), BACKWARD_CHUNKED_NUM_STAGES)
+
+
+# chunked delta-rule backward (L5, L6, attncc.backends.triton.linear.backward_delta): the same
+# chunk and blocks; warps per kernel ("wy": the WY representation, "states": the sweeps, "dqk":
+# dq, dk', dW, "wy_bwd": the WY backward)
+BACKWARD_DELTA_NUM_WARPS = {"wy": 4, "states": 8, "dqk": 8, "wy_bwd": 4}
+
+
+def backward_delta_tiles(dk: int, dv: int, block_v: int | None = None) -> BackwardChunkedTiles:
+    """The chunked delta-rule backward's blocks: as `backward_chunked_tiles`, with its own
+    warps per kernel."""
+    return backward_chunked_tiles(dk, dv, block_v)._replace(
+        num_warps=dict(BACKWARD_DELTA_NUM_WARPS))
