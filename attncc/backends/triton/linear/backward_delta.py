@@ -15,13 +15,14 @@ generated Triton kernels.
    dk and dg and giving dv, dbeta (fla's prepare_wy_repr_bwd and the chunk-local reverse cumsum
    of dg).
 
-Supported: delta (L5) and gated_delta (L6) with phi identity; dense or packed varlen inputs;
-initial state and final-state gradient. A delta rule with phi elu1 keeps the token sweep
-(`backward.TritonLinearBackward`; `family.backward_kernel`).
+Supported: delta (L5) and gated_delta (L6) (phi identity, the only feature map of the delta
+rules); dense or packed varlen inputs; initial state and final-state gradient.
 
-Non-finite inputs: the gradient is not causal in them (a NaN in a chunk's k, v or beta reaches
-the gradients of the whole chunk through the products with T), unlike the token sweep's; the
-forward's masking (linear_chunked_delta.py.j2) has no counterpart here (docs/performance.md).
+Non-finite inputs (k, v, beta): no masking like the forward's (linear_chunked_delta.py.j2):
+gradients flow backward in time through every later token's transition, so the recurrence's own
+gradient is not finite before the bad token either, and a NaN reaches all of its chunk here
+through the products with T. Gates of -inf or very negative are exact (clamped sums, as the
+forward).
 
 Memory besides the gradients: the states and their gradients at every chunk boundary, fp32
 [chunks + sequences, H, Dk, Dv] each, and fp32 token-row buffers: T [.., L, chunk], W, dk', dW
@@ -80,12 +81,10 @@ _DG_WY = [
 
 
 def unsupported_delta(node: LinearState) -> str | None:
-    """Why `node` has no chunked delta-rule backward, or None (L5, L6 with phi identity)."""
+    """Why `node` has no chunked delta-rule backward, or None (L5, L6; the delta rules take
+    phi identity only)."""
     if node.write != "delta" or node.block is not None:
         return f"rule {node.rule!r} ({node.catalog_id}) has no chunked delta-rule backward"
-    if node.feature_map != "identity":
-        return (f"feature map {node.feature_map!r} has no chunked delta-rule backward "
-                "(identity does)")
     return None
 
 
