@@ -116,13 +116,14 @@ def backward_chunked_tiles(dk: int, dv: int, block_v: int | None = None) -> Back
 
 
 # chunked delta-rule backward (L5, L6, attncc.backends.triton.linear.backward_delta): the same
-# chunk and blocks; warps per kernel ("wy": the WY representation, "states": the sweeps, "dqk":
-# dq, dk', dW, "wy_bwd": the WY backward)
-BACKWARD_DELTA_NUM_WARPS = {"wy": 4, "states": 8, "dqk": 8, "wy_bwd": 4}
+# chunk and key block, its own value block and warps per kernel ("wy": the WY representation,
+# "states": the sweeps, "dqk": dq, dk', dW, "wy_bwd": the WY backward)
+BACKWARD_DELTA_BLOCK_V = 32
+BACKWARD_DELTA_NUM_WARPS = {"wy": 4, "states": 8, "dqk": 8, "wy_bwd": 8}
 
 
 def backward_delta_tiles(dk: int, dv: int, block_v: int | None = None) -> BackwardChunkedTiles:
-    """The chunked delta-rule backward's blocks: as `backward_chunked_tiles`, with its own
-    warps per kernel."""
-    return backward_chunked_tiles(dk, dv, block_v)._replace(
+    """The chunked delta-rule backward's blocks: as `backward_chunked_tiles` with
+    BACKWARD_DELTA_BLOCK_V value columns, unless `block_v` asks otherwise."""
+    return backward_chunked_tiles(dk, dv, block_v or BACKWARD_DELTA_BLOCK_V)._replace(
         num_warps=dict(BACKWARD_DELTA_NUM_WARPS))

@@ -5,10 +5,11 @@ generated Triton kernels.
 1. `linear_backward_delta_wy.py.j2`, grid (chunks, B * H or H): every chunk's WY
    representation, T = (I + A)^{-1}, W = T (K beta e^b), U = T (V beta) (fla's prepare_wy_repr +
    recompute_w_u_fwd).
+   Also the output's part of dv_new, P^T dO (fla's chunk_bwd_dv_local).
 2. `linear_backward_delta_states.py.j2`, grid (B * H or N * H, cdiv(Dv, DV_BLOCK)): the
    sequential part, one chunk per step: the states h_c and v_new = U - W h_c by a forward
    sweep, then the states' gradients dh_c and dv_new by a reverse sweep (fla's
-   chunk_gated_delta_rule_fwd_h + chunk_bwd_dv_local + chunk_gated_delta_rule_bwd_dhu).
+   chunk_gated_delta_rule_fwd_h + chunk_gated_delta_rule_bwd_dhu).
 3. `linear_backward_delta_dqk.py.j2`, grid (key blocks, chunks, B * H or H): dq, the output's
    and the state's part of dk and of the gate's gradient, and dW (fla's chunk_bwd_dqkwg).
 4. `linear_backward_delta_wy_bwd.py.j2`, grid (chunks, B * H or H): the WY backward, finishing
@@ -73,8 +74,7 @@ _DG_DQK = [
     "dg = tl.cumsum(tl.sum(q_c * dq - k_c * dk, 1), 0, reverse=True) + tl.sum(dgl, 0)",
     "tl.store(DGP + pid_k * stride_en + r, dg, mask=mask_t)"]
 _DG_WY = [
-    "kk = tl.dot(k_c.to(DT), tl.trans(k_c.to(DT)), input_precision=DOT_PRECISION)",
-    "ada = dM * kk * beta_c[:, None]  # dA * A",
+    "ada = dM * kk * beta_c[:, None]  # dA * A (kk = K K^T)",
     "dgb += tl.sum(ada, 1) - tl.sum(ada, 0)",
     "dg = tl.cumsum(dgb, 0, reverse=True) + tl.load(DGP + r, mask=mask_t, other=0.0)",
     "tl.store(DG + r, dg, mask=mask_t)"]
@@ -185,9 +185,9 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
         live = Dv > 0 and Dk > 0 and H > 0
         if table.chunks > 0 and live:
             self.parts["wy"].jit_function()[(table.chunks, bh)](
-                run.k, run.v, gp, b32, tt, w, u, cu, table.soff, cidx,
-                *st(run.k), *st(run.v), *st(g32), *st(b32, 3), *rst, H, Lv, Lv,
-                DK_PAD=padded(Dk), **common, num_warps=warps["wy"])
+                run.q, run.k, run.v, run.do, gp, b32, tt, w, u, dvn, cu, table.soff, cidx,
+                *st(run.q), *st(run.k), *st(run.v), *st(run.do), *st(g32), *st(b32, 3), *rst,
+                H, Lv, Lv, run.scale, DK_PAD=padded(Dk), **common, num_warps=warps["wy"])
         if run.nb * H > 0 and live:
             self.parts["states"].jit_function()[(run.nb * H, nv)](
                 run.q, run.k, run.do, gp, w, u, dvn, ds0 if run.s0 is None else run.s0,
@@ -206,7 +206,7 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
             self.parts["wy_bwd"].jit_function()[(table.chunks, bh)](
                 run.k, run.v, gp, b32, tt, dw, dvn, dkp, dgp.sum(0), dk, dvv, db, dg, cu,
                 table.soff, cidx, *st(run.k), *st(run.v), *st(g32), *st(b32, 3), *st(dk),
-                *st(dvv), *rst, H, Lv, Lv, DK_PAD=padded(Dk), **common,
+                *st(dvv), *rst, H, Lv, Lv, BLOCK_K=tiles.block_k, **common,
                 num_warps=warps["wy_bwd"])
         return {"q": to_input_layout(dq, q, varlen), "k": to_input_layout(dk, k, varlen),
                 "v": to_input_layout(dvv, v, varlen),
@@ -231,11 +231,11 @@ def compile_delta_backward_for_target(kernel: TritonDeltaChunkedBackward, part: 
     extra: dict[str, Any] = {"DK_PAD": padded(head_dim_k)}
     flags: dict[str, Any] = {}
     if part == "wy":
-        pointers = {"K": t, "V": t, "G": f, "BETA": f, "TT": f, "W": f, "U": f, "CU": "*i32",
-                    "SOFF": "*i32", "CIDX": "*i32"}
-        strides = [f"stride_{x}{d}" for x in "kvg" for d in bhld] + \
+        pointers = {"Q": t, "K": t, "V": t, "DO": t, "G": f, "BETA": f, "TT": f, "W": f, "U": f,
+                    "DVN": f, "CU": "*i32", "SOFF": "*i32", "CIDX": "*i32"}
+        strides = [f"stride_{x}{d}" for x in "qkvog" for d in bhld] + \
             [f"stride_b{d}" for d in "bhl"] + ["stride_rb", "stride_rh"]
-        scalars = ["H", "L", "LT"]
+        scalars = ["H", "L", "LT", "scale"]
     elif part == "states":
         pointers = {"Q": t, "K": t, "DO": t, "G": f, "W": f, "U": f, "DVN": f,
                     **{n: f for n in ("S0", "DSN", "HS", "DHS", "DS0")},
@@ -260,6 +260,7 @@ def compile_delta_backward_for_target(kernel: TritonDeltaChunkedBackward, part: 
             [f"stride_b{d}" for d in "bhl"] + [f"stride_{x}{d}" for x in "xw" for d in bhld] + \
             ["stride_rb", "stride_rh"]
         scalars = ["H", "L", "LT"]
+        extra = {"BLOCK_K": tiles.block_k}
     else:
         raise ValueError(f"part: expected one of {PARTS}, got {part!r}")
     signature = {**pointers, **{name: "i32" for name in strides},
