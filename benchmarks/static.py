@@ -43,6 +43,8 @@ from attncc.backends.triton.linear.aot import compile_linear_backward_for_target
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
                                                             compile_chunked_backward_for_target)
+from attncc.backends.triton.linear.backward_delta import (TritonDeltaChunkedBackward,
+                                                          compile_delta_backward_for_target)
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear, compile_chunked_for_target
 from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.linear import LinearState
@@ -234,7 +236,17 @@ def linear_backward_cases(arch: int) -> list[Case]:
                             lambda a=arch, r=rule, p=part: compile_chunked_backward_for_target(
                                 TritonChunkedLinearBackward(LinearState(r)), p, a, "bfloat16",
                                 128, 128)))
-    out.append(Case("attncc linear bwd token sweep L3 d128 bf16 (L5, L6's path)", "linear bwd L3",
+    for part in ("wy", "states", "dqk", "wy_bwd"):
+        out.append(Case(f"attncc linear bwd chunked L6 {part} d128 bf16", "linear bwd L6",
+                        "attncc", arch, False,
+                        lambda a=arch, p=part: compile_delta_backward_for_target(
+                            TritonDeltaChunkedBackward(LinearState("gated_delta")), p, a,
+                            "bfloat16", 128, 128)))
+    out.append(Case("attncc linear bwd token sweep L6 d128 bf16", "linear bwd L6", "attncc", arch,
+                    False, lambda a=arch: compile_linear_backward_for_target(
+                        TritonLinearBackward(LinearState("gated_delta")), a, "bfloat16", 128, 128,
+                        chunk=64)))
+    out.append(Case("attncc linear bwd token sweep L3 d128 bf16", "linear bwd L3",
                     "attncc", arch, False,
                     lambda a=arch: compile_linear_backward_for_target(
                         TritonLinearBackward(LinearState("scalar_gate")), a, "bfloat16", 128, 128,

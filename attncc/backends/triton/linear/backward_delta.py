@@ -81,9 +81,9 @@ _DG_WY = [
 
 
 def unsupported_delta(node: LinearState) -> str | None:
-    """Why `node` has no chunked delta-rule backward, or None (L5, L6; the delta rules take
-    phi identity only)."""
-    if node.write != "delta" or node.block is not None:
+    """Why `node` has no chunked delta-rule backward, or None (L5, L6: a delta write with no
+    gate or a scalar one; the delta rules take phi identity only)."""
+    if node.write != "delta" or node.block is not None or node.gate not in _GATE:
         return f"rule {node.rule!r} ({node.catalog_id}) has no chunked delta-rule backward"
     return None
 

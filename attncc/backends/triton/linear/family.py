@@ -5,8 +5,9 @@ The backward is picked by rule (`backward_kernel`): the chunked matrix form
 (`backward_chunked.TritonChunkedLinearBackward`) for the additive rules L1-L4 with phi identity
 or elu1, the chunked WY form (`backward_delta.TritonDeltaChunkedBackward`) for the delta rules
 L5, L6; taylor2 and L7 have neither (`no_backward`: the caller differentiates the reference,
-with a warning). The token-at-a-time reverse sweep (`backward.TritonLinearBackward`) covers
-L1-L6 but no rule is routed to it. docs/performance.md lists the same routing."""
+with a warning). The token-at-a-time reverse sweep (`backward.TritonLinearBackward`) takes the
+combinations outside the catalog that neither chunked form covers (a delta write with a vector
+gate). docs/performance.md lists the same routing."""
 
 from __future__ import annotations
 
