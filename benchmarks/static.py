@@ -172,6 +172,10 @@ NOTES = [
     "sweeps; `chunk_bwd_kernel_dqkwg`, `chunk_bwd_kernel_dv`), compiled at one config of its "
     "autotune lists (`benchmarks/static_fla_bwd.py`). The token sweep's loops run once per "
     "token (no tensor cores: its loop counts are not in the main-loop column).",
+    "Linear backward L6: attncc's chunked WY form is four kernels (`wy`: T, W, U and P^T dO per "
+    "chunk; `states`: the sweeps, one chunk per iteration; `dqk`: dq, dk', dW; `wy_bwd`: the WY "
+    "backward), all but `states` parallel over chunks (fla: `chunk_gated_delta_rule_bwd`); no "
+    "fla anchor for it yet.",
     "attncc's L6 is one kernel per (batch, head, value block) that does the whole chunk "
     "recurrence; fla splits it into the five kernels listed (all but `fwd_kernel_h` run in "
     "parallel over chunks; `fwd_kernel_h` is the sequential state sweep).",

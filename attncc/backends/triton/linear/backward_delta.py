@@ -109,7 +109,7 @@ def _source(node: LinearState, part: str, render_part: Callable[[LinearState, st
 class TritonDeltaChunkedBackward(GeneratedKernel):
     """One delta-rule LinearState's chunked backward: four kernels, `wy`, `states`, `dqk` (also
     `kernel`) and `wy_bwd`. chunk: tokens per chunk (a power of two >= 16); block_v: value
-    columns per program or loop step (a power of two >= 16); defaults from
+    columns per program or loop step of every kernel (a power of two >= 16); defaults from
     `select_tiles_linear.backward_chunked_chunk` / `backward_delta_tiles`."""
 
     def __init__(self, node: LinearState, *, chunk: int | None = None,
@@ -149,7 +149,7 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
         interpreted = dev.type != "cuda" or config.triton_interpret()
         chunk = self.chunk_for(dev)
         tiles = backward_delta_tiles(Dk, Dv, self.block_v)
-        nk, nv = -(-Dk // tiles.block_k), -(-Dv // tiles.block_v)
+        nk, nv = -(-Dk // tiles.block_k), -(-Dv // tiles.block_v["states"])
         # chunk_table is shared with the additive chunked backward
         table = chunk_table(run.nb, run.max_len, chunk, run.cu, dev)
         hs = torch.empty(table.slots, H, Dk, Dv, dtype=f32, device=dev)
@@ -168,7 +168,8 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
         dvv = torch.zeros(Bv, H, Lv, Dv, dtype=v.dtype, device=dev)
         g32 = None if run.g is None else run.g.to(f32)
         b32 = run.beta.to(f32)
-        common = {"D_K": Dk, "D_V": Dv, "DV_BLOCK": tiles.block_v, "CHUNK": chunk,
+        blocks = tiles.block_v
+        common = {"D_K": Dk, "D_V": Dv, "CHUNK": chunk,
                   "DOT_PRECISION": "ieee" if interpreted or q.dtype == f32 else "tf32",
                   "DOT16": not interpreted, "num_stages": tiles.num_stages, "VARLEN": varlen}
         warps = tiles.num_warps
@@ -187,13 +188,15 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
             self.parts["wy"].jit_function()[(table.chunks, bh)](
                 run.q, run.k, run.v, run.do, gp, b32, tt, w, u, dvn, cu, table.soff, cidx,
                 *st(run.q), *st(run.k), *st(run.v), *st(run.do), *st(g32), *st(b32, 3), *rst,
-                H, Lv, Lv, run.scale, DK_PAD=padded(Dk), **common, num_warps=warps["wy"])
+                H, Lv, Lv, run.scale, DK_PAD=padded(Dk), DV_BLOCK=blocks["wy"], **common,
+                num_warps=warps["wy"])
         if run.nb * H > 0 and live:
             self.parts["states"].jit_function()[(run.nb * H, nv)](
                 run.q, run.k, run.do, gp, w, u, dvn, ds0 if run.s0 is None else run.s0,
                 ds0 if run.dsn is None else run.dsn, hs, dhs, ds0, cu, table.soff,
                 *st(run.q), *st(run.k), *st(run.do), *st(g32), *ds0.stride(), *rst,
-                H, Lv, Lv, run.scale, DK_PAD=padded(Dk), **common, num_warps=warps["states"],
+                H, Lv, Lv, run.scale, DK_PAD=padded(Dk), DV_BLOCK=blocks["states"], **common,
+                num_warps=warps["states"],
                 HAS_INITIAL=run.s0 is not None, HAS_DFINAL=run.dsn is not None)
         elif run.dsn is not None:
             ds0.copy_(run.dsn)
@@ -201,13 +204,13 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
             self.parts["dqk"].jit_function()[(nk, table.chunks, bh)](
                 run.q, run.k, run.do, gp, u, dvn, hs, dhs, dq, dkp, dw, dgp, cu, table.soff,
                 cidx, *st(run.q), *st(run.k), *st(run.do), *st(g32), *st(dq), *rst,
-                dgp.stride(0), H, Lv, Lv, run.scale, BLOCK_K=tiles.block_k, **common,
-                num_warps=warps["dqk"])
+                dgp.stride(0), H, Lv, Lv, run.scale, BLOCK_K=tiles.block_k,
+                DV_BLOCK=blocks["dqk"], **common, num_warps=warps["dqk"])
             self.parts["wy_bwd"].jit_function()[(table.chunks, bh)](
                 run.k, run.v, gp, b32, tt, dw, dvn, dkp, dgp.sum(0), dk, dvv, db, dg, cu,
                 table.soff, cidx, *st(run.k), *st(run.v), *st(g32), *st(b32, 3), *st(dk),
-                *st(dvv), *rst, H, Lv, Lv, BLOCK_K=tiles.block_k, **common,
-                num_warps=warps["wy_bwd"])
+                *st(dvv), *rst, H, Lv, Lv, BLOCK_K=tiles.block_k, DV_BLOCK=blocks["wy_bwd"],
+                **common, num_warps=warps["wy_bwd"])
         return {"q": to_input_layout(dq, q, varlen), "k": to_input_layout(dk, k, varlen),
                 "v": to_input_layout(dvv, v, varlen),
                 "g": None if g is None else to_input_layout(dg, g, varlen),
@@ -266,7 +269,7 @@ def compile_delta_backward_for_target(kernel: TritonDeltaChunkedBackward, part: 
     signature = {**pointers, **{name: "i32" for name in strides},
                  **{n: "fp32" if n == "scale" else "i32" for n in scalars}}
     chunk = chunk or kernel.chunk or backward_chunked_chunk(node, False)
-    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, **extra, "DV_BLOCK": tiles.block_v,
+    constexprs = {"D_K": head_dim_k, "D_V": head_dim_v, **extra, "DV_BLOCK": tiles.block_v[part],
                   "CHUNK": chunk, "DOT_PRECISION": "ieee" if dtype == "float32" else "tf32",
                   "DOT16": True, **flags, "VARLEN": varlen}  # in the kernels' order
     launch = Schedule(num_warps=tiles.num_warps[part], num_stages=tiles.num_stages)
