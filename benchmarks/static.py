@@ -47,6 +47,8 @@ from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearB
 from attncc.backends.triton.linear.chunked import (TritonChunkedLinear,
                                                    compile_chunked_for_target)
 from attncc.backends.triton.linear.chunked import parts as chunked_parts
+from attncc.backends.triton.linear.backward_delta import (TritonDeltaChunkedBackward,
+                                                          compile_delta_backward_for_target)
 from attncc.backends.triton.serve_aot import compile_serve_for_target
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
@@ -176,6 +178,10 @@ NOTES = [
     "sweeps; `chunk_bwd_kernel_dqkwg`, `chunk_bwd_kernel_dv`), compiled at one config of its "
     "autotune lists (`benchmarks/static_fla_bwd.py`). The token sweep's loops run once per "
     "token (no tensor cores: its loop counts are not in the main-loop column).",
+    "Linear backward L6: attncc's chunked WY form is four kernels (`wy`: T, W, U and P^T dO per "
+    "chunk; `states`: the sweeps, one chunk per iteration; `dqk`: dq, dk', dW; `wy_bwd`: the WY "
+    "backward), all but `states` parallel over chunks (fla: `chunk_gated_delta_rule_bwd`); no "
+    "fla anchor for it yet.",
     "attncc's L1-L6 forward is fla's structure: the delta rules' WY kernel (kkt, the "
     "triangular solve by forward substitution, W and U in one chunk-parallel kernel), the "
     "sequential state sweep (grid batch-head x value block) and the chunk-parallel output "
@@ -250,7 +256,17 @@ def linear_backward_cases(arch: int) -> list[Case]:
                             lambda a=arch, r=rule, p=part: compile_chunked_backward_for_target(
                                 TritonChunkedLinearBackward(LinearState(r)), p, a, "bfloat16",
                                 128, 128)))
-    out.append(Case("attncc linear bwd token sweep L3 d128 bf16 (L5, L6's path)", "linear bwd L3",
+    for part in ("wy", "states", "dqk", "wy_bwd"):
+        out.append(Case(f"attncc linear bwd chunked L6 {part} d128 bf16", "linear bwd L6",
+                        "attncc", arch, False,
+                        lambda a=arch, p=part: compile_delta_backward_for_target(
+                            TritonDeltaChunkedBackward(LinearState("gated_delta")), p, a,
+                            "bfloat16", 128, 128)))
+    out.append(Case("attncc linear bwd token sweep L6 d128 bf16", "linear bwd L6", "attncc", arch,
+                    False, lambda a=arch: compile_linear_backward_for_target(
+                        TritonLinearBackward(LinearState("gated_delta")), a, "bfloat16", 128, 128,
+                        chunk=64)))
+    out.append(Case("attncc linear bwd token sweep L3 d128 bf16", "linear bwd L3",
                     "attncc", arch, False,
                     lambda a=arch: compile_linear_backward_for_target(
                         TritonLinearBackward(LinearState("scalar_gate")), a, "bfloat16", 128, 128,

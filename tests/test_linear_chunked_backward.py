@@ -27,6 +27,7 @@ from attncc.backends.reference.linear_varlen import varlen_reference
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
                                                             compile_chunked_backward_for_target)
+from attncc.backends.triton.linear.backward_delta import TritonDeltaChunkedBackward
 from attncc.backends.triton.linear.family import backward_kernel
 from attncc.ir.linear import LinearState
 from tests.test_linear_backward import NODES, TOL, assert_near, make_inputs, oracle
@@ -140,11 +141,13 @@ def test_the_comparison_can_fail(device):
 
 
 def test_routing_by_rule():
-    """L1-L4 (phi identity, elu1) take the chunked backward, L5 / L6 the token sweep."""
+    """L1-L4 (phi identity, elu1) take the chunked backward, L5 / L6 the chunked WY backward
+    (tests/test_linear_delta_backward.py), none the token sweep."""
     for name in ADDITIVE:
         assert isinstance(backward_kernel(NODES[name]), TritonChunkedLinearBackward), name
     for name in ("L5", "L6"):
-        assert type(backward_kernel(NODES[name])) is TritonLinearBackward, name
+        assert type(backward_kernel(NODES[name])) is TritonDeltaChunkedBackward, name
+        assert not isinstance(backward_kernel(NODES[name]), TritonLinearBackward), name
 
 
 def test_bad_construction_and_inputs_raise():

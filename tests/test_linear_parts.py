@@ -20,6 +20,7 @@ from attncc.backends.reference.linear import recurrent_reference
 from attncc.backends.reference.linear_chunked import chunked_reference
 from attncc.backends.triton.linear.backward import TritonLinearBackward
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear
+from attncc.backends.triton.linear.family import backward_kernel
 from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.ir import linear as ir
 from attncc.ir.linear import LinearState, Rule
@@ -148,6 +149,7 @@ def test_a_new_row_has_a_backward_kernel(vector_delta):
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(v.shape, generator=gen)
     ds = torch.randn(s0.shape, generator=gen)
+    assert type(backward_kernel(vector_delta)) is TritonLinearBackward  # no chunked form
     got = TritonLinearBackward(vector_delta, chunk=4)(q, k, v, do, g=g, beta=beta,
                                                       initial_state=s0, d_final_state=ds)
     want = reference_backward(q, k, v, vector_delta, do, g=g, beta=beta, initial_state=s0,

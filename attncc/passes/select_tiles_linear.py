@@ -134,3 +134,29 @@ def backward_chunked_tiles(dk: int, dv: int, block_v: int | None = None) -> Back
     return BackwardChunkedTiles(min(padded(dk), BACKWARD_CHUNKED_BLOCK),
                                 min(padded(dv), block_v or BACKWARD_CHUNKED_BLOCK),
                                 dict(BACKWARD_CHUNKED_NUM_WARPS), BACKWARD_CHUNKED_NUM_STAGES)
+
+
+# chunked delta-rule backward (L5, L6, attncc.backends.triton.linear.backward_delta): the same
+# chunk and key block; value columns per program (`states`) or per loop step (the others) and
+# warps per kernel ("wy": the WY representation, "states": the sweeps, "dqk": dq, dk', dW,
+# "wy_bwd": the WY backward). sm_90 AOT, bf16, Dk = Dv = 128, chunk 64, L6 (regs / stack bytes):
+# states 254 / 0 at 64 columns (1972 insts per chunk and program) and 239 / 0 at 32 (1616, twice
+# the programs); wy_bwd 255 / 520 at 32 columns with the key dim whole, 238 / 0 in key blocks
+BACKWARD_DELTA_BLOCK_V = {"wy": 32, "states": 64, "dqk": 32, "wy_bwd": 32}
+BACKWARD_DELTA_NUM_WARPS = {"wy": 4, "states": 8, "dqk": 8, "wy_bwd": 8}
+
+
+class BackwardDeltaTiles(NamedTuple):
+    block_k: int  # key channels per dqk program and per wy_bwd loop step
+    block_v: dict[str, int]  # per kernel: value columns per program (states) or loop step
+    num_warps: dict[str, int]  # per kernel: "wy", "states", "dqk", "wy_bwd"
+    num_stages: int
+
+
+def backward_delta_tiles(dk: int, dv: int, block_v: int | None = None) -> BackwardDeltaTiles:
+    """The chunked delta-rule backward's blocks: the additive backward's key block and stages,
+    BACKWARD_DELTA_BLOCK_V's value columns per kernel (each at most padded(dv); all `block_v`
+    if given)."""
+    value = {part: min(padded(dv), block_v or n) for part, n in BACKWARD_DELTA_BLOCK_V.items()}
+    return BackwardDeltaTiles(min(padded(dk), BACKWARD_CHUNKED_BLOCK), value,
+                              dict(BACKWARD_DELTA_NUM_WARPS), BACKWARD_CHUNKED_NUM_STAGES)

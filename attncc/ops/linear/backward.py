@@ -2,7 +2,7 @@
 
 The autograd formula lives with the custom ops (`attncc.ops.linear.custom_op`): the op
 `attncc::linear_bwd` runs the chosen backend's backward (generated kernels: the chunked matrix
-form for L1-L4, a reverse-time token sweep for L5, L6; or autograd through the reference loop;
+form for L1-L4, the chunked WY form for L5, L6; or autograd through the reference loop;
 docs/performance.md#linear-backward), so o and the final state are differentiable with respect
 to q, k, v, g, beta and the initial state.
 """

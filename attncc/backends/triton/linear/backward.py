@@ -14,9 +14,10 @@ checkpoints [programs, cdiv(L, CHUNK), F, DV_BLOCK] and scratch [programs, CHUNK
 (together programs * (L / CHUNK + CHUNK) state tiles: CHUNK ~ sqrt(L) by default), and fp32
 partials [NV, B, H, L, Dk] for dq, dk (and L4's dg) summed over the NV value blocks.
 Sequential work: about three forward passes (the forward, the per-chunk recompute, the backward
-step), one token at a time. The family (`family.backward_kernel`) runs this kernel for the delta
-rules L5, L6 only: the additive rules L1-L4 take the chunked matrix form
-(`backward_chunked.py`), which has no delta-rule (WY) backward yet.
+step), one token at a time. The family (`family.backward_kernel`) routes no catalog rule here:
+L1-L4 take the chunked matrix form (`backward_chunked.py`), L5, L6 the chunked WY form
+(`backward_delta.py`); this kernel covers the combinations neither has (a delta write with a
+vector gate, say: tests/test_linear_parts.py) and checks both independently (tests).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ flash-linear-attention computes them: two generated Triton kernels.
 Supported: linear (L1; phi identity or elu1, with or without the normaliser through
 `backward_norm.augment`), decay (L2), scalar_gate (L3), vector_gate (L4); dense or packed varlen
 inputs; initial state and final-state gradient. The delta rules (L5, L6), taylor2 and L7 are not
-here (`unsupported_chunked`): the family routes L5 / L6 to the token sweep
-(`backward.TritonLinearBackward`), the others to the reference (docs/performance.md).
+here (`unsupported_chunked`): the family routes L5 / L6 to the chunked WY backward
+(`backward_delta.TritonDeltaChunkedBackward`), the others to the reference
+(docs/performance.md).
 
 Memory besides the gradients: the states and their gradients at every chunk boundary, fp32
 [chunks + sequences, H, Dk, Dv] each. Dot operands are the inputs' 16-bit type on a GPU (fp32

@@ -3,10 +3,11 @@ chunked (prefill) kernels of one `LinearState`, and its backward kernels, built 
 
 The backward is picked by rule (`backward_kernel`): the chunked matrix form
 (`backward_chunked.TritonChunkedLinearBackward`) for the additive rules L1-L4 with phi identity
-or elu1, the token-at-a-time reverse sweep (`backward.TritonLinearBackward`) for the delta
-rules L5, L6, which have no chunked backward yet; taylor2 and L7 have neither
-(`no_backward`: the caller differentiates the reference, with a warning). docs/performance.md
-lists the same routing."""
+or elu1, the chunked WY form (`backward_delta.TritonDeltaChunkedBackward`) for the delta rules
+L5, L6; taylor2 and L7 have neither (`no_backward`: the caller differentiates the reference,
+with a warning). The token-at-a-time reverse sweep (`backward.TritonLinearBackward`) takes the
+combinations outside the catalog that neither chunked form covers (a delta write with a vector
+gate). docs/performance.md lists the same routing."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ from attncc.backends.base import Unsupported
 from attncc.backends.triton.linear.backward import TritonLinearBackward, unsupported
 from attncc.backends.triton.linear.backward_chunked import (TritonChunkedLinearBackward,
                                                             unsupported_chunked)
+from attncc.backends.triton.linear.backward_delta import (TritonDeltaChunkedBackward,
+                                                          unsupported_delta)
 from attncc.backends.triton.linear.chunked import TritonChunkedLinear
 from attncc.backends.triton.linear.recurrent import TritonRecurrentLinear
 from attncc.ir.linear import LinearState
 
 if TYPE_CHECKING:
     from attncc.backends.base import Backend
+
+Backward = TritonChunkedLinearBackward | TritonDeltaChunkedBackward | TritonLinearBackward
 
 
 class TritonLinear:
@@ -46,7 +51,7 @@ class TritonLinear:
         self.backend, self.node = backend, node
         self.name = (self.recurrent or self.chunked).name
         self.no_backward = unsupported(node)
-        self._backward: TritonChunkedLinearBackward | TritonLinearBackward | None = None
+        self._backward: Backward | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None,
                 beta: Tensor | None, scale: float | None, initial_state: Tensor | None,
@@ -81,9 +86,12 @@ class TritonLinear:
                               cu_seqlens=cu_seqlens)
 
 
-def backward_kernel(node: LinearState) -> TritonChunkedLinearBackward | TritonLinearBackward:
+def backward_kernel(node: LinearState) -> Backward:
     """The backward for `node`, by rule: the chunked form for L1-L4 (phi identity or elu1),
-    the token sweep for L5, L6 (no chunked delta-rule backward yet)."""
+    the chunked WY form for L5, L6, else the token sweep (whose constructor rejects the rules
+    that have no backward kernel)."""
     if unsupported_chunked(node) is None:
         return TritonChunkedLinearBackward(node)
+    if unsupported_delta(node) is None:
+        return TritonDeltaChunkedBackward(node)
     return TritonLinearBackward(node)
