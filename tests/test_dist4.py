@@ -13,13 +13,6 @@ local head indices (ALiBi slopes, per-head mask classes, sinks) would be wrong o
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import time
-import traceback
-import warnings
-
 import pytest
 import torch
 
@@ -32,6 +25,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available in this torch build",
                 allow_module_level=True)
+
+from tests.dist_support import run_rank, spawn_ranks, try_calls  # noqa: E402
 
 WORLD = 4
 L, D = 64, 16
@@ -125,68 +120,17 @@ def _bad_inputs(rank, group):
         "reorder-auto-heads": lambda: cp(hilbert, x, x, x, group=group),
         "strategy": lambda: cp(attn, y, y, y, group=group, strategy="ring"),
     }
-    out = {}
-    for name, call in cases.items():
-        try:
-            call()
-            out[name] = "no error"
-        except ValueError as e:
-            out[name] = f"ValueError: {e}"
-        except Exception as e:  # noqa: BLE001 - reported, the test fails on it
-            out[name] = f"{type(e).__name__}: {e}"
-    t = torch.ones(1)  # the group is still usable: no rank is stuck in a collective
-    dist.all_reduce(t, group=group)
-    out["after"] = f"all_reduce {t.item()}"
-    return out
+    return try_calls(cases, group)
 
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)  # 4 processes on a small shared machine
-    warnings.filterwarnings("error", message=".*runs the PyTorch reference")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    group = dist.group.WORLD
-    results = {}
-    for name in CASES:
-        start = time.time()
-        try:
-            results[name] = {"errors": _run_case(name, rank, group)}
-        except Exception:  # noqa: BLE001 - reported to the parent
-            results[name] = {"exception": traceback.format_exc()}
-        results[name]["seconds"] = round(time.time() - start, 2)
-    results["bad-inputs"] = _bad_inputs(rank, group)
-    dist.barrier()
-    dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    run_rank(rank, WORLD, init_file, out_dir, CASES, _run_case, _bad_inputs)
 
 
 @pytest.fixture(scope="module")
 def results():
-    mp = pytest.importorskip("torch.multiprocessing")
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = os.environ.get("TRITON_INTERPRET")  # children inherit it when they start
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp),
-                                     nprocs=WORLD, join=False, start_method="spawn")
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        deadline = time.time() + DEADLINE_S
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"the {WORLD} gloo processes did not finish in {DEADLINE_S} s "
-                            "(a rank hung in a collective?)")
-        out = []
-        for r in range(WORLD):
-            with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                out.append(json.load(f))
-    return out
+    return spawn_ranks(_worker, WORLD, DEADLINE_S)
 
 
 @pytest.mark.parametrize("name", list(CASES))

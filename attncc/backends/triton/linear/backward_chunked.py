@@ -24,6 +24,7 @@ accumulation, states kept fp32 between chunks); fp32 under the interpreter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -246,30 +247,78 @@ def _source(node: LinearState, part: str, render: Any) -> CachedSource:
                         {"backend": backend, "spec": node.text()})
 
 
-class TritonChunkedLinearBackward(GeneratedKernel):
-    """One additive LinearState's chunked backward: three kernels, `states` (the sweep), `dqk`
-    (also `kernel`) and `dv`. chunk: tokens per chunk (a power of two >= 16); block_v: value
-    columns per program or loop step (a power of two >= 16); defaults from
-    `select_tiles_linear.backward_chunked_chunk` / `backward_chunked_value_block`."""
+class ChunkStart(NamedTuple):
+    """What a chunked backward call sets up before its launches: the prepared inputs, head dims,
+    whether it runs interpreted, the chunk length and table, and the fp32 state buffers (the
+    state before each chunk, its gradient, and the initial state's gradient)."""
+
+    run: Any
+    dk: int
+    dv: int
+    interpreted: bool
+    chunk: int
+    table: ChunkTable
+    hs: Tensor
+    dhs: Tensor
+    ds0: Tensor
+
+
+class ChunkedBackwardBase(GeneratedKernel):
+    """What the additive and the delta-rule chunked backwards share: the constructor's checks,
+    the chunk length, and `start`, a call's set-up. A subclass names the rules it covers with
+    `why_unsupported` (None: covered) and the kernel whose key dim is untiled with `untiled`."""
+
+    why_unsupported: Callable[[LinearState], str | None]
+    untiled: str
 
     def __init__(self, node: LinearState, *, chunk: int | None = None,
                  block_v: int | None = None) -> None:
         if not isinstance(node, LinearState):
             raise TypeError(f"node: expected a LinearState, got {type(node).__name__}")
-        if (why := unsupported_chunked(node)) is not None:
-            raise NotImplementedError(f"TritonChunkedLinearBackward: {why}")
+        if (why := type(self).why_unsupported(node)) is not None:
+            raise NotImplementedError(f"{type(self).__name__}: {why}")
         check_power_of_two("chunk", chunk, 16)
         check_power_of_two("block_v", block_v, 16)
         self.node, self.chunk, self.block_v = node, chunk, block_v
-        self.states = _source(node, "states", render_states)
-        self.dqk = self.kernel = _source(node, "dqk", render_dqk)
-        self.dv = _source(node, "dv", render_dv)
-        self.name, self.entry = self.kernel.name, self.kernel.entry
 
     def chunk_for(self, device: torch.device) -> int:
         if self.chunk is not None:
             return self.chunk
         return backward_chunked_chunk(self.node, device.type != "cuda" or config.triton_interpret())
+
+    def start(self, q: Tensor, k: Tensor, v: Tensor, do: Tensor, **inputs: Any) -> ChunkStart:
+        """Check and lay out the inputs (`backward.prepare_backward`), then the chunk table and
+        the state buffers every chunked backward fills."""
+        run = prepare_backward(self.node, q, k, v, do, **inputs)
+        H, Dk, Dv = run.q.shape[1], run.q.shape[-1], run.v.shape[-1]
+        if Dk > DK_MAX:
+            raise ValueError(f"q: expected head dim Dk <= {DK_MAX} for the chunked backward (the "
+                             f"key dim of {self.untiled} is not tiled), got {Dk}")
+        dev = q.device
+        chunk = self.chunk_for(dev)
+        table = chunk_table(run.nb, run.max_len, chunk, run.cu, dev)
+        hs = torch.empty(table.slots, H, Dk, Dv, dtype=torch.float32, device=dev)
+        return ChunkStart(run, Dk, Dv, dev.type != "cuda" or config.triton_interpret(), chunk,
+                          table, hs, torch.empty_like(hs),
+                          torch.zeros(run.nb, H, Dk, Dv, dtype=torch.float32, device=dev))
+
+
+class TritonChunkedLinearBackward(ChunkedBackwardBase):
+    """One additive LinearState's chunked backward: three kernels, `states` (the sweep), `dqk`
+    (also `kernel`) and `dv`. chunk: tokens per chunk (a power of two >= 16); block_v: value
+    columns per program or loop step (a power of two >= 16); defaults from
+    `select_tiles_linear.backward_chunked_chunk` / `backward_chunked_value_block`."""
+
+    why_unsupported = staticmethod(unsupported_chunked)
+    untiled = "the dv kernel"
+
+    def __init__(self, node: LinearState, *, chunk: int | None = None,
+                 block_v: int | None = None) -> None:
+        super().__init__(node, chunk=chunk, block_v=block_v)
+        self.states = _source(node, "states", render_states)
+        self.dqk = self.kernel = _source(node, "dqk", render_dqk)
+        self.dv = _source(node, "dv", render_dv)
+        self.name, self.entry = self.kernel.name, self.kernel.entry
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, do: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,
@@ -277,24 +326,13 @@ class TritonChunkedLinearBackward(GeneratedKernel):
                  cu_seqlens: Tensor | None = None, o: Tensor | None = None
                  ) -> dict[str, Tensor | None]:
         """As `backward.TritonLinearBackward.__call__` (same arguments, same results)."""
-        node = self.node
-        run = prepare_backward(node, q, k, v, do, g=g, beta=beta, scale=scale,
-                               initial_state=initial_state, d_final_state=d_final_state,
-                               cu_seqlens=cu_seqlens, o=o)
-        Bv, H, Lv, Dk = run.q.shape
-        Dv = run.v.shape[-1]
-        if Dk > DK_MAX:
-            raise ValueError(f"q: expected head dim Dk <= {DK_MAX} for the chunked backward (the "
-                             f"key dim of the dv kernel is not tiled), got {Dk}")
+        run, Dk, Dv, interpreted, chunk, table, hs, dhs, ds0 = self.start(
+            q, k, v, do, g=g, beta=beta, scale=scale, initial_state=initial_state,
+            d_final_state=d_final_state, cu_seqlens=cu_seqlens, o=o)
+        Bv, H, Lv, _ = run.q.shape
         dev, f32, varlen = q.device, torch.float32, run.varlen
-        interpreted = dev.type != "cuda" or config.triton_interpret()
-        chunk = self.chunk_for(dev)
         tiles = backward_chunked_tiles(Dk, Dv, self.block_v)
         nk, nv = -(-Dk // tiles.block_k), -(-Dv // tiles.block_v)
-        table = chunk_table(run.nb, run.max_len, chunk, run.cu, dev)
-        hs = torch.empty(table.slots, H, Dk, Dv, dtype=f32, device=dev)
-        dhs = torch.empty_like(hs)
-        ds0 = torch.zeros(run.nb, H, Dk, Dv, dtype=f32, device=dev)
         dq = torch.zeros(Bv, H, Lv, Dk, dtype=q.dtype, device=dev)
         dk = torch.zeros_like(dq)
         dvv = torch.zeros(Bv, H, Lv, Dv, dtype=v.dtype, device=dev)
@@ -391,8 +429,8 @@ def compile_chunked_backward_for_target(kernel: TritonChunkedLinearBackward, par
                   "DOT16": True, **flags, "VARLEN": varlen}  # in the kernels' order
     launch = Schedule(num_warps=tiles.num_warps[part], num_stages=tiles.num_stages)
     # the JIT's specialisation of a contiguous launch: a stride of 1 is a constexpr, one that
-    # is a multiple of 16 gets the divisibility hint (`_contiguous_strides`)
-    values = _contiguous_strides(node, head_dim_k, dv, tiles.block_k, varlen)
+    # is a multiple of 16 gets the divisibility hint (`contiguous_strides`)
+    values = contiguous_strides(node, head_dim_k, dv, tiles.block_k, varlen)
     unit = {n: 1 for n in strides if values[n] == 1}
     divisible = [n for n in strides if n not in unit and values[n] % 16 == 0]
     constexprs.update(unit)
@@ -403,7 +441,7 @@ def compile_chunked_backward_for_target(kernel: TritonChunkedLinearBackward, par
                             f"varlen {varlen}", dtype=dtype, head_dims=(head_dim_k, head_dim_v))
 
 
-def _contiguous_strides(node: LinearState, dk: int, dv: int, block_k: int, varlen: bool,
+def contiguous_strides(node: LinearState, dk: int, dv: int, block_k: int, varlen: bool,
                         heads: int = 16, length: int = 4096) -> dict[str, int]:
     """Every stride argument's value in a launch on contiguous inputs (dense [2, heads, length,
     D] or packed [T, heads, D]; `length` a multiple of 16), by name."""

@@ -38,15 +38,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from attncc import config
 from attncc.backends.keys import triton_type
 from attncc.backends.triton.aot import CompiledArtifact, compile_artifact
-from attncc.backends.triton.linear.backward import (prepare_backward, to_input_layout,
-                                                    view_strides)
-from attncc.backends.triton.linear.backward_chunked import (GATE_FLOOR, _contiguous_strides,
-                                                            chunk_table)
-from attncc.backends.triton.linear.recurrent import check_power_of_two, kernel_name, source_key
-from attncc.backends.triton.source import CachedSource, GeneratedKernel
+from attncc.backends.triton.linear.backward import to_input_layout, view_strides
+from attncc.backends.triton.linear.backward_chunked import (GATE_FLOOR, ChunkedBackwardBase,
+                                                            contiguous_strides)
+from attncc.backends.triton.linear.recurrent import kernel_name, source_key
+from attncc.backends.triton.source import CachedSource
 from attncc.backends.triton.templating import environment
 from attncc.ir.linear import LinearState
 from attncc.ir.nodes import Schedule
@@ -57,7 +55,6 @@ BACKEND = "triton-linear-backward-delta"
 PARTS = ("wy", "states", "dqk", "wy_bwd")
 TEMPLATES = tuple(f"linear_backward_delta_{p}.py.j2" for p in PARTS) + (
     "linear_backward_chunk.py.j2", "helpers.py.j2")
-DK_MAX = 256  # the key dim is never split in parts 1, 2, 4: [CHUNK, DK_PAD] fp32 tiles
 
 # the gate: b, the inclusive cumulative log gate inside the chunk, and b_last, its value at the
 # last real token (padded rows carry g = 0); summed clamped at -GATE_FLOOR as the forward does
@@ -106,29 +103,21 @@ def _source(node: LinearState, part: str, render_part: Callable[[LinearState, st
                         {"backend": backend, "spec": node.text()})
 
 
-class TritonDeltaChunkedBackward(GeneratedKernel):
+class TritonDeltaChunkedBackward(ChunkedBackwardBase):
     """One delta-rule LinearState's chunked backward: four kernels, `wy`, `states`, `dqk` (also
     `kernel`) and `wy_bwd`. chunk: tokens per chunk (a power of two >= 16); block_v: value
     columns per program or loop step of every kernel (a power of two >= 16); defaults from
     `select_tiles_linear.backward_chunked_chunk` / `backward_delta_tiles`."""
 
+    why_unsupported = staticmethod(unsupported_delta)
+    untiled = "the WY kernels"
+
     def __init__(self, node: LinearState, *, chunk: int | None = None,
                  block_v: int | None = None) -> None:
-        if not isinstance(node, LinearState):
-            raise TypeError(f"node: expected a LinearState, got {type(node).__name__}")
-        if (why := unsupported_delta(node)) is not None:
-            raise NotImplementedError(f"TritonDeltaChunkedBackward: {why}")
-        check_power_of_two("chunk", chunk, 16)
-        check_power_of_two("block_v", block_v, 16)
-        self.node, self.chunk, self.block_v = node, chunk, block_v
+        super().__init__(node, chunk=chunk, block_v=block_v)
         self.parts = {p: _source(node, p, render) for p in PARTS}
         self.kernel = self.parts["dqk"]
         self.name, self.entry = self.kernel.name, self.kernel.entry
-
-    def chunk_for(self, device: torch.device) -> int:
-        if self.chunk is not None:
-            return self.chunk
-        return backward_chunked_chunk(self.node, device.type != "cuda" or config.triton_interpret())
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, do: Tensor, *, g: Tensor | None = None,
                  beta: Tensor | None = None, scale: float | None = None,
@@ -136,25 +125,13 @@ class TritonDeltaChunkedBackward(GeneratedKernel):
                  cu_seqlens: Tensor | None = None, o: Tensor | None = None
                  ) -> dict[str, Tensor | None]:
         """As `backward.TritonLinearBackward.__call__` (same arguments, same results)."""
-        node = self.node
-        run = prepare_backward(node, q, k, v, do, g=g, beta=beta, scale=scale,
-                               initial_state=initial_state, d_final_state=d_final_state,
-                               cu_seqlens=cu_seqlens, o=o)
-        Bv, H, Lv, Dk = run.q.shape
-        Dv = run.v.shape[-1]
-        if Dk > DK_MAX:
-            raise ValueError(f"q: expected head dim Dk <= {DK_MAX} for the chunked backward (the "
-                             f"key dim of the WY kernels is not tiled), got {Dk}")
+        run, Dk, Dv, interpreted, chunk, table, hs, dhs, ds0 = self.start(
+            q, k, v, do, g=g, beta=beta, scale=scale, initial_state=initial_state,
+            d_final_state=d_final_state, cu_seqlens=cu_seqlens, o=o)
+        Bv, H, Lv, _ = run.q.shape
         dev, f32, varlen = q.device, torch.float32, run.varlen
-        interpreted = dev.type != "cuda" or config.triton_interpret()
-        chunk = self.chunk_for(dev)
         tiles = backward_delta_tiles(Dk, Dv, self.block_v)
         nk, nv = -(-Dk // tiles.block_k), -(-Dv // tiles.block_v["states"])
-        # chunk_table is shared with the additive chunked backward
-        table = chunk_table(run.nb, run.max_len, chunk, run.cu, dev)
-        hs = torch.empty(table.slots, H, Dk, Dv, dtype=f32, device=dev)
-        dhs = torch.empty_like(hs)
-        ds0 = torch.zeros(run.nb, H, Dk, Dv, dtype=f32, device=dev)
 
         def rows(width: int, *lead: int) -> Tensor:  # fp32 token rows [*lead, Bv, H, Lv, width]
             return torch.zeros(*lead, Bv, H, Lv, width, dtype=f32, device=dev)
@@ -276,7 +253,7 @@ def compile_delta_backward_for_target(kernel: TritonDeltaChunkedBackward, part: 
     # the JIT's specialisation of a contiguous launch: a stride of 1 is a constexpr, one that
     # is a multiple of 16 gets the divisibility hint
     heads, length = 16, 4096
-    values = _contiguous_strides(node, head_dim_k, head_dim_v, tiles.block_k, varlen, heads,
+    values = contiguous_strides(node, head_dim_k, head_dim_v, tiles.block_k, varlen, heads,
                                  length)
     b = 0 if varlen else heads * length
     values.update({"stride_bb": b, "stride_bh": 1 if varlen else length,
