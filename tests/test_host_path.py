@@ -167,3 +167,19 @@ def test_arguments_read_from_sources_equal_argument_values():
                                                              y.stride())
             if isinstance(y, torch.Tensor) else (type(x), x) == (type(y), y)
             for x, y in zip(got, expected, strict=True)), spec.text()
+
+
+def test_kernel_header_reads_the_generated_def_line():
+    """A prebuilt forward launches with the argument names read from kernel.py's `def` line
+    (no module execution): they must be exactly the jit function's."""
+    from attncc.backends.triton.source import KernelHeader
+
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    forward = attn.kernels.kernel
+    header = forward.kernel.header()
+    fn = forward.jit_function()
+    assert header.__name__ == fn.__name__ == forward.name
+    assert header.arg_names == list(fn.arg_names)
+    assert header.launch_metadata is None
+    with pytest.raises(ValueError, match="no `def missing"):
+        KernelHeader.read(forward.source, "missing")

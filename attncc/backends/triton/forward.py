@@ -233,7 +233,7 @@ class TritonForward(GeneratedKernel):
 
         def load():
             target = forward_target(self, kind, *signature, arch, variant, tiles)
-            fn = self.jit_function() if kind == "forward" else self.block_map_function()
+            fn = self.kernel.header() if kind == "forward" else self.block_map_function()
             return prebuilt.direct_kernel(target, fn)
 
         return self._prebuilt.launch((kind, signature, arch, variant, tiles), device, load, grid,

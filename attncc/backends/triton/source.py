@@ -104,6 +104,28 @@ def _serialise_launches(fn: InterpretedFunction) -> None:
     fn.run = locked_run
 
 
+class KernelHeader:
+    """The parts of a @triton.jit function that Triton's `ASTSource` and launcher read to run a
+    binary compiled from it: `__name__`, `arg_names` and `launch_metadata` (None: no hook)."""
+
+    launch_metadata = None
+
+    def __init__(self, name: str, arg_names: list[str]) -> None:
+        self.__name__ = name
+        self.arg_names = arg_names
+
+    @classmethod
+    def read(cls, source: str, name: str) -> "KernelHeader":
+        """The header of the generated function `name` in `source` (our templates write one
+        argument list per `def`, a name and an optional `: tl.constexpr` per argument);
+        ValueError when `source` has no such `def`."""
+        found = re.search(rf"^def {re.escape(name)}\((.*?)\):", source, re.MULTILINE | re.DOTALL)
+        if found is None:
+            raise ValueError(f"{name}: no `def {name}(...)` in the generated source")
+        names = [part.split(":")[0].strip() for part in found.group(1).split(",")]
+        return cls(name, [n for n in names if n])
+
+
 class CachedSource:
     """Cache entry `name` (its files made by `build` on a miss, each `.py` checked by
     `check_source` before it is stored) and the jit function `name` of its `kernel.py`."""
@@ -117,6 +139,14 @@ class CachedSource:
     @property
     def source(self) -> str:
         return self.entry.files["kernel.py"].read_text()
+
+    def header(self) -> "KernelHeader":
+        """What launching a prebuilt binary of this source needs of its jit function (its name
+        and argument names), read from `kernel.py`'s `def` line: the binary was compiled from
+        this very file (the entry's key), and executing the module only to ask would cost
+        Triton's @jit decorator re-reading the source with `inspect` (about 15 ms a kernel, the
+        bulk of a warm process's first call)."""
+        return KernelHeader.read(self.source, self.name)
 
     def jit_function(self, name: str | None = None):
         """The jit function `name` (default: the entry's own name) of `kernel.py`."""
