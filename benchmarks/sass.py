@@ -120,12 +120,16 @@ def region(instrs: list[Instr]) -> Region:
     return r
 
 
-def paths(body: list[Instr]) -> tuple[int, int]:
+def paths(body: list[Instr], after: list[Instr] = ()) -> tuple[int, int]:
     """(shortest, longest) instruction count from a loop's first instruction to its back edge
     (the last), NOPs excluded: what one iteration executes when the body has if/else arms.
-    Forward branches inside the body are followed; branches out of it leave the iteration; a
-    nested loop's body counts once (its own back edge is not followed)."""
+    Forward branches inside the body are followed; branches out of it leave the iteration,
+    unless they go to an out-of-line block among `after` (the instructions past the loop) that
+    comes back into the body further on: ptxas places some arms there (a straight run ending in
+    a branch back), and that run counts; a nested loop's body counts once (its own back edge is
+    not followed)."""
     index = {ins.addr: i for i, ins in enumerate(body)}
+    outside = {ins.addr: i for i, ins in enumerate(after)}
     inf = len(body) + 1
     low, high = [inf] * len(body), [-1] * len(body)
     low[0] = high[0] = 0
@@ -137,18 +141,43 @@ def paths(body: list[Instr]) -> tuple[int, int]:
         successors = []
         if ins.base == "BRA":
             target = _HEX.findall(ins.operands)
-            j = index.get(int(target[-1], 16)) if target else None
+            address = int(target[-1], 16) if target else None
+            j = index.get(address)
             if j is not None and j > i:
-                successors.append(j)
+                successors.append((j, 0))
+            elif address in outside:
+                successors += [(j, extra) for j, extra in _detour(after, outside[address], index)
+                               if j > i]
             if ins.pred and i + 1 < len(body):
-                successors.append(i + 1)
+                successors.append((i + 1, 0))
         elif (ins.base not in ("EXIT", "RET") or ins.pred) and i + 1 < len(body):
-            successors.append(i + 1)
+            successors.append((i + 1, 0))
         if i == len(body) - 1:
             return here
-        for j in successors:
-            low[j], high[j] = min(low[j], here[0]), max(high[j], here[1])
+        for j, extra in successors:
+            low[j] = min(low[j], here[0] + extra)
+            high[j] = max(high[j], here[1] + extra)
     raise ValueError("the back edge is not reachable from the loop header")
+
+
+def _detour(after: list[Instr], start: int, body_index: dict[int, int]
+            ) -> list[tuple[int, int]]:
+    """(body index, instructions run) of each way a straight out-of-line run starting at
+    `after[start]` branches back into the loop body; [] when it ends another way."""
+    found, count = [], 0
+    for ins in after[start:]:
+        count += ins.base != "NOP"
+        if ins.base in ("EXIT", "RET") and not ins.pred:
+            return found
+        if ins.base != "BRA":
+            continue
+        target = _HEX.findall(ins.operands)
+        j = body_index.get(int(target[-1], 16)) if target else None
+        if j is not None:
+            found.append((j, count))
+        if not ins.pred:
+            return found
+    return found
 
 
 def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
@@ -194,7 +223,7 @@ def analyse(name: str, instrs: list[Instr]) -> FunctionReport:
     found = []
     for s, e in main:
         counts = region(instrs[s:e + 1])
-        counts.path = paths(instrs[s:e + 1])
+        counts.path = paths(instrs[s:e + 1], instrs[e + 1:])
         found.append((instrs[s].addr, instrs[e].addr, counts))
     return FunctionReport(name, region(instrs), found, len(spans))
 

@@ -89,6 +89,29 @@ def test_paths_through_a_loop_with_a_skipped_block():
     assert loop.path == (3, 5) and loop.insts == 5
 
 
+OUT_OF_LINE = """
+                Function : out_of_line
+        /*0000*/                   HMMA.16816.F32 R8, R12, R16, R8 ;
+        /*0010*/              @P0 BRA 0x60 ;
+        /*0020*/                   FADD R1, R1, R2 ;
+        /*0030*/              @P1 BRA 0x0 ;
+        /*0040*/                   EXIT ;
+        /*0050*/                   BRA 0x50 ;
+        /*0060*/                   FMUL R1, R1, R2 ;
+        /*0070*/                   FMUL R1, R1, R2 ;
+        /*0080*/                   BRA 0x20 ;
+"""
+
+
+def test_paths_through_an_out_of_line_arm():
+    """ptxas may place an if-arm past the loop, branching back into it: that run counts (the
+    iteration is 4 instructions without it, 7 with the two FMULs and the branch back), and
+    without following it the back edge would be unreachable."""
+    profile = sass.analyse("out_of_line", sass.parse_functions(OUT_OF_LINE)["out_of_line"])
+    (_, _, loop), = profile.main_loops
+    assert loop.path == (4, 7) and loop.insts == 4
+
+
 def _causal_reference(q, k, v):
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1)

@@ -111,6 +111,7 @@ def render(plan: KernelPlan) -> str:
     spec = plan.spec
     printer = TritonPrinter(printer_names(plan))
     sink = spec.normaliser.sink
+    pieces = piece_loops(plan, printer)
     return environment().get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan),
         spec_lines=spec.text().splitlines(),
@@ -118,8 +119,12 @@ def render(plan: KernelPlan) -> str:
         extra_args=[name for name, _ in kernel_arguments(plan)],
         score_expr=score_source(printer, spec.score),
         mask_expr=printer.doprint(spec.mask.expr) if spec.mask is not None else "True",
-        pieces=piece_loops(plan, printer),
+        pieces=pieces,
         block_map=plan.block_map is not None,
+        has_partial=plan.block_map is not None or bool(pieces),  # tiles the mask cuts
+        # the careful pass (a non-finite value met a masked key) is rare: its loops are not
+        # software-pipelined, so it adds no stage buffers or registers to the common pass
+        fast_loop=("range", ""), careful_loop=("tl.range", ", num_stages=1"),
         reorder=spec.reorder is not None,
         has_sink=sink is not None,
         sink_load=printer.doprint(Load(buffer_symbol(sink.name), H_IDX)) if sink else "",
