@@ -17,7 +17,7 @@ j <= i`, masked softmax in fp64), with and without the reorder: fp32 within 1e-4
 error; exit 1 beyond). Prints the tiles read and their density (allowed pairs / area read)
 before and after the reorder, from the kernel's own record of the tiles it read.
 
-    TRITON_INTERPRET=1 python examples/routing_transformer.py      # about 10 s on a CPU
+    TRITON_INTERPRET=1 python examples/routing_transformer.py      # about 5 s on a CPU
 """
 
 from __future__ import annotations
