@@ -243,6 +243,20 @@ def m_block_topk(idx, Lq, Lk, block, causal=True):  # M16 -> [B, H, Lq, Lk], exp
     return out & m_causal(Lq, Lk) if causal else out
 
 
+def m_block_topk_per_token(idx, Lq, Lk, block, causal=True):  # M16 per_token, explicit loops
+    """idx [B, H, Lq, k]: row i (the raw query row) names its kv blocks; the block of the
+    aligned position qp is always on."""
+    B, H = idx.shape[:2]
+    key_block = torch.arange(Lk) // block
+    out = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Lq):
+                picked = [int(x) for x in idx[b, h, i] if x >= 0] + [(i + Lk - Lq) // block]
+                out[b, h, i] = torch.isin(key_block, torch.tensor(picked))
+    return out & m_causal(Lq, Lk) if causal else out
+
+
 def m_bigbird(L, block, radius, G, R, Lk=None):  # M17 on Lq = L queries, Lk (default L) keys
     _, kv, qp = grid(L, L if Lk is None else Lk)
     i, j = qp // block, kv // block

@@ -140,6 +140,23 @@ def test_block_topk(block, Lq, Lk, causal, device):
     torch.testing.assert_close(o.double().cpu(), ro, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq,Lk", [(100, 100), (37, 130)])
+def test_block_topk_per_token(Lq, Lk, causal, device):
+    """MoBA's per-token gate: one index row per query, tiles from the generated block-map
+    kernel (a query tile reads the union of its rows' blocks)."""
+    idx = torch.randint(-1, -(-Lk // 16), (2, 2, Lq, 2), generator=_g)
+    spec = attncc.Attention(mask=attncc.block_topk(idx.to(device), 16, causal=causal,
+                                                   per_token=True))
+    attn = attncc.compile(spec)
+    assert attn.plan.block_map.source == "device"
+    q, k, v = _inputs(2, 2, 1, Lq, Lk, 32, torch.float32, device)
+    o, lse = attn(q, k, v, backend="triton", return_lse=True)
+    ro, rl = _reference(attn.plan.spec, q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(o.double().cpu(), ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double().cpu(), rl, atol=2e-5, rtol=2e-5)
+
+
 def test_permuted_layout_contract(device):
     """permuted=True: q/k/v and o stay in the reordered order; equal to permuting outside."""
     mask, grid = MASKS["M12-7x7-16x16"]

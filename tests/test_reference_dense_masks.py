@@ -57,6 +57,7 @@ DOC_63, DOC_63_B = _doc_ids(63, 5, 2), _doc_ids(63, 6, 11)
 DOC_MOD3 = torch.arange(64) % 3  # documents interleaved, not contiguous
 TOPK_8 = _topk_idx(2, 2, 8, 2, seed=3)  # [B, H, 8 query blocks, 2 picks]
 TOPK_13 = _topk_idx(1, 4, 13, 3, seed=4)
+TOPK_ROWS_63 = torch.randint(-1, 25, (2, 2, 63, 3), generator=_gen(12))  # per query row
 BIGBIRD_8 = (torch.arange(8) == 0, torch.rand(8, 8, generator=_gen(5)) < 0.2)
 BIGBIRD_13 = (torch.zeros(13, dtype=torch.bool), M.bigbird_random_blocks(13, 2, seed=3))
 TREE_7, TREE_15 = D.random_tree_ancestors(7, 6), D.random_tree_ancestors(15, 7)
@@ -164,6 +165,12 @@ MASK_CASES = [
     _case("M16-b16-noncausal", (1, 4, 2, 200, 200),
           lambda Lq, Lk, H: (M.block_topk(TOPK_13, 16, causal=False),
                              D.m_block_topk(TOPK_13, Lq, Lk, 16, causal=False))),
+    _case("M16-per-token-b8-causal", (2, 2, 1, 63, 63),
+          lambda Lq, Lk, H: (M.block_topk(TOPK_ROWS_63, 8, per_token=True),
+                             D.m_block_topk_per_token(TOPK_ROWS_63, Lq, Lk, 8))),
+    _case("M16-per-token-b8-noncausal-Lk200", (2, 2, 2, 63, 200),
+          lambda Lq, Lk, H: (M.block_topk(TOPK_ROWS_63, 8, causal=False, per_token=True),
+                             D.m_block_topk_per_token(TOPK_ROWS_63, Lq, Lk, 8, causal=False))),
     _case("M17-b8-r1-g0", (1, 2, 2, 63, 63),
           lambda Lq, Lk, H: (M.bigbird(8, 1, *BIGBIRD_8), D.m_bigbird(Lq, 8, 1, *BIGBIRD_8))),
     _case("M17-b16-r0-seeded", (1, 2, 1, 200, 200),

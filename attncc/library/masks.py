@@ -284,18 +284,26 @@ def criss_cross(height: int, width: int) -> Mask:
     return Mask(expr, (hh, ww), tag="crisscross")
 
 
-def block_topk(indices: torch.Tensor, block: int, causal: bool = True) -> Mask:
+def block_topk(indices: torch.Tensor, block: int, causal: bool = True, *,
+               per_token: bool = False) -> Mask:
     """M16 (MoBA/NSA): `kv // block in indices[b, h, qp // block, :]` (entries < 0 are unused),
     the diagonal block `qp // block` always on, `& causal()` when `causal`. `indices`:
-    int[B, Hq, ceil(Lk / block), k], one row per block of positions."""
+    int[B, Hq, ceil(Lk / block), k], one row per block of positions.
+
+    `per_token=True` (MoBA's and NSA's gate: every query token routes itself): `indices`
+    int[B, Hq, Lq, k], one row per query (the raw row `q`, like every per-row table), and the
+    rule reads `indices[b, h, q, :]`; the diagonal block and causality as above. Tiles then come
+    from the generated block-map kernel (a query tile reads the union of its rows' blocks)."""
     idx = _tensor("block_idx", indices, 4, _INT)
     bs = _int("block", block)
     qb, kb = sympy.floor(QP / bs.symbol), sympy.floor(KV / bs.symbol)
-    picks = [sympy.Eq(_load(idx, B_IDX, H, qb, j), kb) for j in range(indices.shape[-1])]
+    row = Q if per_token else qb
+    picks = [sympy.Eq(_load(idx, B_IDX, H, row, j), kb) for j in range(indices.shape[-1])]
     expr = sympy.Or(sympy.Eq(qb, kb), *picks)
     if causal:
         expr = sympy.And(expr, sympy.Le(KV, QP))
-    return Mask(expr, (bs,), (idx,), tag="topk")
+    # the "topk" tag selects the per-block fast path (block_maps.topk_classes)
+    return Mask(expr, (bs,), (idx,), tag="topk_token" if per_token else "topk")
 
 
 def bigbird(block: int, radius: int, global_blocks: torch.Tensor, random_blocks: torch.Tensor
