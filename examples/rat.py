@@ -6,7 +6,9 @@ RAT's layer, per head, for token t in chunk c = t // C (channel-wise gates f_t i
 (elementwise; the recurrence restarts at each chunk's first token), and
     o_t = softmax over { k~ at the end of chunks 0..c-1, k~_t } of q_t . k~ / sqrt(d),
           weighting the matching v~ (every earlier chunk's summary, plus the current chunk's
-          running summary: causal).
+          running summary: causal), and y_t = z_t * o_t with an output gate z_t in (0, 1)^d
+(the form of the authors' write-up, github.com/CLAIRE-Labo/RAT; the gates come from
+projections of x_t, random here).
 
 Expressed with the IR, no extension needed:
   - the recurrence is L3 (scalar data-dependent gate, `recurrent_state(decay="scalar")`) with
@@ -45,7 +47,7 @@ N_CHUNKS = L // C
 TOL = 1e-4  # fp32 kernels against fp64 loops, of max(|expected|, 1)
 
 
-def paper_rat(q, k, v, f) -> torch.Tensor:
+def paper_rat(q, k, v, f, z) -> torch.Tensor:
     """RAT from its formulas, one token at a time."""
     out = torch.zeros_like(v)
     for b in range(B):
@@ -66,7 +68,7 @@ def paper_rat(q, k, v, f) -> torch.Tensor:
                 keys = torch.stack([e[0] for e in ends[:c]] + [kt[t]])
                 vals = torch.stack([e[1] for e in ends[:c]] + [vt[t]])
                 p = torch.softmax(keys @ q[b, h, t] / D ** 0.5, 0)
-                out[b, h, t] = p @ vals
+                out[b, h, t] = z[b, h, t] * (p @ vals)
     return out
 
 
@@ -95,8 +97,9 @@ def chunk_summaries(recurrence, k, v, f) -> tuple[torch.Tensor, torch.Tensor]:
 def main(perturb: bool) -> int:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for _ in range(3))
-    f = torch.sigmoid(torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) + 1)
-    want = paper_rat(q, k, v, f + 0.05 * perturb * (torch.arange(L) == 9)[:, None])
+    f, z = (torch.sigmoid(torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) + 1)
+            for _ in range(2))  # forget and output gates
+    want = paper_rat(q, k, v, f + 0.05 * perturb * (torch.arange(L) == 9)[:, None], z)
 
     recurrence = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(decay="scalar")))
 
@@ -107,13 +110,13 @@ def main(perturb: bool) -> int:
     print(f"L3 {recurrence.node.text()} -> {recurrence.chunked.name} (chunks as sequences, "
           f"channels as heads)\nsoftmax across chunks: {across.spec.mask.text()} -> "
           f"{across.name}")
-    x = [t.float().to(DEVICE) for t in (q, k, v, f)]
+    x = [t.float().to(DEVICE) for t in (q, k, v, f, z)]
     start = time.perf_counter()
     k_sum, v_sum = chunk_summaries(recurrence, x[1], x[2], x[3])
     ends = slice(C - 1, L, C)  # the chunk-end summaries
     keys = torch.cat([k_sum[:, :, ends], k_sum], 2)  # [B, H, N_CHUNKS + L, D]
     vals = torch.cat([v_sum[:, :, ends], v_sum], 2)
-    o = across(x[0], keys, vals)
+    o = x[4] * across(x[0], keys, vals)  # the output gate
     took = time.perf_counter() - start
 
     ok = report("RAT layer vs paper loops", o, want)
