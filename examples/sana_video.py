@@ -13,7 +13,10 @@ the same visibility) must keep every past frame's keys and values.
 attncc: `recurrent_state(block=frame_tokens, normalize=True)` (L7) on relu(q), relu(k): ReLU is
 not one of the IR's feature maps (identity, elu1, taylor2), and applying it to q and k before
 the call is exactly phi (phi acts on q and k alone); `Attention(mask=block_causal(frame_tokens))`
-(M8) for the softmax. The independent check below is the paper's formulas as dense masked
+(M8) for the softmax. Left out: SANA-Video also rotates the features by a 3-D RoPE, applied (as
+we read the paper) to the numerator's phi(q), phi(k) only; L7's normaliser uses the numerator's
+features, so that split is not expressible in the IR (a separate feature input for z would be).
+The independent check below is the paper's formulas as dense masked
 matrix products in fp64. Exit status 1 on any mismatch (`--perturb` changes one input of the
 independent computation, to show the check can fail).
 """
