@@ -15,8 +15,9 @@ layer schedule is simply one spec per layer.
 
 The gate is computed in PyTorch (it is the model's, not attention); attncc runs the attention
 (block top-k reads the chosen blocks' tiles only, no dense mask) and the linear recurrence.
-Cost that is not saved yet: CompiledHybrid runs both parts on every head and the mix keeps one
-per head (a launch over a subset of heads is not built).
+CompiledHybrid runs the linear part on the linear heads only; the block top-k softmax reads
+per-head indices, so it runs on every head (a head-dependent spec cannot be cut to a subset):
+the linear heads get no picked blocks (-1), so for them it visits only the diagonal tiles.
 
 The independent check is the formulas above, dense, in fp64 (the sparse heads through an
 explicit boolean [L, L] mask built from the gate's choice). Exit status 1 on any mismatch
@@ -114,21 +115,26 @@ def main(perturb: bool) -> int:
           f"{attn.linear.chunked.name}")
     x = [t.float().to(DEVICE) for t in (q, k, v)]
     start = time.perf_counter()
+    linear_heads = torch.tensor(ALPHA) == 0
+    idx = picks.masked_fill(linear_heads[None, :, None, None], -1)  # no picks: linear heads
     o, state = attn(*x, scale=D ** -0.5, return_state=True,
-                    block_idx=picks.to(torch.int32).to(DEVICE))  # the gate's choice, this call
+                    block_idx=idx.to(torch.int32).to(DEVICE))  # the gate's choice, this call
     took = time.perf_counter() - start
 
     ok = report("hybrid layer vs paper formulas", o, want)
     ok &= report("sparse heads (block top-k) vs dense masked softmax", o[:, :2], want[:, :2])
     ok &= report("linear heads (Lightning) vs dense decay matrix", o[:, 2:], want[:, 2:])
     seen, total = visited(sparse_spec, L, L, BLOCK)
+    first_linear = ALPHA.index(0.0)  # its indices as head 0 of a spec, for explain's tile map
+    lin_seen, _ = visited(attncc.Attention(mask=attncc.block_topk(
+        idx[:, first_linear:].to(torch.int32), BLOCK)), L, L, BLOCK)
     causal_seen, _ = visited(attncc.Attention(mask=attncc.causal()), L, L, BLOCK)
     n_linear = ALPHA.count(0.0)
     print(f"saved: a sparse head visits {seen}/{total} {BLOCK}x{BLOCK} tiles (causal softmax: "
           f"{causal_seen}); a linear head keeps {D * D * 4} bytes of fp32 state instead of "
-          f"{2 * L * D * 4} bytes of KV at L={L} ({n_linear} of {H} heads; the state in "
-          f"{tuple(state.shape)} covers every head, the sparse heads' part is unused); not yet "
-          f"saved: both parts run on every head")
+          f"{2 * L * D * 4} bytes of KV at L={L} ({n_linear} of {H} heads); the linear kernel "
+          f"ran on heads {attn.linear_heads} only; the top-k softmax on every head (per-head "
+          f"indices), {lin_seen}/{total} tiles for a linear head (no picks: the diagonal)")
     print(f"B={B} H={H} L={L} D={D} fp32 on {DEVICE} "
           f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): the block top-k softmax and L2 "
           f"chunked Triton kernels; {took:.1f} s")

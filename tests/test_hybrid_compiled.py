@@ -94,3 +94,43 @@ def test_hybrid_bad_arguments():
         attn(q, q, q)
     with pytest.raises(ValueError, match="k: expected"):
         attn(q, torch.randn(1, 1, 4, 4), q)
+
+
+def test_per_head_alpha_runs_each_part_on_its_heads_only(monkeypatch):
+    """alpha (1, 0, 0.5, 0): the linear part runs on heads 1, 2, 3 (with their decays), the
+    head-independent window softmax on heads 0, 2; results equal running both on all heads."""
+    B, H, L, D = 1, 4, 21, 8
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (rn(gen, B, H, L, D).float() for _ in range(3))
+    s0 = rn(gen, B, H, D, D).float()
+    decays = (0.5, 0.9, 0.8, 0.99)
+    alpha = (1.0, 0.0, 0.5, 0.0)
+    soft = attncc.Attention(mask=attncc.sliding_window(5))
+    attn = attncc.compile(attncc.hybrid(soft, attncc.recurrent_state(decay=decays), alpha))
+    assert attn.linear_heads == [1, 2, 3] and attn.softmax_heads == [0, 2]
+    assert attn.linear.node.decay == (0.9, 0.8, 0.99)
+    seen = []
+    for part in ("softmax", "linear"):
+        run = getattr(attn, part)
+        monkeypatch.setattr(attn, part, lambda *a, _run=run, _p=part, **kw:
+                            seen.append((_p, a[0].shape[1])) or _run(*a, **kw))
+    o, state = attn(q, k, v, initial_state=s0, return_state=True)
+    assert sorted(seen) == [("linear", 3), ("softmax", 2)]
+    full_soft = attncc.compile(soft)(q, k, v)
+    full_lin, full_state = attncc.compile(attncc.Attention(
+        memory=attncc.recurrent_state(decay=decays)))(q, k, v, initial_state=s0,
+                                                      return_state=True)
+    a = torch.tensor(alpha)[:, None, None]
+    torch.testing.assert_close(o, a * full_soft + (1 - a) * full_lin, **TOL32)
+    torch.testing.assert_close(state[:, 1:], full_state[:, 1:], **TOL32)
+    torch.testing.assert_close(state[:, 0], s0[:, 0])  # no linear part: the initial state
+
+
+def test_head_dependent_softmax_runs_on_every_head():
+    idx = torch.full((1, 2, 2, 1), -1, dtype=torch.int32)
+    soft = attncc.Attention(mask=attncc.block_topk(idx, 8))
+    attn = attncc.compile(attncc.hybrid(soft, attncc.recurrent_state(), (1.0, 0.0)))
+    assert attn.softmax_heads is None and attn.linear_heads == [1]
+    with pytest.raises(ValueError, match=r"linear.decay: expected one value per head \(2"):
+        attncc.compile(attncc.hybrid(soft, attncc.recurrent_state(decay=(0.5, 0.6, 0.7)),
+                                     (1.0, 0.0)))
