@@ -127,7 +127,7 @@ def main(perturb: bool) -> int:
           f"to {L}; {seen}/{total} 16x16 tiles visited (causal softmax over the tokens: "
           f"{causal_seen}: at this size the running-summary diagonal, one key per row of a "
           f"16-key tile, costs as many tiles as causal; the chunk part grows as L / C); "
-          f"decode keeps {kv_rat} bytes of fp32 summaries (one per chunk + the "
+          f"a decode step would read {kv_rat} bytes of fp32 summaries (one per chunk + the "
           f"running one) vs {2 * B * H * L * D * 4} bytes of KV cache for causal softmax")
     print(f"B={B} H={H} L={L} D={D} C={C} fp32 on {DEVICE} "
           f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): the L3 chunked and the softmax "
