@@ -23,7 +23,8 @@ from attncc.ops.serving import custom_op as torch_ops_serving  # noqa: F401
 from attncc.ops.serving import stream as serving_stream  # append_stream (README)
 from attncc.fx import compile_backend, replace_sdpa
 from attncc.ops.linear.compiled import CompiledLinearAttention
-from attncc.library.linear import recurrent_state
+from attncc.library.linear import hybrid, recurrent_state
+from attncc.ops.linear.hybrid import CompiledHybrid
 from attncc.library.masks import (bidirectional_window, bigbird, bigbird_random_blocks, block_causal,
                           block_topk, causal, chunked, criss_cross, dilated_window, document,
                           document_inputs, full, global_tokens, hilberta, neighbourhood_2d,
@@ -39,7 +40,8 @@ __all__ = [
     "ServePlan", "ServingAttention", "paged", "per_head_lengths", "persistent", "ragged",
     "streaming_heads",
     "compile_backend", "dist", "fx", "nn", "replace_sdpa", "torch_ops",
-    "Attention", "AttentionSpec", "CompiledLinearAttention", "LinearState", "recurrent_state",
+    "Attention", "AttentionSpec", "CompiledHybrid", "CompiledLinearAttention", "LinearState",
+    "hybrid", "recurrent_state",
     "AutoReorder", "auto", "hilbert", "morton", "permutation",
     "segment_sort", "tiles", "Capture", "CompiledAttention", "Hilbert2D", "Hilbert3D",
     "Mask", "Morton2D", "Normaliser", "Param", "Schedule", "ScoreMod", "SegmentSort", "TileMajor",

@@ -7,7 +7,7 @@ import inspect
 from typing import Any, Callable, Iterable
 
 from attncc.describe import explain_text
-from attncc.ir.linear import LinearState
+from attncc.ir.linear import Hybrid, LinearState
 from attncc.ir.memory import PagedMemory, PerHeadLengths, PersistentMemory, RaggedMemory
 from attncc.ir.nodes import Mask, Normaliser, Schedule, ScoreMod
 from attncc.ir.reorder import AutoReorder, Reorder
@@ -15,6 +15,7 @@ from attncc.ir.spec import AttentionSpec
 from attncc.ir.trace import trace_mask, trace_score
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc.ops.linear.compiled import CompiledLinearAttention
+from attncc.ops.linear.hybrid import CompiledHybrid
 from attncc.ops.serving.compiled import ServingAttention
 
 
@@ -85,9 +86,14 @@ def _spec_from_function(fn: Callable, **kwargs: Any) -> AttentionSpec:
                     f"score_mod(score, b, h, q_idx, kv_idx), got a function of {n} arguments")
 
 
-def compile(spec: AttentionSpec | Callable | None = None, /, *, backend: str = "auto",
+def compile(spec: AttentionSpec | Hybrid | Callable | None = None, /, *, backend: str = "auto",
             **attention_kwargs: Any) -> CompiledAttention | Callable[[Callable], CompiledAttention]:
-    """`compile(spec)`, `@compile` on a mask_mod/score_mod, or `@compile(mask=..., score=...)`."""
+    """`compile(spec)`, `@compile` on a mask_mod/score_mod, or `@compile(mask=..., score=...)`;
+    `compile(attncc.hybrid(...))` for an L8 hybrid (`CompiledHybrid`)."""
+    if isinstance(spec, Hybrid):
+        if attention_kwargs:
+            raise TypeError(f"compile(hybrid): unexpected arguments {sorted(attention_kwargs)}")
+        return CompiledHybrid(spec, backend)
     if isinstance(spec, AttentionSpec):
         if attention_kwargs:
             raise TypeError(f"compile(spec): unexpected arguments {sorted(attention_kwargs)}; "

@@ -251,13 +251,15 @@ class Hybrid:
     """L8: one head computed as a softmax part and a linear part, mixed.
 
     Mix (`mix=alpha`, the only rule so far): `o = alpha * o_softmax + (1 - alpha) * o_linear`,
-    `alpha` a float in [0, 1] (default 0.5), the same for every head and token. Both parts see
-    the same q, k, v; the reference backend's `mix_hybrid` applies the mix.
+    `alpha` a float in [0, 1] (default 0.5), the same for every head and token, or a tuple with
+    one float in [0, 1] per head (length H, checked at run time): `alpha_h = 1` makes head h a
+    softmax head, `0` a linear head (MiniCPM-SALA-style heads of two kinds in one layer). Both
+    parts see the same q, k, v; `mix_hybrid` (reference) and `attncc.compile(hybrid)` apply it.
     """
 
     softmax: SoftmaxPart
     linear: LinearState
-    alpha: float = 0.5
+    alpha: float | tuple[float, ...] = 0.5
 
     def __post_init__(self) -> None:
         if not callable(getattr(self.softmax, "text", None)):
@@ -266,14 +268,31 @@ class Hybrid:
         if not isinstance(self.linear, LinearState):
             raise ValueError(f"linear: expected a LinearState, got {type(self.linear).__name__}")
         a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
-            raise ValueError(f"alpha: expected a float in [0, 1], got {a!r}")
-        object.__setattr__(self, "alpha", float(a))
+        values = a if isinstance(a, tuple) else (a,)
+        if not values or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                             or not 0 <= x <= 1 for x in values):
+            raise ValueError("alpha: expected a float in [0, 1] or a non-empty tuple of them "
+                             f"(one per head), got {a!r}")
+        object.__setattr__(self, "alpha", tuple(float(x) for x in values)
+                           if isinstance(a, tuple) else float(a))
 
     def text(self) -> str:
-        """Canonical text: `hybrid(softmax=..., linear=linear(...), mix=alpha, alpha=0.5)`."""
+        """Canonical text: `hybrid(softmax=..., linear=linear(...), mix=alpha, alpha=0.5)`
+        (a per-head alpha prints as a tuple)."""
+        a = self.alpha
+        alpha = ("(" + ", ".join(_fmt_float(x) for x in a) + ")" if isinstance(a, tuple)
+                 else _fmt_float(a))
         return (f"hybrid(softmax={self.softmax.text()}, linear={self.linear.text()}, "
-                f"mix=alpha, alpha={_fmt_float(self.alpha)})")
+                f"mix=alpha, alpha={alpha})")
+
+    def alpha_per_head(self, heads: int) -> tuple[float, ...]:
+        """alpha for each of `heads` heads; ValueError when a per-head tuple has another length."""
+        if not isinstance(self.alpha, tuple):
+            return (self.alpha,) * heads
+        if len(self.alpha) != heads:
+            raise ValueError(f"alpha: expected one value per head ({heads}), got "
+                             f"{len(self.alpha)}: {self.alpha!r}")
+        return self.alpha
 
     @property
     def key(self) -> str:

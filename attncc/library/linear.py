@@ -6,14 +6,17 @@
 `recurrent_state` names the update in the catalogue's terms and returns the IR's `LinearState`
 (`attncc.ir.linear`), built from its parts; the combinations it accepts are the rows of
 `attncc.ir.linear.RULE_TABLE`. A spec with such a memory compiles (`attncc.compile`) to
-`attncc.ops.linear.compiled.CompiledLinearAttention`.
+`attncc.ops.linear.compiled.CompiledLinearAttention`. `hybrid` pairs a softmax spec with a
+linear state (L8) for `attncc.compile`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from attncc.ir.linear import LinearState, find_rule
+from attncc.ir.linear import Hybrid, LinearState, find_rule
+from attncc.ir.nodes import DenseMemory
+from attncc.ir.spec import AttentionSpec
 
 DECAYS = ("none", "scalar", "vector")  # or a float / tuple of floats: a constant per head (L2)
 UPDATES = ("additive", "delta")
@@ -46,3 +49,19 @@ def recurrent_state(update: str = "additive", decay: Any = "none", *,
                          "gate with the delta rule is not in docs/catalog.md)")
     return LinearState(feature_map=feature_map, normalize=normalize,
                        decay=decay if constant else None, block=block, gate=gate, write=update)
+
+
+def hybrid(softmax: Any, linear: LinearState,
+           alpha: float | tuple[float, ...] = 0.5) -> Hybrid:
+    """L8: `o = alpha * o_softmax + (1 - alpha) * o_linear` on the same q, k, v. `softmax`: an
+    `attncc.Attention(mask=..., score=...)` spec (softmax, dense memory), e.g. a sliding window
+    (BASED) or block top-k (MiniCPM-SALA's sparse heads); `linear`: a `recurrent_state(...)`;
+    `alpha`: a float in [0, 1], or a tuple with one per head (1: a softmax head, 0: a linear
+    head). `attncc.compile` turns it into `attncc.ops.linear.hybrid.CompiledHybrid`."""
+    if not isinstance(softmax, AttentionSpec) or softmax.normaliser.kind == "none" or \
+            not isinstance(softmax.memory, DenseMemory):
+        text = softmax.text() if callable(getattr(softmax, "text", None)) else \
+            type(softmax).__name__
+        raise ValueError("softmax: expected a dense softmax spec, attncc.Attention(mask=..., "
+                         f"score=...), got {text}")
+    return Hybrid(softmax, linear, alpha)

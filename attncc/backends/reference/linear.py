@@ -187,10 +187,15 @@ def decode_step(
 
 
 def mix_hybrid(node: Hybrid, o_softmax: Tensor, o_linear: Tensor) -> Tensor:
-    """L8 mix: `alpha * o_softmax + (1 - alpha) * o_linear`, both [B, H, L, Dv]."""
+    """L8 mix: `alpha * o_softmax + (1 - alpha) * o_linear`, both [B, H, L, Dv]; a per-head
+    alpha (a tuple of H floats) weighs head h by `alpha[h]`."""
     if not isinstance(node, Hybrid):
         raise ValueError(f"node: expected a Hybrid, got {type(node).__name__}")
     if shape_of(o_softmax) != shape_of(o_linear):
         raise ValueError(f"o_linear: expected o_softmax's shape {shape_of(o_softmax)}, "
                          f"got {shape_of(o_linear)}")
-    return node.alpha * o_softmax + (1 - node.alpha) * o_linear
+    if not isinstance(node.alpha, tuple):
+        return node.alpha * o_softmax + (1 - node.alpha) * o_linear
+    alpha = torch.tensor(node.alpha_per_head(o_softmax.shape[1]), dtype=o_softmax.dtype,
+                         device=o_softmax.device)[:, None, None]
+    return alpha * o_softmax + (1 - alpha) * o_linear
