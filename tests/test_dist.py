@@ -35,7 +35,7 @@ def _doc_ids(L):  # documents of 21, 26 and 17 tokens: two of them cross the sha
     return torch.tensor([0] * 21 + [1] * 26 + [2] * (L - 47))
 
 
-# name: (mask, score, sharding, dtype, Hq, Hkv, L, runtime)
+# name: (mask, score, sharding, dtype, Hq, Hkv, L, runtime[, strategy: "all_gather"])
 CASES = {
     "causal-contiguous": ("causal", None, "contiguous", "fp32", 2, 2, 64, {}),
     "causal-head-tail-fp16": ("causal", None, "head-tail", "fp16", 2, 2, 64, {}),
@@ -47,6 +47,14 @@ CASES = {
     "prefix-lm-softcap-head-tail": ("prefix", "softcap", "head-tail", "fp32", 2, 2, 64, {}),
     "traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {}),
     "sink-causal-head-tail": ("causal", "sink", "head-tail", "fp32", 2, 2, 64, {}),
+    # the ring (K/V chunks passed rank to rank, LSE merge; 4 ranks: tests/test_dist4.py)
+    "ring-causal-contiguous": ("causal", None, "contiguous", "fp32", 2, 2, 64, {}, "ring"),
+    "ring-sliding-window-head-tail-fp16": ("sliding", None, "head-tail", "fp16", 2, 2, 64,
+                                           {"window": 11}, "ring"),
+    "ring-traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {},
+                                       "ring"),
+    "ring-gqa-sink-alibi-head-tail": ("causal", "sink-alibi", "head-tail", "fp32", 4, 2, 64, {},
+                                      "ring"),
 }
 
 
@@ -65,7 +73,10 @@ def _spec(mask, score, L):
              "prefix": attncc.prefix_lm(21),  # the prefix ends inside rank 0's second chunk
              "traced": _traced_documents(L)}
     scores = {"alibi": attncc.alibi(), "softcap": attncc.softcap(5.0)}
-    normaliser = attncc.sink(torch.tensor([0.5, -1.0])) if score == "sink" else None
+    sinks = {"sink": torch.tensor([0.5, -1.0]), "sink-alibi": torch.tensor([0.5, -1.0, 2.0, 0.0])}
+    normaliser = attncc.sink(sinks[score]) if score in sinks else None
+    if score == "sink-alibi":
+        score = "alibi"
     return attncc.Attention(mask=masks[mask], score=scores.get(score), normaliser=normaliser)
 
 
@@ -78,7 +89,7 @@ def _inputs(Hq, Hkv, L, D=16, seed=0):
 
 
 def _run_case(name, rank, group):
-    mask, score, sharding_name, dt, Hq, Hkv, L, runtime = CASES[name]
+    mask, score, sharding_name, dt, Hq, Hkv, L, runtime, *strategy = CASES[name]
     spec = _spec(mask, score, L)
     sharding = attncc.dist.sharding_for(sharding_name, WORLD)
     q, k, v, do, dlse = _inputs(Hq, Hkv, L)
@@ -92,7 +103,8 @@ def _run_case(name, rank, group):
     mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
     attn = attncc.compile(spec)
     o, lse = attncc.dist.context_parallel_attention(attn, *mine, group=group, sharding=sharding,
-                                                   strategy="all_gather", return_lse=True,
+                                                   strategy=(strategy or ["all_gather"])[0],
+                                                   return_lse=True,
                                                    **runtime)
     ((o.double() * attncc.dist.shard_sequence(do, sharding, rank).double()).sum()
      + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from attncc.dist.agree import agree_on_inputs
 from attncc.dist.collectives import (chunk_runs, gather_sequence, heads_to_sequence,
                                     sequence_to_heads)
-from attncc.ir.shard import at_head_offset, at_query_offset, head_names, offset_names
+from attncc.dist.ring import pair_attention, plan_ring, ring_attention
+from attncc.ir.shard import at_head_offset, at_query_offset, head_names, offset_names, pair_names
 from attncc.ir.symbols import H_IDX
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc.passes import shard_balance
@@ -44,7 +45,7 @@ from attncc.validate import LAYOUTS, check_captures, check_qkv, to_bhsd
 
 __all__ = ["STRATEGIES", "choose_strategy", "context_parallel_attention", "sharding_for"]
 
-STRATEGIES = ("all_gather", "all_to_all", "auto")
+STRATEGIES = ("all_gather", "all_to_all", "ring", "auto")
 _SEQ_DIM = {"bhsd": 2, "bshd": 1}
 _HEAD_DIM = {"bhsd": 1, "bshd": 2}
 # the compiled attention at global query positions / global heads, one per CompiledAttention
@@ -159,11 +160,14 @@ def _strategy(strategy: str, q: Any, k: Any, layout: str, world: int) -> str:
 def _prepare(attn: CompiledAttention, strategy: str, runtime: dict[str, Any]
              ) -> tuple[CompiledAttention | None, str | None]:
     """(the rewritten compiled attention, None) or (None, why this spec cannot run)."""
+    rewrite, names_of = {"all_gather": (_sharded, offset_names),
+                         "all_to_all": (_sharded_heads, head_names),
+                         "ring": (pair_attention, pair_names)}[strategy]
     try:
-        sharded = _sharded(attn) if strategy == "all_gather" else _sharded_heads(attn)
+        sharded = rewrite(attn)
     except ValueError as e:
         return None, str(e)
-    names = offset_names(sharded.spec) if strategy == "all_gather" else head_names(sharded.spec)
+    names = names_of(sharded.spec)
     clash = sorted(set(names) & set(runtime))
     if clash:
         return None, (f"{clash[0]!r} is a shard offset that this call sets itself; do not "
@@ -218,6 +222,9 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     sharded, error = _prepare(attn, chosen, runtime)
     if error is None:
         error = _local_error(attn, q, k, v, layout, plan, chosen, runtime)
+    ring = None
+    if error is None and chosen == "ring":
+        ring, error = _ring_plan(attn, q, k, layout, plan, rank, runtime)
     if check:
         agree_on_inputs({"q": q, "k": k, "v": v}, error, group, "the attention")
     elif error is not None:
@@ -225,6 +232,12 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     run = {"scale": scale, "layout": layout, "backend": backend}
     if chosen == "all_to_all":
         return _all_to_all(attn, sharded, q, k, v, plan, group, rank, return_lse, run, runtime)
+    if chosen == "ring":
+        bhsd = [t.transpose(1, 2) if layout == "bshd" else t for t in (q, k, v)]
+        o, lse = ring_attention(attn, *bhsd, ring, group, {"scale": scale, "backend": backend},
+                                runtime)
+        o = o.transpose(1, 2) if layout == "bshd" else o
+        return (o, lse) if return_lse else o
     dim = _SEQ_DIM[layout]
     names = offset_names(sharded.spec)
     k_all = gather_sequence(k, plan, group, dim)
@@ -241,6 +254,19 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     if not return_lse:
         return o
     return o, (lses[0] if len(lses) == 1 else torch.cat(lses, 2))
+
+
+def _ring_plan(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor, layout: str,
+               plan: Sharding, rank: int, runtime: dict[str, Any]) -> tuple[Any, str | None]:
+    """(the ring's schedule of computed pairs, None) or (None, why it cannot be made): the
+    tile counts read the runtime values, so a bad one is this rank's error, reported through
+    the agreement like a bad shape."""
+    seq, head = _SEQ_DIM[layout], _HEAD_DIM[layout]
+    try:
+        return plan_ring(attn.spec, q.shape[seq] * plan.world, plan, rank, q.shape[head],
+                         k.shape[head], runtime), None
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        return None, f"the ring's tile counts: {type(e).__name__}: {e}"
 
 
 def _all_to_all(attn: CompiledAttention, sharded: CompiledAttention, q: torch.Tensor,
