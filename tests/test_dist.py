@@ -141,6 +141,10 @@ def _bad_inputs(rank, group):
         "reorder": lambda: cp(attncc.compile(attncc.Attention(
             mask=attncc.causal(), reorder=attncc.permutation())), q, q, q, group=group,
             strategy="all_gather", perm=torch.arange(64)),
+        # the ring's pairs need the sink's one value per query head (2 here), before any hop
+        "ring-sink": lambda: cp(attncc.compile(attncc.Attention(
+            mask=attncc.causal(), normaliser=attncc.sink(torch.zeros(3)))), q, q, q,
+            group=group, strategy="ring"),
     }
     return try_calls(cases, group)
 
@@ -170,6 +174,7 @@ BAD = {
     "mismatch": "ranks hold different q, k, v shapes",
     "one-rank-bad": None,  # rank 1: its own error; rank 0: "rank(s) [1] rejected their inputs"
     "reorder": "is not supported yet",
+    "ring-sink": "one value per query head, shape [2], got shape [3]",
 }
 
 

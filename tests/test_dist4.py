@@ -1,5 +1,6 @@
-"""attncc.dist at world size 4 (docs/context_parallel.md): both softmax strategies, all-gather of
-K and V and all-to-all between sequence and heads (Ulysses), in 4 gloo processes on the CPU
+"""attncc.dist at world size 4 (docs/context_parallel.md): the three softmax strategies, all-gather
+of K and V, all-to-all between sequence and heads (Ulysses) and the ring of K/V chunks (causal
+contiguous and head-tail, documents crossing shards, GQA with a sink), in 4 gloo processes on the CPU
 (Triton interpreter), against the single-process fp64 reference of the whole sequence: o, lse
 and dq, dk, dv of each rank's slice. Tiny shapes (L = 64, d = 16, fp32): 4 processes share the
 CPU with everything else.
@@ -62,6 +63,11 @@ CASES = {
                                             "bhsd"),
     "hilberta-all_to_all-contiguous": ("hilberta", "all_to_all", "contiguous", 4, 4, "bhsd"),
     "gqa-sink-all_to_all-bshd": ("gqa-sink", "all_to_all", "contiguous", 8, 4, "bshd"),
+    # the ring: 4 hops, causal pairs skipped (contiguous: rank r computes r + 1 of 4)
+    "causal-ring-contiguous": ("causal", "ring", "contiguous", 1, 1, "bhsd"),
+    "causal-ring-head-tail": ("causal", "ring", "head-tail", 1, 1, "bhsd"),
+    "document-ring-contiguous": ("document", "ring", "contiguous", 1, 1, "bhsd"),
+    "gqa-sink-ring-head-tail-bshd": ("gqa-sink", "ring", "head-tail", 8, 2, "bshd"),
 }
 
 
@@ -118,7 +124,9 @@ def _bad_inputs(rank, group):
         "reorder-all_gather": lambda: cp(hilbert, y, y, y, group=group, strategy="all_gather"),
         # "auto" with heads that do not divide falls back to the all-gather, which refuses
         "reorder-auto-heads": lambda: cp(hilbert, x, x, x, group=group),
-        "strategy": lambda: cp(attn, y, y, y, group=group, strategy="ring"),
+        "strategy": lambda: cp(attn, y, y, y, group=group, strategy="rings"),
+        # the ring needs the positions of sharded queries and keys, which a reorder takes away
+        "reorder-ring": lambda: cp(hilbert, y, y, y, group=group, strategy="ring"),
     }
     return try_calls(cases, group)
 
@@ -148,6 +156,7 @@ BAD = {
     "reorder-all_gather": "is not supported yet",
     "reorder-auto-heads": "is not supported yet",
     "strategy": "strategy: expected one of",
+    "reorder-ring": "is not supported yet",
 }
 
 

@@ -262,6 +262,14 @@ def _ring_plan(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor, layout
     tile counts read the runtime values, so a bad one is this rank's error, reported through
     the agreement like a bad shape."""
     seq, head = _SEQ_DIM[layout], _HEAD_DIM[layout]
+    sink = attn.spec.normaliser.sink
+    if sink is not None:  # added after the merge, one value per query head
+        values = runtime.get(sink.name, sink.tensor)
+        if not isinstance(values, torch.Tensor) or values.shape != (q.shape[head],):
+            got = (f"shape {list(values.shape)}" if isinstance(values, torch.Tensor)
+                   else type(values).__name__)
+            return None, (f"{sink.name}: the ring adds the sink after its merge and needs one "
+                          f"value per query head, shape [{q.shape[head]}], got {got}")
     try:
         return plan_ring(attn.spec, q.shape[seq] * plan.world, plan, rank, q.shape[head],
                          k.shape[head], runtime), None
