@@ -1,13 +1,14 @@
 """attncc.dist (docs/context_parallel.md): softmax context parallelism by all-gather of K and V
-(strategy="all_gather"; the all-to-all strategy and world size 4: tests/test_dist4.py) over
+(strategy="all_gather") and by the ring of K/V chunks (the "ring-" cases; the all-to-all
+strategy and world size 4: tests/test_dist4.py) over
 torch.distributed, in 2 gloo processes on the CPU (Triton interpreter), against the
 single-process fp64 reference of the whole sequence: o, lse and dq, dk, dv of each rank's slice.
 
 One spawn runs every case (starting a process costs seconds of imports); each test reads its
 case's result. Tolerances (max abs error / max(1, max |reference|)): fp32 1e-4, fp16 1e-2 (as
 tests/test_backward.py: fp16 inputs, p and dS rounded to fp16 before their dots).
-Bad inputs raise on EVERY rank before the gather of K and V (no rank hangs: the spawn has a
-deadline)."""
+Bad inputs raise on EVERY rank before the gather of K and V or the first hop of the ring (no
+rank hangs: the spawn has a deadline)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Softmax context parallelism by all-gather of keys and values, or by all-to-all between
-sequence and heads (Ulysses) (docs/context_parallel.md).
+"""Softmax context parallelism by all-gather of keys and values, by all-to-all between
+sequence and heads (Ulysses), or by a ring of K/V chunks (docs/context_parallel.md).
 
 Each rank of a process group holds the queries, keys and values of its chunks of one sequence
 (a `Sharding`: contiguous, head-tail, or any other from `attncc.passes.shard_balance`). A call
@@ -22,6 +22,12 @@ heads, the spec rewritten once by `attncc.ir.shard.at_head_offset` (h -> h + off
 the global counts) so that per-head masks, scores and captured tensors read global heads, and
 the sink tensor sliced to the rank's heads; o (and lse) go back by the inverse all-to-all.
 Needs W | Hq and W | Hkv. Reordered specs work: every rank holds whole sequences.
+
+Ring (`strategy="ring"`, `attncc.dist.ring`): K/V chunks pass from rank to rank by
+point-to-point in W steps, the next hop posted before each step's compute; each (query chunk,
+key chunk) pair with work runs at both global positions (`attncc.ir.shard.at_pair_offset`) and
+the partial results are LSE-merged. Its backward rotates K/V with their gradient accumulators.
+No rank holds more than its own and one travelling K/V chunk. No reordered specs.
 """
 
 from __future__ import annotations
@@ -57,16 +63,18 @@ _SHARDED_HEADS: "weakref.WeakKeyDictionary[CompiledAttention, CompiledAttention]
 
 def choose_strategy(heads_q: int, heads_kv: int, world: int) -> str:
     """What `strategy="auto"` runs: "all_to_all" when the world size divides both head counts,
-    else "all_gather" (docs/context_parallel.md, "Choosing a strategy").
+    else "ring" (docs/context_parallel.md, "Choosing a strategy").
 
     Why: all-to-all sends each rank (W - 1) / W of four tensors of its own size (q, k, v, o),
-    where the all-gather sends W - 1 kv shards, holds no whole K and V, and its per-rank work is
-    exactly balanced (whole sequences, a W-th of the heads) for any mask; the scaling model
-    (benchmarks/cp_model.py) predicts it no slower than the all-gather wherever it can run.
-    It is also the only strategy here for a reordered spec. Where heads do not divide, the
-    all-gather runs (and refuses a reordered spec). The rule reads shapes only, which the
-    agreement step checks are the same on every rank, so every rank picks the same."""
-    return "all_to_all" if heads_q % world == 0 and heads_kv % world == 0 else "all_gather"
+    holds no whole K and V, and its per-rank work is exactly balanced (whole sequences, a W-th
+    of the heads) for any mask; the scaling model (benchmarks/cp_model.py) predicts it far
+    ahead of the ring on document masks and at most 7% behind it on causal ones. It is also
+    the only strategy here for a reordered spec. Where heads do not divide, the model predicts
+    the ring (its hops overlapped with compute) ahead of the all-gather in 15 of the 16 cells
+    of its table, and the ring holds one K/V chunk at a time where the all-gather holds all of
+    them (both refuse a reordered spec). The rule reads shapes only, which the agreement step
+    checks are the same on every rank, so every rank picks the same."""
+    return "all_to_all" if heads_q % world == 0 and heads_kv % world == 0 else "ring"
 
 
 def sharding_for(sharding: str | Sharding, world: int) -> Sharding:
@@ -153,7 +161,7 @@ def _strategy(strategy: str, q: Any, k: Any, layout: str, world: int) -> str:
     heads = _HEAD_DIM.get(layout)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
             and k.dim() == 4):
-        return "all_gather"  # the checks reject these inputs anyway
+        return "ring"  # the checks reject these inputs anyway
     return choose_strategy(q.shape[heads], k.shape[heads], world)
 
 
@@ -194,12 +202,14 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
 
     `strategy`: "all_gather" (K and V gathered, the rank's queries at their global positions),
     "all_to_all" (Ulysses: sequence <-> heads; needs W | Hq and W | Hkv; the only one for
-    reordered specs) or "auto" (`choose_strategy`: all-to-all where the heads divide).
+    reordered specs), "ring" (K/V chunks passed rank to rank, partial results LSE-merged,
+    fully masked chunk pairs skipped; a sink needs one value per query head) or "auto"
+    (`choose_strategy`: all-to-all where the heads divide, else the ring).
     Runtime values (`window=`, `doc=`, `perm=`) are those of the WHOLE model: a captured tensor
     indexed by position (document ids, a bias) has all L entries, one indexed by head all Hq,
     on every rank. `check`: one all-gather of a few integers per call so that bad or
     mismatched shapes raise on every rank instead of hanging in a collective (turn it off when
-    the shapes are known to agree). Not built: ring (docs/context_parallel.md).
+    the shapes are known to agree).
     """
     if not isinstance(attn, CompiledAttention):
         raise TypeError(f"context parallel: expected the CompiledAttention of a dense softmax "
