@@ -54,8 +54,8 @@ CASES = {
                                            {"window": 11}, "ring"),
     "ring-traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {},
                                        "ring"),
-    "ring-gqa-sink-alibi-head-tail": ("causal", "sink-alibi", "head-tail", "fp32", 4, 2, 64, {},
-                                      "ring"),
+    "ring-gqa-learned-alibi-sink-head-tail": ("causal", "learned-alibi", "head-tail", "fp32", 4,
+                                              2, 64, {}, "ring"),
 }
 
 
@@ -74,11 +74,16 @@ def _spec(mask, score, L):
              "prefix": attncc.prefix_lm(21),  # the prefix ends inside rank 0's second chunk
              "traced": _traced_documents(L)}
     scores = {"alibi": attncc.alibi(), "softcap": attncc.softcap(5.0)}
-    sinks = {"sink": torch.tensor([0.5, -1.0]), "sink-alibi": torch.tensor([0.5, -1.0, 2.0, 0.0])}
+    scores["learned-alibi"] = attncc.alibi(LEARNED["alibi_slopes"])
+    sinks = {"sink": torch.tensor([0.5, -1.0]), "learned-alibi": LEARNED["sink"]}
     normaliser = attncc.sink(sinks[score]) if score in sinks else None
-    if score == "sink-alibi":
-        score = "alibi"
     return attncc.Attention(mask=masks[mask], score=scores.get(score), normaliser=normaliser)
+
+
+# learned captured tensors (score "learned-alibi", 4 query heads): their gradients are checked,
+# summed over the ranks (each rank's backward gives the part from its own query rows)
+LEARNED = {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+           "sink": torch.tensor([0.5, -1.0, 2.0, 0.0])}
 
 
 def _inputs(Hq, Hkv, L, D=16, seed=0):
@@ -98,15 +103,18 @@ def _run_case(name, rank, group):
     q, k, v = (t.to(dtype) for t in (q, k, v))  # the reference sees the same rounded inputs
     # the reference: fp64 autograd on the whole sequence
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = attention_reference(spec, *ref, params=runtime)
+    learned = LEARNED if score == "learned-alibi" else {}
+    ref_learned = {n: t.double().requires_grad_() for n, t in learned.items()}
+    o_ref, lse_ref = attention_reference(spec, *ref, params=runtime, captures=ref_learned)
     ((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum()).backward()
     # this rank's slice, run sharded
     mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
     attn = attncc.compile(spec)
+    mine_learned = {n: t.clone().requires_grad_() for n, t in learned.items()}
     o, lse = attncc.dist.context_parallel_attention(attn, *mine, group=group, sharding=sharding,
                                                    strategy=(strategy or ["all_gather"])[0],
                                                    return_lse=True,
-                                                   **runtime)
+                                                   **runtime, **mine_learned)
     ((o.double() * attncc.dist.shard_sequence(do, sharding, rank).double()).sum()
      + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()
      ).backward()
@@ -119,6 +127,12 @@ def _run_case(name, rank, group):
         assert got.dtype == (torch.float32 if what == "lse" else dtype), (what, got.dtype)
         errors[what] = ((got.double() - want).abs().max().item()
                         / max(1.0, want.abs().max().item()))
+    for n, t in mine_learned.items():  # the whole gradient: every rank's rows summed
+        total = t.grad.clone()
+        dist.all_reduce(total, group=group)
+        want = ref_learned[n].grad
+        errors[f"d{n}"] = ((total.double() - want).abs().max().item()
+                           / max(1.0, want.abs().max().item()))
     return errors
 
 
