@@ -1,7 +1,8 @@
 """The ring strategy's pieces in one process, no process group (docs/context_parallel.md):
 `at_pair_offset` (attncc/ir/shard.py) makes a (query chunk, key chunk) pair read both at their
-global positions, so the LSE merge of a query chunk's pairs is the whole sequence's rows; and
-the ring's schedule (`attncc.dist.ring.plan_ring`) skips exactly the fully masked chunk pairs.
+global positions, so the LSE merge of a query chunk's pairs is the whole sequence's rows, and a
+pair visits exactly the tiles the shard-pair pass counts for it; the ring's schedule
+(`attncc.dist.ring.plan_ring`) skips exactly the fully masked chunk pairs.
 Interpreter, against the fp64 reference; fp32 tolerance 1e-4 (max abs error)."""
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from attncc.backends.reference.forward import attention_reference
 from attncc.dist.ring import computed_pairs, plan_ring
 from attncc.ir.shard import PAIR_PARAMS, at_pair_offset, pair_names
 from attncc.ir.symbols import KV_IDX, Q_IDX
+from attncc.ir.tiles import FULL, PARTIAL
 from attncc.ops.merge import merge
 from attncc.passes import shard_balance
+from attncc.passes.shard_pairs import chunk_tiles
 
 L, C = 32, 4
 DOC = torch.tensor([0] * 11 + [1] * 14 + [2] * 7)  # documents crossing the chunk cuts
@@ -108,3 +111,26 @@ def test_skipped_pairs_are_empty_and_computed_ones_are_not():
                 for j, kc in enumerate(theirs):
                     block = allowed[qc * n:(qc + 1) * n, kc * n:(kc + 1) * n]
                     assert ((i, j) in step) == bool(block.any()), (rank, s, qc, kc)
+
+
+@pytest.mark.parametrize("mask", ["causal", "sliding-window"])
+def test_a_pair_visits_the_tiles_the_shard_pairs_count(mask):
+    """The kernel on a (query chunk, key chunk) pair at its offsets visits exactly the partial
+    and full tiles that `chunk_tiles` counts for that pair: the tile classes read both
+    offsets, so the diagonal pair of a causal mask skips its upper tiles."""
+    tile, n_chunks, length = 16, 4, 2 * L
+    spec = attncc.Attention(mask=attncc.causal() if mask == "causal"
+                            else attncc.sliding_window(20),
+                            schedule=attncc.Schedule(block_m=tile, block_n=tile))
+    want = chunk_tiles(spec, length, n_chunks, block_m=tile, block_n=tile).counts
+    attn = attncc.compile(at_pair_offset(spec))
+    names = pair_names(attn.spec)
+    n = length // n_chunks
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    for cq in range(n_chunks):
+        for ck in range(n_chunks):
+            visits = torch.zeros(1, n // tile, n // tile, dtype=torch.int8)
+            attn(q, k, v, _visits=visits, **{p: (cq * n, ck * n, length)[i]
+                                             for p, i in names.items()})
+            assert int((visits == 1).sum()) == int(want[cq, ck, PARTIAL]), (cq, ck)
+            assert int((visits == 2).sum()) == int(want[cq, ck, FULL]), (cq, ck)
