@@ -1,6 +1,6 @@
 """Context parallelism with attncc.dist: one sequence sharded over the ranks of a process group,
-softmax attention by all-gather of K and V or by all-to-all between sequence and heads
-(Ulysses), and a gated delta rule (L6) by state passing, output and gradients compared with the
+softmax attention by all-gather of K and V, by all-to-all between sequence and heads
+(Ulysses) or by a ring of K/V chunks, and a gated delta rule (L6) by state passing, output and gradients compared with the
 single-process result (docs/context_parallel.md).
 
     torchrun --nproc-per-node 4 examples/context_parallel.py            # gloo on the CPU
@@ -11,7 +11,7 @@ Every rank builds the same whole-sequence q, k, v (one seed), keeps its chunks
 compares its o, dq, dk, dv with the rows of the same compiled attention run on the whole
 sequence in one process. Softmax specs, all-gather: causal + sliding window on head-tail
 shards; a document mask whose documents cross the shard boundaries, on the cost-balanced shards
-of `attncc.dist.greedy`; GQA causal on contiguous shards. All-to-all (one head per rank): HilbertA
+of `attncc.dist.greedy`. Ring: GQA causal on contiguous shards. All-to-all (one head per rank): HilbertA
 (M15 in Hilbert order, a reordered spec) on an (L/16) x 16 grid. Linear: the gated delta rule
 (L6) by `context_parallel_linear` on contiguous shards, o, the final state (compared on every
 rank) and dq, dk, dv, dg, dbeta. On a CPU the kernels run under Triton's interpreter: keep L
@@ -57,8 +57,8 @@ def cases(L: int, world: int) -> dict:
             attncc.dist.head_tail(world), "all_gather", 2, 2, {}),
         "documents across shards, greedy": (doc, attncc.dist.greedy(tiles, world), "all_gather",
                                             2, 2, {}),
-        "GQA causal, contiguous": (attncc.Attention(mask=attncc.causal()),
-                                   attncc.dist.contiguous(world), "all_gather", 4, 2, {}),
+        "GQA causal, contiguous, ring": (attncc.Attention(mask=attncc.causal()),
+                                         attncc.dist.contiguous(world), "ring", 4, 2, {}),
         "HilbertA (reordered), all-to-all": (hilberta, attncc.dist.contiguous(world),
                                              "all_to_all", world, world, {}),
     }

@@ -1,13 +1,14 @@
 """attncc.dist (docs/context_parallel.md): softmax context parallelism by all-gather of K and V
-(strategy="all_gather"; the all-to-all strategy and world size 4: tests/test_dist4.py) over
+(strategy="all_gather") and by the ring of K/V chunks (the "ring-" cases; the all-to-all
+strategy and world size 4: tests/test_dist4.py) over
 torch.distributed, in 2 gloo processes on the CPU (Triton interpreter), against the
 single-process fp64 reference of the whole sequence: o, lse and dq, dk, dv of each rank's slice.
 
 One spawn runs every case (starting a process costs seconds of imports); each test reads its
 case's result. Tolerances (max abs error / max(1, max |reference|)): fp32 1e-4, fp16 1e-2 (as
 tests/test_backward.py: fp16 inputs, p and dS rounded to fp16 before their dots).
-Bad inputs raise on EVERY rank before the gather of K and V (no rank hangs: the spawn has a
-deadline)."""
+Bad inputs raise on EVERY rank before the gather of K and V or the first hop of the ring (no
+rank hangs: the spawn has a deadline)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _doc_ids(L):  # documents of 21, 26 and 17 tokens: two of them cross the sha
     return torch.tensor([0] * 21 + [1] * 26 + [2] * (L - 47))
 
 
-# name: (mask, score, sharding, dtype, Hq, Hkv, L, runtime)
+# name: (mask, score, sharding, dtype, Hq, Hkv, L, runtime[, strategy: "all_gather"])
 CASES = {
     "causal-contiguous": ("causal", None, "contiguous", "fp32", 2, 2, 64, {}),
     "causal-head-tail-fp16": ("causal", None, "head-tail", "fp16", 2, 2, 64, {}),
@@ -47,6 +48,14 @@ CASES = {
     "prefix-lm-softcap-head-tail": ("prefix", "softcap", "head-tail", "fp32", 2, 2, 64, {}),
     "traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {}),
     "sink-causal-head-tail": ("causal", "sink", "head-tail", "fp32", 2, 2, 64, {}),
+    # the ring (K/V chunks passed rank to rank, LSE merge; 4 ranks: tests/test_dist4.py)
+    "ring-causal-contiguous": ("causal", None, "contiguous", "fp32", 2, 2, 64, {}, "ring"),
+    "ring-sliding-window-head-tail-fp16": ("sliding", None, "head-tail", "fp16", 2, 2, 64,
+                                           {"window": 11}, "ring"),
+    "ring-traced-capture-contiguous": ("traced", None, "contiguous", "fp32", 2, 2, 64, {},
+                                       "ring"),
+    "ring-gqa-learned-alibi-sink-head-tail": ("causal", "learned-alibi", "head-tail", "fp32", 4,
+                                              2, 64, {}, "ring"),
 }
 
 
@@ -65,8 +74,16 @@ def _spec(mask, score, L):
              "prefix": attncc.prefix_lm(21),  # the prefix ends inside rank 0's second chunk
              "traced": _traced_documents(L)}
     scores = {"alibi": attncc.alibi(), "softcap": attncc.softcap(5.0)}
-    normaliser = attncc.sink(torch.tensor([0.5, -1.0])) if score == "sink" else None
+    scores["learned-alibi"] = attncc.alibi(LEARNED["alibi_slopes"])
+    sinks = {"sink": torch.tensor([0.5, -1.0]), "learned-alibi": LEARNED["sink"]}
+    normaliser = attncc.sink(sinks[score]) if score in sinks else None
     return attncc.Attention(mask=masks[mask], score=scores.get(score), normaliser=normaliser)
+
+
+# learned captured tensors (score "learned-alibi", 4 query heads): their gradients are checked,
+# summed over the ranks (each rank's backward gives the part from its own query rows)
+LEARNED = {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+           "sink": torch.tensor([0.5, -1.0, 2.0, 0.0])}
 
 
 def _inputs(Hq, Hkv, L, D=16, seed=0):
@@ -78,7 +95,7 @@ def _inputs(Hq, Hkv, L, D=16, seed=0):
 
 
 def _run_case(name, rank, group):
-    mask, score, sharding_name, dt, Hq, Hkv, L, runtime = CASES[name]
+    mask, score, sharding_name, dt, Hq, Hkv, L, runtime, *strategy = CASES[name]
     spec = _spec(mask, score, L)
     sharding = attncc.dist.sharding_for(sharding_name, WORLD)
     q, k, v, do, dlse = _inputs(Hq, Hkv, L)
@@ -86,14 +103,18 @@ def _run_case(name, rank, group):
     q, k, v = (t.to(dtype) for t in (q, k, v))  # the reference sees the same rounded inputs
     # the reference: fp64 autograd on the whole sequence
     ref = [t.double().requires_grad_() for t in (q, k, v)]
-    o_ref, lse_ref = attention_reference(spec, *ref, params=runtime)
+    learned = LEARNED if score == "learned-alibi" else {}
+    ref_learned = {n: t.double().requires_grad_() for n, t in learned.items()}
+    o_ref, lse_ref = attention_reference(spec, *ref, params=runtime, captures=ref_learned)
     ((o_ref * do.double()).sum() + (lse_ref * dlse.double()).sum()).backward()
     # this rank's slice, run sharded
     mine = [attncc.dist.shard_sequence(t, sharding, rank).requires_grad_() for t in (q, k, v)]
     attn = attncc.compile(spec)
+    mine_learned = {n: t.clone().requires_grad_() for n, t in learned.items()}
     o, lse = attncc.dist.context_parallel_attention(attn, *mine, group=group, sharding=sharding,
-                                                   strategy="all_gather", return_lse=True,
-                                                   **runtime)
+                                                   strategy=(strategy or ["all_gather"])[0],
+                                                   return_lse=True,
+                                                   **runtime, **mine_learned)
     ((o.double() * attncc.dist.shard_sequence(do, sharding, rank).double()).sum()
      + (lse.double() * attncc.dist.shard_sequence(dlse, sharding, rank).double()).sum()
      ).backward()
@@ -106,6 +127,12 @@ def _run_case(name, rank, group):
         assert got.dtype == (torch.float32 if what == "lse" else dtype), (what, got.dtype)
         errors[what] = ((got.double() - want).abs().max().item()
                         / max(1.0, want.abs().max().item()))
+    for n, t in mine_learned.items():  # the whole gradient: every rank's rows summed
+        total = t.grad.clone()
+        dist.all_reduce(total, group=group)
+        want = ref_learned[n].grad
+        errors[f"d{n}"] = ((total.double() - want).abs().max().item()
+                           / max(1.0, want.abs().max().item()))
     return errors
 
 
@@ -129,6 +156,10 @@ def _bad_inputs(rank, group):
         "reorder": lambda: cp(attncc.compile(attncc.Attention(
             mask=attncc.causal(), reorder=attncc.permutation())), q, q, q, group=group,
             strategy="all_gather", perm=torch.arange(64)),
+        # the ring's pairs need the sink's one value per query head (2 here), before any hop
+        "ring-sink": lambda: cp(attncc.compile(attncc.Attention(
+            mask=attncc.causal(), normaliser=attncc.sink(torch.zeros(3)))), q, q, q,
+            group=group, strategy="ring"),
     }
     return try_calls(cases, group)
 
@@ -158,6 +189,7 @@ BAD = {
     "mismatch": "ranks hold different q, k, v shapes",
     "one-rank-bad": None,  # rank 1: its own error; rank 0: "rank(s) [1] rejected their inputs"
     "reorder": "is not supported yet",
+    "ring-sink": "one value per query head, shape [2], got shape [3]",
 }
 
 

@@ -1,6 +1,7 @@
-"""attncc.dist at world size 4 (docs/context_parallel.md): both softmax strategies, all-gather of
-K and V and all-to-all between sequence and heads (Ulysses), in 4 gloo processes on the CPU
-(Triton interpreter), against the single-process fp64 reference of the whole sequence: o, lse
+"""attncc.dist at world size 4 (docs/context_parallel.md): the three softmax strategies,
+all-gather of K and V, all-to-all between sequence and heads (Ulysses) and the ring of K/V
+chunks (causal contiguous and head-tail, documents crossing shards, GQA with a sink), in 4 gloo
+processes on the CPU (Triton interpreter), against the single-process fp64 reference of the whole sequence: o, lse
 and dq, dk, dv of each rank's slice. Tiny shapes (L = 64, d = 16, fp32): 4 processes share the
 CPU with everything else.
 
@@ -47,9 +48,9 @@ def _spec(name):
     if name == "hilberta":  # M15 on an 8 x 8 grid in Hilbert order (R1)
         return attncc.Attention(mask=attncc.hilberta(8, 8, 16, 8, 2),
                                 reorder=attncc.hilbert((8, 8)))
-    if name == "gqa-sink":
+    if name in ("gqa-sink", "gqa-sink-4"):  # a sink value per query head: 8 or 4 of them
         return attncc.Attention(mask=attncc.causal(), normaliser=attncc.sink(
-            torch.linspace(-1.0, 1.0, 8)))
+            torch.linspace(-1.0, 1.0, 8 if name == "gqa-sink" else 4)))
     raise KeyError(name)
 
 
@@ -62,6 +63,11 @@ CASES = {
                                             "bhsd"),
     "hilberta-all_to_all-contiguous": ("hilberta", "all_to_all", "contiguous", 4, 4, "bhsd"),
     "gqa-sink-all_to_all-bshd": ("gqa-sink", "all_to_all", "contiguous", 8, 4, "bshd"),
+    # the ring: 4 hops, causal pairs skipped (contiguous: rank r computes r + 1 of 4)
+    "causal-ring-contiguous": ("causal", "ring", "contiguous", 1, 1, "bhsd"),
+    "causal-ring-head-tail": ("causal", "ring", "head-tail", 1, 1, "bhsd"),
+    "document-ring-contiguous": ("document", "ring", "contiguous", 1, 1, "bhsd"),
+    "gqa-sink-ring-head-tail-bshd": ("gqa-sink-4", "ring", "head-tail", 4, 2, "bshd"),
 }
 
 
@@ -116,9 +122,11 @@ def _bad_inputs(rank, group):
                                strategy="all_to_all"),
         # the all-gather needs positions of sharded queries, which a reorder takes away
         "reorder-all_gather": lambda: cp(hilbert, y, y, y, group=group, strategy="all_gather"),
-        # "auto" with heads that do not divide falls back to the all-gather, which refuses
+        # "auto" with heads that do not divide falls back to the ring, which refuses
         "reorder-auto-heads": lambda: cp(hilbert, x, x, x, group=group),
-        "strategy": lambda: cp(attn, y, y, y, group=group, strategy="ring"),
+        "strategy": lambda: cp(attn, y, y, y, group=group, strategy="rings"),
+        # the ring needs the positions of sharded queries and keys, which a reorder takes away
+        "reorder-ring": lambda: cp(hilbert, y, y, y, group=group, strategy="ring"),
     }
     return try_calls(cases, group)
 
@@ -148,6 +156,7 @@ BAD = {
     "reorder-all_gather": "is not supported yet",
     "reorder-auto-heads": "is not supported yet",
     "strategy": "strategy: expected one of",
+    "reorder-ring": "is not supported yet",
 }
 
 
@@ -160,10 +169,10 @@ def test_bad_input_raises_on_every_rank(results, name):
         assert res["bad-inputs"]["after"] == f"all_reduce {float(WORLD)}", rank
 
 
-def test_auto_chooses_all_to_all_where_heads_divide():
+def test_auto_chooses_all_to_all_where_heads_divide_else_the_ring():
     assert attncc.dist.choose_strategy(8, 4, 4) == "all_to_all"
-    assert attncc.dist.choose_strategy(8, 2, 4) == "all_gather"  # kv heads do not split
-    assert attncc.dist.choose_strategy(6, 6, 4) == "all_gather"
+    assert attncc.dist.choose_strategy(8, 2, 4) == "ring"  # kv heads do not split
+    assert attncc.dist.choose_strategy(6, 6, 4) == "ring"
 
 
 def test_head_offset_reads_global_heads():

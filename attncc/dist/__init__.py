@@ -1,10 +1,13 @@
 """attncc.dist: attention over a sequence sharded across the ranks of a `torch.distributed`
 process group (context parallelism, docs/context_parallel.md).
 
-Implemented: softmax attention by all-gather of K and V or by all-to-all between sequence and
-heads (Ulysses), forward and backward, with contiguous, head-tail or any `Sharding` of the
-sequence; linear recurrences (L1-L6) by state passing (one all-gather of each shard's affine
-map), forward and backward. Planned (issue 16): ring with LSE merge, varlen linear recurrences.
+Implemented: softmax attention by all-gather of K and V, by all-to-all between sequence and
+heads (Ulysses), or by a ring of K/V chunks (point-to-point hops overlapped with each step's
+compute, LSE merge of the partial results, fully masked chunk pairs skipped, a backward that
+rotates K/V with their gradients), forward and backward, with contiguous, head-tail or any
+`Sharding` of the sequence; linear recurrences (L1-L6) by state passing (one all-gather of each
+shard's affine map), forward and backward. Planned (issue 16): p2p to non-empty shard pairs
+only, varlen linear recurrences.
 """
 
 from attncc.dist.collectives import (gather_sequence, heads_to_sequence, sequence_to_heads,

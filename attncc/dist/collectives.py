@@ -7,12 +7,15 @@ order; its backward hands each rank the sum over ranks of the gradient of its ow
 the sequence for all heads <-> the whole sequence (global order) for its W-th of the heads; each
 one's backward is the other (an all-to-all is a permutation of the data across ranks). They use
 `dist.all_to_all_single`, which NCCL and gloo both implement (gloo's `alltoall_base`; checked
-under gloo with torch 2.13).
+under gloo with torch 2.13). `ring_shift` is the ring strategy's step: point-to-point sends to
+the next rank and receives from the previous one (`dist.batch_isend_irecv`), posted at once and
+waited for later, so that the caller computes while the chunks travel.
 Everything goes through `torch.distributed`: attncc has no transport of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +23,7 @@ import torch.distributed as dist
 
 from attncc.passes.shard_pairs import Sharding
 
-__all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "heads_to_sequence",
+__all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "heads_to_sequence", "ring_shift",
            "sequence_to_heads", "shard_sequence"]
 
 
@@ -156,3 +159,31 @@ def gather_stacked(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     `group` calls it with equal shapes, and its backward is one collective too, so every rank
     must run the backward of whatever it computed from the result."""
     return _AllGather.apply(x.unsqueeze(0), group, 0)
+
+
+def ring_shift(tensors: list[torch.Tensor], group: Any, tag: int = 0
+               ) -> Callable[[], list[torch.Tensor]]:
+    """Post the sends of `tensors` to the next rank of `group` and the receives of the previous
+    rank's (same shapes and dtypes) into new buffers; return `wait`, which blocks until both are
+    done and gives the received tensors. Not differentiable (the ring's backward runs its own
+    shifts). Every rank of `group` must post the same shifts in the same order (the i-th tensor
+    travels with tag `tag + i`, so several shifts may be in flight). One rank: `wait` gives
+    `tensors` back, nothing is sent."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return lambda: tensors
+    rank = dist.get_rank(group)
+    nxt = dist.get_global_rank(group, (rank + 1) % world)
+    prev = dist.get_global_rank(group, (rank - 1) % world)
+    sends = [t.contiguous() for t in tensors]  # alive until `wait`: the sends read them
+    recvs = [torch.empty_like(t) for t in sends]
+    ops = ([dist.P2POp(dist.isend, t, nxt, group, tag + i) for i, t in enumerate(sends)]
+           + [dist.P2POp(dist.irecv, t, prev, group, tag + i) for i, t in enumerate(recvs)])
+    requests = dist.batch_isend_irecv(ops)
+
+    def wait() -> list[torch.Tensor]:
+        for r in requests:
+            r.wait()
+        del sends[:]
+        return recvs
+    return wait

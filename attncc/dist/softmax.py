@@ -1,5 +1,5 @@
-"""Softmax context parallelism by all-gather of keys and values, or by all-to-all between
-sequence and heads (Ulysses) (docs/context_parallel.md).
+"""Softmax context parallelism by all-gather of keys and values, by all-to-all between
+sequence and heads (Ulysses), or by a ring of K/V chunks (docs/context_parallel.md).
 
 Each rank of a process group holds the queries, keys and values of its chunks of one sequence
 (a `Sharding`: contiguous, head-tail, or any other from `attncc.passes.shard_balance`). A call
@@ -22,6 +22,12 @@ heads, the spec rewritten once by `attncc.ir.shard.at_head_offset` (h -> h + off
 the global counts) so that per-head masks, scores and captured tensors read global heads, and
 the sink tensor sliced to the rank's heads; o (and lse) go back by the inverse all-to-all.
 Needs W | Hq and W | Hkv. Reordered specs work: every rank holds whole sequences.
+
+Ring (`strategy="ring"`, `attncc.dist.ring`): K/V chunks pass from rank to rank by
+point-to-point in W steps, the next hop posted before each step's compute; each (query chunk,
+key chunk) pair with work runs at both global positions (`attncc.ir.shard.at_pair_offset`) and
+the partial results are LSE-merged. Its backward rotates K/V with their gradient accumulators.
+No rank holds more than its own and one travelling K/V chunk. No reordered specs.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import torch.distributed as dist
 from attncc.dist.agree import agree_on_inputs
 from attncc.dist.collectives import (chunk_runs, gather_sequence, heads_to_sequence,
                                     sequence_to_heads)
-from attncc.ir.shard import at_head_offset, at_query_offset, head_names, offset_names
+from attncc.dist.ring import pair_attention, plan_ring, ring_attention
+from attncc.ir.shard import at_head_offset, at_query_offset, head_names, offset_names, pair_names
 from attncc.ir.symbols import H_IDX
 from attncc.ops.softmax.compiled import CompiledAttention
 from attncc.passes import shard_balance
@@ -44,7 +51,7 @@ from attncc.validate import LAYOUTS, check_captures, check_qkv, to_bhsd
 
 __all__ = ["STRATEGIES", "choose_strategy", "context_parallel_attention", "sharding_for"]
 
-STRATEGIES = ("all_gather", "all_to_all", "auto")
+STRATEGIES = ("all_gather", "all_to_all", "ring", "auto")
 _SEQ_DIM = {"bhsd": 2, "bshd": 1}
 _HEAD_DIM = {"bhsd": 1, "bshd": 2}
 # the compiled attention at global query positions / global heads, one per CompiledAttention
@@ -56,16 +63,18 @@ _SHARDED_HEADS: "weakref.WeakKeyDictionary[CompiledAttention, CompiledAttention]
 
 def choose_strategy(heads_q: int, heads_kv: int, world: int) -> str:
     """What `strategy="auto"` runs: "all_to_all" when the world size divides both head counts,
-    else "all_gather" (docs/context_parallel.md, "Choosing a strategy").
+    else "ring" (docs/context_parallel.md, "Choosing a strategy").
 
     Why: all-to-all sends each rank (W - 1) / W of four tensors of its own size (q, k, v, o),
-    where the all-gather sends W - 1 kv shards, holds no whole K and V, and its per-rank work is
-    exactly balanced (whole sequences, a W-th of the heads) for any mask; the scaling model
-    (benchmarks/cp_model.py) predicts it no slower than the all-gather wherever it can run.
-    It is also the only strategy here for a reordered spec. Where heads do not divide, the
-    all-gather runs (and refuses a reordered spec). The rule reads shapes only, which the
-    agreement step checks are the same on every rank, so every rank picks the same."""
-    return "all_to_all" if heads_q % world == 0 and heads_kv % world == 0 else "all_gather"
+    holds no whole K and V, and its per-rank work is exactly balanced (whole sequences, a W-th
+    of the heads) for any mask; the scaling model (benchmarks/cp_model.py) predicts it far
+    ahead of the ring on document masks and at most 7% behind it on causal ones. It is also
+    the only strategy here for a reordered spec. Where heads do not divide, the model predicts
+    the ring (its hops overlapped with compute) ahead of the all-gather in 15 of the 16 cells
+    of its table, and the ring holds one K/V chunk at a time where the all-gather holds all of
+    them (both refuse a reordered spec). The rule reads shapes only, which the agreement step
+    checks are the same on every rank, so every rank picks the same."""
+    return "all_to_all" if heads_q % world == 0 and heads_kv % world == 0 else "ring"
 
 
 def sharding_for(sharding: str | Sharding, world: int) -> Sharding:
@@ -152,18 +161,21 @@ def _strategy(strategy: str, q: Any, k: Any, layout: str, world: int) -> str:
     heads = _HEAD_DIM.get(layout)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4
             and k.dim() == 4):
-        return "all_gather"  # the checks reject these inputs anyway
+        return "ring"  # the checks reject these inputs anyway
     return choose_strategy(q.shape[heads], k.shape[heads], world)
 
 
 def _prepare(attn: CompiledAttention, strategy: str, runtime: dict[str, Any]
              ) -> tuple[CompiledAttention | None, str | None]:
     """(the rewritten compiled attention, None) or (None, why this spec cannot run)."""
+    rewrite, names_of = {"all_gather": (_sharded, offset_names),
+                         "all_to_all": (_sharded_heads, head_names),
+                         "ring": (pair_attention, pair_names)}[strategy]
     try:
-        sharded = _sharded(attn) if strategy == "all_gather" else _sharded_heads(attn)
+        sharded = rewrite(attn)
     except ValueError as e:
         return None, str(e)
-    names = offset_names(sharded.spec) if strategy == "all_gather" else head_names(sharded.spec)
+    names = names_of(sharded.spec)
     clash = sorted(set(names) & set(runtime))
     if clash:
         return None, (f"{clash[0]!r} is a shard offset that this call sets itself; do not "
@@ -190,12 +202,14 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
 
     `strategy`: "all_gather" (K and V gathered, the rank's queries at their global positions),
     "all_to_all" (Ulysses: sequence <-> heads; needs W | Hq and W | Hkv; the only one for
-    reordered specs) or "auto" (`choose_strategy`: all-to-all where the heads divide).
+    reordered specs), "ring" (K/V chunks passed rank to rank, partial results LSE-merged,
+    fully masked chunk pairs skipped; a sink needs one value per query head) or "auto"
+    (`choose_strategy`: all-to-all where the heads divide, else the ring).
     Runtime values (`window=`, `doc=`, `perm=`) are those of the WHOLE model: a captured tensor
     indexed by position (document ids, a bias) has all L entries, one indexed by head all Hq,
     on every rank. `check`: one all-gather of a few integers per call so that bad or
     mismatched shapes raise on every rank instead of hanging in a collective (turn it off when
-    the shapes are known to agree). Not built: ring (docs/context_parallel.md).
+    the shapes are known to agree).
     """
     if not isinstance(attn, CompiledAttention):
         raise TypeError(f"context parallel: expected the CompiledAttention of a dense softmax "
@@ -218,6 +232,9 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     sharded, error = _prepare(attn, chosen, runtime)
     if error is None:
         error = _local_error(attn, q, k, v, layout, plan, chosen, runtime)
+    ring = None
+    if error is None and chosen == "ring":
+        ring, error = _ring_plan(attn, q, k, layout, plan, rank, runtime)
     if check:
         agree_on_inputs({"q": q, "k": k, "v": v}, error, group, "the attention")
     elif error is not None:
@@ -225,6 +242,12 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     run = {"scale": scale, "layout": layout, "backend": backend}
     if chosen == "all_to_all":
         return _all_to_all(attn, sharded, q, k, v, plan, group, rank, return_lse, run, runtime)
+    if chosen == "ring":
+        bhsd = [t.transpose(1, 2) if layout == "bshd" else t for t in (q, k, v)]
+        o, lse = ring_attention(attn, *bhsd, ring, group, {"scale": scale, "backend": backend},
+                                runtime)
+        o = o.transpose(1, 2) if layout == "bshd" else o
+        return (o, lse) if return_lse else o
     dim = _SEQ_DIM[layout]
     names = offset_names(sharded.spec)
     k_all = gather_sequence(k, plan, group, dim)
@@ -241,6 +264,27 @@ def context_parallel_attention(attn: CompiledAttention, q: torch.Tensor, k: torc
     if not return_lse:
         return o
     return o, (lses[0] if len(lses) == 1 else torch.cat(lses, 2))
+
+
+def _ring_plan(attn: CompiledAttention, q: torch.Tensor, k: torch.Tensor, layout: str,
+               plan: Sharding, rank: int, runtime: dict[str, Any]) -> tuple[Any, str | None]:
+    """(the ring's schedule of computed pairs, None) or (None, why it cannot be made): the
+    tile counts read the runtime values, so a bad one is this rank's error, reported through
+    the agreement like a bad shape."""
+    seq, head = _SEQ_DIM[layout], _HEAD_DIM[layout]
+    sink = attn.spec.normaliser.sink
+    if sink is not None:  # added after the merge, one value per query head
+        values = runtime.get(sink.name, sink.tensor)
+        if not isinstance(values, torch.Tensor) or values.shape != (q.shape[head],):
+            got = (f"shape {list(values.shape)}" if isinstance(values, torch.Tensor)
+                   else type(values).__name__)
+            return None, (f"{sink.name}: the ring adds the sink after its merge and needs one "
+                          f"value per query head, shape [{q.shape[head]}], got {got}")
+    try:
+        return plan_ring(attn.spec, q.shape[seq] * plan.world, plan, rank, q.shape[head],
+                         k.shape[head], runtime), None
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        return None, f"the ring's tile counts: {type(e).__name__}: {e}"
 
 
 def _all_to_all(attn: CompiledAttention, sharded: CompiledAttention, q: torch.Tensor,

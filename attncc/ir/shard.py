@@ -17,6 +17,12 @@ becomes `h + shard_head_offset` and `Hq`, `Hkv` the whole model's head counts (`
 `shard_hkv`), all runtime int parameters: per-head ALiBi slopes, per-head masks (M18) and
 captured tensors indexed by head read the rank's GLOBAL heads. The sink normaliser's `sink[h]`
 is not an expression: the caller slices the sink tensor instead.
+
+`at_pair_offset` is the ring's rewrite: a rank runs a chunk of queries against a chunk of keys,
+neither of them the whole sequence, so both indices move: `q_idx -> q_idx + shard_q_offset`,
+`kv_idx -> kv_idx + shard_kv_offset`, and `Lq`, `Lk` become the whole sequence's length
+`shard_len`. All three are runtime int parameters: one kernel serves every (query chunk, key
+chunk) pair of every rank.
 """
 
 from __future__ import annotations
@@ -25,15 +31,18 @@ import dataclasses
 
 from attncc.ir.nodes import DenseMemory, Param
 from attncc.ir.spec import AttentionSpec
-from attncc.ir.symbols import H_IDX, HKV, HQ, LK, LQ, Q_IDX
+from attncc.ir.symbols import H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_IDX
 
-__all__ = ["HEAD_PARAMS", "SHARD_OFFSET", "at_head_offset", "at_query_offset", "head_names",
-           "offset_names"]
+__all__ = ["HEAD_PARAMS", "PAIR_PARAMS", "SHARD_OFFSET", "at_head_offset", "at_pair_offset",
+           "at_query_offset", "head_names", "offset_names", "pair_names"]
 
 # the runtime parameter that holds a shard's first global query position
 SHARD_OFFSET = "shard_q_offset"
 # the runtime parameters of a head slice: its first global query head, the global Hq and Hkv
 HEAD_PARAMS = ("shard_head_offset", "shard_hq", "shard_hkv")
+# the runtime parameters of a (query chunk, key chunk) pair: the first global query position,
+# the first global key position, the whole sequence's length
+PAIR_PARAMS = ("shard_q_offset", "shard_kv_offset", "shard_len")
 
 
 def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
@@ -113,3 +122,57 @@ def head_names(spec: AttentionSpec) -> dict[str, int]:
     `at_head_offset` (the mask's and the score's): what a call sets."""
     return {p.name: HEAD_PARAMS.index(p.name.removesuffix("_s")) for p in spec.params
             if p.name.removesuffix("_s") in HEAD_PARAMS}
+
+
+def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
+    """`spec` with every query index read at `q_idx + shard_q_offset`, every key index at
+    `kv_idx + shard_kv_offset`, and `Lq`, `Lk` read as the whole sequence's length `shard_len`.
+
+    Requires: dense memory, no reorder, no parameter or capture already named like those (or
+    with the score's `_s` suffix). Ensures: each of mask and score gets only the parameters it
+    reads (the score's carry the suffix `_s`); when neither reads a position or a length the
+    spec comes back unchanged (`pair_names` lists what a call sets)."""
+    if not isinstance(spec.memory, DenseMemory):
+        raise ValueError(f"sharded pairs: memory {spec.memory.text()!r} is not a dense "
+                         "sequence; context parallelism runs dense softmax specs only")
+    if spec.reorder is not None:
+        raise ValueError(f"sharded pairs: reorder {spec.reorder.text()} is not supported yet "
+                         "(a rank's rows and keys would need their original positions)")
+    names = {x.name for x in (*spec.params, *spec.captures)}
+    taken = sorted(names & {n + suffix for n in PAIR_PARAMS for suffix in ("", "_s")})
+    if taken:
+        raise ValueError(f"sharded pairs: the spec already has a parameter or tensor named "
+                         f"{taken[0]!r}, a name the shard offsets take; rename it")
+    q_off, kv_off, length = PAIR_PARAMS
+    changes = {}
+    for axis, suffix in (("mask", ""), ("score", "_s")):
+        node = getattr(spec, axis)
+        if node is None:
+            continue
+        read = node.expr.free_symbols
+        params = {}
+        if Q_IDX in read or LQ in read:  # named masks read q_idx + Lk - Lq
+            params[q_off] = Param(q_off + suffix, "int", 0)
+        if KV_IDX in read:
+            params[kv_off] = Param(kv_off + suffix, "int", 0)
+        if read & {LQ, LK}:
+            params[length] = Param(length + suffix, "int", 1, positive=True)
+        if not params:
+            continue
+        subs = {}
+        if q_off in params:
+            subs[Q_IDX] = Q_IDX + params[q_off].symbol
+        if kv_off in params:
+            subs[KV_IDX] = KV_IDX + params[kv_off].symbol
+        if length in params:
+            subs[LQ] = subs[LK] = params[length].symbol
+        changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
+                                            params=(*node.params, *params.values()))
+    return spec.replace(**changes) if changes else spec
+
+
+def pair_names(spec: AttentionSpec) -> dict[str, int]:
+    """name -> index into (query offset, key offset, length) of each parameter of a spec from
+    `at_pair_offset` (the mask's and the score's): what a call sets."""
+    return {p.name: PAIR_PARAMS.index(p.name.removesuffix("_s")) for p in spec.params
+            if p.name.removesuffix("_s") in PAIR_PARAMS}
