@@ -92,6 +92,10 @@ def _bad_inputs(rank, group):
         # varlen: return_state on rank 0 only (it adds a collective)
         "varlen-return-state": lambda: cp(attn, qp, qp, qp, g=gp, beta=bp, group=group,
                                           cu_seqlens=cu, return_state=rank == 0),
+        # varlen on rank 0 only
+        "varlen-one-rank": lambda: cp(attn, *((q,) * 3 if rank else (qp,) * 3),
+                                      g=g if rank else gp, beta=beta if rank else bp,
+                                      group=group, cu_seqlens=None if rank else cu),
         # varlen: [B, H, L, D] tokens with cu_seqlens
         "varlen-not-packed": lambda: cp(attn, q, q, q, g=g, beta=beta, group=group,
                                         cu_seqlens=cu),
@@ -126,11 +130,13 @@ BAD = {
     "state-off-rank-0": ("ValueError", "pass it on rank 0 only"),
     "mismatch": ("ValueError", "ranks hold different q, v shapes"),
     "missing-beta": ("ValueError", "beta"),
-    "varlen-cu-differs": ("ValueError", "ranks pass different cu_seqlens (checksum)"),
+    "varlen-cu-differs": ("ValueError", "ranks pass different cu_seqlens (checksum"),
     "varlen-cu-local": ("ValueError", "ending at T = W x (tokens per rank) = 2 x 32 = 64"),
-    "varlen-state-rank-0": ("ValueError", "ranks pass different initial_state (given or None"),
+    "varlen-state-rank-0": ("ValueError", "ranks pass different initial_state (varlen: given on "
+                                          "every rank or none)"),
     "varlen-state-shape": ("ValueError", "initial_state: expected shape [N, H, F, Dv']"),
-    "varlen-return-state": ("ValueError", "ranks pass different return_state"),
+    "varlen-return-state": ("ValueError", "ranks pass different return_state (varlen)"),
+    "varlen-one-rank": ("ValueError", "ranks hold different q, v shapes"),
     "varlen-not-packed": ("ValueError", "expected this rank's packed tokens [T / W, H, Dk]"),
     "L7": ("ValueError", "not supported yet"),
 }

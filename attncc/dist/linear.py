@@ -192,21 +192,23 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
         raise ValueError(f"context parallel: rule {attn.node.rule!r} ({attn.node.text()}) is "
                          "not supported yet: state passing covers L1-L6 (docs/catalog.md)")
     world = dist.get_world_size(group)
-    same: dict[str, int] = {}
-    if cu_seqlens is None:
-        error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
-    else:
+    varlen = cu_seqlens is not None
+    if varlen:
         error, cu = _varlen_error(attn, q, k, v, g, beta, initial_state, cu_seqlens, world)
-        same = {"cu_seqlens (checksum)": -1 if cu is None else digest(cu),
-                "return_state": int(return_state),
-                "initial_state (given or None: varlen takes it on every rank or none)":
-                    int(initial_state is not None)}
+    else:
+        error, cu = _local_error(attn, q, k, v, g, beta, initial_state, rank), None
+    # the same keys on every rank (the rows must have one length); -2: not varlen
+    checksum = digest(cu) if cu is not None else -1 if varlen else -2
+    same = {"cu_seqlens (checksum; -2: none)": checksum,
+            "return_state (varlen)": int(return_state) if varlen else -2,
+            "initial_state (varlen: given on every rank or none)":
+                int(initial_state is not None) if varlen else -2}
     if check:
         agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence", same)
     elif error is not None:
         raise ValueError(f"context parallel (rank {rank}): {error}")
     run = {"scale": scale, "backend": backend}
-    if cu_seqlens is not None:
+    if varlen:
         return _varlen(attn, q, k, v, g, beta, initial_state, cu_seqlens,
                        plan_shard(cu, rank, world), len(cu) - 1, group, rank, run, return_state)
     o, U, M = transition(attn, q, k, v, g, beta, initial_state, run)
