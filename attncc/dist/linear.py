@@ -162,10 +162,10 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
     rank), q, k [l, H, Dk], v [l, H, Dv] (g, beta likewise packed) are this rank's l = T / W
     of the packed tokens (`shard_sequence(x, contiguous(W), rank, dim=0)`); sequences may cross
     any number of shard edges. `initial_state` [N, H, F, Dv'] is given on EVERY rank alike
-    (or on none): rank r reads the rows of the sequences starting in its shard, so its
-    gradient holds those rows and the sum over ranks is the whole gradient (as for the final
-    states, a value the group shares). `return_state`: the final states [N, H, F, Dv'] of all
-    sequences, the same on every rank.
+    (or on none; the values are not compared): rank r reads the rows of the sequences
+    starting in its shard, so its gradient holds those rows and the sum over ranks is the
+    whole gradient (as for the final states, a value the group shares). `return_state`: the
+    final states [N, H, F, Dv'] of all sequences, the same on every rank.
 
     Cost per rank: one extra forward run of its shard (and its backward) for U, except on
     rank 0; the delta rules (L5, L6) run it with Dk extra value columns for their transition
