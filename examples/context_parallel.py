@@ -14,7 +14,8 @@ shards; a document mask whose documents cross the shard boundaries, on the cost-
 of `attncc.dist.greedy`. Ring: GQA causal on contiguous shards. All-to-all (one head per rank): HilbertA
 (M15 in Hilbert order, a reordered spec) on an (L/16) x 16 grid. Linear: the gated delta rule
 (L6) by `context_parallel_linear` on contiguous shards, o, the final state (compared on every
-rank) and dq, dk, dv, dg, dbeta. On a CPU the kernels run under Triton's interpreter: keep L
+rank) and dq, dk, dv, dg, dbeta, on one sequence and on packed sequences crossing the shards
+(varlen, `cu_seqlens`). On a CPU the kernels run under Triton's interpreter: keep L
 small (the default, 256 tokens). Run it from the repository root with attncc importable
 (installed, or PYTHONPATH=.). Prints one line per spec on rank 0: the largest error over ranks,
 and OK / FAILED against the dtype's tolerance (fp32 1e-4, fp16 1e-2, relative to
@@ -69,8 +70,10 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
 
 
-def run_gated_delta(L, D, dtype, device, rank, world) -> float:
-    """L6 over contiguous shards by state passing: o, final state and gradients."""
+def run_gated_delta(L, D, dtype, device, rank, world, varlen=False) -> float:
+    """L6 over contiguous shards by state passing: o, final state and gradients. `varlen`:
+    three sequences (L/3, L/5 and the rest of the tokens) packed ([L, H, D] with cu_seqlens):
+    their boundaries fall inside shards."""
     g = torch.Generator().manual_seed(0)
     H = 2
     q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
@@ -78,26 +81,32 @@ def run_gated_delta(L, D, dtype, device, rank, world) -> float:
     gate = -0.3 * torch.rand(1, H, L, generator=g)
     beta = torch.rand(1, H, L, generator=g)
     do = torch.randn(1, H, L, D, generator=g)
-    x = {n: t.to(device, dtype) for n, t in zip(("q", "k", "v", "g", "beta"),
-                                                (q, k, v, gate, beta))}
+    x = {n: t.to(device, dtype) for n, t in zip(("q", "k", "v", "g", "beta", "do"),
+                                                (q, k, v, gate, beta, do))}
+    cu, dim = (torch.tensor([0, L // 3, L // 3 + L // 5, L], device=device), 0) if varlen \
+        else (None, 2)
+    if varlen:  # [1, H, L, ...] -> packed [L, H, ...]
+        x = {n: t[0].transpose(0, 1).contiguous() for n, t in x.items()}
+    do = x.pop("do")
     attn = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(update="delta",
                                                                           decay="scalar")))
     whole = {n: t.clone().requires_grad_() for n, t in x.items()}
     o_ref, s_ref = attn(whole["q"], whole["k"], whole["v"], g=whole["g"], beta=whole["beta"],
-                        return_state=True)
-    o_ref.backward(do.to(device, dtype))
+                        return_state=True, cu_seqlens=cu)
+    o_ref.backward(do)
     sharding = attncc.dist.contiguous(world)
-    mine = {n: attncc.dist.shard_sequence(t, sharding, rank).requires_grad_()
-            for n, t in x.items()}
+
+    def mine_of(t):
+        return attncc.dist.shard_sequence(t, sharding, rank, dim)
+
+    mine = {n: mine_of(t).requires_grad_() for n, t in x.items()}
     o, s = attncc.dist.context_parallel_linear(attn, mine["q"], mine["k"], mine["v"],
                                                g=mine["g"], beta=mine["beta"],
-                                               return_state=True)
-    o.backward(attncc.dist.shard_sequence(do.to(device, dtype), sharding, rank))
-    worst = max(relative(o, attncc.dist.shard_sequence(o_ref.detach(), sharding, rank)),
-                relative(s.detach(), s_ref.detach()))
+                                               return_state=True, cu_seqlens=cu)
+    o.backward(mine_of(do))
+    worst = max(relative(o, mine_of(o_ref.detach())), relative(s.detach(), s_ref.detach()))
     for n, t in mine.items():
-        worst = max(worst, relative(t.grad,
-                                    attncc.dist.shard_sequence(whole[n].grad, sharding, rank)))
+        worst = max(worst, relative(t.grad, mine_of(whole[n].grad)))
     return worst
 
 
@@ -143,6 +152,8 @@ def main() -> None:
                for name, c in cases(args.L, world).items()}
     results["gated delta rule (L6), state passing"] = (
         lambda: run_gated_delta(args.L, args.D, dtype, device, rank, world))
+    results["L6 varlen, sequences across shards"] = (
+        lambda: run_gated_delta(args.L, args.D, dtype, device, rank, world, varlen=True))
     for name, result in results.items():
         err = torch.tensor([result()], device=device)
         dist.all_reduce(err, op=dist.ReduceOp.MAX)

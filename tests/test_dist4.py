@@ -1,9 +1,13 @@
 """attncc.dist at world size 4 (docs/context_parallel.md): the three softmax strategies,
 all-gather of K and V, all-to-all between sequence and heads (Ulysses) and the ring of K/V
-chunks (causal contiguous and head-tail, documents crossing shards, GQA with a sink), in 4 gloo
-processes on the CPU (Triton interpreter), against the single-process fp64 reference of the whole sequence: o, lse
-and dq, dk, dv of each rank's slice. Tiny shapes (L = 64, d = 16, fp32): 4 processes share the
-CPU with everything else.
+chunks (causal contiguous and head-tail, documents crossing shards, GQA with a sink), and linear
+recurrences by state passing, in 4 gloo processes on the CPU (Triton interpreter), against the
+single-process fp64 reference of the whole sequence: o, lse and dq, dk, dv of each rank's slice
+(linear: o, the final state, the gradients of q, k, v, g, beta and the initial state,
+tests/dist_linear_cases.py: L2, L3, L5, L6 with and without an initial state; varlen L6 with a
+sequence over 3 ranks and L3 with one over all 4, so that ranks lying inside one sequence hand
+on its transition). Tiny shapes (L = 64, d = 16, fp32): 4 processes share the CPU with
+everything else.
 
 One spawn runs every case; each test reads its case's result. Tolerance: fp32 1e-4 of
 max(1, max |reference|), as tests/test_dist.py. Bad inputs raise on EVERY rank before any
@@ -27,6 +31,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available in this torch build",
                 allow_module_level=True)
 
+from tests.dist_linear_cases import expected, run_linear_case  # noqa: E402
 from tests.dist_support import run_rank, spawn_ranks, try_calls  # noqa: E402
 
 WORLD = 4
@@ -69,9 +74,18 @@ CASES = {
     "document-ring-contiguous": ("document", "ring", "contiguous", 1, 1, "bhsd"),
     "gqa-sink-ring-head-tail-bshd": ("gqa-sink-4", "ring", "head-tail", 4, 2, "bshd"),
 }
+# linear recurrences, name: (rule, with an initial state, cu_seqlens or None, return_state)
+LINEAR = {f"linear-{r}{'-s0' if s0 else ''}": (r, s0, None, True)
+          for r in ("L2", "L3", "L5", "L6") for s0 in (False, True)}
+# 16 tokens per rank: [16, 53) starts at rank 1's edge, lies over rank 2 and ends in rank 3;
+# rank 0 holds three sequences, an empty one at its end
+LINEAR["linear-L6-varlen-s0"] = ("L6", True, [0, 5, 16, 16, 53, 64], True)
+LINEAR["linear-L3-varlen"] = ("L3", False, [0, 3, 61, 64], True)  # ranks 1, 2 inside one
 
 
 def _run_case(name, rank, group):
+    if name in LINEAR:
+        return run_linear_case(LINEAR[name], rank, WORLD, group, L, 1, D)
     spec_name, strategy, sharding_name, Hq, Hkv, layout = CASES[name]
     spec = _spec(spec_name)
     sharding = attncc.dist.sharding_for(sharding_name, WORLD)
@@ -114,6 +128,8 @@ def _bad_inputs(rank, group):
     x = torch.randn(1, 2, 16, D)
     hilbert = attncc.compile(_spec("hilberta"))
     y = torch.randn(1, 4, 16, D)
+    lin = attncc.compile(attncc.Attention(memory=attncc.recurrent_state(decay=0.9)))
+    z = torch.randn(16, 1, D)  # packed: this rank's 16 tokens
     cases = {
         # 2 heads do not split over 4 ranks
         "heads": lambda: cp(attn, x, x, x, group=group, strategy="all_to_all"),
@@ -127,13 +143,16 @@ def _bad_inputs(rank, group):
         "strategy": lambda: cp(attn, y, y, y, group=group, strategy="rings"),
         # the ring needs the positions of sharded queries and keys, which a reorder takes away
         "reorder-ring": lambda: cp(hilbert, y, y, y, group=group, strategy="ring"),
+        # varlen linear: rank 2 packs the batch differently
+        "linear-cu-differs": lambda: attncc.dist.context_parallel_linear(
+            lin, z, z, z, group=group, cu_seqlens=torch.tensor([0, 9 + (rank == 2), 64])),
     }
     return try_calls(cases, group)
 
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)  # 4 processes on a small shared machine
-    run_rank(rank, WORLD, init_file, out_dir, CASES, _run_case, _bad_inputs)
+    run_rank(rank, WORLD, init_file, out_dir, [*CASES, *LINEAR], _run_case, _bad_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +160,15 @@ def results():
     return spawn_ranks(_worker, WORLD, DEADLINE_S)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *LINEAR])
 def test_matches_whole_sequence(results, name):
     for rank, res in enumerate(results):
         case = res[name]
         assert "exception" not in case, f"rank {rank}:\n{case['exception']}"
+        if name in LINEAR:
+            rule, with_s0, cu, return_state = LINEAR[name]
+            want = expected(rule, with_s0, cu is not None, return_state, rank)
+            assert set(case["errors"]) == want, (rank, sorted(case["errors"]))
         for what, err in case["errors"].items():
             assert err < TOL, f"rank {rank} {name}: {what} error {err:.2e} > {TOL}"
 
@@ -157,6 +180,7 @@ BAD = {
     "reorder-auto-heads": "is not supported yet",
     "strategy": "strategy: expected one of",
     "reorder-ring": "is not supported yet",
+    "linear-cu-differs": "ranks pass different cu_seqlens (checksum; -2: none) (by rank: [",
 }
 
 

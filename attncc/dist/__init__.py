@@ -6,8 +6,9 @@ heads (Ulysses), or by a ring of K/V chunks (point-to-point hops overlapped with
 compute, LSE merge of the partial results, fully masked chunk pairs skipped, a backward that
 rotates K/V with their gradients), forward and backward, with contiguous, head-tail or any
 `Sharding` of the sequence; linear recurrences (L1-L6) by state passing (one all-gather of each
-shard's affine map), forward and backward. Planned (issue 16): p2p to non-empty shard pairs
-only, varlen linear recurrences.
+shard's affine map), also varlen (packed sequences crossing shard edges, `attncc.dist.varlen`
+plans each shard), forward and backward. Planned (issue 16): p2p to non-empty shard pairs only,
+the prefix scan.
 """
 
 from attncc.dist.collectives import (gather_sequence, heads_to_sequence, sequence_to_heads,

@@ -9,7 +9,9 @@ one's backward is the other (an all-to-all is a permutation of the data across r
 `dist.all_to_all_single`, which NCCL and gloo both implement (gloo's `alltoall_base`; checked
 under gloo with torch 2.13). `ring_shift` is the ring strategy's step: point-to-point sends to
 the next rank and receives from the previous one (`dist.batch_isend_irecv`), posted at once and
-waited for later, so that the caller computes while the chunks travel.
+waited for later, so that the caller computes while the chunks travel. `gather_stacked` stacks
+every rank's tensor (the exchange of the linear recurrences' state maps); `sum_over_ranks`
+all-reduces one (their final states).
 Everything goes through `torch.distributed`: attncc has no transport of its own.
 """
 
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from attncc.passes.shard_pairs import Sharding
 
 __all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "heads_to_sequence", "ring_shift",
-           "sequence_to_heads", "shard_sequence"]
+           "sequence_to_heads", "shard_sequence", "sum_over_ranks"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -51,6 +53,24 @@ class _AllGather(torch.autograd.Function):
         out = torch.empty((local, *front.shape[1:]), dtype=grad.dtype, device=grad.device)
         dist.reduce_scatter_tensor(out, front, group=group)
         return out.movedim(0, dim), None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of every rank's `x` on every rank (all-reduce); the backward is the same
+    all-reduce of the gradients (each rank's x reaches every rank's result)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
 
 
 def _all_to_all(x: torch.Tensor, group: Any, split_dim: int, cat_dim: int) -> torch.Tensor:
@@ -187,3 +207,10 @@ def ring_shift(tensors: list[torch.Tensor], group: Any, tag: int = 0
         del sends[:]
         return recvs
     return wait
+
+
+def sum_over_ranks(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The sum over ranks of `x`, on every rank; differentiable (one all-reduce forward, one
+    backward). A collective: every rank of `group` calls it with equal shapes, and every rank
+    must run the backward of whatever it computed from the result."""
+    return _SumOverRanks.apply(x, group)

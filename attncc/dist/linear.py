@@ -1,26 +1,29 @@
 """Linear-recurrence context parallelism by state passing (docs/context_parallel.md).
 
 Rank r of a process group holds the r-th W-th of one sequence (contiguous: the recurrence runs
-in sequence order). For every rule L1-L6 (docs/catalog.md) a shard maps the state it receives
-to the state it hands on by an affine map, S_out = M S_in + U:
+in sequence order). Each rank runs its shard once for its affine state map S_out = M S_in + U
+(`attncc.dist.state_maps`: U from a zero state, rank 0 from the user's initial state), one
+all-gather hands every rank every map, rank r folds the state entering it and reruns its shard
+from that state for its outputs. Rank 0's first run already started from the true state, so
+its output is final; it is tied to the exchange (`Tie`) so that its backward joins the
+gather's collective too.
 
-- U is the shard's final state from a zero state (rank 0: from the user's initial state);
-- M is the product of the shard's transitions: I (L1), lam_h^l I (L2), e^{sum g} I (L3),
-  diag(e^{sum g}) (L4), all read from the inputs without a run and exchanged as a diagonal
-  [B, H, F]; the delta rules (L5, L6) have a dense M [B, H, Dk, Dk], which the same run
-  computes: v gets Dk zero columns and the initial state the identity in those columns, so
-  the state's extra columns end as M I + 0 = M (the columns of S evolve independently).
+Varlen (packed [T, H, D] with the whole batch's `cu_seqlens`, T = W l): each rank runs the
+sequences it holds as varlen, clipped to its shard (`attncc.dist.varlen.plan_shard`). Only the
+sequence running out of the shard's last token hands a state on. Its map is the whole shard's
+transition if the shard lies inside that one sequence; otherwise that sequence starts in the
+shard, from its own initial state, and M = 0, so the same fold resets at every sequence start.
+Only the sequence running into the shard's first token starts from the folded state (the
+rerun, only on such ranks); the others from their rows of the initial state, which every rank
+passes alike. With `return_state`, each rank's final states of the sequences ending in its
+shard reach every rank by one all-reduce (`sum_over_ranks`). Its input is tied to the gather
+and o to its output: every rank's backward runs the all-reduce's collective, then the
+gather's, whichever outputs its loss reads.
 
-One all-gather (LASP-2 style; `gather_stacked`, differentiable, ONE collective forward and
-backward so that every rank's backward runs the same collectives in the same order) hands every
-rank all (M, U); rank r folds S_in(r) = fold over j < r of S = M_j S + U_j in the state's
-dtype (fp32, fp64 for fp64 inputs), and reruns its shard from S_in(r) for its outputs. Rank 0's
-first run already started from the true state, so its output is final; it is tied to the
-exchange (`_Tie`) so that its backward joins the gather's collective too.
-
-Checks, before the exchange: this process in `group`, a rule this strategy covers, no varlen,
-an initial state on rank 0 only, each rank's own inputs valid, and (one small all-gather of
-integers, `check=True`) every rank holding the same shapes and dtype.
+Checks, before the exchange: this process in `group`, a rule this strategy covers, an initial
+state on rank 0 only (varlen: on every rank or none), each rank's own inputs valid, and (one
+small all-gather of integers, `check=True`) every rank holding the same shapes and dtype
+(varlen: and the same cu_seqlens, by a checksum, and the same return_state).
 """
 
 from __future__ import annotations
@@ -31,29 +34,15 @@ import torch
 import torch.distributed as dist
 
 from attncc.dist.agree import agree_on_inputs
-from attncc.dist.collectives import gather_stacked
+from attncc.dist.collectives import sum_over_ranks
+from attncc.dist.state_maps import DENSE, Tie, exchange, transition
+from attncc.dist.varlen import ShardPlan, digest, plan_shard
 from attncc.ops.linear.compiled import CompiledLinearAttention
-from attncc.validate.linear import check_inputs
+from attncc.validate.linear import check_cu_seqlens, check_inputs, check_tensor, varlen_views
 
 __all__ = ["context_parallel_linear"]
 
-_DENSE = ("delta", "gated_delta")  # rules whose shard transition is a dense Dk x Dk matrix
-_COVERED = ("linear", "decay", "scalar_gate", "vector_gate") + _DENSE
-
-
-class _Tie(torch.autograd.Function):
-    """`x` unchanged; the backward hands `anchor` a zero gradient, so that the backward of
-    whatever made `anchor` (a collective) runs on this rank as on the others."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        ctx.anchor = (anchor.shape, anchor.dtype, anchor.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, dtype, device = ctx.anchor
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
+_COVERED = ("linear", "decay", "scalar_gate", "vector_gate") + DENSE
 
 
 def _local_error(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, beta: Any,
@@ -71,47 +60,84 @@ def _local_error(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, 
     return None
 
 
-def _diagonal(attn: CompiledLinearAttention, q: torch.Tensor, g: torch.Tensor | None,
-              F: int, dtype: torch.dtype) -> torch.Tensor:
-    """M of an additive rule as its diagonal [B, H, F] (no run: read from the inputs)."""
-    B, H, l, _ = q.shape
-    rule = attn.node.rule
-    if rule == "linear":
-        return torch.ones(B, H, F, dtype=dtype, device=q.device)
-    if rule == "decay":
-        lam = attn.node.decay if isinstance(attn.node.decay, tuple) else (attn.node.decay,) * H
-        per_head = torch.tensor(lam, dtype=dtype, device=q.device) ** l
-        return per_head.view(1, H, 1).expand(B, H, F)
-    total = g.to(dtype).sum(2)  # L3: [B, H]; L4: [B, H, Dk]
-    return torch.exp(total).unsqueeze(-1).expand(B, H, F) if rule == "scalar_gate" \
-        else torch.exp(total)
+def _varlen_error(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, beta: Any,
+                  initial_state: Any, cu_seqlens: Any, world: int
+                  ) -> tuple[str | None, list[int] | None]:
+    """(what is wrong with this rank's packed arguments or None, the global cu_seqlens)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        return (f"q: expected this rank's packed tokens [T / W, H, Dk] with cu_seqlens, got "
+                f"{got}"), None
+    if q.shape[0] == 0:
+        return "a rank holds no tokens (every rank must hold T / W > 0 of them)", None
+    total = world * q.shape[0]
+    try:
+        n = check_cu_seqlens(cu_seqlens, total, q.device)
+    except ValueError as e:
+        return (f"cu_seqlens is the whole packed batch's, the same on every rank, ending at "
+                f"T = W x (tokens per rank) = {world} x {q.shape[0]} = {total}: {e}"), None
+    try:
+        varlen_views(q, k, v, attn.node, g, beta, None, cu_seqlens.new_tensor([0, q.shape[0]]))
+        if initial_state is not None:
+            _, H, Dk = q.shape
+            node = attn.node
+            shape = [n, H, node.feature_dim(Dk), node.state_dv(v.shape[-1])]
+            check_tensor("initial_state", initial_state, shape, "[N, H, F, Dv'] (every rank)")
+            if initial_state.device != q.device:
+                raise ValueError(f"initial_state: expected q's device {q.device}, got "
+                                 f"{initial_state.device}")
+    except (TypeError, ValueError) as e:
+        return str(e), None
+    return None, cu_seqlens.tolist()
 
 
-def _transition(attn: CompiledLinearAttention, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None,
-                initial_state: torch.Tensor | None, run: dict[str, Any]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o from `initial_state` (None: zero), U [B, H, F, Dv'], M: diagonal [B, H, F] or dense
-    [B, H, F, F]) of this shard, in one run."""
-    if attn.node.rule not in _DENSE:
-        o, U = attn(q, k, v, g=g, beta=beta, initial_state=initial_state, return_state=True,
-                    **run)
-        return o, U, _diagonal(attn, q, g, U.shape[2], U.dtype)
-    B, H, l, F = q.shape
-    Dv = v.shape[-1]
-    v_ext = torch.cat([v, v.new_zeros(B, H, l, F)], -1)
-    eye = torch.eye(F, device=q.device).expand(B, H, F, F)
-    first = (initial_state if initial_state is not None
-             else torch.zeros(B, H, F, Dv, device=q.device))
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    probe = torch.cat([first.to(state_dtype), eye.to(state_dtype)], -1)
-    o, S = attn(q, k, v_ext, g=g, beta=beta, initial_state=probe, return_state=True, **run)
-    return o[..., :Dv], S[..., :Dv], S[..., Dv:]
+def _varlen(attn: CompiledLinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            g: torch.Tensor | None, beta: torch.Tensor | None,
+            initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor, plan: ShardPlan,
+            n: int, group: Any, rank: int, run: dict[str, Any], return_state: bool
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a packed batch (module docstring: varlen)."""
+    node = attn.node
+    _, H, Dk = q.shape
+    F, Dv = node.feature_dim(Dk), node.state_dv(v.shape[-1])
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    local_cu = torch.tensor(plan.local_cu, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    own = None if initial_state is None else \
+        initial_state[plan.starts.start:plan.starts.stop].to(dtype)
 
+    def initial(entering: torch.Tensor) -> torch.Tensor | None:
+        """The run's initial states: `entering` for a sequence crossing in, then own rows."""
+        if not plan.crossing_in:
+            return own
+        rest = own if own is not None else entering.new_zeros(plan.count - 1, H, F, Dv)
+        return torch.cat([entering, rest])
 
-def _step(M: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """M S for a diagonal [B, H, F] or dense [B, H, F, F] M."""
-    return M.unsqueeze(-1) * S if M.dim() == 3 else M @ S
+    def packed(x: torch.Tensor | None) -> torch.Tensor | None:  # [T, H, ..] -> [1, H, T, ..]
+        return None if x is None else x.transpose(0, 1).unsqueeze(0)
+
+    if plan.inside:  # one sequence through the shard: the dense path's map
+        o, U, M = transition(attn, *map(packed, (q, k, v, g, beta)), None, run)
+        o, S = o[0].transpose(0, 1), U
+    else:  # the sequence crossing out (if any) starts here: its map does not read S_in
+        o, S = attn(q, k, v, g=g, beta=beta, initial_state=initial(q.new_zeros(1, H, F, Dv,
+                    dtype=dtype)), return_state=True, cu_seqlens=local_cu, **run)
+        # none crossing out: hand on zeros, tied to the run so that the gather's backward
+        # (one collective) runs on this rank as on the others
+        U = S[-1:] if plan.crossing_out else Tie.apply(torch.zeros_like(S[-1:]), S)
+        M = U.new_zeros((1, H, F, F) if node.rule in DENSE else (1, H, F))
+    every, states = exchange(M, U, group, rank)
+    if plan.crossing_in:  # rerun from the state entering this shard
+        o, S = attn(q, k, v, g=g, beta=beta, initial_state=initial(states[rank]),
+                    return_state=True, cu_seqlens=local_cu, **run)
+    else:  # every sequence started here from its own state: o is final
+        o = Tie.apply(o, every)
+    if not return_state:
+        return o
+    # the final states of the sequences ending in this shard, in their global rows
+    mine = torch.cat([S.new_zeros(plan.first, H, F, Dv), S[:plan.owned],
+                      S.new_zeros(n - plan.first - plan.owned, H, F, Dv)])
+    finals = sum_over_ranks(Tie.apply(mine, every), group)
+    return Tie.apply(o, finals), finals
 
 
 def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: torch.Tensor,
@@ -132,11 +158,23 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
     (the same on every rank; if several ranks use it, its gradients add up over them, as
     with any value the group shares). Differentiable in q, k, v, g, beta and initial_state.
 
+    Varlen: with `cu_seqlens` (int [N + 1], the whole packed batch's, the same tensor on every
+    rank), q, k [l, H, Dk], v [l, H, Dv] (g, beta likewise packed) are this rank's l = T / W
+    of the packed tokens (`shard_sequence(x, contiguous(W), rank, dim=0)`); sequences may cross
+    any number of shard edges. `initial_state` [N, H, F, Dv'] is given on EVERY rank alike
+    (or on none; the values are not compared): rank r reads the rows of the sequences
+    starting in its shard, so its gradient holds those rows and the sum over ranks is the
+    whole gradient (as for the final states, a value the group shares). `return_state`: the
+    final states [N, H, F, Dv'] of all sequences, the same on every rank.
+
     Cost per rank: one extra forward run of its shard (and its backward) for U, except on
     rank 0; the delta rules (L5, L6) run it with Dk extra value columns for their transition
-    M; one all-gather of W (M, U) pairs. `check`: one all-gather of a few integers so that
-    bad or mismatched shapes raise on every rank instead of hanging in the exchange.
-    Not in this slice: varlen (`cu_seqlens`), L7, non-contiguous shardings.
+    M; one all-gather of W (M, U) pairs. Varlen: the rerun only on ranks with a sequence
+    crossing in, the extra columns only where the shard lies inside one sequence, and with
+    `return_state` one all-reduce of the N final states. `check`: one all-gather of a few
+    integers so that bad or mismatched shapes (varlen: cu_seqlens, return_state, initial
+    state given or not) raise on every rank instead of hanging in the exchange.
+    Not in this slice: L7, non-contiguous shardings.
     """
     if not isinstance(attn, CompiledLinearAttention):
         raise TypeError(f"context parallel: expected the CompiledLinearAttention of a linear "
@@ -153,29 +191,30 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
     if attn.node.rule not in _COVERED:
         raise ValueError(f"context parallel: rule {attn.node.rule!r} ({attn.node.text()}) is "
                          "not supported yet: state passing covers L1-L6 (docs/catalog.md)")
-    if cu_seqlens is not None:
-        raise NotImplementedError(
-            "context parallel: varlen (cu_seqlens, documents crossing shard boundaries) is not "
-            "supported yet: each sequence would need its own state chain across ranks "
-            "(docs/context_parallel.md)")
-    error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
+    world = dist.get_world_size(group)
+    varlen = cu_seqlens is not None
+    if varlen:
+        error, cu = _varlen_error(attn, q, k, v, g, beta, initial_state, cu_seqlens, world)
+    else:
+        error, cu = _local_error(attn, q, k, v, g, beta, initial_state, rank), None
+    # the same keys on every rank (the rows must have one length); -2: not varlen
+    checksum = digest(cu) if cu is not None else -1 if varlen else -2
+    same = {"cu_seqlens (checksum; -2: none)": checksum,
+            "return_state (varlen)": int(return_state) if varlen else -2,
+            "initial_state (varlen: given on every rank or none)":
+                int(initial_state is not None) if varlen else -2}
     if check:
-        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence")
+        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence", same)
     elif error is not None:
         raise ValueError(f"context parallel (rank {rank}): {error}")
     run = {"scale": scale, "backend": backend}
-    o, U, M = _transition(attn, q, k, v, g, beta, initial_state, run)
-    # one collective for both halves: every rank's backward then runs one all-reduce
-    packed = torch.cat([M.flatten(2), U.flatten(2)], -1)
-    every = gather_stacked(packed, group)  # [W, B, H, |M| + |U|]
-    m_size = M[0, 0].numel()
-    Ms = every[..., :m_size].unflatten(-1, M.shape[2:])
-    Us = every[..., m_size:].unflatten(-1, U.shape[2:])
-    states = [torch.zeros_like(U)]  # states[j]: the state entering rank j
-    for j in range(dist.get_world_size(group)):
-        states.append(_step(Ms[j], states[-1]) + Us[j])
+    if varlen:
+        return _varlen(attn, q, k, v, g, beta, initial_state, cu_seqlens,
+                       plan_shard(cu, rank, world), len(cu) - 1, group, rank, run, return_state)
+    o, U, M = transition(attn, q, k, v, g, beta, initial_state, run)
+    every, states = exchange(M, U, group, world)
     if rank == 0:  # its first run started from the true state (the user's or zero)
-        o = _Tie.apply(o, every)
+        o = Tie.apply(o, every)
     else:
         o = attn(q, k, v, g=g, beta=beta, initial_state=states[rank], **run)
     return (o, states[-1]) if return_state else o
