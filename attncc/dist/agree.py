@@ -4,6 +4,10 @@ One small all-gather of a few integers per call: each rank's "my own checks fail
 the shape and dtype of the tensors that must match across ranks. A rank whose checks failed
 raises its own error; every other rank raises one naming it; mismatched shapes raise on every
 rank. So bad input never leaves some ranks waiting in a gather the others never join.
+
+Under `torch.compile` the exchange runs eagerly (`torch.compiler.disable`: one graph break, the
+rows are read as Python integers), between the graph of the checks before it and the graph of
+the collectives and kernels after it, so it still happens before any data collective.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def _row(tensors: dict[str, Any], failed: bool) -> list[int]:
     return row
 
 
+@torch.compiler.disable
 def agree_on_inputs(tensors: dict[str, Any], error: str | None, group: Any, what: str) -> None:
     """All-gather every rank's row of `tensors` (name -> this rank's tensor) and its check
     result `error` (None: passed), then raise the same way on every rank if any rank failed or

@@ -71,6 +71,15 @@ def _local_error(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, 
     return None
 
 
+@torch.compiler.disable
+def _agree(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, beta: Any,
+           initial_state: Any, rank: int, group: Any) -> None:
+    """This rank's checks and the agreement on them, eagerly also under torch.compile (one
+    graph break): the gate check reads values, which a traced graph does not know."""
+    error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
+    agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence")
+
+
 def _diagonal(attn: CompiledLinearAttention, q: torch.Tensor, g: torch.Tensor | None,
               F: int, dtype: torch.dtype) -> torch.Tensor:
     """M of an additive rule as its diagonal [B, H, F] (no run: read from the inputs)."""
@@ -158,11 +167,12 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
             "context parallel: varlen (cu_seqlens, documents crossing shard boundaries) is not "
             "supported yet: each sequence would need its own state chain across ranks "
             "(docs/context_parallel.md)")
-    error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
     if check:
-        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence")
-    elif error is not None:
-        raise ValueError(f"context parallel (rank {rank}): {error}")
+        _agree(attn, q, k, v, g, beta, initial_state, rank, group)
+    else:
+        error = _local_error(attn, q, k, v, g, beta, initial_state, rank)
+        if error is not None:
+            raise ValueError(f"context parallel (rank {rank}): {error}")
     run = {"scale": scale, "backend": backend}
     o, U, M = _transition(attn, q, k, v, g, beta, initial_state, run)
     # one collective for both halves: every rank's backward then runs one all-reduce
