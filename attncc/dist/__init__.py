@@ -9,6 +9,7 @@ map), forward and backward. Planned (issue 16): ring with LSE merge, varlen line
 
 from attncc.dist.collectives import (gather_sequence, heads_to_sequence, sequence_to_heads,
                                     shard_sequence)
+from attncc.dist.group import context_parallel_plan
 from attncc.dist.linear import context_parallel_linear
 from attncc.dist.softmax import (STRATEGIES, choose_strategy, context_parallel_attention,
                                  sharding_for)
@@ -16,5 +17,5 @@ from attncc.passes.shard_balance import contiguous, greedy, head_tail
 from attncc.passes.shard_pairs import Sharding
 
 __all__ = ["STRATEGIES", "Sharding", "choose_strategy", "context_parallel_attention",
-           "context_parallel_linear", "contiguous", "gather_sequence", "greedy", "head_tail",
-           "heads_to_sequence", "sequence_to_heads", "shard_sequence", "sharding_for"]
+           "context_parallel_linear", "context_parallel_plan", "contiguous", "gather_sequence",
+           "greedy", "head_tail", "heads_to_sequence", "sequence_to_heads", "shard_sequence", "sharding_for"]
