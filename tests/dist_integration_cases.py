@@ -158,8 +158,20 @@ CASES = {"nn-attention-group": nn_attention_group, "nn-mha-mesh": nn_mha_mesh,
          "compile-softmax": compile_softmax, "compile-linear-fullgraph": compile_linear_fullgraph}
 
 
-def bad_module_calls(group: Any) -> dict[str, Any]:
-    """Bad context-parallel module arguments, each raising at construction on every rank."""
+def _compiled_mismatch(rank: int, group: Any) -> None:
+    """Rank 1 holds more tokens than rank 0, inside torch.compile: the agreement (eager, one
+    graph break) still raises on both ranks before the gather of K and V."""
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: attncc.dist.context_parallel_attention(attn, t, t, t,
+                                                                       group=group),
+                      backend="aot_eager")
+    f(torch.randn(1, 2, 16 + 8 * rank, 16))
+
+
+def bad_module_calls(rank: int, group: Any) -> dict[str, Any]:
+    """Bad context-parallel module arguments, each raising at construction on every rank, and
+    mismatched shapes inside torch.compile."""
     mesh_1d = init_device_mesh("cpu", (WORLD,))
     mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "cp"))
     causal = attncc.causal()
@@ -175,6 +187,7 @@ def bad_module_calls(group: Any) -> dict[str, Any]:
         "nn-no-group": lambda: module(mask=causal, sharding="head-tail"),
         "nn-not-a-group": lambda: module(mask=causal, process_group="world"),
         "nn-mesh-2d-named": lambda: module(mask=causal, device_mesh=mesh_2d, mesh_dim="cp"),
+        "compile-mismatch": lambda: _compiled_mismatch(rank, group),
     }
 
 
@@ -191,4 +204,5 @@ BAD_MODULES = {
     "nn-not-a-group": "TypeError: process_group: expected a torch.distributed ProcessGroup, "
                       "got str",
     "nn-mesh-2d-named": "no error",
+    "compile-mismatch": "ValueError: context parallel: ranks hold different q, k, v shapes",
 }

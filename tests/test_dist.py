@@ -133,7 +133,7 @@ def _bad_inputs(rank, group):
             mask=attncc.causal(), reorder=attncc.permutation())), q, q, q, group=group,
             strategy="all_gather", perm=torch.arange(64)),
     }
-    cases.update(integration.bad_module_calls(group))
+    cases.update(integration.bad_module_calls(rank, group))
     return try_calls(cases, group)
 
 

@@ -4,7 +4,10 @@ process group (context parallelism, docs/context_parallel.md).
 Implemented: softmax attention by all-gather of K and V or by all-to-all between sequence and
 heads (Ulysses), forward and backward, with contiguous, head-tail or any `Sharding` of the
 sequence; linear recurrences (L1-L6) by state passing (one all-gather of each shard's affine
-map), forward and backward. Planned (issue 16): ring with LSE merge, varlen linear recurrences.
+map), forward and backward. The collectives are PyTorch's functional collectives, so all of it
+runs inside `torch.compile`; `attncc.nn` modules take a process group or a device mesh
+(`context_parallel_plan` checks those arguments). Planned (issue 16): ring with LSE merge,
+varlen linear recurrences.
 """
 
 from attncc.dist.collectives import (gather_sequence, heads_to_sequence, sequence_to_heads,
