@@ -35,11 +35,31 @@ _ALL_GATHER = getattr(funcol, "all_gather_single_autograd", None) or \
     funcol.all_gather_tensor_autograd
 
 
+def _group(group: Any) -> Any:
+    """None: the default group (the functional collectives take no None)."""
+    return dist.group.WORLD if group is None else group
+
+
+# torch 2.13 differentiates `wait_tensor` (`wait_tensor_backward`); where it does not, waiting
+# explicitly would cut the gradient, and the subclass below is left to wait on first use
+_WAIT_IS_DIFFERENTIABLE = hasattr(funcol, "wait_tensor_backward")
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """Eagerly a functional collective returns an `AsyncCollectiveTensor` (a subclass that
+    waits on first use): a plain tensor lets the kernels take their direct eager path rather
+    than the custom op's dispatch (both give the same result). Traced, it is already a plain
+    tensor (the graph holds the wait)."""
+    if _WAIT_IS_DIFFERENTIABLE and isinstance(x, funcol.AsyncCollectiveTensor):
+        return x.wait()
+    return x
+
+
 def _all_gather(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """[.., l, ..] on each rank -> [.., W*l, ..] in rank order along `dim` (differentiable: the
     backward reduce-scatters the gradient)."""
-    front = _ALL_GATHER(x.movedim(dim, 0).contiguous(), 0, group)  # gathers along dim 0
-    return front.movedim(0, dim)
+    front = _ALL_GATHER(x.movedim(dim, 0).contiguous(), 0, _group(group))  # along dim 0
+    return _waited(front).movedim(0, dim)
 
 
 def _all_to_all(x: torch.Tensor, group: Any, split_dim: int, cat_dim: int) -> torch.Tensor:
@@ -49,8 +69,8 @@ def _all_to_all(x: torch.Tensor, group: Any, split_dim: int, cat_dim: int) -> to
     world = dist.get_world_size(group)
     send = torch.stack(x.chunk(world, split_dim)).contiguous()  # all_to_all_single splits dim 0
     splits = [send.shape[0] // world] * world
-    recv = funcol.all_to_all_single_autograd(send, splits, splits, group)
-    return torch.cat(recv.unbind(0), cat_dim)
+    recv = funcol.all_to_all_single_autograd(send, splits, splits, _group(group))
+    return torch.cat(_waited(recv).unbind(0), cat_dim)
 
 
 def _global_order(x: torch.Tensor, sharding: Sharding, dim: int) -> torch.Tensor:
