@@ -154,7 +154,19 @@ def compile_linear_fullgraph(rank: int, group: Any) -> dict[str, float]:
     return errors
 
 
-CASES = {"nn-attention-group": nn_attention_group, "nn-mha-mesh": nn_mha_mesh,
+def default_group(rank: int, group: Any) -> dict[str, float]:
+    """The collectives with group=None (the default group): gather_sequence and the
+    all-to-all pair (head-tail) give back the whole sequence / this rank's slice."""
+    sharding = attncc.dist.sharding_for("head-tail", WORLD)
+    x = _randn(1, H, L, D, seed=7)
+    mine = attncc.dist.shard_sequence(x, sharding, rank)
+    heads = attncc.dist.sequence_to_heads(mine, sharding)
+    return {"gather": _error(attncc.dist.gather_sequence(mine, sharding), x),
+            "to-heads": _error(heads, x[:, rank:rank + 1]),
+            "round-trip": _error(attncc.dist.heads_to_sequence(heads, sharding), mine)}
+
+
+CASES = {"default-group": default_group, "nn-attention-group": nn_attention_group, "nn-mha-mesh": nn_mha_mesh,
          "compile-softmax": compile_softmax, "compile-linear-fullgraph": compile_linear_fullgraph}
 
 
