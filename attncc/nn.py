@@ -12,6 +12,14 @@ never recompiles when they change. `MultiHeadAttention` adds projections like
                                learnable=["alibi_slopes"])
     o = attn(q, k, v)       # q [B, Hq, L, D] (layout="bshd": [B, L, H, D])
     attn.set(window=32)     # no recompilation under torch.compile
+
+Context parallelism (docs/context_parallel.md): with `process_group=` (or `device_mesh=`, 1-D
+or with `mesh_dim=`) the module's input is this rank's shard of one sequence and its forward
+runs `attncc.dist.context_parallel_attention` (`sharding=`, `strategy=`):
+
+    mha = attncc.nn.MultiHeadAttention(E, H, mask=attncc.causal(), device_mesh=mesh,
+                                       mesh_dim="cp", sharding="head-tail")
+    y_r = mha(x_r)          # x_r: rank r's tokens, attncc.dist.shard_sequence(x, .., dim=1)
 """
 
 from __future__ import annotations
@@ -24,24 +32,47 @@ from torch import nn
 
 from attncc.api import Attention as AttentionSpecOf
 from attncc.api import compile as compile_attention
+from attncc.dist.group import context_parallel_plan
+from attncc.dist.softmax import context_parallel_attention
 from attncc.ir.derived import held_tensors
 from attncc.ir.spec import AttentionSpec
+from attncc.ops.softmax.compiled import CompiledAttention
+from attncc.passes.shard_pairs import Sharding
 
 
 class Attention(nn.Module):
     """Softmax attention of one attncc spec. `spec` (or `mask`/`score` as for
     `attncc.Attention`) fixes the kernel; `learnable` names floating captured tensors that
-    become `nn.Parameter`s (the others are buffers); `scale` None means 1/sqrt(Dqk)."""
+    become `nn.Parameter`s (the others are buffers); `scale` None means 1/sqrt(Dqk).
+
+    Context parallelism: `process_group` (a torch.distributed ProcessGroup) or `device_mesh`
+    (a DeviceMesh: 1-D, or any mesh with `mesh_dim` naming the context-parallel dimension)
+    makes q, k, v this rank's tokens of one sequence (its chunks of `sharding`: "contiguous",
+    the default, "head-tail" or a `Sharding`, in storage order) and the forward
+    `attncc.dist.context_parallel_attention` (`strategy`: "auto", "all_gather",
+    "all_to_all"); o is this rank's rows of the whole-sequence attention. Runtime tensors are
+    the whole sequence's, as there. Gradients of learnable captured tensors are this rank's
+    share: all-reduce them over the group (as DDP/FSDP do) for the whole sequence's. The
+    arguments are checked here (one group, a mesh dimension, sharding and strategy)."""
 
     def __init__(self, spec: AttentionSpec | None = None, *, mask: Any = None,
                  score: Any = None, learnable: Iterable[str] = (), scale: float | None = None,
-                 layout: str = "bhsd", backend: str = "auto") -> None:
+                 layout: str = "bhsd", backend: str = "auto", process_group: Any = None,
+                 device_mesh: Any = None, mesh_dim: str | int | None = None,
+                 sharding: str | Sharding | None = None, strategy: str | None = None) -> None:
         super().__init__()
         if spec is None:
             spec = AttentionSpecOf(mask=mask, score=score)
         elif mask is not None or score is not None:
             raise TypeError("Attention: give a spec or mask=/score=, not both")
+        self.context_parallel = context_parallel_plan(process_group, device_mesh, mesh_dim,
+                                                      sharding, strategy)
         self.kernel = compile_attention(spec, backend=backend)
+        if self.context_parallel is not None and not isinstance(self.kernel, CompiledAttention):
+            raise TypeError(f"process_group/device_mesh: context parallelism in attncc.nn runs "
+                            f"softmax specs; this spec compiles to "
+                            f"{type(self.kernel).__name__} (use "
+                            "attncc.dist.context_parallel_linear for linear recurrences)")
         self.layout, self.scale = layout, scale
         # a derived capture (`buf[b].sum()`) is held as its source `buf`: reduced on each call,
         # so a learnable `buf` gets its gradient through the reduction
@@ -80,16 +111,28 @@ class Attention(nn.Module):
             t = getattr(self, name)  # `.half()` on the model casts parameters: cast back
             args[name] = t if t.dtype == dtype else t.to(dtype)
         args.update(runtime)
-        return self.kernel(q, k, v, scale=self.scale, layout=self.layout, **args)
+        cp = self.context_parallel
+        if cp is None:
+            return self.kernel(q, k, v, scale=self.scale, layout=self.layout, **args)
+        return context_parallel_attention(self.kernel, q, k, v, group=cp.group,
+                                          sharding=cp.sharding, strategy=cp.strategy,
+                                          scale=self.scale, layout=self.layout, **args)
 
     def extra_repr(self) -> str:
-        return f"{self.kernel.spec.tag}, layout={self.layout!r}"
+        cp = self.context_parallel
+        where = "" if cp is None else (f", context parallel over {cp.sharding.world} ranks "
+                                       f"({cp.sharding.name or 'sharding'}, {cp.strategy})")
+        return f"{self.kernel.spec.tag}, layout={self.layout!r}{where}"
 
 
 class MultiHeadAttention(nn.Module):
     """Self-attention block: x [B, L, E] -> [B, L, E], with q/k/v/out projections,
     `num_heads` query heads and `num_kv_heads` key/value heads (GQA; default num_heads).
-    `spec`/`mask`/`score`/`learnable`/`backend` go to `Attention`."""
+    `spec`/`mask`/`score`/`learnable`/`backend` and the context-parallel arguments
+    (`process_group` or `device_mesh` [+ `mesh_dim`], `sharding`, `strategy`) go to
+    `Attention`: with a group, x [B, l, E] is this rank's tokens of the sequence and the
+    output its rows; the projections' gradients are this rank's share (all-reduce them over
+    the group, as DDP/FSDP do)."""
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                  bias: bool = False, **attention: Any) -> None:

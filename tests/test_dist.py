@@ -24,6 +24,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available in this torch build",
                 allow_module_level=True)
 
+from tests import dist_integration_cases as integration  # noqa: E402
 from tests.dist_support import run_rank, spawn_ranks, try_calls  # noqa: E402
 
 WORLD = 2
@@ -95,6 +96,8 @@ def _inputs(Hq, Hkv, L, D=16, seed=0):
 
 
 def _run_case(name, rank, group):
+    if name in integration.CASES:
+        return integration.CASES[name](rank, group)
     mask, score, sharding_name, dt, Hq, Hkv, L, runtime, *strategy = CASES[name]
     spec = _spec(mask, score, L)
     sharding = attncc.dist.sharding_for(sharding_name, WORLD)
@@ -161,11 +164,13 @@ def _bad_inputs(rank, group):
             mask=attncc.causal(), normaliser=attncc.sink(torch.zeros(3)))), q, q, q,
             group=group, strategy="ring"),
     }
+    cases.update(integration.bad_module_calls(rank, group))
     return try_calls(cases, group)
 
 
 def _worker(rank, init_file, out_dir):
-    run_rank(rank, WORLD, init_file, out_dir, CASES, _run_case, _bad_inputs)
+    run_rank(rank, WORLD, init_file, out_dir, [*CASES, *integration.CASES], _run_case,
+             _bad_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +186,24 @@ def test_matches_whole_sequence(results, name):
         assert "exception" not in case, f"rank {rank}:\n{case['exception']}"
         for what, err in case["errors"].items():
             assert err < tol, f"rank {rank} {name}: {what} error {err:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("name", list(integration.CASES))
+def test_modules_and_compile_match(results, name):
+    """tests/dist_integration_cases.py: the nn modules with a group against the whole-sequence
+    module, torch.compile against eager (fp32, 1e-4)."""
+    for rank, res in enumerate(results):
+        case = res[name]
+        assert "exception" not in case, f"rank {rank}:\n{case['exception']}"
+        for what, err in case["errors"].items():
+            assert err < TOL["fp32"], f"rank {rank} {name}: {what} error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(integration.BAD_MODULES))
+def test_bad_module_arguments_raise_at_construction(results, name):
+    for rank, res in enumerate(results):
+        got = res["bad-inputs"][name]
+        assert got.startswith(integration.BAD_MODULES[name]), f"rank {rank}: {got}"
 
 
 BAD = {

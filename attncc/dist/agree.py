@@ -6,6 +6,10 @@ needs alike on every rank (flags, a checksum of varlen cu_seqlens). A rank whose
 raises its own error; every other rank raises one naming it; mismatched shapes or integers
 raise on every rank. So bad input never leaves some ranks waiting in a gather the others never
 join.
+
+Under `torch.compile` the exchange runs eagerly (`torch.compiler.disable`: one graph break, the
+rows are read as Python integers), between the graph of the checks before it and the graph of
+the collectives and kernels after it, so it still happens before any data collective.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def _row(tensors: dict[str, Any], failed: bool, same: dict[str, int]) -> list[in
     return row + list(same.values())
 
 
+@torch.compiler.disable
 def _shape(sizes: list[int]) -> tuple[int, ...] | None:
     """A tensor's shape back from its [dimensions, 4 sizes] in the row (None: no tensor)."""
     return None if sizes[0] < 0 else tuple(sizes[1:1 + sizes[0]])

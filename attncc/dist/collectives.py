@@ -1,17 +1,25 @@
 """Differentiable collectives over the sequence dimension (docs/context_parallel.md).
 
 `gather_sequence` all-gathers every rank's slice of a sequence and puts the chunks in global
-order; its backward hands each rank the sum over ranks of the gradient of its own slice
-(reduce-scatter under NCCL; all-reduce then slice under gloo, which has no reduce-scatter).
-`sequence_to_heads` / `heads_to_sequence` are the all-to-all (Ulysses) pair: a rank's slice of
-the sequence for all heads <-> the whole sequence (global order) for its W-th of the heads; each
-one's backward is the other (an all-to-all is a permutation of the data across ranks). They use
-`dist.all_to_all_single`, which NCCL and gloo both implement (gloo's `alltoall_base`; checked
-under gloo with torch 2.13). `ring_shift` is the ring strategy's step: point-to-point sends to
-the next rank and receives from the previous one (`dist.batch_isend_irecv`), posted at once and
-waited for later, so that the caller computes while the chunks travel. `gather_stacked` stacks
-every rank's tensor (the exchange of the linear recurrences' state maps); `sum_over_ranks`
-all-reduces one (their final states).
+order; its backward hands each rank the sum over ranks of the gradient of its own slice (a
+reduce-scatter). `sequence_to_heads` / `heads_to_sequence` are the all-to-all (Ulysses) pair: a
+rank's slice of the sequence for all heads <-> the whole sequence (global order) for its W-th
+of the heads; each one's backward is the other (an all-to-all is a permutation of the data
+across ranks).
+
+They are PyTorch's functional collectives (`torch.distributed._functional_collectives`, the
+autograd-enabled `all_gather_tensor_autograd` / `all_to_all_single_autograd`), not a
+`torch.autograd.Function` over `dist.all_gather`: dynamo traces them, so the strategies run
+inside `torch.compile` with the collectives in the graph (forward and backward), and eagerly
+they are the same `torch.distributed` calls. NCCL and gloo both implement them (gloo's
+reduce-scatter is an all-reduce and a slice inside torch; checked under gloo with torch 2.13).
+
+`ring_shift` is the ring strategy's step: point-to-point sends to the next rank and receives from
+the previous one (`dist.batch_isend_irecv`), posted at once and waited for later, so that the
+caller computes while the chunks travel (eager only: the ring does not run inside
+`torch.compile`). `gather_stacked` stacks every rank's tensor (the exchange of the linear
+recurrences' state maps); `sum_over_ranks` all-reduces one (the varlen final states; an
+autograd.Function over `dist.all_reduce`, eager only).
 Everything goes through `torch.distributed`: attncc has no transport of its own.
 """
 
@@ -22,37 +30,44 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from attncc.passes.shard_pairs import Sharding
 
 __all__ = ["chunk_runs", "gather_sequence", "gather_stacked", "heads_to_sequence", "ring_shift",
            "sequence_to_heads", "shard_sequence", "sum_over_ranks"]
 
+# torch 2.13 renamed the autograd all-gather `all_gather_single_autograd` and deprecated the
+# old name (a FutureWarning on every eager call); torch 2.11 has only the old one
+_ALL_GATHER = getattr(funcol, "all_gather_single_autograd", None) or \
+    funcol.all_gather_tensor_autograd
 
-class _AllGather(torch.autograd.Function):
-    """[.., l, ..] on each rank -> [.., W*l, ..] in rank order (dimension `dim`)."""
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim)
+def _group(group: Any) -> Any:
+    """None: the default group (the functional collectives take no None)."""
+    return dist.group.WORLD if group is None else group
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        group, dim = ctx.group, ctx.dim
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        local = grad.shape[dim] // world
-        if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter
-            total = grad.contiguous()
-            dist.all_reduce(total, group=group)
-            return total.narrow(dim, rank * local, local).contiguous(), None, None
-        front = grad.movedim(dim, 0).contiguous()  # reduce_scatter_tensor splits dimension 0
-        out = torch.empty((local, *front.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, front, group=group)
-        return out.movedim(0, dim), None, None
+
+# torch 2.13 differentiates `wait_tensor` (`wait_tensor_backward`); where it does not, waiting
+# explicitly would cut the gradient, and the subclass below is left to wait on first use
+_WAIT_IS_DIFFERENTIABLE = hasattr(funcol, "wait_tensor_backward")
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """Eagerly a functional collective returns an `AsyncCollectiveTensor` (a subclass that
+    waits on first use): a plain tensor lets the kernels take their direct eager path rather
+    than the custom op's dispatch (both give the same result). Traced, it is already a plain
+    tensor (the graph holds the wait)."""
+    if _WAIT_IS_DIFFERENTIABLE and isinstance(x, funcol.AsyncCollectiveTensor):
+        return x.wait()
+    return x
+
+
+def _all_gather(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    """[.., l, ..] on each rank -> [.., W*l, ..] in rank order along `dim` (differentiable: the
+    backward reduce-scatters the gradient)."""
+    front = _ALL_GATHER(x.movedim(dim, 0).contiguous(), 0, _group(group))  # along dim 0
+    return _waited(front).movedim(0, dim)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -75,27 +90,13 @@ class _SumOverRanks(torch.autograd.Function):
 
 def _all_to_all(x: torch.Tensor, group: Any, split_dim: int, cat_dim: int) -> torch.Tensor:
     """Split `x` into W equal parts along `split_dim`, part j to rank j; concatenate the parts
-    received, in rank order, along `cat_dim`. Every rank passes the same shape."""
+    received, in rank order, along `cat_dim` (differentiable: the backward is the same
+    exchange with the dimensions swapped). Every rank passes the same shape."""
     world = dist.get_world_size(group)
     send = torch.stack(x.chunk(world, split_dim)).contiguous()  # all_to_all_single splits dim 0
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), cat_dim)
-
-
-class _AllToAll(torch.autograd.Function):
-    """`_all_to_all` with its inverse (the same exchange, dimensions swapped) as the backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, split_dim: int,
-                cat_dim: int) -> torch.Tensor:
-        ctx.args = (group, split_dim, cat_dim)
-        return _all_to_all(x, group, split_dim, cat_dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        group, split_dim, cat_dim = ctx.args
-        return _all_to_all(grad, group, cat_dim, split_dim), None, None, None
+    splits = [send.shape[0] // world] * world
+    recv = funcol.all_to_all_single_autograd(send, splits, splits, _group(group))
+    return torch.cat(_waited(recv).unbind(0), cat_dim)
 
 
 def _global_order(x: torch.Tensor, sharding: Sharding, dim: int) -> torch.Tensor:
@@ -128,14 +129,14 @@ def sequence_to_heads(x: torch.Tensor, sharding: Sharding, group: Any = None, se
     """This rank's chunks of the sequence for all H heads -> the whole sequence, in global
     order, for heads [r H/W, (r + 1) H/W) (one all-to-all; differentiable). W must divide H.
     A collective: every rank of `group` calls it with the same sharding and equal shapes."""
-    return _global_order(_AllToAll.apply(x, group, head_dim, seq_dim), sharding, seq_dim)
+    return _global_order(_all_to_all(x, group, head_dim, seq_dim), sharding, seq_dim)
 
 
 def heads_to_sequence(y: torch.Tensor, sharding: Sharding, group: Any = None, seq_dim: int = 2,
                       head_dim: int = 1) -> torch.Tensor:
     """The inverse of `sequence_to_heads`: the whole sequence (global order) for this rank's
     heads -> this rank's chunks (storage order) for all heads (one all-to-all)."""
-    return _AllToAll.apply(_rank_order(y, sharding, seq_dim), group, seq_dim, head_dim)
+    return _all_to_all(_rank_order(y, sharding, seq_dim), group, seq_dim, head_dim)
 
 
 def chunk_runs(chunks: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -154,7 +155,7 @@ def gather_sequence(x: torch.Tensor, sharding: Sharding, group: Any = None,
     """The whole sequence in global order from each rank's slice `x` (its chunks of
     `sharding`, in storage order, along `dim`); differentiable. A collective: every rank of
     `group` calls it with the same sharding and equal shapes."""
-    return _global_order(_AllGather.apply(x, group, dim), sharding, dim)
+    return _global_order(_all_gather(x, group, dim), sharding, dim)
 
 
 def shard_sequence(x: torch.Tensor, sharding: Sharding, rank: int, dim: int = 2) -> torch.Tensor:
@@ -178,7 +179,7 @@ def gather_stacked(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     rank the sum over ranks of the gradient of its own entry). A collective: every rank of
     `group` calls it with equal shapes, and its backward is one collective too, so every rank
     must run the backward of whatever it computed from the result."""
-    return _AllGather.apply(x.unsqueeze(0), group, 0)
+    return _all_gather(x.unsqueeze(0), group, 0)
 
 
 def ring_shift(tensors: list[torch.Tensor], group: Any, tag: int = 0

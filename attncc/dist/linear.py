@@ -140,6 +140,31 @@ def _varlen(attn: CompiledLinearAttention, q: torch.Tensor, k: torch.Tensor, v: 
     return Tie.apply(o, finals), finals
 
 
+@torch.compiler.disable
+def _checked(attn: CompiledLinearAttention, q: Any, k: Any, v: Any, g: Any, beta: Any,
+             initial_state: Any, cu_seqlens: Any, return_state: bool, check: bool, rank: int,
+             world: int, group: Any) -> list[int] | None:
+    """This rank's checks and (`check`) the agreement on them; eager also under
+    torch.compile (one graph break): the gate check and cu_seqlens read values, which a traced
+    graph does not know. Returns the global cu_seqlens as a list (None: not varlen)."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        error, cu = _varlen_error(attn, q, k, v, g, beta, initial_state, cu_seqlens, world)
+    else:
+        error, cu = _local_error(attn, q, k, v, g, beta, initial_state, rank), None
+    # the same keys on every rank (the rows must have one length); -2: not varlen
+    checksum = digest(cu) if cu is not None else -1 if varlen else -2
+    same = {"cu_seqlens (checksum; -2: none)": checksum,
+            "return_state (varlen)": int(return_state) if varlen else -2,
+            "initial_state (varlen: given on every rank or none)":
+                int(initial_state is not None) if varlen else -2}
+    if check:
+        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence", same)
+    elif error is not None:
+        raise ValueError(f"context parallel (rank {rank}): {error}")
+    return cu
+
+
 def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: torch.Tensor,
                             v: torch.Tensor, *, g: torch.Tensor | None = None,
                             beta: torch.Tensor | None = None, group: Any = None,
@@ -192,23 +217,15 @@ def context_parallel_linear(attn: CompiledLinearAttention, q: torch.Tensor, k: t
         raise ValueError(f"context parallel: rule {attn.node.rule!r} ({attn.node.text()}) is "
                          "not supported yet: state passing covers L1-L6 (docs/catalog.md)")
     world = dist.get_world_size(group)
-    varlen = cu_seqlens is not None
-    if varlen:
-        error, cu = _varlen_error(attn, q, k, v, g, beta, initial_state, cu_seqlens, world)
-    else:
+    if check or cu_seqlens is not None:
+        cu = _checked(attn, q, k, v, g, beta, initial_state, cu_seqlens, return_state, check,
+                      rank, world, group)
+    else:  # traceable: under torch.compile(fullgraph=True) no graph break
         error, cu = _local_error(attn, q, k, v, g, beta, initial_state, rank), None
-    # the same keys on every rank (the rows must have one length); -2: not varlen
-    checksum = digest(cu) if cu is not None else -1 if varlen else -2
-    same = {"cu_seqlens (checksum; -2: none)": checksum,
-            "return_state (varlen)": int(return_state) if varlen else -2,
-            "initial_state (varlen: given on every rank or none)":
-                int(initial_state is not None) if varlen else -2}
-    if check:
-        agree_on_inputs({"q": q, "v": v}, error, group, "the recurrence", same)
-    elif error is not None:
-        raise ValueError(f"context parallel (rank {rank}): {error}")
+        if error is not None:
+            raise ValueError(f"context parallel (rank {rank}): {error}")
     run = {"scale": scale, "backend": backend}
-    if varlen:
+    if cu is not None:
         return _varlen(attn, q, k, v, g, beta, initial_state, cu_seqlens,
                        plan_shard(cu, rank, world), len(cu) - 1, group, rank, run, return_state)
     o, U, M = transition(attn, q, k, v, g, beta, initial_state, run)
