@@ -50,10 +50,10 @@ def compiled_specs() -> dict[SpecKey, attncc.CompiledAttention]:
 def _key_valid_mask() -> attncc.Mask:
     key_valid = torch.ones(1, 1, dtype=torch.bool)  # a placeholder: each call passes its own
 
-    def padding(b, h, q_idx, kv_idx):
+    def key_valid_mask(b, h, q_idx, kv_idx):
         return key_valid[b, kv_idx]
 
-    return attncc.Attention(mask=padding).mask
+    return attncc.Attention(mask=key_valid_mask).mask
 
 
 def _build(key: SpecKey) -> attncc.CompiledAttention:

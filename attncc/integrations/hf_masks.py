@@ -111,6 +111,8 @@ class MaskGeometry:
     kv_offset: int
     key_valid: Tensor | None
 
+    ndim = 4  # transformers' mask preparation reads it (a prepared mask, not a 2-D padding mask)
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the 4-D mask this stands for (code that only reads the size works)."""
@@ -127,7 +129,11 @@ def attncc_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | 
                 kv_offset: int = 0, mask_function: Callable = mu.causal_mask_function,
                 attention_mask: Tensor | None = None, **kwargs: Any) -> MaskGeometry:
     """The `AttentionMaskInterface` function registered as "attncc": a `MaskGeometry`, never an
-    Lq x Lk tensor. `attention_mask`: bool[B, >= kv_offset + kv_length] padding (True: a token)."""
+    Lq x Lk tensor. `attention_mask`: bool[B, >= kv_offset + kv_length] padding (True: a token),
+    or a `MaskGeometry` made in advance (`generate` with a static cache prepares its masks before
+    the forward): returned as it is, as transformers returns a prepared 4-D mask."""
+    if isinstance(attention_mask, MaskGeometry):
+        return attention_mask
     kind = describe_mask_function(mask_function)
     key_valid = None
     if attention_mask is not None:
