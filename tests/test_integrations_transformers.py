@@ -7,7 +7,8 @@ counting hook on attncc's kernel entry proves attncc ran on each path (prefill, 
 Covered: Llama (dynamic and static cache), Mistral (sliding window), Qwen2 (a sliding layer and a
 full one), Gemma 2 (window, soft-cap, query_pre_attn_scalar), Gemma 3 (alternating local /
 global), GPT-OSS (sinks, alternating windows), BERT (bidirectional, right padding), packed
-sequences (position_ids restarting), and the errors for what attncc does not do.
+sequences (position_ids restarting), training gradients, and the errors for what attncc does
+not do.
 """
 
 from __future__ import annotations
@@ -248,3 +249,24 @@ def test_what_attncc_cannot_do_is_an_error():
         hf_attncc.attncc_attention_forward(model.model.layers[0].self_attn,
                                            *(torch.zeros(1, 4, L, 8) for _ in range(3)), None,
                                            output_attentions=True)
+
+
+def test_training_gradients_match_eager(kernel_calls):
+    """Without dropout a model trains through attncc's custom op (its backward kernels)."""
+    t = transformers
+    torch.manual_seed(0)
+    model = t.LlamaForCausalLM(t.LlamaConfig(**SMALL)).train()
+    ids, mask = _batch()
+    # a padding query's row is meaningless (no valid key: attncc gives 0, eager a uniform
+    # average): no loss on a padding token, nor on the token a padding query predicts
+    after_pad = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=1) == 0
+    labels = ids.masked_fill((mask == 0) | after_pad, -100)
+    grads = {}
+    for impl in ("eager", "attncc"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[impl] = [p.grad.clone() for p in model.model.layers[0].self_attn.parameters()]
+    for ref, out in zip(grads["eager"], grads["attncc"]):
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    assert len(kernel_calls) == 2

@@ -10,6 +10,9 @@ of those pieces are present, `spec_key`), so a model compiles a handful of specs
 layer; the window, soft-cap, scale, sink logits, padding and sequence offsets are runtime values
 and never recompile.
 
+A query with no valid key (a left-padding row) gets o = 0, attncc's rule for empty rows, where
+eager attention averages every key: such rows are meaningless in both.
+
 What attncc cannot do exactly raises before anything runs, naming it: dropout, returning
 attention weights, a position bias, a 4-D mask tensor, packed sequences in a batch of more than
 one row.
