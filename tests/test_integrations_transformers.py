@@ -172,14 +172,14 @@ def test_bert_bidirectional_with_padding(kernel_calls):
 
 
 def test_packed_sequences_are_documents(kernel_calls):
-    """position_ids restarting inside one row (no padding mask, no cache): transformers detects
-    packed sequences, attncc runs them as cu_seqlens documents; each sequence's logits equal
-    running it alone."""
+    """position_ids restarting inside a row (no padding mask, no cache): transformers detects
+    packed sequences, attncc runs them as cu_seqlens documents (the two rows end to end); each
+    sequence's logits equal running it alone."""
     torch.manual_seed(0)
     model = _decoder("gemma3").eval()  # a window and a full layer
-    lengths = (3, 5, 4)
-    ids = torch.randint(0, VOCAB, (1, sum(lengths)))
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    lengths = ((3, 5, 4), (7, 5))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
 
     def packed():
         return model(ids, position_ids=pos, use_cache=False).logits
@@ -188,10 +188,11 @@ def test_packed_sequences_are_documents(kernel_calls):
     out = _run(model, "attncc", packed)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
     assert {c[2] for c in kernel_calls} == {"causal_doc", "sw_doc"}
+    assert {c[:2] for c in kernel_calls} == {(24, 24)}
     start = 0
-    for n in lengths:  # and the documents really are independent
-        alone = _run(model, "attncc", lambda: model(ids[:, start:start + n]).logits)
-        torch.testing.assert_close(out[:, start:start + n], alone, atol=TOL, rtol=0)
+    for n in lengths[0]:  # and the documents really are independent
+        alone = _run(model, "attncc", lambda: model(ids[:1, start:start + n]).logits)
+        torch.testing.assert_close(out[:1, start:start + n], alone, atol=TOL, rtol=0)
         start += n
 
 

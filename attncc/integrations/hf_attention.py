@@ -14,8 +14,7 @@ A query with no valid key (a left-padding row) gets o = 0, attncc's rule for emp
 eager attention averages every key: such rows are meaningless in both.
 
 What attncc cannot do exactly raises before anything runs, naming it: dropout, returning
-attention weights, a position bias, a 4-D mask tensor, packed sequences in a batch of more than
-one row.
+attention weights, a position bias, a 4-D mask tensor, packed sequences with a KV cache.
 """
 
 from __future__ import annotations
@@ -136,17 +135,22 @@ def _visible_keys(g: MaskGeometry, Lk: int) -> int:
     return visible
 
 
-def _document_inputs(g: MaskGeometry, batch: int, length: int) -> dict[str, Tensor]:
-    """Packed sequences (`position_ids` restarting, no padding mask) as `cu_seqlens` documents."""
-    ids = g.kind.sequence_ids
-    if batch != 1 or ids.shape[0] != 1:
-        raise NotImplementedError(f"{NAME}: packed sequences (position_ids restarting inside a "
-                                  f"row) in a batch of {batch} rows; pack them into one row")
+def _document_inputs(g: MaskGeometry, length: int) -> dict[str, Tensor]:
+    """Packed sequences (`position_ids` restarting, no padding mask) as `cu_seqlens` documents
+    over the batch's rows laid end to end (`_rows_end_to_end`)."""
     if g.q_length != length or g.q_offset or g.kv_offset:
         raise NotImplementedError(f"{NAME}: packed sequences with a KV cache")
-    counts = torch.bincount(ids[0].to(torch.int64))  # ids: 0, 0, 1, 1, 1, 2, ... (contiguous)
+    ids = g.kind.sequence_ids.to(torch.int64)  # [B, L]: 0, 0, 1, 1, 1, 2, ... per row
+    first = torch.cumsum(ids[:, -1] + 1, 0) - (ids[:, -1] + 1)  # sequences in earlier rows
+    counts = torch.bincount((ids + first[:, None]).flatten())
     cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    return attncc.document_inputs(cu, total=length, causal=g.kind.causal)
+    return attncc.document_inputs(cu, total=ids.numel(), causal=g.kind.causal)
+
+
+def _rows_end_to_end(t: Tensor) -> Tensor:
+    """[B, H, L, D] -> [1, H, B * L, D] (a copy when B > 1)."""
+    B, H, L, D = t.shape
+    return t if B == 1 else t.transpose(0, 1).reshape(1, H, B * L, D)
 
 
 def attncc_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -172,10 +176,15 @@ def attncc_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
         runtime["sink"] = s_aux.to(torch.float32)
     if g.key_valid is not None:
         runtime["key_valid"] = g.key_valid[:, :visible]
-    if g.kind.sequence_ids is not None:
-        runtime.update(_document_inputs(g, query.shape[0], key.shape[2]))
+    batch, length = query.shape[0], query.shape[2]
+    packed = g.kind.sequence_ids is not None
+    if packed:  # documents need no mask per row: the rows run as one packed sequence
+        runtime.update(_document_inputs(g, key.shape[2]))
+        query, key, value = (_rows_end_to_end(t) for t in (query, key, value))
     spec_key = SpecKey(g.kind.causal, g.kind.window is not None, softcap is not None,
                        s_aux is not None, g.key_valid is not None,
-                       g.kind.sequence_ids is not None)
+                       packed)
     out = compiled_for(spec_key)(query, key, value, scale=scaling, **runtime)
+    if packed and batch > 1:
+        out = out.reshape(out.shape[1], batch, length, out.shape[3]).transpose(0, 1)
     return out.transpose(1, 2).contiguous(), None
