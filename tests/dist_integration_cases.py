@@ -195,7 +195,7 @@ def bad_module_calls(rank: int, group: Any) -> dict[str, Any]:
                                             device_mesh=mesh_1d),
         "nn-world": lambda: module(mask=causal, process_group=group,
                                    sharding=attncc.dist.contiguous(3)),
-        "nn-strategy": lambda: module(mask=causal, process_group=group, strategy="ring"),
+        "nn-strategy": lambda: module(mask=causal, process_group=group, strategy="rings"),
         "nn-no-group": lambda: module(mask=causal, sharding="head-tail"),
         "nn-not-a-group": lambda: module(mask=causal, process_group="world"),
         "nn-mesh-2d-named": lambda: module(mask=causal, device_mesh=mesh_2d, mesh_dim="cp"),
