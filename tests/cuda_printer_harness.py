@@ -16,6 +16,7 @@ sentinel and differs from the evaluator (which reads 0 outside the tensor).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -166,6 +167,20 @@ def translation_unit(cases: list[Case], printed: list[PrintedFunctions] | None =
     return "\n".join(parts)
 
 
+def _compile(source: str, binary: Path) -> None:
+    src = binary.with_suffix(".cu")
+    src.write_text(source)
+    tmp = binary.with_suffix(".partial")
+    # -Werror=double-promotion: the printed score math is fp32, a double literal or call fails
+    done = subprocess.run([NVCC, "-std=c++17", "-O1", "-arch=sm_80", "-I", str(TEMPLATES_DIR),
+                           "-Xcompiler", "-Werror=double-promotion", "-o", str(tmp), str(src)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"nvcc rejected the printed functions ({src}):\n"
+                             f"{done.stderr[-6000:]}")
+    os.replace(tmp, binary)  # atomic: a process that skips the lock sees all or nothing
+
+
 def build(cases: list[Case], printed: list[PrintedFunctions] | None = None) -> Path:
     """The host binary for `cases`, compiled once per source (cached in the temp dir)."""
     source = translation_unit(cases, printed)
@@ -174,16 +189,10 @@ def build(cases: list[Case], printed: list[PrintedFunctions] | None = None) -> P
     folder = Path(tempfile.gettempdir()) / "attncc-cuda-printer-check"
     folder.mkdir(exist_ok=True)
     binary = folder / f"check-{key}"
-    if binary.exists():
-        return binary
-    src = folder / f"check-{key}-{os.getpid()}.cu"
-    src.write_text(source)
-    tmp = folder / f"check-{key}-{os.getpid()}.bin"
-    done = subprocess.run([NVCC, "-std=c++17", "-O1", "-arch=sm_80", "-I", str(TEMPLATES_DIR),
-                           "-o", str(tmp), str(src)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssertionError(f"nvcc rejected the printed functions ({src}):\n{done.stderr[-6000:]}")
-    os.replace(tmp, binary)  # atomic: a concurrent process sees the whole binary or none
+    with open(folder / f"check-{key}.lock", "w") as lock:  # pytest-xdist workers: one nvcc run
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not binary.exists():
+            _compile(source, binary)
     return binary
 
 

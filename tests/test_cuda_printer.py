@@ -243,3 +243,13 @@ def test_broken_rules_are_caught(monkeypatch):
     for rule, group in groups.items():
         caught = [text for name, text in failures if name in {c.name for c in group}]
         assert bool(caught) == (rule != "true"), (rule, caught)
+
+
+def test_double_math_is_refused(monkeypatch):
+    """fp32 score math: a literal printed without `f` (a double) promotes the score to double,
+    and the check's compile refuses it (-Werror=double-promotion)."""
+    monkeypatch.setattr(cuda_printer, "_float_literal",
+                        lambda e: repr(float(e)) if e.is_finite else "INFINITY")
+    cases = [c for c in CASES if c.name == "trig"]
+    with pytest.raises(AssertionError, match="double-promotion"):
+        build(cases)
