@@ -135,7 +135,7 @@ template <class T> static T read_one() {
 }
 template <class T> static std::vector<T> read_vector() {
   std::vector<T> out(read_one<int>());
-  if (!out.empty() && std::fread(out.data(), sizeof(T), out.size(), stdin) != out.size()) std::exit(3);
+  if (std::fread(out.data(), sizeof(T), out.size(), stdin) != out.size()) std::exit(3);
   return out;
 }
 static int bits(float x) { int out; std::memcpy(&out, &x, sizeof out); return out; }

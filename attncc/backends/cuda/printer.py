@@ -334,7 +334,8 @@ def _cast(ctype: str, e: sympy.Basic, printer: CudaPrinter) -> str:
     """`e` as `ctype`; a bound may read an int64 tensor, and brace initialisation refuses an
     implicit narrowing."""
     text = printer.doprint(e)
-    return text if e.is_Integer or e in (sympy.true, sympy.false) else f"static_cast<{ctype}>({text})"
+    literal = e.is_Integer or e in (sympy.true, sympy.false)
+    return text if literal else f"static_cast<{ctype}>({text})"
 
 
 def _comment(text: str) -> str:
