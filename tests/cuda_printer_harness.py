@@ -17,6 +17,7 @@ sentinel and differs from the evaluator (which reads 0 outside the tensor).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -33,6 +34,8 @@ from attncc.backends.cuda.printer import (TEMPLATES_DIR, PrintedFunctions, extra
                                           render_functions)
 from attncc.ir.eval import evaluate
 from attncc.ir.plan import KernelPlan
+from attncc.ir.tiles import RowInterval
+from attncc.passes.row_intervals import row_intervals
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
                                SCORE, Load, buffer_symbol)
 
@@ -49,6 +52,13 @@ class Case:
     name: str
     plan: KernelPlan
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @functools.cached_property
+    def rows(self) -> tuple[RowInterval, ...]:
+        """The mask's per-row key intervals, as the printer prints them (none: ())."""
+        if self.plan.spec.mask is None:
+            return ()
+        return row_intervals(self.plan.spec).pieces or ()
 
 
 @dataclass
@@ -91,6 +101,13 @@ def _driver(case: Case, printed) -> str:
         f"{printed.extra_args});\n      out.insert(out.end(), {{r.some_lo, r.some_hi, r.all_lo, "
         f"r.all_hi, int(r.enabled), int(r.exact)}}); }}\n"
         for i in range(printed.n_ranges))
+    rows = "".join(
+        f"    {{ attncc_row_interval r = attncc_row{i}(b, h, q_idx, Lq, Lk, Hq, Hkv"
+        f"{printed.extra_args});\n      out.insert(out.end(), {{r.lo, r.hi, int(r.on)}}); }}\n"
+        for i in range(printed.n_rows))
+    device_rows = "".join(
+        f"  out[3 + {printed.n_ranges + i}] = float(attncc_row{i}(b, h, q_idx, Lq, Lk, Hq, Hkv"
+        f"{printed.extra_args}).hi);\n" for i in range(printed.n_rows))
     device_ranges = "".join(
         f"  out[3 + {i}] = float(attncc_kv_range{i}(b, h, q_idx, kv_idx, Lq, Lk, Hq, Hkv"
         f"{printed.extra_args}).some_hi);\n" for i in range(printed.n_ranges))
@@ -107,13 +124,13 @@ def _driver(case: Case, printed) -> str:
     (void)q_first, (void)q_last;
     out.push_back(int(attncc_mask({call})));
     out.push_back(bits(attncc_score(score, {call})));
-{sink}{ranges}  }}
+{sink}{ranges}{rows}  }}
   std::fwrite(out.data(), sizeof(int), out.size(), stdout);
 }}
 __global__ void device_check(float* out, int b, int h, int q_idx, int kv_idx, int Lq, int Lk,
                              int Hq, int Hkv{printed.extra_params}) {{
   out[0] = attncc_score(out[1], {call}) + float(attncc_mask({call}));
-{device_sink}{device_ranges}}}
+{device_sink}{device_ranges}{device_rows}}}
 """
 
 
@@ -149,6 +166,7 @@ def translation_unit(cases: list[Case], printed: list[PrintedFunctions] | None =
     printed = printed or [render_functions(c.plan) for c in cases]
     parts = [PRELUDE]
     for i, (case, printed) in enumerate(zip(cases, printed)):
+        assert printed.n_rows == len(case.rows), case.name
         parts.append(f"// case {i}: {case.name}\nnamespace case{i} {{\n{printed.source}"
                      f"{_driver(case, printed)}}}  // namespace case{i}\n")
     dispatch = "".join(f"      case {i}: case{i}::run(); break;\n" for i in range(len(cases)))
@@ -228,7 +246,8 @@ def _request(case: Case, index: int, grid: Grid) -> bytes:
 
 def _words(case: Case) -> int:
     """4-byte words the binary writes per point for `case`."""
-    return 2 + (case.plan.spec.normaliser.sink is not None) + 6 * len(case.plan.tiles.pieces)
+    return (2 + (case.plan.spec.normaliser.sink is not None) + 6 * len(case.plan.tiles.pieces)
+            + 3 * len(case.rows))
 
 
 def run(binary: Path, cases: list[Case], grid: Grid) -> list[torch.Tensor]:
@@ -279,6 +298,9 @@ def expected(case: Case, grid: Grid) -> dict[str, torch.Tensor]:
         guard = _value(piece.guard, grid, case).long()
         out[f"range{i}"] = torch.stack([*bounds, guard, torch.full_like(guard, int(piece.exact))],
                                        dim=1)
+    for i, row in enumerate(case.rows):
+        out[f"row{i}"] = torch.stack([_value(e, grid, case).long() for e in (row.lo, row.hi,
+                                                                             row.cond)], dim=1)
     return out
 
 
@@ -293,6 +315,9 @@ def printed(case: Case, words: torch.Tensor) -> dict[str, torch.Tensor]:
     for i in range(len(case.plan.tiles.pieces)):
         out[f"range{i}"] = words[:, col:col + 6].long()
         col += 6
+    for i in range(len(case.rows)):
+        out[f"row{i}"] = words[:, col:col + 3].long()
+        col += 3
     return out
 
 

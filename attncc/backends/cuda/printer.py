@@ -7,9 +7,9 @@ outside the tensor, score math in fp32 (`expf`, `logf`, literals with `f`), -inf
 `-INFINITY`, conditions as C++ bool operators, Piecewise as nested `?:`. The helpers live in
 `templates/attncc_expr.cuh`, which every source that holds printed code includes first.
 
-`render_functions(plan)` lays a plan's expressions out as `__host__ __device__` functions with
-one fixed signature per kind (see `PrintedFunctions`), so templates call them and the host
-test compiles them as they are.
+`render_functions(plan)` lays a plan's mask, score mod, sink read, tile classes and per-row key
+intervals out as `__host__ __device__` functions with one fixed signature per kind (see
+`PrintedFunctions`), so templates call them and the host test compiles them as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from attncc.ir.plan import KernelPlan
 from attncc.ir.spec import AttentionSpec
 from attncc.ir.symbols import (B_IDX, H_IDX, HKV, HQ, KV_IDX, LK, LQ, Q_FIRST, Q_IDX, Q_LAST,
                                SCORE, Load, Sigmoid, buffer_symbol)
+from attncc.passes.row_intervals import row_intervals
 
 # part of every cache key that holds code this module printed: bump it when a rule prints
 # differently, so entries printed by the old rules are never loaded again
@@ -273,7 +274,12 @@ class PrintedFunctions:
       float attncc_sink(int h, ...)                      (only when `has_sink`)
       attncc_kv_range attncc_kv_range<i>(int b, int h, int q_first, int q_last, int Lq,
                                          int Lk, int Hq, int Hkv, ...)   i < n_ranges
+      attncc_row_interval attncc_row<i>(int b, int h, int q_idx, int Lq, int Lk, int Hq,
+                                        int Hkv, ...)                    i < n_rows
     attncc_mask is `true` without a mask, attncc_score returns `score` without a score mod.
+    The kv ranges are the plan's tile classes (`plan.tiles`, closed form per query tile); the
+    rows are the mask as per-row key intervals (`attncc.passes.row_intervals`; n_rows is 0
+    when the mask has no such form, and a block-map builder then evaluates attncc_mask).
     """
 
     source: str
@@ -282,6 +288,7 @@ class PrintedFunctions:
     has_score: bool
     has_sink: bool
     n_ranges: int
+    n_rows: int
 
     @property
     def extra_params(self) -> str:
@@ -326,8 +333,16 @@ def render_functions(plan: KernelPlan) -> PrintedFunctions:
                   f"  return attncc_kv_range{{{bounds}, "
                   f"{_cast('bool', piece.guard, printer)}, "
                   f"{'true' if piece.exact else 'false'}}};", "}"]
+    rows = row_intervals(spec).pieces if spec.mask is not None else ()
+    for i, row in enumerate(rows or ()):
+        lines += [_comment(f"row {i}: {row.text()}"),
+                  f"{DEVICE_FN} attncc_row_interval attncc_row{i}(int b, int h, int q_idx, "
+                  f"{SHAPE_PARAMS}{extra}) {{",
+                  f"  return attncc_row_interval{{{_cast('int', row.lo, printer)}, "
+                  f"{_cast('int', row.hi, printer)}, {_cast('bool', row.cond, printer)}}};", "}"]
     return PrintedFunctions("\n".join(lines) + "\n", arguments, spec.mask is not None,
-                            spec.score is not None, sink is not None, len(plan.tiles.pieces))
+                            spec.score is not None, sink is not None, len(plan.tiles.pieces),
+                            len(rows or ()))
 
 
 def _cast(ctype: str, e: sympy.Basic, printer: CudaPrinter) -> str:

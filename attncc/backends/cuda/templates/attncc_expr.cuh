@@ -99,3 +99,11 @@ struct attncc_kv_range {
   int some_lo, some_hi, all_lo, all_hi;
   bool enabled, exact;
 };
+
+// One piece of the mask as a key interval of one query row (attncc.ir.tiles.RowInterval):
+// row q_idx allows keys lo..hi when `on` (the piece's condition) holds. The device block-map
+// builder classifies tiles from these instead of evaluating the mask at every pair.
+struct attncc_row_interval {
+  int lo, hi;
+  bool on;
+};
