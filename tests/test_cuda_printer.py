@@ -14,6 +14,8 @@ dir), two small ones for the broken rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import random
 
 import pytest
 import sympy
@@ -32,6 +34,8 @@ from attncc.ir.symbols import (H_IDX, KV_IDX, LK, LQ, Q_IDX, SCORE, Load, Sigmoi
 from attncc.ir.tiles import TileClasses
 from attncc.passes.pipeline import run_spec_passes
 from tests.catalog_cases import masks, scores
+from tests.fuzz_support import Shape
+from tests.fuzz_traced import _ftable, _table, mask_fn, score_fn
 from tests.cuda_printer_harness import (NVCC, Case, build, check, differences, full_grid,
                                         random_grid)
 
@@ -94,6 +98,83 @@ def traced_cases() -> list[Case]:
     return out
 
 
+def _int_tree(rng: random.Random, depth: int):
+    """A random int tree of tests/fuzz_traced.py's grammar (seeded: one compile per source)."""
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice([("b",), ("h",), ("q",), ("kv",), ("c", rng.randint(-6, 9)),
+                           (rng.choice(["tq", "tkv"]), rng.randint(0, 3))])
+    sub = functools.partial(_int_tree, rng, depth - 1)
+    kind = rng.randrange(6)
+    if kind == 0:
+        return (rng.choice(["+", "-", "*", "min", "max"]), sub(), sub())
+    if kind in (1, 2):  # floor division and modulo of differences: the rules most at risk
+        return (rng.choice(["//", "%"]), ("-", sub(), sub()), rng.randint(1, 7))
+    if kind == 3:
+        return ("abs", sub())
+    if kind == 4:
+        return ("clamp", sub(), rng.randint(-5, 5), rng.randint(5, 30))
+    return ("where", _bool_tree(rng, depth - 1), sub(), sub())
+
+
+def _bool_tree(rng: random.Random, depth: int):
+    if depth == 0 or rng.random() < 0.4:
+        return (rng.choice(["<", "<=", "==", "!=", ">", ">="]), _int_tree(rng, depth),
+                _int_tree(rng, depth))
+    if rng.random() < 0.8:
+        return (rng.choice(["&", "|"]), _bool_tree(rng, depth - 1), _bool_tree(rng, depth - 1))
+    return ("~", _bool_tree(rng, depth - 1))
+
+
+def _float_tree(rng: random.Random, depth: int):
+    if depth == 0 or rng.random() < 0.25:
+        return rng.choice([("s",), ("*i", _int_tree(rng, 1), rng.choice([0.05, -0.1, 0.25])),
+                           (rng.choice(["fq", "fkv", "f0"]), rng.randint(0, 3))])
+    sub = functools.partial(_float_tree, rng, depth - 1)
+    kind = rng.randrange(6)
+    if kind == 0:
+        return (rng.choice(["+f", "-f"]), sub(), sub())
+    if kind == 1:
+        return ("*c", sub(), rng.choice([0.5, -1.0, 2.0, 0.3]))
+    if kind == 2:
+        return (rng.choice(["tanh", "sigmoid", "absf", "sqrt1", "log1", "exp"]), sub())
+    if kind == 3:
+        return ("wheref", _bool_tree(rng, 1), sub(), sub())
+    if kind == 4:
+        return ("clampf", sub(), rng.choice([-2.0, -0.5]), rng.choice([0.5, 3.0]))
+    return ("+f", ("s",), sub())
+
+
+def random_traced_cases(n_masks: int = 12, n_scores: int = 8) -> list[Case]:
+    """Random FlexAttention-style functions (the fuzz tests' trees, tests/fuzz_traced.py),
+    traced by attncc; a tree that attncc refuses or that folds to a constant is drawn again."""
+    rng, shape = random.Random(17), Shape(B, HQ, HQ, L, L, 16, 16, "float32", "bhsd", "contig",
+                                          None)
+    for seed in range(4):  # the trees' captured tables, drawn outside the traced functions
+        _table(seed, L), _ftable(seed, L, False), _ftable(seed, L, True)
+    out: list[Case] = []
+    for kind, count in (("mask", n_masks), ("score", n_scores)):
+        made = 0
+        while made < count:
+            if kind == "mask":
+                tree = _bool_tree(rng, 3)
+                try:
+                    spec = attncc.Attention(mask=mask_fn(tree, shape))
+                except (ValueError, TypeError):
+                    continue
+            else:
+                tree = _float_tree(rng, 3)
+                try:
+                    spec = attncc.Attention(score=score_fn(tree, shape))
+                except (ValueError, TypeError):
+                    continue
+            node = spec.mask if kind == "mask" else spec.score
+            if node is None or len(node.expr.free_symbols - {SCORE}) == 0:
+                continue  # folded to a constant (or to `score`): nothing to print
+            out.append(_case(f"random-{kind}-{made} {tree}", spec))
+            made += 1
+    return out
+
+
 def rule_cases() -> list[Case]:
     """One expression per printer rule the catalogue and tracing may not reach, as IR nodes."""
     q, kv, s = Q_IDX, KV_IDX, SCORE
@@ -147,19 +228,22 @@ def _plain(name: str, spec: AttentionSpec) -> Case:
                 {c.name: c.tensor for c in spec.captures})
 
 
-CASES = catalogue_cases() + traced_cases() + rule_cases()
+@pytest.fixture(scope="module")
+def cases() -> list[Case]:
+    """Built when a test of this file runs, not at collection (69 specs through the passes)."""
+    return catalogue_cases() + traced_cases() + random_traced_cases() + rule_cases()
 
 
 @pytest.fixture(scope="module")
-def binary():
-    return build(CASES)
+def binary(cases):
+    return build(cases)
 
 
-def test_every_rule_is_exercised():
+def test_every_rule_is_exercised(cases):
     """Each `_print_*` rule of the printer prints some node of some case: a rule no case reaches
     would go unchecked."""
     seen = set()
-    for case in CASES:
+    for case in cases:
         spec = case.plan.spec
         exprs = [n.expr for n in (spec.mask, spec.score) if n is not None]
         exprs += [e for p in case.plan.tiles.pieces for e in (p.some_lo, p.some_hi, p.all_lo,
@@ -172,23 +256,23 @@ def test_every_rule_is_exercised():
     assert rules - seen == set()
 
 
-def test_catalogue_is_complete():
-    names = {c.name for c in CASES}
+def test_catalogue_is_complete(cases):
+    names = {c.name for c in cases}
     assert set(masks(B, HQ, L, L)) <= names and set(scores(B, HQ, L, L)) <= names
 
 
 @pytest.mark.parametrize("Lq, Lk, Hq", [(L, L, 2), (23, 37, HQ + 1), (37, 23, HQ), (1, 45, 2),
                                         (45, 1, 3)])
-def test_exhaustive_small_grids(binary, Lq, Lk, Hq):
+def test_exhaustive_small_grids(cases, binary, Lq, Lk, Hq):
     """Every (b, h, q, kv) of a shape, b and h one past the captured tensors' extents."""
-    check(binary, CASES, full_grid(Lq, Lk, Hq, 1, B + 1))
+    check(binary, cases, full_grid(Lq, Lk, Hq, 1, B + 1))
 
 
 @settings(max_examples=8, deadline=None, derandomize=True, database=None)
 @given(Lq=st.integers(1, 64), Lk=st.integers(1, 64), Hq=st.integers(1, HQ + 2),
        seed=st.integers(0, 2 ** 16))
-def test_random_grids(binary, Lq, Lk, Hq, seed):
-    check(binary, CASES, random_grid(Lq, Lk, Hq, 1, B + 1, n=256, seed=seed))
+def test_random_grids(cases, binary, Lq, Lk, Hq, seed):
+    check(binary, cases, random_grid(Lq, Lk, Hq, 1, B + 1, n=256, seed=seed))
 
 
 def test_printed_interface():
@@ -229,11 +313,11 @@ BROKEN = {"C %": ("_print_Mod", _c_remainder),  # C's truncating operators where
           "C /": ("_print_floor", _c_division)}  # floor semantics
 
 
-def test_broken_rules_are_caught(monkeypatch):
+def test_broken_rules_are_caught(cases, monkeypatch):
     """Each broken rule must fail the check on negative differences (the chunked mask's
     aligned q at Lq > Lk, a traced `(q - kv) % 4`, the rule case `floors`), where the true
     rules pass: the cases printed three ways, compiled in one small binary."""
-    cases = [c for c in CASES if c.name in ("M7-chunked", "periodic", "floors")]
+    cases = [c for c in cases if c.name in ("M7-chunked", "periodic", "floors")]
     printed, groups = [render_functions(c.plan) for c in cases], {"true": cases}
     for rule, (method, fn) in BROKEN.items():
         with monkeypatch.context() as patch:
@@ -247,11 +331,11 @@ def test_broken_rules_are_caught(monkeypatch):
         assert bool(caught) == (rule != "true"), (rule, caught)
 
 
-def test_double_math_is_refused(monkeypatch):
+def test_double_math_is_refused(cases, monkeypatch):
     """fp32 score math: a literal printed without `f` (a double) promotes the score to double,
     and the check's compile refuses it (-Werror=double-promotion)."""
     monkeypatch.setattr(cuda_printer, "_float_literal",
                         lambda e: repr(float(e)) if e.is_finite else "INFINITY")
-    cases = [c for c in CASES if c.name == "trig"]
+    cases = [c for c in cases if c.name == "trig"]
     with pytest.raises(AssertionError, match="double-promotion"):
         build(cases)
