@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import attncc
 from attncc.backends.cuda import printer as cuda_printer
 from attncc.backends.cuda.printer import PRINTER_VERSION, CudaPrinter, render_functions
+from attncc.backends.triton.printer import TritonPrinter
 from attncc.ir.nodes import Capture, Mask, Normaliser, Param, ScoreMod
 from attncc.ir.plan import KernelPlan
 from attncc.ir.spec import AttentionSpec
@@ -254,6 +255,13 @@ def test_every_rule_is_exercised(cases):
     rules = {name.removeprefix("_print_") for name in dir(CudaPrinter)
              if name.startswith("_print_")}
     assert rules - seen == set()
+
+
+def test_every_triton_rule_has_a_cuda_rule():
+    """The two printers print the same IR: a rule added to one belongs in the other."""
+    def rules(cls):
+        return {n for n in dir(cls) if n.startswith("_print_")}
+    assert rules(TritonPrinter) == rules(CudaPrinter)
 
 
 def test_catalogue_is_complete(cases):

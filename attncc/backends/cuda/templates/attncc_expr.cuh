@@ -79,8 +79,10 @@ template <class T, class... Rest>
 __host__ __device__ __forceinline__ attncc_value_t<T> attncc_load_at(
     const T* ptr, bool inside, long long offset, long long index, long long stride,
     long long size, Rest... rest) {
-  return attncc_load_at(ptr, inside && index >= 0 && index < size, offset + index * stride,
-                        rest...);
+  // one unsigned compare is 0 <= index < size (a negative index wraps past every size)
+  const bool in_dim =
+      static_cast<unsigned long long>(index) < static_cast<unsigned long long>(size);
+  return attncc_load_at(ptr, inside && in_dim, offset + index * stride, rest...);
 }
 
 // `attncc_load(ptr, i0, stride0, size0, i1, stride1, size1, ...)`: element (i0, i1, ...) of a
