@@ -292,7 +292,7 @@ class PrintedFunctions:
 
     @property
     def extra_params(self) -> str:
-        return "".join(f", {t} {n}" for t, n in self.arguments)
+        return _declared(self.arguments)
 
     @property
     def extra_args(self) -> str:
@@ -303,12 +303,12 @@ DEVICE_FN = "__host__ __device__ __forceinline__"
 
 
 def render_functions(plan: KernelPlan) -> PrintedFunctions:
-    """The mask, score mod, sink read and kv ranges of `plan` as C++ functions (needs the
-    helpers of `EXPR_HEADER` declared before it)."""
+    """The mask, score mod, sink read, kv ranges and row intervals of `plan` as C++ functions
+    (the source that holds them includes `EXPR_HEADER` first)."""
     spec = plan.spec
     printer = CudaPrinter(printer_names(spec))
     arguments = tuple(extra_arguments(spec))
-    extra = "".join(f", {t} {n}" for t, n in arguments)
+    extra = _declared(arguments)
     mask = printer.doprint(spec.mask.expr) if spec.mask is not None else "true"
     score = printer.doprint(spec.score.expr) if spec.score is not None else "score"
     lines = [f"// printed by attncc's CudaPrinter (version {PRINTER_VERSION})",
@@ -343,6 +343,11 @@ def render_functions(plan: KernelPlan) -> PrintedFunctions:
     return PrintedFunctions("\n".join(lines) + "\n", arguments, spec.mask is not None,
                             spec.score is not None, sink is not None, len(plan.tiles.pieces),
                             len(rows or ()))
+
+
+def _declared(arguments) -> str:
+    """`, int p_w, const float* cap_x_ptr, ...`: extra arguments as C++ parameters."""
+    return "".join(f", {t} {n}" for t, n in arguments)
 
 
 def _cast(ctype: str, e: sympy.Basic, printer: CudaPrinter) -> str:
