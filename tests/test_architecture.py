@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attncc"
-CONCRETE_BACKENDS = ("attncc.backends.triton", "attncc.backends.reference")
+CONCRETE_BACKENDS = ("attncc.backends.triton", "attncc.backends.reference", "attncc.backends.cuda")
 
 
 def _module_name(path: Path) -> str:
@@ -146,6 +146,9 @@ def test_installed_wheel_finds_its_templates(tmp_path):
     shipped = sorted(p.name for p in (target / "attncc/backends/triton/templates").glob("*.j2"))
     in_repo = sorted(p.name for p in (PACKAGE / "backends/triton/templates").glob("*.j2"))
     assert shipped == in_repo and in_repo
+    cuda = "attncc/backends/cuda/templates"  # headers the CUDA sources include
+    assert sorted(p.name for p in (target / cuda).glob("*.cuh")) == sorted(
+        p.name for p in (ROOT / cuda).glob("*.cuh")) != []
     script = (
         "import os, torch, attncc\n"
         f"assert attncc.__file__.startswith({str(target)!r}), attncc.__file__\n"
