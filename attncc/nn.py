@@ -68,11 +68,11 @@ class Attention(nn.Module):
         self.context_parallel = context_parallel_plan(process_group, device_mesh, mesh_dim,
                                                       sharding, strategy)
         self.kernel = compile_attention(spec, backend=backend)
-        if self.context_parallel is not None and not isinstance(self.kernel, CompiledAttention):
-            raise TypeError(f"process_group/device_mesh: context parallelism in attncc.nn runs "
-                            f"softmax specs; this spec compiles to "
-                            f"{type(self.kernel).__name__} (use "
-                            "attncc.dist.context_parallel_linear for linear recurrences)")
+        if not isinstance(self.kernel, CompiledAttention):  # its forward passes layout=, ...
+            raise TypeError(f"Attention: attncc.nn runs softmax specs; this spec compiles to "
+                            f"{type(self.kernel).__name__}: call attncc.compile(spec) directly "
+                            "for a linear recurrence or a hybrid (and "
+                            "attncc.dist.context_parallel_linear to shard one)")
         self.layout, self.scale = layout, scale
         # a derived capture (`buf[b].sum()`) is held as its source `buf`: reduced on each call,
         # so a learnable `buf` gets its gradient through the reduction

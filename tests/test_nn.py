@@ -101,3 +101,11 @@ def test_bad_arguments():
         attncc.nn.MultiHeadAttention(32, 3)
     with pytest.raises(TypeError, match="give a spec or mask=/score=, not both"):
         attncc.nn.Attention(attncc.Attention(), mask=attncc.causal())
+
+
+def test_a_linear_spec_is_refused_at_construction():
+    """attncc.nn runs softmax specs: a linear recurrence says so when the module is built
+    (its compiled object takes no `layout=`, so a call would fail with a confusing message)."""
+    spec = attncc.Attention(memory=attncc.recurrent_state(decay=0.9))
+    with pytest.raises(TypeError, match="attncc.nn runs softmax specs.*CompiledLinearAttention"):
+        attncc.nn.Attention(spec)
