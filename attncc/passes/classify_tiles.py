@@ -94,7 +94,10 @@ def classify(spec: AttentionSpec) -> TileClasses:
     monotone = frozenset(c.name for c in spec.captures if c.nondecreasing)
     dnf = sympy.to_dnf(spec.mask.expr, simplify=False)
     pieces: list[KvRange] = []
-    for conjunction in sympy.Or.make_args(dnf):
+    # sympy keeps an Or's arguments in hash order, which PYTHONHASHSEED changes: sorted,
+    # the pieces (and so the rendered source and its tile order) are the same in every
+    # process
+    for conjunction in sorted(sympy.Or.make_args(dnf), key=sympy.default_sort_key):
         piece = _piece(conjunction, monotone)
         if piece is not None and piece not in pieces:
             pieces.append(piece)

@@ -93,7 +93,9 @@ def row_intervals(spec: AttentionSpec) -> RowIntervals:
         return RowIntervals(None, "the mask is not a boolean of relations")
     integers = frozenset(c.name for c in spec.mask.captures if c.dtype in _INTEGER_DTYPES)
     pieces: list[RowInterval] = []
-    for conjunction in sympy.Or.make_args(sympy.to_dnf(expr, simplify=False)):
+    # sorted: the same pieces in every process (an Or's arguments are in hash order)
+    dnf = sympy.to_dnf(expr, simplify=False)
+    for conjunction in sorted(sympy.Or.make_args(dnf), key=sympy.default_sort_key):
         piece = _piece(conjunction, integers)
         if isinstance(piece, str):
             return RowIntervals(None, piece)
