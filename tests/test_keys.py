@@ -91,7 +91,7 @@ def test_names_and_dtypes():
 
 def test_an_edit_of_the_generating_code_changes_the_stamp(tmp_path, monkeypatch):
     """A renderer edit (not a template, not the version) must not reuse sources the old code
-    generated: the stamp hashes the package's .py and .j2 text."""
+    generated: the stamp hashes the package's .py, .j2 and .cuh text."""
     package = tmp_path / "attncc"
     (package / "backends").mkdir(parents=True)
     render = package / "backends" / "render.py"
@@ -111,7 +111,10 @@ def test_an_edit_of_the_generating_code_changes_the_stamp(tmp_path, monkeypatch)
     second = stamp()
     assert second != first
     (package / "templates.j2").write_text("{{ y }}\n")
-    assert stamp() not in (first, second)
+    third = stamp()
+    assert third not in (first, second)
+    (package / "helpers.cuh").write_text("#pragma once\n")
+    assert stamp() not in (first, second, third)
     keys.code_stamp.cache_clear()
 
 
