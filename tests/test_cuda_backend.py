@@ -12,11 +12,13 @@ Without a GPU:
 - launch: `attncc build --backend cuda` of a manifest, then a new process with the fake CUDA
   driver (benchmarks/fake_cuda.py) loads those cubins and launches them with zero compiles.
 
-nvcc with CuTe takes 40-140 s per cubin on the 2-core CI machine, so the cubins live in a
-cache that outlives the run (ATTNCC_TEST_CUDA_CACHE, default ~/.cache/attncc-test-cuda),
-keyed like every cache entry (source, templates, printer, toolchain): a warm run compiles
-nothing (about 20 s for the file), a cold one compiles 7 cubins. The tests that need nvcc or
-the nvidia-cutlass headers skip, saying which, when they are missing.
+nvcc with CuTe takes 40-140 s per cubin on the 2-core CI machine, so nvcc's results are kept
+in a cache that outlives the run (ATTNCC_TEST_CUDA_CACHE, default ~/.cache/attncc-test-cuda),
+keyed by what nvcc is given: the rendered source, the headers, arch, defines, nvcc and
+nvidia-cutlass versions and flags (`memo_nvcc`). attncc's own cache keys also hash attncc's
+code, so any edit would miss them; this one misses only when a source really changes. A warm
+run compiles nothing; a cold one compiles the 7 cubins of REPRESENTATIVE. The tests that need
+nvcc or the nvidia-cutlass headers skip, saying which, when they are missing.
 
 GPU tier (marked `gpu`): every forward catalogue mask and score mod the CUDA kernel supports,
 fp16 and bf16, head dims 64 and 128, odd lengths and GQA, against the fp64 reference.
@@ -36,8 +38,8 @@ import pytest
 import torch
 
 import attncc
-from attncc import config
-from attncc.backends import registry
+from attncc import cli, config
+from attncc.backends import keys, registry
 from attncc.backends.base import Unsupported
 from attncc.backends.cuda import binary, render, toolchain
 from benchmarks import sass
@@ -141,16 +143,38 @@ def test_resource_usage_is_read_from_ptxas():
 
 
 @pytest.fixture(scope="module")
-def cache_root():
+def memo_nvcc(tmp_path_factory):
+    """`toolchain.compile_cubin` through a cache of its results in CACHE, keyed by its inputs;
+    attncc's cache goes to a fresh directory (this fixture's value), so every build below
+    still runs attncc's whole build path (render, key, lock, store)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    with config.override(ATTNCC_CACHE_DIR=str(CACHE)):
-        yield CACHE
+    compile_cubin = toolchain.compile_cubin
+
+    def memo(source, headers, arch, defines):
+        key = keys.digest(json.dumps([source, headers, arch, defines, toolchain.versions()],
+                                     sort_keys=True))
+        cubin, info = CACHE / f"{key}.cubin", CACHE / f"{key}.json"
+        if cubin.exists() and info.exists():
+            return toolchain.Cubin(cubin.read_bytes(), **json.loads(info.read_text()))
+        built = compile_cubin(source, headers, arch, defines)
+        for path, data in ((cubin, built.image), (info, json.dumps(
+                {f: getattr(built, f) for f in ("registers", "spill_bytes", "stack_bytes",
+                                                "log")}).encode())):
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # atomic: a racing run reads the whole file or none
+        return built
+
+    root = tmp_path_factory.mktemp("cuda-cache")
+    with pytest.MonkeyPatch.context() as mp, config.override(ATTNCC_CACHE_DIR=str(root)):
+        mp.setattr(toolchain, "compile_cubin", memo)
+        yield root
 
 
 @needs_nvcc
 @pytest.mark.parametrize("case", REPRESENTATIVE,
                          ids=[f"{c[0]}-{c[2]}-d{c[3]}-sm{c[4]}" for c in REPRESENTATIVE])
-def test_compiles_to_tensor_core_sass_without_spills(case, cache_root):
+def test_compiles_to_tensor_core_sass_without_spills(case, memo_nvcc):
     _, spec, dtype, d, arch = case
     family = attncc.compile(spec).families["cuda"]
     target, = family.backend.targets(family, dtype, d, d, arch)
@@ -158,7 +182,7 @@ def test_compiles_to_tensor_core_sass_without_spills(case, cache_root):
     info = built.info
     assert info["arch"] == arch and info["spill_bytes"] == 0 and info["stack_bytes"] == 0
     text = sass.disassemble(built.cubin, sass.cuobjdump_path())
-    assert f"arch = sm_{arch}" in text
+    assert f"code for {toolchain.NVCC_ARCHS[arch]}\n" in text  # sm_80, or sm_90a for sm_90
     functions = sass.parse_functions(text)
     instrs = functions[target.kernel]
     report = sass.analyse(target.kernel, instrs)
@@ -173,17 +197,19 @@ def test_compiles_to_tensor_core_sass_without_spills(case, cache_root):
 
 
 @needs_nvcc
-def test_build_then_a_new_process_launches_with_zero_compiles(cache_root, tmp_path):
+def test_build_then_a_new_process_launches_with_zero_compiles(memo_nvcc, tmp_path, capsys):
     manifest = tmp_path / "manifest.toml"
     manifest.write_text('[[kernel]]\nname = "tiny-causal"\nmask = "causal"\n'
                         'dtypes = ["float16"]\nhead_dims = [64, 256]\n')
+    # `attncc build` in this process, so its nvcc calls go through memo_nvcc
+    status = cli.main(["build", str(manifest), "--arch", "sm_90", "--backend", "cuda",
+                       "--jobs", "1"])
+    run = capsys.readouterr()
+    assert status == 0, run.out + run.err
+    assert "1 not supported by cuda" in run.out  # head dim 256: skipped, said why
+    assert "head dims 256/256" in run.err
+    cache_root = memo_nvcc
     env = dict(os.environ, ATTNCC_CACHE_DIR=str(cache_root))
-    run = subprocess.run([sys.executable, "-m", "attncc", "build", str(manifest), "--arch",
-                          "sm_90", "--backend", "cuda"], cwd=ROOT, capture_output=True,
-                         text=True, env=env, check=False)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 not supported by cuda" in run.stdout  # head dim 256: skipped, said why
-    assert "head dims 256/256" in run.stderr
     child = subprocess.run([sys.executable, "-m", "tests.cuda_launch_child"], cwd=ROOT,
                            capture_output=True, text=True, check=False,
                            env=dict(env, TRITON_INTERPRET="0", OMP_NUM_THREADS="1"))

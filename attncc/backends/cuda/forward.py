@@ -77,7 +77,6 @@ class CudaForward:
         """q/k/v/o BHSD views whose head dim is contiguous and 16-byte aligned rows; lse fp32
         [B, Hq, Lq] contiguous, or None."""
         _check_layout(q=q, k=k, v=v, o=o)
-        kernel = self._kernel(q, v)
         B, Hq, Lq, _ = q.shape
         args: list[tuple[str, Any]] = [("ptr", t.data_ptr()) for t in (q, k, v, o)]
         args.append(("ptr", lse.data_ptr() if lse is not None else 0))
@@ -87,7 +86,9 @@ class CudaForward:
                  ("f32", float(sm_scale))]
         args += _extra(self.arguments, params, tensors)
         grid = (-(-Lq // self.tile_rows(q, v)), B * Hq, 1)
-        driver.launch_kernel(kernel, grid, driver.current_stream(q.device.index or 0), args)
+        with torch.cuda.device(q.device):  # load and launch in this device's context
+            driver.launch_kernel(self._kernel(q, v), grid,
+                                 driver.current_stream(q.device.index or 0), args)
 
     def tile_rows(self, q: torch.Tensor, v: torch.Tensor) -> int:
         return check_head_dims(q.shape[3], v.shape[3]).block_m
