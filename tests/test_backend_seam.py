@@ -94,6 +94,6 @@ def test_a_new_backend_is_one_registry_entry(monkeypatch):
     out = attn(q, k, v, backend="toy")
     assert launches == [(1, 2, 13, 8)]
     torch.testing.assert_close(out, attn(q, k, v, backend="reference"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'reference', "
-                                         r"'toy'\), got 'cuda'"):
-        attn(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'cuda', "
+                                         r"'reference', 'toy'\), got 'tpu'"):
+        attn(q, k, v, backend="tpu")

@@ -117,6 +117,13 @@ def test_unsupported_plans_and_signatures_name_triton():
         backend.targets(family, "float16", 64, 64, 90, backward=True)
 
 
+def test_cpu_tensors_are_refused_before_any_compile():
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()), backend="cuda")
+    q = torch.randn(1, 2, 8, 64).half()
+    with pytest.raises(ValueError, match="backend 'cuda': runs on CUDA tensors, got cpu"):
+        attn(q, q, q)
+
+
 def test_rendered_source_lays_out_the_pieces():
     spec = attncc.Attention(mask=attncc.prefix_lm(8) , score=attncc.softcap(20.0))
     family = attncc.compile(spec).families["cuda"]

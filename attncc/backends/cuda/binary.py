@@ -148,11 +148,14 @@ def load_or_build(target: Target) -> Built:
             "head_dim_qk": target.head_dim_qk, "head_dim_v": target.head_dim_v,
             "source_key": target.source_key, "lookup": target.lookup()}
     entry = cache.load_or_build(key, name, build, extra_meta=meta, any_name=True)
-    result = Built(entry, entry.built, time.perf_counter() - start)
+    return Built(entry, entry.built, time.perf_counter() - start)
+
+
+def say_if_compiled(result: Built) -> None:
+    """One WARNING line when a launch had to compile its cubin (`attncc build` would not)."""
     if result.built:
         log.warning("attncc: compiled %s in %.1fs (not prebuilt; `attncc build --backend cuda` "
-                    "makes it ahead of time)", name, result.seconds)
-    return result
+                    "makes it ahead of time)", result.entry.meta["name"], result.seconds)
 
 
 def smem_bytes(target: Target) -> int:

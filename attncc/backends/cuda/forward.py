@@ -20,7 +20,11 @@ ALIGN = 8  # elements (16 bytes): each cp.async moves 8 of them
 
 
 def device_arch(device: torch.device) -> int:
-    """sm_<arch> of `device` (e.g. 90); the fake driver of benchmarks/fake_cuda.py replaces it."""
+    """sm_<arch> of `device` (e.g. 90); the fake driver of benchmarks/fake_cuda.py replaces it.
+    ValueError for a device that is not a CUDA GPU (before anything is compiled or loaded)."""
+    if device.type != "cuda":
+        raise ValueError(f"backend 'cuda': runs on CUDA tensors, got {device.type} tensors; "
+                         "use backend='triton' (TRITON_INTERPRET=1 on a CPU) or 'reference'")
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
@@ -59,13 +63,13 @@ class CudaForward:
         return binary.Target(self.name, source_key(self.plan), arch, dtype, head_dim_qk,
                              head_dim_v, tiles, source=lambda: self.entry)
 
-    def _kernel(self, q: torch.Tensor, v: torch.Tensor) -> driver.LoadedKernel:
+    def _kernel(self, q: torch.Tensor, v: torch.Tensor, arch: int) -> driver.LoadedKernel:
         what = (q.dtype, q.shape[3], v.shape[3], q.device)
         kernel = self._kernels.get(what)
         if kernel is None:
-            target = self.target(keys.dtype_name(q.dtype), q.shape[3], v.shape[3],
-                                 device_arch(q.device))
+            target = self.target(keys.dtype_name(q.dtype), q.shape[3], v.shape[3], arch)
             built = binary.load_or_build(target)
+            binary.say_if_compiled(built)
             info = built.info
             kernel = self._kernels[what] = driver.load_kernel(
                 built.cubin, info["name"], info["threads"], info["smem"], q.device.index or 0)
@@ -76,6 +80,7 @@ class CudaForward:
                tensors: Mapping[str, torch.Tensor]) -> None:
         """q/k/v/o BHSD views whose head dim is contiguous and 16-byte aligned rows; lse fp32
         [B, Hq, Lq] contiguous, or None."""
+        arch = device_arch(q.device)  # a CPU tensor stops here
         _check_layout(q=q, k=k, v=v, o=o)
         B, Hq, Lq, _ = q.shape
         args: list[tuple[str, Any]] = [("ptr", t.data_ptr()) for t in (q, k, v, o)]
@@ -87,7 +92,7 @@ class CudaForward:
         args += _extra(self.arguments, params, tensors)
         grid = (-(-Lq // self.tile_rows(q, v)), B * Hq, 1)
         with torch.cuda.device(q.device):  # load and launch in this device's context
-            driver.launch_kernel(self._kernel(q, v), grid,
+            driver.launch_kernel(self._kernel(q, v, arch), grid,
                                  driver.current_stream(q.device.index or 0), args)
 
     def tile_rows(self, q: torch.Tensor, v: torch.Tensor) -> int:
