@@ -288,3 +288,18 @@ def test_gpu_forward_catalogue_against_fp64(dtype, d):
         except AssertionError as e:
             failures.append(f"{name}: {str(e).splitlines()[0]}")
     assert ran >= 10 and not failures, failures
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_value_reaches_only_rows_that_see_its_key():
+    """docs/semantics.md "Non-finite inputs": a nan in v_j poisons exactly the rows the mask
+    lets see key j (the masked tile's probe), whatever the tiling."""
+    B, H, L, d = 1, 2, 300, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, d, generator=g).half().cuda() for _ in range(3))
+    j = 150
+    v[:, :, j, 3] = float("nan")
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()))
+    o = attn(q, k, v, backend="cuda")
+    assert torch.isfinite(o[:, :, :j]).all()  # rows before j never see key j
+    assert torch.isnan(o[:, :, j:, 3]).all()

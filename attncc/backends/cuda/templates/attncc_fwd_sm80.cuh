@@ -242,11 +242,57 @@ struct Sm80Forward {
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(rP.layout()));
     cp_async_wait<0>();
     __syncthreads();
+    // a masked key has p = 0, yet 0 * nan (or inf) is nan: a non-finite value of V must reach
+    // only the rows allowed to see its key (docs/semantics.md, "Non-finite inputs"). The probe
+    // reads this thread's share of the V tile; only when some value is non-finite (rare) are
+    // those values zeroed for the product and the rows that may see such a key poisoned.
+    bool poison[kRows] = {};
+    if constexpr (kMasked) {
+      bool bad = false;
+      for (int i = tid; i < kBlockN * kHeadDim; i += Traits::kThreads) {
+        bad |= !isfinite(float(sV(i / kHeadDim, i % kHeadDim)));
+      }
+      if (__syncthreads_or(bad)) {
+        __shared__ int bad_key[kBlockN];
+        for (int j = tid; j < kBlockN; j += Traits::kThreads) bad_key[j] = 0;
+        __syncthreads();
+        for (int i = tid; i < kBlockN * kHeadDim; i += Traits::kThreads) {
+          auto& x = sV(i / kHeadDim, i % kHeadDim);
+          if (!isfinite(float(x))) {
+            x = Element(0.f);
+            bad_key[i / kHeadDim] = 1;
+          }
+        }
+        __syncthreads();
+        Tensor sc = make_tensor(tScS.data(), rowcol(tScS.layout()));
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          int sees = 0;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(sc); ++c) {
+            const int row = get<0>(sc(r, c)), key = get<1>(sc(r, c));
+            const int col = n * kBlockN + key;
+            sees |= bad_key[key] && col < Lk && allowed(row, col);
+          }
+          sees |= __shfl_xor_sync(0xffffffff, sees, 2);
+          poison[r] = sees | __shfl_xor_sync(0xffffffff, sees, 1);
+        }
+      }
+    }
     cute::copy(copy_v, tOsVt(_, _, _0{}), tOrVt_view(_, _, _0{}));
     CUTE_UNROLL
     for (int i = 0; i < size<2>(tOrP); ++i) {
       if (i < size<2>(tOrP) - 1) cute::copy(copy_v, tOsVt(_, _, i + 1), tOrVt_view(_, _, i + 1));
       cute::gemm(tiled_mma, tOrP(_, _, i), tOrVt(_, _, i), acc_o);
+    }
+    if constexpr (kMasked) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(o); ++c) {
+          if (poison[r]) o(r, c) = NAN;
+        }
+      }
     }
   }
 
