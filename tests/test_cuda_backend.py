@@ -204,6 +204,14 @@ def test_compiles_to_tensor_core_sass_without_spills(case, memo_nvcc):
 
 
 @needs_nvcc
+def test_precompile_of_a_cuda_object_builds_its_cubin(memo_nvcc):
+    attn = attncc.compile(attncc.Attention(mask=attncc.causal()), backend="cuda")
+    built = attn.precompile("float16", 64, arch="sm_90")
+    assert built.info["name"] == attn.families["cuda"].name and built.info["arch"] == 90
+    assert built.info["dtype"] == "float16" and built.info["head_dim_qk"] == 64
+
+
+@needs_nvcc
 def test_build_then_a_new_process_launches_with_zero_compiles(memo_nvcc, tmp_path, capsys):
     manifest = tmp_path / "manifest.toml"
     manifest.write_text('[[kernel]]\nname = "tiny-causal"\nmask = "causal"\n'
