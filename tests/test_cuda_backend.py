@@ -212,6 +212,22 @@ def test_precompile_of_a_cuda_object_builds_its_cubin(memo_nvcc):
 
 
 @needs_nvcc
+def test_without_nvcc_a_stored_cubin_is_found_and_a_missing_one_is_an_error(memo_nvcc,
+                                                                             monkeypatch):
+    family = attncc.compile(attncc.Attention(mask=attncc.causal())).families["cuda"]
+    stored, = family.backend.targets(family, "float16", 64, 64, 90)
+    key = binary.load_or_build(stored).entry.meta["key"]  # made with nvcc (memo_nvcc)
+    monkeypatch.setenv("ATTNCC_NVCC", "/nonexistent/nvcc")
+    monkeypatch.setattr(toolchain, "cutlass_version", lambda: "missing")
+    found = binary.load_or_build(stored)
+    assert not found.built and found.entry.meta["key"] == key
+    missing, = family.backend.targets(family, "bfloat16", 128, 128, 80)
+    with pytest.raises(binary.NotPrebuiltError, match="cannot be compiled here: nvcc: "
+                                                      "/nonexistent/nvcc"):
+        binary.load_or_build(missing)
+
+
+@needs_nvcc
 def test_build_then_a_new_process_launches_with_zero_compiles(memo_nvcc, tmp_path, capsys):
     manifest = tmp_path / "manifest.toml"
     manifest.write_text('[[kernel]]\nname = "tiny-causal"\nmask = "causal"\n'

@@ -9,7 +9,7 @@ builders compile once; a corrupt entry is rebuilt, never loaded):
 Key: sha256 of the source entry's key (canonical IR, templates and headers, printer version,
 attncc/torch/triton versions), the arch, dtype, head dims and tiles, and the toolchain (nvcc
 version, nvidia-cutlass version, nvcc flags). A machine without nvcc cannot know which nvcc
-built a cubin, so there the entry is found by the same key less the nvcc version
+built a cubin, so there the entry is found by the same key less the toolchain
 (`lookup`, stored in meta.json): `attncc build --backend cuda` on a machine with nvcc ships
 cubins to one without. With ATTNCC_OFFLINE=1 a missing cubin is `NotPrebuiltError`.
 """
@@ -65,14 +65,16 @@ class Target:
         return ""
 
     def lookup(self) -> str:
-        """The key less the nvcc version (what a machine without nvcc can compute)."""
+        """The key less the toolchain (what a machine without nvcc or the CUTLASS headers,
+        which loads cubins built elsewhere, can compute)."""
         return keys.cache_key("cuda-cubin", self.source_key, extra=[
             self.kind, f"sm_{self.arch}", self.dtype, f"d{self.head_dim_qk}/{self.head_dim_v}",
-            json.dumps(asdict(self.tiles), sort_keys=True), f"cutlass={toolchain.cutlass_version()}",
-            f"flags={' '.join(toolchain.FLAGS)}"])
+            json.dumps(asdict(self.tiles), sort_keys=True)])
 
     def key(self) -> str:
-        return keys.digest(f"{self.lookup()}\n{toolchain.versions()[0]}")
+        """The entry's key: `lookup` and the toolchain's versions (ToolchainError without
+        nvcc)."""
+        return keys.digest("\n".join([self.lookup(), *toolchain.versions()]))
 
     def entry_name(self) -> str:
         return (f"{self.kernel}.sm{self.arch}.{keys.triton_type(self.dtype)}."

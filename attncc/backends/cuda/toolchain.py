@@ -35,6 +35,8 @@ def nvcc_path() -> str:
     found = (os.environ.get("ATTNCC_NVCC") or shutil.which("nvcc")
              or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists()
                  else None))
+    if found is not None and not os.access(found, os.X_OK):
+        raise ToolchainError(f"nvcc: {found} (ATTNCC_NVCC) is not an executable file")
     if found is None:
         raise ToolchainError("the CUDA backend compiles with nvcc, which was not found (set "
                              "ATTNCC_NVCC or put nvcc on PATH), or load cubins that "
