@@ -7,8 +7,9 @@ Without a GPU:
 - nvcc: a representative set of specs (REPRESENTATIVE: causal, sliding window, cu_seqlens
   document, causal + softcap, a traced mask; fp16 and bf16, head dims 64 and 128, sm_80 and
   sm_90a) is rendered, compiled through the backend's own cache path, and its SASS read:
-  tensor-core HMMA (mma.sync; the sm_90a build is the same mma.sync kernel, no HGMMA), cp.async
-  (LDGSTS) and ldmatrix (LDSM), no local-memory spill anywhere in the kernel;
+  tensor cores (sm_80: HMMA from mma.sync with ldmatrix (LDSM) operands; sm_90a: HGMMA from
+  wgmma, WARPGROUP arrive/wait, FENCE.VIEW.ASYNC), cp.async loads (LDGSTS; no TMA yet), no
+  local-memory spill anywhere in the kernel;
 - launch: `attncc build --backend cuda` of a manifest, then a new process with the fake CUDA
   driver (benchmarks/fake_cuda.py) loads those cubins and launches them with zero compiles.
 
@@ -139,7 +140,7 @@ def test_cli_explain_shows_the_cuda_source():
                           "--backend", "cuda", "--head-dims", "64"], cwd=ROOT,
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
-    assert "== CUDA source" in run.stdout and "attncc::Sm80Forward<Traits>" in run.stdout
+    assert "== CUDA source" in run.stdout and "ATTNCC_FORWARD<Traits> fwd(" in run.stdout
 
 
 def test_resource_usage_is_read_from_ptxas():
@@ -198,9 +199,15 @@ def test_compiles_to_tensor_core_sass_without_spills(case, memo_nvcc):
     for _, _, loop in report.main_loops:
         assert loop.stl == 0 and loop.ldl == 0
     mma = {op.split(".")[0] for op in report.total.mma}
-    assert mma == {"HMMA"}  # mma.sync on both archs: the sm_90a build has no wgmma (HGMMA)
     ops = {ins.base for ins in instrs}
-    assert {"LDGSTS", "LDSM"} <= ops  # cp.async global->shared, ldmatrix shared->registers
+    assert "LDGSTS" in ops  # cp.async global->shared (no TMA on either arch yet)
+    if arch == 90:  # wgmma for both products: Q K^T 64 x BLOCK_N, P V 64 x d
+        assert mma == {"HGMMA"}
+        assert {"HGMMA.64x64x16.F32", f"HGMMA.64x{d}x16.F32"} <= {
+            op.split(".BF16")[0].split(".F16")[0] for op in report.total.mma}, report.total.mma
+        assert {"WARPGROUP", "FENCE"} <= ops  # arrive/wait, smem writes -> async proxy
+    else:  # mma.sync with ldmatrix operands
+        assert mma == {"HMMA"} and "LDSM" in ops
 
 
 @needs_nvcc

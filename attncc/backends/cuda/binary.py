@@ -29,6 +29,10 @@ from attncc.backends.cuda.render import HEADERS, Tiles
 
 log = logging.getLogger("attncc")
 ELEMENTS = {"float16": "cutlass::half_t", "bfloat16": "cutlass::bfloat16_t"}
+# per arch: the machinery header and its traits and forward types (templates/*.cuh). sm_90
+# (built as sm_90a) runs both products on wgmma; the others on mma.sync (sm_80 and up)
+MACHINERY = {90: ("attncc_fwd_sm90.cuh", "attncc::Sm90Traits", "attncc::Sm90Forward")}
+SM80_MACHINERY = ("attncc_fwd_sm80.cuh", "attncc::Sm80Traits", "attncc::Sm80Forward")
 
 
 class NotPrebuiltError(RuntimeError):
@@ -85,7 +89,10 @@ class Target:
                 f"{self.head_dim_qk}/{self.head_dim_v}")
 
     def defines(self) -> dict[str, str]:
-        return {"ATTNCC_ELEMENT": ELEMENTS[self.dtype], "ATTNCC_HEAD_DIM": str(self.head_dim_qk),
+        header, traits, forward = MACHINERY.get(self.arch, SM80_MACHINERY)
+        return {"ATTNCC_MACHINERY": f'"{header}"', "ATTNCC_TRAITS": traits,
+                "ATTNCC_FORWARD": forward,
+                "ATTNCC_ELEMENT": ELEMENTS[self.dtype], "ATTNCC_HEAD_DIM": str(self.head_dim_qk),
                 "ATTNCC_BLOCK_M": str(self.tiles.block_m),
                 "ATTNCC_BLOCK_N": str(self.tiles.block_n), "ATTNCC_WARPS": str(self.tiles.warps)}
 

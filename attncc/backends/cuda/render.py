@@ -19,8 +19,9 @@ from attncc.ir.plan import KernelPlan
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "attn_fwd.cu.j2"
-MACHINERY_HEADER = "attncc_fwd_sm80.cuh"
-HEADERS = (EXPR_HEADER, MACHINERY_HEADER)  # written beside the source when it is compiled
+# the per-arch machinery a source includes (binary.MACHINERY picks one per arch)
+MACHINERY_HEADERS = ("attncc_fwd_sm80.cuh", "attncc_fwd_sm90.cuh")
+HEADERS = (EXPR_HEADER, *MACHINERY_HEADERS)  # written beside the source when it is compiled
 TEMPLATES = (TEMPLATE, *HEADERS)  # every file a source (and its cubin) depends on
 
 
@@ -98,7 +99,7 @@ def render(plan: KernelPlan) -> str:
                              lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template(TEMPLATE).render(
         kernel_name=kernel_name(plan),
-        expr_header=EXPR_HEADER, machinery_header=MACHINERY_HEADER, printed=printed.source,
+        expr_header=EXPR_HEADER, printed=printed.source,
         extra_params=printed.extra_params, extra_args=printed.extra_args,
         has_score=printed.has_score, has_sink=printed.has_sink,
         pieces=[_piece(i, piece) for i, piece in enumerate(plan.tiles.pieces)])
