@@ -59,7 +59,7 @@ class CudaForward:
         if dtype not in DTYPES:
             raise ValueError(f"backend 'cuda': dtype {dtype} has no CUDA kernel (it has "
                              f"{', '.join(DTYPES)}); use backend='triton'")
-        tiles = check_head_dims(head_dim_qk, head_dim_v)
+        tiles = check_head_dims(head_dim_qk, head_dim_v, arch)
         return binary.Target(self.name, source_key(self.plan), arch, dtype, head_dim_qk,
                              head_dim_v, tiles, source=lambda: self.entry)
 
@@ -90,13 +90,10 @@ class CudaForward:
         args += [("i32", Lq), ("i32", k.shape[2]), ("i32", Hq), ("i32", k.shape[1]),
                  ("f32", float(sm_scale))]
         args += _extra(self.arguments, params, tensors)
-        grid = (-(-Lq // self.tile_rows(q, v)), B * Hq, 1)
+        grid = (-(-Lq // check_head_dims(q.shape[3], v.shape[3], arch).block_m), B * Hq, 1)
         with torch.cuda.device(q.device):  # load and launch in this device's context
             driver.launch_kernel(self._kernel(q, v, arch), grid,
                                  driver.current_stream(q.device.index or 0), args)
-
-    def tile_rows(self, q: torch.Tensor, v: torch.Tensor) -> int:
-        return check_head_dims(q.shape[3], v.shape[3]).block_m
 
 
 def _check_layout(**tensors: torch.Tensor) -> None:

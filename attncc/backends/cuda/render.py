@@ -34,17 +34,21 @@ class Tiles:
     warps: int
 
 
-# per head dim: no spills on sm_80/sm_90a with fp16 and bf16 (tests/test_cuda_backend.py)
+# per head dim, for the mma.sync kernel (sm_80 and up) and the wgmma one (sm_90a): no spills
+# with fp16 and bf16 and the heaviest catalogue scores (tests/test_cuda_backend.py, the
+# example manifest). The wgmma kernel spills with 64-key tiles at d128 under a sliding window
+# with a soft-cap (255 registers, 120 bytes), so it takes 32 keys per tile.
 TILES = {64: Tiles(128, 64, 8), 128: Tiles(128, 64, 8)}
+TILES_SM90 = {64: Tiles(128, 32, 8), 128: Tiles(128, 32, 8)}
 
 
-def check_head_dims(head_dim_qk: int, head_dim_v: int) -> Tiles:
-    """The tiles for (Dqk, Dv); Unsupported unless both are 64 or both 128."""
+def check_head_dims(head_dim_qk: int, head_dim_v: int, arch: int = 80) -> Tiles:
+    """The tiles for (Dqk, Dv) on sm_<arch>; Unsupported unless both are 64 or both 128."""
     if head_dim_qk != head_dim_v or head_dim_qk not in TILES:
         raise Unsupported(f"backend 'cuda': head dims {head_dim_qk}/{head_dim_v} have no CUDA "
                           f"kernel (it has {'/'.join(map(str, TILES))} with Dqk == Dv); "
                           "use backend='triton'")
-    return TILES[head_dim_qk]
+    return (TILES_SM90 if arch == 90 else TILES)[head_dim_qk]
 
 
 def check_plan(plan: KernelPlan) -> None:
