@@ -13,12 +13,13 @@ Without a GPU:
 - launch: `attncc build --backend cuda` of a manifest, then a new process with the fake CUDA
   driver (benchmarks/fake_cuda.py) loads those cubins and launches them with zero compiles.
 
-nvcc with CuTe takes 40-140 s per cubin on the 2-core CI machine, so nvcc's results are kept
+nvcc with CuTe takes 10-140 s per cubin on the 2-core CI machine, so nvcc's results are kept
 in a cache that outlives the run (ATTNCC_TEST_CUDA_CACHE, default ~/.cache/attncc-test-cuda),
 keyed by what nvcc is given: the rendered source, the headers, arch, defines, nvcc and
 nvidia-cutlass versions and flags (`memo_nvcc`). attncc's own cache keys also hash attncc's
 code, so any edit would miss them; this one misses only when a source really changes. A warm
-run compiles nothing; a cold one compiles the 7 cubins of REPRESENTATIVE. The tests that need
+run compiles nothing (11-18 s for the file); a cold one compiles the 7 cubins of
+REPRESENTATIVE (200 s wall, 124 s CPU on the 2 cores): CI should keep that directory. The tests that need
 nvcc or the nvidia-cutlass headers skip, saying which, when they are missing.
 
 GPU tier (marked `gpu`): every forward catalogue mask and score mod the CUDA kernel supports,
