@@ -103,11 +103,26 @@ class FakeDriver:
         return ty
 
 
+def fake_cuda_launch(kernel, grid, stream, args) -> None:
+    """The CUDA backend's `driver.launch_kernel` contract; it counts (and records)."""
+    LAUNCHES[0] += 1
+    if _recording[0]:
+        RECORDED.append({"backend": "cuda", "name": kernel.name, "grid": list(grid),
+                         "threads": kernel.threads, "smem": kernel.smem,
+                         "function": kernel.function, "n_args": len(args),
+                         "args": [[kind, value % 16 if kind == "ptr" else value]
+                                  for kind, value in args]})
+
+
 def install(record: bool = False) -> None:
-    """Triton's driver becomes the fake one, and CPU tensors launch sm_90 prebuilt binaries;
-    `record`: every launch is also described in RECORDED (slower: not for timings)."""
+    """Triton's driver becomes the fake one, and CPU tensors launch sm_90 prebuilt binaries
+    (Triton's and the CUDA backend's); `record`: every launch is also described in RECORDED
+    (slower: not for timings)."""
     import torch
     from triton.runtime import driver
+
+    from attncc.backends.cuda import driver as cuda_driver
+    from attncc.backends.cuda import forward as cuda_forward
 
     from attncc.backends.triton import forward as triton_forward
     from attncc.backends.triton import serve_run
@@ -121,4 +136,6 @@ def install(record: bool = False) -> None:
     # serving kernels launch through Triton's JIT, which compiles for the fake driver's sm_90
     serve_run.target_of = lambda device: "sm90"
     serve_run.TritonServing.check_device = lambda self, device: None
+    cuda_forward.device_arch = lambda device: 90
+    cuda_driver.launch_kernel = fake_cuda_launch
     torch.cuda.device = lambda device: contextlib.nullcontext()

@@ -11,3 +11,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "torch==2.13.0"
 fi
 .venv/bin/pip install -q -e ".[test]"
+# the CUDA backend's tests read the CUTLASS/CuTe headers of nvidia-cutlass and nothing else of
+# it: installed without its Python dependencies (cuda-python, scipy, ...), which they never load
+.venv/bin/pip install -q --no-deps "nvidia-cutlass>=4.2"

@@ -22,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attncc"
-CONCRETE_BACKENDS = ("attncc.backends.triton", "attncc.backends.reference", "attncc.backends.cuda")
+CONCRETE_BACKENDS = ("attncc.backends.triton", "attncc.backends.reference",
+                     "attncc.backends.cuda")
 
 
 def _module_name(path: Path) -> str:

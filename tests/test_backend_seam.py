@@ -16,7 +16,8 @@ from attncc.backends.base import Unsupported
 def test_auto_resolves_once_for_every_family(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cpu = registry.resolve("auto", torch.device("cpu"))
-    assert cpu == registry.Choice("reference", "CPU tensors and TRITON_INTERPRET is not set")
+    assert cpu == registry.Choice("reference", "CPU tensors and TRITON_INTERPRET is not set; "
+                                  "the CUDA backend runs on CUDA tensors only")
     assert registry.resolve("auto", torch.device("meta")).name == "reference"
     assert registry.resolve("reference", torch.device("cpu")) == registry.Choice("reference")
     assert registry.resolve("triton", torch.device("cpu")) == registry.Choice("triton")
@@ -25,10 +26,10 @@ def test_auto_resolves_once_for_every_family(monkeypatch):
 
 
 def test_names_are_checked_with_one_message():
-    assert registry.names() == ("auto", "triton", "reference")
+    assert registry.names() == ("auto", "triton", "cuda", "reference")
     with pytest.raises(ValueError, match=r"^backend: expected one of \('auto', 'triton', "
-                                         r"'reference'\), got 'cuda'$"):
-        registry.resolve("cuda", torch.device("cpu"))
+                                         r"'cuda', 'reference'\), got 'tpu'$"):
+        registry.resolve("tpu", torch.device("cpu"))
 
 
 def test_a_backend_without_a_kernel_says_why():
@@ -93,6 +94,6 @@ def test_a_new_backend_is_one_registry_entry(monkeypatch):
     out = attn(q, k, v, backend="toy")
     assert launches == [(1, 2, 13, 8)]
     torch.testing.assert_close(out, attn(q, k, v, backend="reference"), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'reference', "
-                                         r"'toy'\), got 'cuda'"):
-        attn(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'cuda', "
+                                         r"'reference', 'toy'\), got 'tpu'"):
+        attn(q, k, v, backend="tpu")

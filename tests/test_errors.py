@@ -131,13 +131,13 @@ def test_bad_layout(attn):
 
 
 def test_bad_backend_at_compile():
-    with expect(ValueError, "backend:", "'auto'", "'triton'", "'reference'", "'cuda'"):
-        attncc.compile(attncc.Attention(mask=attncc.causal()), backend="cuda")
+    with expect(ValueError, "backend:", "'auto'", "'triton'", "'cuda'", "'reference'", "'tpu'"):
+        attncc.compile(attncc.Attention(mask=attncc.causal()), backend="tpu")
 
 
 def test_bad_backend_at_call(attn):
-    with expect(ValueError, "backend:", "'auto'", "'triton'", "'reference'", "'cuda'"):
-        attn(*qkv(), backend="cuda")
+    with expect(ValueError, "backend:", "'auto'", "'triton'", "'cuda'", "'reference'", "'tpu'"):
+        attn(*qkv(), backend="tpu")
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "0.5", True],

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from attncc.backends.base import Backend, Unsupported
+from attncc.backends.cuda.backend import BACKEND as CUDA
 from attncc.backends.reference.backend import BACKEND as REFERENCE
 from attncc.backends.triton.backend import BACKEND as TRITON
 
 # "auto" takes the first backend here that compiles kernels and runs on the tensors' device,
-# else "reference" (the last resort: it runs everywhere)
-BACKENDS: dict[str, Backend] = {"triton": TRITON, "reference": REFERENCE}
+# else "reference" (the last resort: it runs everywhere). Triton comes before CUDA: "auto"
+# keeps choosing Triton until GPU measurements say the CUDA kernels are faster.
+BACKENDS: dict[str, Backend] = {"triton": TRITON, "cuda": CUDA, "reference": REFERENCE}
 FALLBACK = "reference"
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attncc.backends.base import Unsupported
 from attncc.backends.keys import triton_type
 from attncc.cli.output import dims, error, one_line, size
 from attncc import config
@@ -27,6 +28,7 @@ from attncc.manifest import ManifestError, load_manifest, parse_archs
 from attncc.ops.softmax.compiled import CompiledAttention
 
 DEFAULT_ARCHS = "sm_80,sm_90"
+BUILD_BACKENDS = ("triton", "cuda")  # the backends with ahead-of-time binaries
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR",
                    help="cache directory to build into (sets ATTNCC_CACHE_DIR, and "
                         "TRITON_CACHE_DIR to DIR/triton, for this run)")
+    p.add_argument("--backend", default="triton", choices=BUILD_BACKENDS,
+                   help="whose kernels to build: triton (default) or cuda (CUDA C++ cubins "
+                        "made with nvcc; needs nvcc and the nvidia-cutlass headers)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print a failed kernel's whole compiler error, not one line")
     p.set_defaults(run=run)
@@ -82,32 +87,55 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for line in manifest.errors:
         error("build", line)
-    jobs, bad = _jobs(manifest, archs)
+    jobs, bad, unsupported = _jobs(manifest, archs, args.backend)
     bad += len(manifest.errors)
     counts = _run_jobs(jobs, args.jobs, args.verbose)
     root = config.cache_dir()
     n_entries = len(cache.inspect_all(root))
     print(f"attncc build: {counts['built']} built, {counts['cached']} cached, "
-          f"{counts['failed']} failed, {bad} bad entries ({len(jobs)} kernels) in "
+          f"{counts['failed']} failed, {bad} bad entries"
+          f"{f', {unsupported} not supported by {args.backend}' if unsupported else ''} "
+          f"({len(jobs)} kernels) in "
           f"{time.perf_counter() - start:.1f}s; cache {root}: {n_entries} entries, "
           f"{size(cache.dir_size(root))}")
     return 0 if counts["failed"] == 0 and bad == 0 else 1
 
 
-def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
-    """Every kernel to build, once per key, and the number of entries that could not be compiled
-    at all. Plans are made here, in one thread: the worker threads only look them up."""
+def _jobs(manifest, archs: tuple[int, ...], backend_name: str = "triton"
+          ) -> tuple[list[Job], int, int]:
+    """Every kernel to build, once per key, the number of entries that could not be compiled
+    at all, and the number of (entry, signature)s `backend_name` has no kernel for (one line
+    each on stderr: a CUDA build of a manifest written for Triton skips what CUDA lacks, such
+    as head dim 256, and still succeeds). Plans are made here, in one thread: the worker
+    threads only look them up."""
     jobs: dict[str, Job] = {}  # by target key: two spellings of one spec share their binaries
-    bad = 0
+    bad = unsupported = 0
     for entry in manifest.kernels:
         try:
-            kernels = CompiledAttention(entry.spec).kernels
-            if kernels is None:
+            kernels = CompiledAttention(entry.spec).families.get(backend_name)
+            if kernels is None and backend_name == "triton":
                 raise ValueError(f"memory {entry.spec.memory.text()!r} has no kernel yet")
+            if isinstance(kernels, Unsupported):
+                if backend_name == "triton":
+                    raise kernels
+                print(f"attncc build: kernel {entry.name!r}: not supported: {kernels}",
+                      file=sys.stderr)
+                unsupported += 1
+                continue
             backend = kernels.backend
-            targets = [target for arch in entry.archs or archs for dtype in entry.dtypes
-                       for dqk, dv in entry.head_dims for target in backend.targets(
-                           kernels, dtype, dqk, dv, arch, backward=entry.backward)]
+            targets = []
+            for arch in entry.archs or archs:
+                for dtype in entry.dtypes:
+                    for dqk, dv in entry.head_dims:
+                        try:
+                            targets += backend.targets(kernels, dtype, dqk, dv, arch,
+                                                       backward=entry.backward)
+                        except Unsupported as e:
+                            if backend_name == "triton":
+                                raise
+                            print(f"attncc build: kernel {entry.name!r} sm{arch} {dtype} "
+                                  f"{dims(dqk, dv)}: not supported: {e}", file=sys.stderr)
+                            unsupported += 1
         except Exception as e:  # one bad spec must not stop the others
             error("build", f"{manifest.path}: kernel {entry.name!r}: {one_line(e)}")
             bad += 1
@@ -119,7 +147,7 @@ def _jobs(manifest, archs: tuple[int, ...]) -> tuple[list[Job], int]:
             print(f"attncc build: kernel {entry.name!r} shares kernels with "
                   f"{', '.join(map(repr, shared))} (same canonical spec): built once",
                   file=sys.stderr)
-    return list(jobs.values()), bad
+    return list(jobs.values()), bad, unsupported
 
 
 def _run_jobs(jobs: list[Job], n_threads: int, verbose: bool) -> dict[str, int]:

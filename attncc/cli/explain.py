@@ -5,7 +5,7 @@ catalogue mask calls combined with &, | and ~ (`causal`, `"causal() & sliding_wi
 with `--score "softcap(50.0)"` and `--reorder "hilbert((64, 64))"`). For each spec:
 `attncc.explain` (the IR after each pass, tile classes and tile source, the token-order cost
 table, the tile map for `--shape` or the entry's first shape), the tiles chosen per (dtype, head
-dims, target), and with `--source` the Triton source.
+dims, target), and with `--source` the generated source (`--backend cuda`: the CUDA C++ one).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import ast
 from pathlib import Path
 from typing import Any
 
-from attncc.cli.build import DEFAULT_ARCHS
+from attncc.backends.base import Unsupported
+from attncc.cli.build import BUILD_BACKENDS, DEFAULT_ARCHS
 from attncc.cli.output import error, one_line
 from attncc.api import Attention
 from attncc.backends.targets import check_head_dim, parse_dtype
@@ -41,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="tile size of the tile map (default 64,64)")
     p.add_argument("--png", metavar="FILE",
                    help="also draw the tile map to FILE (one file per manifest entry)")
-    p.add_argument("--source", action="store_true", help="print the generated Triton source")
+    p.add_argument("--source", action="store_true", help="print the generated source")
+    p.add_argument("--backend", default="triton", choices=BUILD_BACKENDS,
+                   help="whose source --source prints: triton (default) or cuda")
     p.add_argument("--arch", default=None,
                    help=f"targets of the tiles table (default: the entry's archs, else "
                         f"{DEFAULT_ARCHS})")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             targets = archs or entry_archs or parse_archs(DEFAULT_ARCHS)
             print(_explain(name, spec, dtypes, head_dims, targets, entry_shape, block,
-                           _png(args.png, name, len(entries)), args.source))
+                           _png(args.png, name, len(entries)), args.source, args.backend))
         except Exception as e:  # one spec that fails to explain must not hide the others
             error("explain", f"{name}: {one_line(e)}")
             bad += 1
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _explain(name: str, spec, dtypes, head_dims, archs, shape, block, png: str | None,
-             source: bool) -> str:
+             source: bool, backend: str = "triton") -> str:
 
     out = [f"### {name}", attncc.explain(spec, shape=shape, block=block, png=png)]
     if spec.memory.text() != "dense":
@@ -101,7 +104,10 @@ def _explain(name: str, spec, dtypes, head_dims, archs, shape, block, png: str |
                 sig = Signature(dtype, dqk, dv, f"sm{arch}")
                 out.append(f"{sig.text()}: {run_plan_passes(plan, sig).schedule.text()}")
     if source:
-        kernels = attncc.compile(spec).kernels
+        kernels = attncc.compile(spec).families[backend]
+        if isinstance(kernels, Unsupported):
+            out.append(f"== no {backend} source: {kernels}")
+            return "\n".join(out)
         for src in kernels.backend.render(kernels):
             out += [f"== {src.label} {src.path}", src.text]
     return "\n".join(out)

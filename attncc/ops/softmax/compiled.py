@@ -197,10 +197,15 @@ class CompiledAttention:
         WARNING log line); with ATTNCC_OFFLINE=1 a missing kernel raises `NotPrebuiltError`.
         `backward`: the gradient kernels too. See the kernel backend's `precompile`
         (`attncc.backends.base.Backend`)."""
-        if self.kernels is None:
+        kernels = self.kernels
+        if self.backend != "auto" and registry.BACKENDS[self.backend].compiles:
+            kernels = self.families[self.backend]  # compile(spec, backend="cuda"): its cubins
+            if isinstance(kernels, Unsupported):
+                raise ValueError(f"precompile: backend {self.backend!r}: {kernels}")
+        if kernels is None:
             raise ValueError(f"precompile: memory {self.spec.memory.text()!r} has no kernel")
-        return self.kernels.backend.precompile(self.kernels, dtype, head_dim_qk, head_dim_v, arch,
-                                               backward=backward)
+        return kernels.backend.precompile(kernels, dtype, head_dim_qk, head_dim_v, arch,
+                                          backward=backward)
 
     def __repr__(self) -> str:
         return f"CompiledAttention({self.name})"
