@@ -17,6 +17,7 @@ from typing import Any
 
 LAUNCHES = [0]  # how many launches the fake launcher received
 RECORDED: list[dict] = []  # with install(record=True): one entry per launch
+TENSOR_MAPS: list[dict] = []  # with install(record=True): one entry per encoded TMA tensor map
 LOADS: list[dict] = []  # one entry per binary loaded onto the fake device
 _recording = [False]
 
@@ -110,8 +111,28 @@ def fake_cuda_launch(kernel, grid, stream, args) -> None:
         RECORDED.append({"backend": "cuda", "name": kernel.name, "grid": list(grid),
                          "threads": kernel.threads, "smem": kernel.smem,
                          "function": kernel.function, "n_args": len(args),
-                         "args": [[kind, value % 16 if kind == "ptr" else value]
-                                  for kind, value in args]})
+                         "args": [[kind, _describe_cuda(kind, value)] for kind, value in args]})
+
+
+def _describe_cuda(kind: str, value: Any) -> Any:
+    """A pointer as its offset modulo 16, a tensor map as the index of its record in
+    TENSOR_MAPS (-1: the zeros of a cp.async launch), any other value as it is."""
+    if kind == "ptr":
+        return value % 16
+    if kind == "tmap":
+        return int.from_bytes(value[:8], "little") - 1 if len(value) == 128 else "bad size"
+    return value
+
+
+def fake_encode_tensor_map(data_type, address, *, dims, strides, box, swizzle, l2_promotion
+                           ) -> bytes:
+    """The CUDA backend's `driver.encode_tensor_map` contract: 128 bytes whose first 8 hold
+    1 + the index of this call's record in TENSOR_MAPS (recorded with install(record=True))."""
+    if _recording[0]:
+        TENSOR_MAPS.append({"data_type": data_type, "address": address % 16,
+                            "dims": list(dims), "strides": list(strides), "box": list(box),
+                            "swizzle": swizzle, "l2_promotion": l2_promotion})
+    return (len(TENSOR_MAPS)).to_bytes(8, "little") + bytes(120)
 
 
 def install(record: bool = False) -> None:
@@ -138,4 +159,5 @@ def install(record: bool = False) -> None:
     serve_run.TritonServing.check_device = lambda self, device: None
     cuda_forward.device_arch = lambda device: 90
     cuda_driver.launch_kernel = fake_cuda_launch
+    cuda_driver.encode_tensor_map = fake_encode_tensor_map
     torch.cuda.device = lambda device: contextlib.nullcontext()

@@ -3,7 +3,8 @@ root) in a new process, after `attncc build --backend cuda` put an sm_90 fp16 d6
 into ATTNCC_CACHE_DIR. The fake CUDA driver of benchmarks/fake_cuda.py stands in for the GPU,
 so all of a CUDA-backend launch runs for real on a CPU except the driver calls: finding the
 cubin in the cache, loading it (Triton's `load_binary`, faked), and handing the grid, block,
-shared memory and the packed arguments to `cuLaunchKernel` (faked). It prints one JSON record.
+shared memory and the packed arguments to `cuLaunchKernel` (faked), after encoding K's and V's
+TMA tensor maps (`cuTensorMapEncodeTiled`, faked and recorded). It prints one JSON record.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     causal(q, k, v, backend="cuda")  # the second launch reuses the loaded kernel
     out = {"compiles": COMPILES[0], "cache_builds": cache.stats.builds,
            "renders": render.RENDERS[0], "loads": list(fake_cuda.LOADS),
-           "launches": [r for r in fake_cuda.RECORDED if r.get("backend") == "cuda"]}
+           "launches": [r for r in fake_cuda.RECORDED if r.get("backend") == "cuda"],
+           "tensor_maps": list(fake_cuda.TENSOR_MAPS)}
 
     # a signature no build made: offline, an error that says how to build it
     os.environ["ATTNCC_OFFLINE"] = "1"
@@ -46,6 +48,13 @@ def main() -> None:
         out["offline_error"] = None
     except Exception as e:  # NotPrebuiltError
         out["offline_error"] = str(e)
+    # K broadcast over the batch (stride 0): no tensor map; the cp.async cubin, which no build
+    # made (offline: an error naming it)
+    try:
+        causal(q, k[:1].expand(2, -1, -1, -1), v, backend="cuda")
+        out["broadcast_error"] = None
+    except Exception as e:  # NotPrebuiltError
+        out["broadcast_error"] = str(e)
     del os.environ["ATTNCC_OFFLINE"]
 
     # a head dim that is not contiguous: refused before any launch

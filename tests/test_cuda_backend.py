@@ -8,10 +8,13 @@ Without a GPU:
   document, causal + softcap, a traced mask; fp16 and bf16, head dims 64 and 128, sm_80 and
   sm_90a) is rendered, compiled through the backend's own cache path, and its SASS read:
   tensor cores (sm_80: HMMA from mma.sync with ldmatrix (LDSM) operands; sm_90a: HGMMA from
-  wgmma, WARPGROUP arrive/wait, FENCE.VIEW.ASYNC), cp.async loads (LDGSTS; no TMA yet), no
-  local-memory spill anywhere in the kernel;
+  wgmma, WARPGROUP arrive/wait, FENCE.VIEW.ASYNC), loads (sm_80: cp.async, LDGSTS; sm_90a: K
+  and V by TMA, UTMALDG, completing on mbarriers, SYNCS, Q by cp.async), no local-memory spill
+  anywhere in the kernel;
 - launch: `attncc build --backend cuda` of a manifest, then a new process with the fake CUDA
-  driver (benchmarks/fake_cuda.py) loads those cubins and launches them with zero compiles.
+  driver (benchmarks/fake_cuda.py) loads those cubins and launches them with zero compiles,
+  encoding K's and V's TMA tensor maps (their dims, byte strides and boxes are checked); a
+  broadcast K (stride 0) asks for the cp.async cubin instead.
 
 nvcc with CuTe takes 10-140 s per cubin on the 2-core CI machine, so nvcc's results are kept
 in a cache that outlives the run (ATTNCC_TEST_CUDA_CACHE, default ~/.cache/attncc-test-cuda),
@@ -201,14 +204,35 @@ def test_compiles_to_tensor_core_sass_without_spills(case, memo_nvcc):
         assert loop.stl == 0 and loop.ldl == 0
     mma = {op.split(".")[0] for op in report.total.mma}
     ops = {ins.base for ins in instrs}
-    assert "LDGSTS" in ops  # cp.async global->shared (no TMA on either arch yet)
+    assert "LDGSTS" in ops  # cp.async global->shared (sm_90a: Q only)
+    assert target.tma == (arch == 90)
     if arch == 90:  # wgmma for both products: Q K^T 64 x BLOCK_N, P V 64 x d
+        # K and V by TMA (one UTMALDG per 64 head dims each), waited for on mbarriers
+        assert {"UTMALDG", "SYNCS"} <= ops
+        assert sum(ins.base == "UTMALDG" for ins in instrs) >= 2 * d // 64
         assert mma == {"HGMMA"}
         assert {f"HGMMA.64x{target.tiles.block_n}x16.F32", f"HGMMA.64x{d}x16.F32"} <= {
             op.split(".BF16")[0].split(".F16")[0] for op in report.total.mma}, report.total.mma
         assert {"WARPGROUP", "FENCE"} <= ops  # arrive/wait, smem writes -> async proxy
     else:  # mma.sync with ldmatrix operands
-        assert mma == {"HMMA"} and "LDSM" in ops
+        assert mma == {"HMMA"} and "LDSM" in ops and "UTMALDG" not in ops
+
+
+@needs_nvcc
+def test_sm90_cp_async_variant_compiles_without_tma(memo_nvcc):
+    """The sm_90a cubin for layouts a tensor map cannot describe (a broadcast K or V): K and V
+    by cp.async, still wgmma, no spills."""
+    # not causal fp16 d64: the launch test asks for that one offline and expects it missing
+    family = attncc.compile(attncc.Attention(mask=attncc.sliding_window(64))).families["cuda"]
+    target = family.kernel.target("bfloat16", 64, 64, 90, tma=False)
+    assert not target.tma and target.defines()["ATTNCC_TRAITS"] == "attncc::Sm90Traits"
+    built = family.backend.build(target)
+    assert built.info["spill_bytes"] == 0 and not built.info["tma"]
+    instrs = sass.parse_functions(sass.disassemble(built.cubin, sass.cuobjdump_path()))[
+        target.kernel]
+    ops = {ins.base for ins in instrs}
+    assert {"HGMMA", "LDGSTS"} <= ops and "UTMALDG" not in ops
+    assert sass.analyse(target.kernel, instrs).total.stl == 0
 
 
 @needs_nvcc
@@ -266,11 +290,25 @@ def test_build_then_a_new_process_launches_with_zero_compiles(memo_nvcc, tmp_pat
     first, second = out["launches"]
     B, H, L = 2, 4, 200
     assert first["grid"] == [-(-L // 128), B * H, 1] and first["threads"] == 256
-    assert first["smem"] == binary.smem_bytes(target) == 2 * 64 * (128 + 2 * 32)
+    assert target.tma and out["loads"][0]["shared"] == first["smem"]
+    assert first["smem"] == binary.smem_bytes(target) == 2 * 64 * (128 + 2 * 32) + 1024
     kinds = [k for k, _ in first["args"]]
-    assert kinds == ["ptr"] * 5 + ["i64"] * 12 + ["i32"] * 4 + ["f32"]
+    assert kinds == ["ptr"] * 5 + ["i64"] * 12 + ["i32"] * 4 + ["f32"] + ["tmap"] * 2
     assert first["args"][17:21] == [["i32", L], ["i32", L], ["i32", H], ["i32", 2]]
     assert second["args"][4] == ["ptr", 0]  # no lse asked for: a null pointer
+    # K's and V's tensor maps, encoded per launch: (d, Lk, Hkv, B) with byte strides of a
+    # contiguous [2, 2, 200, 64] fp16 tensor, boxes of 64 dims x BLOCK_N keys, 128-byte swizzle
+    assert first["args"][22:] == [["tmap", 0], ["tmap", 1]]
+    assert second["args"][22:] == [["tmap", 2], ["tmap", 3]]
+    maps = out["tensor_maps"]
+    assert len(maps) == 4
+    for m in maps:
+        assert m == {"data_type": 6, "address": 0, "dims": [64, L, 2, B],
+                     "strides": [64 * 2, L * 64 * 2, 2 * L * 64 * 2],
+                     "box": [64, target.tiles.block_n, 1, 1], "swizzle": 3, "l2_promotion": 2}
+    assert "not in the cache" in out["broadcast_error"] and target.entry_name().removesuffix(
+        ".tma") + ")" in out["broadcast_error"], out["broadcast_error"]
+    assert "K/V by TMA" not in out["broadcast_error"]
     assert out["offline_error"] and "attncc build MANIFEST --arch sm_90 --backend cuda" in (
         out["offline_error"])
     assert "backend 'cuda'" in out["layout_error"] and "contiguous head dim" in (

@@ -4,7 +4,10 @@ entries of the disk cache.
 One entry per `Target`, through `cache.load_or_build` (atomic, checksummed, locked: racing
 builders compile once; a corrupt entry is rebuilt, never loaded):
 
-    kernels/<kernel>.sm90.bf16.d128-<key[:16]>/  kernel.cubin  artifact.json  meta.json
+    kernels/<kernel>.sm90.bf16.d128[.tma]-<key[:16]>/  kernel.cubin  artifact.json  meta.json
+
+(`.tma`: the sm_90a cubin that loads K and V by TMA, what a build makes; without it on sm_90,
+the cp.async one for layouts a tensor map cannot describe.)
 
 Key: sha256 of the source entry's key (canonical IR, templates and headers, printer version,
 attncc/torch/triton versions), the arch, dtype, head dims and tiles, and the toolchain (nvcc
@@ -30,8 +33,10 @@ from attncc.backends.cuda.render import HEADERS, Tiles
 log = logging.getLogger("attncc")
 ELEMENTS = {"float16": "cutlass::half_t", "bfloat16": "cutlass::bfloat16_t"}
 # per arch: the machinery header and its traits and forward types (templates/*.cuh). sm_90
-# (built as sm_90a) runs both products on wgmma; the others on mma.sync (sm_80 and up)
+# (built as sm_90a) runs both products on wgmma, K and V loaded by TMA (Target.tma) or by
+# cp.async (layouts a tensor map cannot describe); the others on mma.sync (sm_80 and up)
 MACHINERY = {90: ("attncc_fwd_sm90.cuh", "attncc::Sm90Traits", "attncc::Sm90Forward")}
+SM90_TMA_TRAITS = "attncc::Sm90TmaTraits"
 SM80_MACHINERY = ("attncc_fwd_sm80.cuh", "attncc::Sm80Traits", "attncc::Sm80Forward")
 
 
@@ -64,6 +69,7 @@ class Target:
                                                           repr=False)
     kind: str = "forward"
     variant: NoVariant = field(default_factory=NoVariant)
+    tma: bool = False  # sm_90: K and V tiles by TMA from host-encoded tensor maps
 
     def tiles_suffix(self) -> str:
         return ""
@@ -73,7 +79,7 @@ class Target:
         which loads cubins built elsewhere, can compute)."""
         return keys.cache_key("cuda-cubin", self.source_key, extra=[
             self.kind, f"sm_{self.arch}", self.dtype, f"d{self.head_dim_qk}/{self.head_dim_v}",
-            json.dumps(asdict(self.tiles), sort_keys=True)])
+            json.dumps(asdict(self.tiles), sort_keys=True), *(["tma"] if self.tma else [])])
 
     def key(self) -> str:
         """The entry's key: `lookup` and the toolchain's versions (ToolchainError without
@@ -82,14 +88,17 @@ class Target:
 
     def entry_name(self) -> str:
         return (f"{self.kernel}.sm{self.arch}.{keys.triton_type(self.dtype)}."
-                f"d{self.head_dim_qk}")
+                f"d{self.head_dim_qk}{'.tma' if self.tma else ''}")
 
     def describe(self) -> str:
         return (f"CUDA kernel {self.kernel} for sm_{self.arch}, {self.dtype}, head dims "
-                f"{self.head_dim_qk}/{self.head_dim_v}")
+                f"{self.head_dim_qk}/{self.head_dim_v}"
+                f"{', K/V by TMA' if self.tma else ''}")
 
     def defines(self) -> dict[str, str]:
         header, traits, forward = MACHINERY.get(self.arch, SM80_MACHINERY)
+        if self.tma:
+            traits = SM90_TMA_TRAITS
         return {"ATTNCC_MACHINERY": f'"{header}"', "ATTNCC_TRAITS": traits,
                 "ATTNCC_FORWARD": forward,
                 "ATTNCC_ELEMENT": ELEMENTS[self.dtype], "ATTNCC_HEAD_DIM": str(self.head_dim_qk),
@@ -145,7 +154,8 @@ def load_or_build(target: Target) -> Built:
         cubin = toolchain.compile_cubin(text, headers, target.arch, target.defines())
         info = {"name": target.kernel, "arch": target.arch, "dtype": target.dtype,
                 "head_dim_qk": target.head_dim_qk, "head_dim_v": target.head_dim_v,
-                "tiles": asdict(target.tiles), "threads": 32 * target.tiles.warps,
+                "tiles": asdict(target.tiles), "tma": target.tma,
+                "threads": 32 * target.tiles.warps,
                 "smem": smem_bytes(target), "registers": cubin.registers,
                 "spill_bytes": cubin.spill_bytes, "stack_bytes": cubin.stack_bytes,
                 "toolchain": toolchain.versions()}
@@ -168,10 +178,11 @@ def say_if_compiled(result: Built) -> None:
 
 
 def smem_bytes(target: Target) -> int:
-    """Dynamic shared memory of the kernel: Q tile plus one K and one V tile (2-byte elements);
-    the header's `Sm80Traits::kSmemBytes`."""
+    """Dynamic shared memory of the kernel: Q tile plus one K and one V tile (2-byte elements),
+    and on sm_90 1024 bytes to align the swizzled tiles; the header's `kSmemBytes`."""
     t = target.tiles
-    return 2 * target.head_dim_qk * (t.block_m + 2 * t.block_n)
+    align = 1024 if target.arch == 90 else 0
+    return 2 * target.head_dim_qk * (t.block_m + 2 * t.block_n) + align
 
 
 def _find_by_lookup(lookup: str) -> cache.CacheEntry | None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from attncc.backends import cache, keys
-from attncc.backends.cuda import binary, driver
+from attncc.backends.cuda import binary, driver, tensor_map
 from attncc.backends.cuda.render import (HEADERS, check_head_dims, kernel_arguments,
                                          kernel_name, render, source_key, template_text)
 from attncc.ir.plan import KernelPlan
@@ -54,20 +54,26 @@ class CudaForward:
     def source(self) -> str:
         return self.entry.files["kernel.cu"].read_text()
 
-    def target(self, dtype: Any, head_dim_qk: int, head_dim_v: int, arch: int) -> binary.Target:
+    def target(self, dtype: Any, head_dim_qk: int, head_dim_v: int, arch: int,
+               tma: bool = True) -> binary.Target:
+        """The cubin for this signature; on sm_90 K/V by TMA unless `tma` is False (the
+        cp.async variant, for layouts `tensor_map.allows` refuses; `attncc build` makes the
+        TMA one)."""
         dtype = keys.parse_dtype(dtype)
         if dtype not in DTYPES:
             raise ValueError(f"backend 'cuda': dtype {dtype} has no CUDA kernel (it has "
                              f"{', '.join(DTYPES)}); use backend='triton'")
         tiles = check_head_dims(head_dim_qk, head_dim_v, arch)
         return binary.Target(self.name, source_key(self.plan), arch, dtype, head_dim_qk,
-                             head_dim_v, tiles, source=lambda: self.entry)
+                             head_dim_v, tiles, source=lambda: self.entry,
+                             tma=tma and arch == 90)
 
-    def _kernel(self, q: torch.Tensor, v: torch.Tensor, arch: int) -> driver.LoadedKernel:
-        what = (q.dtype, q.shape[3], v.shape[3], q.device)
+    def _kernel(self, q: torch.Tensor, v: torch.Tensor, arch: int, tma: bool
+                ) -> driver.LoadedKernel:
+        what = (q.dtype, q.shape[3], v.shape[3], q.device, tma)
         kernel = self._kernels.get(what)
         if kernel is None:
-            target = self.target(keys.dtype_name(q.dtype), q.shape[3], v.shape[3], arch)
+            target = self.target(keys.dtype_name(q.dtype), q.shape[3], v.shape[3], arch, tma)
             built = binary.load_or_build(target)
             binary.say_if_compiled(built)
             info = built.info
@@ -89,10 +95,16 @@ class CudaForward:
             args += [("i64", s) for s in t.stride()[:3]]
         args += [("i32", Lq), ("i32", k.shape[2]), ("i32", Hq), ("i32", k.shape[1]),
                  ("f32", float(sm_scale))]
-        args += _extra(self.arguments, params, tensors)
-        grid = (-(-Lq // check_head_dims(q.shape[3], v.shape[3], arch).block_m), B * Hq, 1)
-        with torch.cuda.device(q.device):  # load and launch in this device's context
-            driver.launch_kernel(self._kernel(q, v, arch), grid,
+        tiles = check_head_dims(q.shape[3], v.shape[3], arch)
+        # sm_90: K and V by TMA where both layouts allow a tensor map, else the cp.async cubin
+        tma = arch == 90 and tensor_map.allows(k) and tensor_map.allows(v)
+        with torch.cuda.device(q.device):  # encode, load and launch in this device's context
+            maps = ([tensor_map.encode_bhsd(t, tiles.block_n) for t in (k, v)] if tma
+                    else [tensor_map.NONE] * 2)
+            args += [("tmap", m) for m in maps]
+            args += _extra(self.arguments, params, tensors)
+            grid = (-(-Lq // tiles.block_m), B * Hq, 1)
+            driver.launch_kernel(self._kernel(q, v, arch, tma), grid,
                                  driver.current_stream(q.device.index or 0), args)
 
 

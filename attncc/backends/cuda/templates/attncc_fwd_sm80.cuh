@@ -118,7 +118,8 @@ struct Sm80Forward {
 
   __device__ Sm80Forward(Element* smem_, const Element* q_head, int64_t stride_qm,
                          const Element* k_head_, int64_t stride_kn_, const Element* v_head_,
-                         int64_t stride_vn_, int q_first, int Lq, int Lk_)
+                         int64_t stride_vn_, int q_first, int Lq, int Lk_,
+                         const CUtensorMap*, const CUtensorMap*, int, int)  // TMA: sm_90 only
       : tid(threadIdx.x), smem(smem_), k_head(k_head_), v_head(v_head_), stride_kn(stride_kn_),
         stride_vn(stride_vn_), Lk(Lk_) {
     Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});

@@ -1,11 +1,17 @@
 // attncc's forward machinery for sm_90a with wgmma (CuTe GMMA atoms): the kernel of
 // attncc_fwd_sm80.cuh with both products on warpgroup MMAs, Q K^T with both operands in shared
-// memory (SS), P V with P from registers (RS) and V read transposed from shared memory. Loads
-// are still cp.async (no TMA) and every warp computes (no producer/consumer warp
-// specialisation). Two warpgroups of 64 query rows each. Accumulator and A-operand layouts
-// after FlashAttention-3 (hopper/utils.h, BSD-3-Clause, Tri Dao).
+// memory (SS), P V with P from registers (RS) and V read transposed from shared memory. K and V
+// tiles come by TMA (Sm90TmaTraits: one bulk tensor copy per 64 head dims, completion on an
+// mbarrier with expected transaction bytes, rows past Lk zero-filled by the copy engine) from
+// the host-encoded tensor maps (attncc/backends/cuda/tensor_map.py), or by cp.async
+// (Sm90Traits: layouts a tensor map cannot describe). Q is cp.async in both. One stage: every
+// warp computes and waits (no producer/consumer warp specialisation, no K/V double buffer).
+// Two warpgroups of 64 query rows each. Accumulator and A-operand layouts after
+// FlashAttention-3 (hopper/utils.h, BSD-3-Clause, Tri Dao).
 #pragma once
 
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -14,9 +20,11 @@
 namespace attncc {
 using namespace cute;
 
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_>
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_,
+          bool kTma_ = false>
 struct Sm90Traits {
   using Element = Element_;
+  static constexpr bool kTma = kTma_;  // K and V by TMA (else cp.async)
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -45,9 +53,17 @@ struct Sm90Traits {
   using GmemTiledCopy = decltype(make_tiled_copy(
       Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemLayoutAtom{},
       Layout<Shape<_1, _8>>{}));
+  // 128-byte swizzled tiles need 1024-byte aligned bases (wgmma's descriptors and TMA read
+  // the swizzle from address bits); static shared memory may push the dynamic base off that,
+  // so the kernel rounds it up within 1024 spare bytes. binary.smem_bytes mirrors this.
   static constexpr int kSmemBytes =
-      int(cosize(SmemLayoutQ{}) + 2 * cosize(SmemLayoutKV{})) * int(sizeof(Element));
+      int(cosize(SmemLayoutQ{}) + 2 * cosize(SmemLayoutKV{})) * int(sizeof(Element)) + 1024;
+  static constexpr int kKvTileBytes = kBlockN * kHeadDim * int(sizeof(Element));
+  static_assert(kHeadDim % 64 == 0, "one TMA box spans 64 head dims (128 bytes, the swizzle)");
 };
+
+template <typename Element, int kHeadDim, int kBlockM, int kBlockN, int kWarps>
+using Sm90TmaTraits = Sm90Traits<Element, kHeadDim, kBlockM, kBlockN, kWarps, true>;
 
 // wgmma accumulator ((2, 2, V), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, V, MMA_N))
 template <typename Layout>
@@ -85,15 +101,34 @@ struct Sm90Forward {
   const Element* v_head;
   int64_t stride_kn, stride_vn;
   int Lk;
+  const CUtensorMap* tma_k;
+  const CUtensorMap* tma_v;
+  int kv_b, kv_h;  // batch and kv head: the tensor maps' outer coordinates
+  uint64_t* kv_bar;  // [2]: K, V arrived (TMA transaction bytes)
+  uint32_t kv_phase = 0;
   AccO acc_o;
   float row_max[kRows];
   float row_sum[kRows];
 
   __device__ Sm90Forward(Element* smem_, const Element* q_head, int64_t stride_qm,
                          const Element* k_head_, int64_t stride_kn_, const Element* v_head_,
-                         int64_t stride_vn_, int q_first, int Lq, int Lk_)
-      : tid(threadIdx.x), smem(smem_), k_head(k_head_), v_head(v_head_), stride_kn(stride_kn_),
-        stride_vn(stride_vn_), Lk(Lk_) {
+                         int64_t stride_vn_, int q_first, int Lq, int Lk_,
+                         const CUtensorMap* tma_k_, const CUtensorMap* tma_v_, int kv_b_,
+                         int kv_h_)
+      : tid(threadIdx.x),
+        smem(reinterpret_cast<Element*>((reinterpret_cast<uintptr_t>(smem_) + 1023) &
+                                        ~uintptr_t(1023))),
+        k_head(k_head_), v_head(v_head_), stride_kn(stride_kn_), stride_vn(stride_vn_), Lk(Lk_),
+        tma_k(tma_k_), tma_v(tma_v_), kv_b(kv_b_), kv_h(kv_h_) {
+    __shared__ uint64_t bars[2];
+    kv_bar = bars;
+    if constexpr (Traits::kTma) {
+      if (tid == 0) {
+        cute::initialize_barrier(kv_bar[0], 1);
+        cute::initialize_barrier(kv_bar[1], 1);
+      }
+      cutlass::arch::fence_barrier_init();  // visible to the copy engine; the first tile
+    }                                       // synchronises the CTA before any use
     Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
     Tensor gQ = make_tensor(make_gmem_ptr(q_head + q_first * stride_qm),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_stride(stride_qm, _1{}));
@@ -124,6 +159,17 @@ struct Sm90Forward {
     cute::cp_async_fence();
   }
 
+  // one thread: the K or V tile n into dst (kBlockN x kHeadDim, 64-dim swizzled column blocks)
+  __forceinline__ __device__ void load_kv_tma(const CUtensorMap* map, uint64_t& bar, int n,
+                                              Element* dst) {
+    cute::set_barrier_transaction_bytes(bar, Traits::kKvTileBytes);
+    CUTE_UNROLL
+    for (int c = 0; c < kHeadDim / 64; ++c) {
+      SM90_TMA_LOAD_4D::copy(map, &bar, uint64_t(TMA::CacheHintSm90::EVICT_NORMAL),
+                             dst + c * kBlockN * 64, c * 64, n * kBlockN, kv_h, kv_b);
+    }
+  }
+
   template <bool kMasked, typename Score, typename Allowed>
   __forceinline__ __device__ void tile(int n, Score const& score, Allowed const& allowed) {
     Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
@@ -132,16 +178,31 @@ struct Sm90Forward {
     Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
 
     __syncthreads();  // the previous tile's readers of sK/sV are done
-    load_kv(k_head, stride_kn, n, sK);
-    load_kv(v_head, stride_vn, n, sV);
+    if constexpr (Traits::kTma) {
+      if (tid == 0) {
+        Element* k_tile = smem + cosize(typename Traits::SmemLayoutQ{});
+        load_kv_tma(tma_k, kv_bar[0], n, k_tile);
+        load_kv_tma(tma_v, kv_bar[1], n, k_tile + cosize(typename Traits::SmemLayoutKV{}));
+      }
+    } else {
+      load_kv(k_head, stride_kn, n, sK);
+      load_kv(v_head, stride_vn, n, sV);
+    }
 
     auto thr_s = mma_s.get_thread_slice(tid);
     Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // shared-memory descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sK);
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    cp_async_wait<1>();  // Q and K are in shared memory; V may still be on its way
-    smem_to_async_proxy();
-    __syncthreads();
+    if constexpr (Traits::kTma) {
+      cp_async_wait<0>();  // Q (cp.async); a no-op after the first tile
+      smem_to_async_proxy();
+      __syncthreads();
+      cute::wait_barrier(kv_bar[0], kv_phase);  // K has arrived; V may still be on its way
+    } else {
+      cp_async_wait<1>();  // Q and K are in shared memory; V may still be on its way
+      smem_to_async_proxy();
+      __syncthreads();
+    }
     warpgroup_fence_operand(acc_s);
     warpgroup_arrive();
     mma_s.accumulate_ = GMMA::ScaleOut::Zero;
@@ -193,9 +254,14 @@ struct Sm90Forward {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) rP(i) = Element(acc_s(i));
     Tensor tOrP = make_tensor(rP.data(), acc_as_a_sm90(rP.layout()));
-    cp_async_wait<0>();
-    smem_to_async_proxy();
-    __syncthreads();
+    if constexpr (Traits::kTma) {
+      cute::wait_barrier(kv_bar[1], kv_phase);
+      kv_phase ^= 1;
+    } else {
+      cp_async_wait<0>();
+      smem_to_async_proxy();
+      __syncthreads();
+    }
     bool poison[kRows] = {};
     if constexpr (kMasked) {  // non-finite values of V: as in attncc_fwd_sm80.cuh
       bool bad = false;
