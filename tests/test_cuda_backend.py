@@ -147,6 +147,42 @@ def test_cli_explain_shows_the_cuda_source():
     assert "== CUDA source" in run.stdout and "ATTNCC_FORWARD<Traits> fwd(" in run.stdout
 
 
+def test_launch_packs_tensor_maps_by_value_64_byte_aligned(monkeypatch):
+    """cuLaunchKernel gets a pointer per argument; a tensor map's points at its 128 bytes on a
+    64-byte boundary (CUtensorMap is alignas(64)), the others at their C values."""
+    import ctypes
+
+    from attncc.backends.cuda import driver
+
+    seen = {}
+
+    class Lib:
+        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            seen["params"] = [(params[0], ctypes.c_int32.from_address(params[0]).value),
+                              (params[1], ctypes.string_at(params[1], 128)),
+                              (params[2], ctypes.c_float.from_address(params[2]).value)]
+            return 0
+
+    monkeypatch.setattr(driver, "_libcuda", lambda: Lib())
+    tmap = bytes(range(128))
+    driver.launch_kernel(driver.LoadedKernel("k", 1, 256, 0), (1, 1, 1), 0,
+                         [("i32", 7), ("tmap", tmap), ("f32", 1.5)])
+    (_, i), (address, m), (_, f) = seen["params"]
+    assert i == 7 and m == tmap and address % 64 == 0 and f == 1.5
+
+
+def test_tensor_map_allows_only_layouts_tma_can_describe():
+    from attncc.backends.cuda import tensor_map
+
+    k = torch.zeros(2, 3, 40, 72, dtype=torch.float16)
+    assert tensor_map.allows(k[..., :64])  # row stride 144 bytes: a multiple of 16
+    assert not tensor_map.allows(torch.zeros(2, 3, 40, 68, dtype=torch.float16)[..., :64])
+    assert not tensor_map.allows(k[:1, ..., :64].expand(2, -1, -1, -1))  # batch stride 0
+    assert not tensor_map.allows(k[..., 8:].contiguous()[..., :32])  # 32 dims: half a box
+    assert not tensor_map.allows(k[..., :64].float())
+    assert not tensor_map.allows(k.view(-1)[1:1 + 2 * 3 * 40 * 64].view(2, 3, 40, 64))  # 2 B off
+
+
 def test_resource_usage_is_read_from_ptxas():
     log = ("ptxas info    : Function properties for k\n    32 bytes stack frame, 52 bytes "
            "spill stores, 40 bytes spill loads\nptxas info    : Used 255 registers, used 1 "
