@@ -21,8 +21,9 @@ in a cache that outlives the run (ATTNCC_TEST_CUDA_CACHE, default ~/.cache/attnc
 keyed by what nvcc is given: the rendered source, the headers, arch, defines, nvcc and
 nvidia-cutlass versions and flags (`memo_nvcc`). attncc's own cache keys also hash attncc's
 code, so any edit would miss them; this one misses only when a source really changes. A warm
-run compiles nothing (11-18 s for the file); a cold one compiles the 7 cubins of
-REPRESENTATIVE (200 s wall, 124 s CPU on the 2 cores): CI should keep that directory. The tests that need
+run compiles nothing (11-30 s for the file); a cold one compiles the 7 cubins of
+REPRESENTATIVE and the sm_90a cp.async variant (200 s wall, 124 s CPU on the 2 cores; 185 s
+with TMA on sm_90a): CI should keep that directory. The tests that need
 nvcc or the nvidia-cutlass headers skip, saying which, when they are missing.
 
 GPU tier (marked `gpu`): every forward catalogue mask and score mod the CUDA kernel supports,
