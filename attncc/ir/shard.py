@@ -53,9 +53,7 @@ def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
     `shard_q_offset_s` (one namespace of parameters per spec); a node that reads neither
     `q_idx` nor `Lq` is kept as is, and when none does the spec comes back unchanged and takes
     no offset (`offset_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded queries: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
+    _require_dense(spec, "sharded queries")
     if spec.reorder is not None:
         raise ValueError(f"sharded queries: reorder {spec.reorder.text()} is not supported yet "
                          "(a rank's rows would need their original positions)")
@@ -88,9 +86,7 @@ def at_head_offset(spec: AttentionSpec) -> AttentionSpec:
     mask and score gets only the parameters it reads (the score's carry the suffix `_s`: one
     namespace per spec); when neither reads `h`, `Hq` or `Hkv` the spec comes back unchanged
     (`head_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded heads: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
+    _require_dense(spec, "sharded heads")
     _refuse_taken(spec, HEAD_PARAMS, "sharded heads", "a name the head offset takes")
 
     def rule(read, suffix):
@@ -119,9 +115,7 @@ def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
     with the score's `_s` suffix). Ensures: each of mask and score gets only the parameters it
     reads (the score's carry the suffix `_s`); when neither reads a position or a length the
     spec comes back unchanged (`pair_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded pairs: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
+    _require_dense(spec, "sharded pairs")
     if spec.reorder is not None:
         raise ValueError(f"sharded pairs: reorder {spec.reorder.text()} is not supported yet "
                          "(a rank's rows and keys would need their original positions)")
@@ -153,6 +147,12 @@ def pair_names(spec: AttentionSpec) -> dict[str, int]:
     """name -> index into (query offset, key offset, length) of each parameter of a spec from
     `at_pair_offset` (the mask's and the score's): what a call sets."""
     return _call_names(spec, PAIR_PARAMS)
+
+
+def _require_dense(spec: AttentionSpec, kind: str) -> None:
+    if not isinstance(spec.memory, DenseMemory):
+        raise ValueError(f"{kind}: memory {spec.memory.text()!r} is not a dense sequence; "
+                         "context parallelism runs dense softmax specs only")
 
 
 def _refuse_taken(spec: AttentionSpec, params: tuple[str, ...], kind: str, what: str) -> None:
