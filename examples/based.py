@@ -22,20 +22,17 @@ input of the independent computation, to show the check can fail).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, RUNS_ON, perturbed, report, result, visited
 
 import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, L, D, DV = 1, 2, 64, 16, 16  # D = 16: BASED's feature dimension
 WINDOW, PREFILL = 16, 60  # decode the last L - PREFILL tokens one at a time
 ALPHA = 0.5
@@ -53,22 +50,6 @@ def paper_window_softmax(q, k, v) -> torch.Tensor:
     allowed = (j <= i) & (i - j < WINDOW)
     s = (q @ k.transpose(-1, -2) / D ** 0.5).masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, -1) @ v
-
-
-def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
-    err = (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-    ok = err <= TOL
-    print(f"check {name}: max error {err:.2e} (of max |expected|; tolerance {TOL:.0e}) "
-          f"{'ok' if ok else 'FAIL'}")
-    return ok
-
-
-def visited(spec: attncc.AttentionSpec, lq: int, lk: int, tile: int) -> tuple[int, int]:
-    """(tiles the softmax kernel visits, tiles in the grid) from attncc.explain's tile map."""
-    line = next(s for s in attncc.explain(spec, shape=(lq, lk), block=(tile, tile)).splitlines()
-                if " visited" in s)
-    seen, total = line.split(": ", 1)[1].split(" visited")[0].split("/")
-    return int(seen), int(total)
 
 
 def main(perturb: bool) -> int:
@@ -108,12 +89,12 @@ def main(perturb: bool) -> int:
     for w in caught:  # attncc's own warnings (e.g. a reference fallback) are shown, not hidden
         print(f"warning from attncc: {w.message}")
 
-    ok = report("hybrid (one spec) vs paper formulas", o, want)
-    ok &= report("softmax part (M2 window) vs dense masked softmax", soft_part, want_soft)
-    ok &= report("linear part (Taylor, normalised) vs dense kernel matrix", lin_part, want_lin)
+    ok = report("hybrid (one spec) vs paper formulas", o, want, TOL)
+    ok &= report("softmax part (M2 window) vs dense masked softmax", soft_part, want_soft, TOL)
+    ok &= report("linear part (Taylor, normalised) vs dense kernel matrix", lin_part, want_lin, TOL)
     ok &= report("decode: window KV cache + carried state", torch.cat(dec_outs, 2),
-                 want[:, :, PREFILL:])
-    ok &= report("decode state == prefill state", S, state.double().cpu())
+                 want[:, :, PREFILL:], TOL)
+    ok &= report("decode state == prefill state", S, state.double().cpu(), TOL)
 
     seen, total = visited(soft_spec, L, L, 16)
     causal_seen, _ = visited(attncc.Attention(mask=attncc.causal()), L, L, 16)
@@ -124,13 +105,11 @@ def main(perturb: bool) -> int:
           f"decode keeps {kv_window} bytes of fp32 window KV + {state_bytes} bytes of Taylor "
           f"state (F = 1 + d + d^2 = {F}) per layer, constant, vs 2*B*H*D*4 = "
           f"{2 * B * H * D * 4} bytes more KV per token for full softmax")
-    print(f"B={B} H={H} L={L} (decode {L - PREFILL}) D={D} Dv={DV} w={WINDOW} fp32 on {DEVICE} "
-          f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): taylor2 runs as Triton kernels "
-          f"(chunked and recurrent) in the forward; its backward is the PyTorch reference, with "
-          f"a warning (no gradient taken here); {took:.1f} s")
-    print("result: " + ("all checks passed" if ok else "MISMATCH"))
-    return 0 if ok else 1
+    print(f"B={B} H={H} L={L} (decode {L - PREFILL}) D={D} Dv={DV} w={WINDOW} {RUNS_ON}: "
+          f"taylor2 runs as Triton kernels (chunked and recurrent) in the forward; its backward "
+          f"is the PyTorch reference, with a warning (no gradient taken here); {took:.1f} s")
+    return result(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main("--perturb" in sys.argv[1:]))
+    sys.exit(main(perturbed(__doc__)))

@@ -23,24 +23,20 @@ beyond). Prints the KV bytes per head class against a full cache for every head.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, check_abs, perturbed
 
-import attncc  # noqa: E402
+import attncc
 
 append_stream = attncc.serving_stream.append_stream  # K5 compact-cache helpers
 compact_from_dense = attncc.serving_stream.compact_from_dense
 ring_slots = attncc.serving_stream.ring_slots
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HQ, HKV, D = 4, 2, 32
 SINKS, WINDOW = 4, 16
 PROMPT, STEPS = 40, 12  # the prompt already overflows sinks + window: tokens are dropped
@@ -139,16 +135,14 @@ def run_loop(razor: bool, k_all: torch.Tensor, v_all: torch.Tensor, queries: tor
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)  # tests
-    args = parser.parse_args()
+    perturb = perturbed(__doc__)
     gen = torch.Generator().manual_seed(0)
     k_all = torch.randn(1, HKV, CAPACITY, D, generator=gen).to(DEVICE)
     v_all = torch.randn(1, HKV, CAPACITY, D, generator=gen).to(DEVICE)
     queries = torch.randn(STEPS, 1, HQ, 1, D, generator=gen).to(DEVICE)
     ok = True
     for name, razor in (("DuoAttention", False), ("RazorAttention", True)):
-        err, effect, full_bytes, stream_bytes = run_loop(razor, k_all, v_all, queries, args.perturb)
+        err, effect, full_bytes, stream_bytes = run_loop(razor, k_all, v_all, queries, perturb)
         entries = stream_bytes // (2 * 4 * D)
         per_full = full_bytes // int((STREAM < 0).sum())
         per_stream = stream_bytes // int((STREAM >= 0).sum())
@@ -161,10 +155,8 @@ def main() -> int:
               f"cache stays {per_stream} B at any length)")
         if razor:
             print(f"  the compensation token changes the streaming heads' o by up to {effect:.2f}")
-        good = err < TOL
-        ok &= good
-        print(f"  check: max |o, lse - dense PyTorch {name}| = {err:.2e} over {STEPS} steps "
-              f"(tol {TOL:.0e}) -> {'OK' if good else 'MISMATCH'}")
+        ok &= check_abs(f"o, lse - dense PyTorch {name}", err, TOL, over=f" over {STEPS} steps",
+                        indent="  ")
     return 0 if ok else 1
 
 

@@ -26,19 +26,16 @@ explicit boolean [L, L] mask built from the gate's choice). Exit status 1 on any
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, RUNS_ON, perturbed, report, result, visited
 
 import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, L, D = 1, 4, 128, 16
 BLOCK, TOPK = 16, 2
 ALPHA = (1.0, 1.0, 0.0, 0.0)  # heads 0, 1 sparse softmax; heads 2, 3 linear
@@ -81,22 +78,6 @@ def paper_lightning(q, k, v) -> torch.Tensor:
     return ((q @ k.transpose(-1, -2)) * decay / D ** 0.5) @ v
 
 
-def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
-    err = (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-    ok = err <= TOL
-    print(f"check {name}: max error {err:.2e} (of max |expected|; tolerance {TOL:.0e}) "
-          f"{'ok' if ok else 'FAIL'}")
-    return ok
-
-
-def visited(spec: attncc.AttentionSpec, lq: int, lk: int, tile: int) -> tuple[int, int]:
-    """(tiles the softmax kernel visits for head 0, tiles in the grid), from attncc.explain."""
-    line = next(s for s in attncc.explain(spec, shape=(lq, lk), block=(tile, tile)).splitlines()
-                if " visited" in s)
-    seen, total = line.split(": ", 1)[1].split(" visited")[0].split("/")
-    return int(seen), int(total)
-
-
 def main(perturb: bool) -> int:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -121,9 +102,9 @@ def main(perturb: bool) -> int:
                     block_idx=idx.to(torch.int32).to(DEVICE))  # the gate's choice, this call
     took = time.perf_counter() - start
 
-    ok = report("hybrid layer vs paper formulas", o, want)
-    ok &= report("sparse heads (block top-k) vs dense masked softmax", o[:, :2], want[:, :2])
-    ok &= report("linear heads (Lightning) vs dense decay matrix", o[:, 2:], want[:, 2:])
+    ok = report("hybrid layer vs paper formulas", o, want, TOL)
+    ok &= report("sparse heads (block top-k) vs dense masked softmax", o[:, :2], want[:, :2], TOL)
+    ok &= report("linear heads (Lightning) vs dense decay matrix", o[:, 2:], want[:, 2:], TOL)
     seen, total = visited(sparse_spec, L, L, BLOCK)
     first_linear = ALPHA.index(0.0)  # its indices as head 0 of a spec, for explain's tile map
     lin_seen, _ = visited(attncc.Attention(mask=attncc.block_topk(
@@ -135,12 +116,10 @@ def main(perturb: bool) -> int:
           f"{2 * L * D * 4} bytes of KV at L={L} ({n_linear} of {H} heads); the linear kernel "
           f"ran on heads {attn.linear_heads} only; the top-k softmax on every head (per-head "
           f"indices), {lin_seen}/{total} tiles for a linear head (no picks: the diagonal)")
-    print(f"B={B} H={H} L={L} D={D} fp32 on {DEVICE} "
-          f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): the block top-k softmax and L2 "
+    print(f"B={B} H={H} L={L} D={D} {RUNS_ON}: the block top-k softmax and L2 "
           f"chunked Triton kernels; {took:.1f} s")
-    print("result: " + ("all checks passed" if ok else "MISMATCH"))
-    return 0 if ok else 1
+    return result(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main("--perturb" in sys.argv[1:]))
+    sys.exit(main(perturbed(__doc__)))

@@ -21,20 +21,16 @@ Prints the kv tiles the kernel read (its own record) against causal attention.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, check_abs, perturbed
 
-import attncc  # noqa: E402
+import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, L, D = 1, 2, 1, 128, 32
 BLOCK, TOPK = 16, 3  # 8 key blocks; each query keeps 3 (its own block and the 2 best past)
 TOL = 1e-4  # fp32, max abs error against the fp64 oracle
@@ -75,9 +71,7 @@ def dense_moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)  # tests
-    args = parser.parse_args()
+    perturb = perturbed(__doc__)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, HQ, L, D, generator=gen)
     k, v = (torch.randn(B, HKV, L, D, generator=gen) for _ in range(2))
@@ -95,7 +89,7 @@ def main() -> int:
         attn = attncc.compile(attncc.Attention(mask=mask, schedule=schedule))
         visits = torch.zeros(B * HQ, n, n, dtype=torch.int8, device=DEVICE)
         out = attn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", _visits=visits)
-        if args.perturb:  # a wrong gate in the oracle (one more block for the last rows)
+        if perturb:  # a wrong gate in the oracle (one more block for the last rows)
             scores = scores.clone()
             scores[..., -1, 0] = float("inf")
         ref = dense_moba(q, k, v, scores)
@@ -109,10 +103,7 @@ def main() -> int:
         if per_token:
             print(f"  (per-token routing: a query tile of {BLOCK} rows reads the union of its "
                   f"rows' blocks; the mask is evaluated inside them)")
-        good = err < TOL
-        ok &= good
-        print(f"  check: max |o - dense PyTorch| = {err:.2e} (tol {TOL:.0e}) -> "
-              f"{'OK' if good else 'MISMATCH'}")
+        ok &= check_abs("o - dense PyTorch", err, TOL, indent="  ")
     return 0 if ok else 1
 
 

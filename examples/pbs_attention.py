@@ -29,20 +29,16 @@ catch before and after it (what the permutation is for).
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, check_abs, perturbed
 
-import attncc  # noqa: E402
+import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, L, D = 2, 128, 32
 SEGMENT, BLOCK, TOPK = 32, 16, 2  # 4 segments of 2 blocks; the kernel's tiles are BLOCK x BLOCK
 HEAVY = 6  # important keys per head, scattered
@@ -87,9 +83,7 @@ def mass_caught(attn: torch.Tensor, order: torch.Tensor) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)  # tests
-    args = parser.parse_args()
+    perturb = perturbed(__doc__)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(H, L, D, generator=gen) for _ in range(3))
     for h in range(H):  # a few heavy keys that most queries attend to (attention sinks-like)
@@ -122,7 +116,7 @@ def main() -> int:
         allowed = chosen[block_of[:, None], block_of[None, :]] & causal
         pairs += int(allowed.sum())
         ref_allowed = allowed.clone()
-        if args.perturb:  # a wrong oracle (one more block pair) must be caught
+        if perturb:  # a wrong oracle (one more block pair) must be caught
             ref_allowed |= (block_of[:, None] == n - 1) & (block_of[None, :] == 0) & causal
         ref = dense_attention(q[h], k[h], v[h], ref_allowed)
         full = torch.softmax((q[h] @ k[h].T / math.sqrt(D)).masked_fill(~causal, float("-inf")),
@@ -148,9 +142,7 @@ def main() -> int:
           f"over {H} heads in the original order (density {pairs / (before * area):.0%}) and "
           f"{after} permuted (density {pairs / (after * area):.0%}); causal {H * n * (n + 1) // 2}"
           f", dense {H * n * n}")
-    ok = worst < TOL
-    print(f"check: max |o - dense PyTorch PBS attention| = {worst:.2e} over both orders "
-          f"(tol {TOL:.0e}) -> {'OK' if ok else 'MISMATCH'}")
+    ok = check_abs("o - dense PyTorch PBS attention", worst, TOL, over=" over both orders")
     return 0 if ok else 1
 
 

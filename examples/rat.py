@@ -29,19 +29,16 @@ fail).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, RUNS_ON, perturbed, report, result, visited
 
 import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, L, D, C = 1, 2, 64, 8, 16  # C: RAT's chunk length
 N_CHUNKS = L // C
 TOL = 1e-4  # fp32 kernels against fp64 loops, of max(|expected|, 1)
@@ -70,14 +67,6 @@ def paper_rat(q, k, v, f, z) -> torch.Tensor:
                 p = torch.softmax(keys @ q[b, h, t] / D ** 0.5, 0)
                 out[b, h, t] = z[b, h, t] * (p @ vals)
     return out
-
-
-def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
-    err = (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-    ok = err <= TOL
-    print(f"check {name}: max error {err:.2e} (of max |expected|; tolerance {TOL:.0e}) "
-          f"{'ok' if ok else 'FAIL'}")
-    return ok
 
 
 def chunk_summaries(recurrence, k, v, f) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +108,7 @@ def main(perturb: bool) -> int:
     o = x[4] * across(x[0], keys, vals)  # the output gate
     took = time.perf_counter() - start
 
-    ok = report("RAT layer vs paper loops", o, want)
+    ok = report("RAT layer vs paper loops", o, want, TOL)
     seen, total = visited(across.spec, L, N_CHUNKS + L, 16)
     causal_seen, _ = visited(attncc.Attention(mask=attncc.causal()), L, L, 16)
     kv_rat = 2 * B * H * (N_CHUNKS + 1) * D * 4
@@ -129,20 +118,10 @@ def main(perturb: bool) -> int:
           f"16-key tile, costs as many tiles as causal; the chunk part grows as L / C); "
           f"a decode step would read {kv_rat} bytes of fp32 summaries (one per chunk + the "
           f"running one) vs {2 * B * H * L * D * 4} bytes of KV cache for causal softmax")
-    print(f"B={B} H={H} L={L} D={D} C={C} fp32 on {DEVICE} "
-          f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): the L3 chunked and the softmax "
+    print(f"B={B} H={H} L={L} D={D} C={C} {RUNS_ON}: the L3 chunked and the softmax "
           f"Triton kernels; {took:.1f} s")
-    print("result: " + ("all checks passed" if ok else "MISMATCH"))
-    return 0 if ok else 1
-
-
-def visited(spec: attncc.AttentionSpec, lq: int, lk: int, tile: int) -> tuple[int, int]:
-    """(tiles the softmax kernel visits, tiles in the grid) from attncc.explain's tile map."""
-    line = next(s for s in attncc.explain(spec, shape=(lq, lk), block=(tile, tile)).splitlines()
-                if " visited" in s)
-    seen, total = line.split(": ", 1)[1].split(" visited")[0].split("/")
-    return int(seen), int(total)
+    return result(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main("--perturb" in sys.argv[1:]))
+    sys.exit(main(perturbed(__doc__)))

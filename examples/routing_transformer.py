@@ -22,20 +22,16 @@ before and after the reorder, from the kernel's own record of the tiles it read.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, check_abs, perturbed
 
-import attncc  # noqa: E402
+import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H, L, D = 2, 128, 32
 CLUSTERS, ITERATIONS, TILE = 4, 8, 16
 TOL = 1e-4  # fp32, max abs error against the fp64 oracle
@@ -62,9 +58,7 @@ def dense_routing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cluster: to
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)  # tests
-    args = parser.parse_args()
+    perturb = perturbed(__doc__)
     gen = torch.Generator().manual_seed(0)
     # a few directions plus noise, so the clusters are real (and of unequal sizes)
     modes = torch.randn(CLUSTERS, D, generator=gen) * 2
@@ -84,7 +78,7 @@ def main() -> int:
         print(f"head {h}: cluster sizes {sizes}")
         x, vh = qk[:, h:h + 1].to(DEVICE), v[:, h:h + 1].to(DEVICE)
         ref_cluster = cluster.clone()
-        if args.perturb:  # a wrong oracle (one token moved to another cluster) must be caught
+        if perturb:  # a wrong oracle (one token moved to another cluster) must be caught
             ref_cluster[L - 1] = (ref_cluster[L - 1] + 1) % CLUSTERS
         ref = dense_routing(qk[0, h], qk[0, h], v[0, h], ref_cluster)
         allowed_pairs = int(((cluster[:, None] == cluster[None, :]).tril()).sum())
@@ -105,9 +99,7 @@ def main() -> int:
     print(f"attncc saved: tiles of {TILE}x{TILE} read over {H} heads: {before[0]} in the original "
           f"order (density {before[1] / (before[0] * TILE * TILE):.0%}) -> {after[0]} sorted by "
           f"cluster (density {after[1] / (after[0] * TILE * TILE):.0%}); dense {H * n * n}")
-    ok = worst < TOL
-    print(f"check: max |o - dense PyTorch routing attention| = {worst:.2e} over both orders "
-          f"(tol {TOL:.0e}) -> {'OK' if ok else 'MISMATCH'}")
+    ok = check_abs("o - dense PyTorch routing attention", worst, TOL, over=" over both orders")
     return 0 if ok else 1
 
 

@@ -17,20 +17,16 @@ exactly the blocks the rule allows (its window plus its shard). Prints the per-h
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, check_abs, perturbed
 
-import attncc  # noqa: E402
+import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, L, D = 1, 4, 128, 32
 BLOCK, N_LOCAL, STRIDE, DELTA = 16, 2, 4, 1  # the kernel's tiles are BLOCK x BLOCK
 TOL = 1e-4  # fp32, max abs error against the fp64 oracle
@@ -58,9 +54,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--perturb", action="store_true", help=argparse.SUPPRESS)  # tests
-    args = parser.parse_args()
+    perturb = perturbed(__doc__)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
 
@@ -73,7 +67,7 @@ def main() -> int:
     out = attn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", _visits=visits)
 
     allowed = s2_mask_dense(H, L)
-    if args.perturb:  # a wrong oracle (head 1 given head 0's shard) must be caught
+    if perturb:  # a wrong oracle (head 1 given head 0's shard) must be caught
         allowed[1] = allowed[0]
     ref = dense_attention(q, k, v, allowed)
     err = (out.double().cpu() - ref).abs().max().item()
@@ -98,9 +92,7 @@ def main() -> int:
     print(f"attncc saved: {total} tiles of {BLOCK}x{BLOCK} read over {H} heads vs "
           f"{H * causal_tiles} causal ({H * n * n} dense): {total / (H * causal_tiles):.0%} "
           f"of causal")
-    ok = err < TOL and covers and exact
-    print(f"check: max |o - dense PyTorch S2| = {err:.2e} (tol {TOL:.0e}) -> "
-          f"{'OK' if ok else 'MISMATCH'}")
+    ok = check_abs("o - dense PyTorch S2", err, TOL, also=covers and exact)
     return 0 if ok else 1
 
 

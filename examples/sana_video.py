@@ -23,19 +23,16 @@ independent computation, to show the check can fail).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, RUNS_ON, perturbed, report, result, visited
 
 import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, D = 1, 2, 16
 FRAMES, FRAME_TOKENS = 4, 16  # a 4x4 latent per frame
 L = FRAMES * FRAME_TOKENS
@@ -60,22 +57,6 @@ def paper_linear(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def paper_softmax(q, k, v) -> torch.Tensor:
     s = (q @ k.transpose(-1, -2)) / D ** 0.5
     return torch.softmax(s.masked_fill(~frame_visibility(), float("-inf")), -1) @ v
-
-
-def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
-    err = (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-    ok = err <= TOL
-    print(f"check {name}: max error {err:.2e} (of max |expected|; tolerance {TOL:.0e}) "
-          f"{'ok' if ok else 'FAIL'}")
-    return ok
-
-
-def visited(spec: attncc.AttentionSpec, lq: int, lk: int, tile: int) -> tuple[int, int]:
-    """(tiles the softmax kernel visits, tiles in the grid) from attncc.explain's tile map."""
-    line = next(s for s in attncc.explain(spec, shape=(lq, lk), block=(tile, tile)).splitlines()
-                if " visited" in s)
-    seen, total = line.split(": ", 1)[1].split(" visited")[0].split("/")
-    return int(seen), int(total)
 
 
 def main(perturb: bool) -> int:
@@ -110,13 +91,14 @@ def main(perturb: bool) -> int:
     o_soft = softmax(*x)
     took = time.perf_counter() - start
 
-    ok = report("L7 prefill (whole clip) vs paper formula", o_pre, want_lin)
-    ok &= report("L7 frame-by-frame decode vs paper formula", torch.cat(outs, 2), want_lin)
-    ok &= report("L7 state S carried frame to frame", state[..., :D], want_S)
-    ok &= report("L7 normaliser z", state[..., D], want_z)
-    ok &= report("L7 decode state == prefill state", S, state.double().cpu())
-    ok &= report("M8 block-causal softmax vs dense masked softmax", o_soft, want_soft)
-    ok &= report("M8 frame-by-frame over a growing KV cache", torch.cat(soft_outs, 2), want_soft)
+    ok = report("L7 prefill (whole clip) vs paper formula", o_pre, want_lin, TOL)
+    ok &= report("L7 frame-by-frame decode vs paper formula", torch.cat(outs, 2), want_lin, TOL)
+    ok &= report("L7 state S carried frame to frame", state[..., :D], want_S, TOL)
+    ok &= report("L7 normaliser z", state[..., D], want_z, TOL)
+    ok &= report("L7 decode state == prefill state", S, state.double().cpu(), TOL)
+    ok &= report("M8 block-causal softmax vs dense masked softmax", o_soft, want_soft, TOL)
+    ok &= report("M8 frame-by-frame over a growing KV cache", torch.cat(soft_outs, 2), want_soft,
+                 TOL)
 
     seen, total = visited(soft_spec, L, L, FRAME_TOKENS)
     kv_bytes = 2 * B * H * L * D * 4
@@ -125,12 +107,10 @@ def main(perturb: bool) -> int:
           f"tiles (dense: {total}); after {FRAMES} frames the linear state is {state_bytes} bytes "
           f"per layer, constant, vs {kv_bytes} bytes of fp32 KV cache for block-causal softmax "
           f"(growing {kv_bytes // FRAMES} bytes per frame)")
-    print(f"B={B} H={H} frames={FRAMES}x{FRAME_TOKENS} tokens D={D} fp32 on {DEVICE} "
-          f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): both L7 kernels are Triton "
-          f"(chunked block-causal); {took:.1f} s")
-    print("result: " + ("all checks passed" if ok else "MISMATCH"))
-    return 0 if ok else 1
+    print(f"B={B} H={H} frames={FRAMES}x{FRAME_TOKENS} tokens D={D} {RUNS_ON}: both L7 kernels "
+          f"are Triton (chunked block-causal); {took:.1f} s")
+    return result(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main("--perturb" in sys.argv[1:]))
+    sys.exit(main(perturbed(__doc__)))

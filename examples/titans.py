@@ -29,20 +29,17 @@ to show the check can fail).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is loaded
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# paper_check first: without a GPU it selects the Triton interpreter before attncc loads
+from paper_check import DEVICE, RUNS_ON, perturbed, report, result
 
 import attncc
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, L, D = 1, 2, 64, 16
 PERSISTENT, WINDOW = 4, 16
 TOL = 1e-4  # fp32 kernels against fp64, of max(|expected|, 1)
@@ -71,14 +68,6 @@ def paper_persistent_window(q, k, v, mem_k, mem_v) -> torch.Tensor:
     vals = torch.cat([mem_v.expand(B, H, PERSISTENT, D), v], 2)
     s = (q @ keys.transpose(-1, -2) / D ** 0.5).masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, -1) @ vals
-
-
-def report(name: str, got: torch.Tensor, want: torch.Tensor) -> bool:
-    err = (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-    ok = err <= TOL
-    print(f"check {name}: max error {err:.2e} (of max |expected|; tolerance {TOL:.0e}) "
-          f"{'ok' if ok else 'FAIL'}")
-    return ok
 
 
 def main(perturb: bool) -> int:
@@ -112,23 +101,21 @@ def main(perturb: bool) -> int:
     o = y_attn * torch.sigmoid(y_mem)  # MAG's gate
     took = time.perf_counter() - start
 
-    ok = report("memory read y_t = M_t^T q_t vs autograd-trained memory", y_mem, want_mem)
-    ok &= report("memory state M_L", S, want_M)
-    ok &= report("persistent tokens + window softmax vs dense", y_attn, want_attn)
-    ok &= report("gated layer output", o, want)
+    ok = report("memory read y_t = M_t^T q_t vs autograd-trained memory", y_mem, want_mem, TOL)
+    ok &= report("memory state M_L", S, want_M, TOL)
+    ok &= report("persistent tokens + window softmax vs dense", y_attn, want_attn, TOL)
+    ok &= report("gated layer output", o, want, TOL)
     mem_bytes = B * H * D * D * 4
     attn_kv = 2 * H * (PERSISTENT + WINDOW) * D * 4
     print(f"saved: the memory is {mem_bytes} bytes of fp32 state per layer whatever the length, "
           f"and the attention keeps {PERSISTENT} persistent + {WINDOW} window tokens "
           f"({attn_kv} bytes of fp32 KV), vs {2 * B * H * L * D * 4} bytes of KV for full causal "
           f"softmax over these {L} tokens (growing {2 * B * H * D * 4} bytes per token)")
-    print(f"B={B} H={H} L={L} D={D} persistent={PERSISTENT} w={WINDOW} fp32 on {DEVICE} "
-          f"({'interpreter' if DEVICE == 'cpu' else 'GPU'}): the L6 chunked (WY) and the serving "
-          f"(K4) Triton kernels; momentum and deep memory are not expressible (see the "
-          f"docstring); {took:.1f} s")
-    print("result: " + ("all checks passed" if ok else "MISMATCH"))
-    return 0 if ok else 1
+    print(f"B={B} H={H} L={L} D={D} persistent={PERSISTENT} w={WINDOW} {RUNS_ON}: the L6 "
+          f"chunked (WY) and the serving (K4) Triton kernels; momentum and deep memory are not "
+          f"expressible (see the docstring); {took:.1f} s")
+    return result(ok)
 
 
 if __name__ == "__main__":
-    sys.exit(main("--perturb" in sys.argv[1:]))
+    sys.exit(main(perturbed(__doc__)))

@@ -228,8 +228,10 @@ def m_hilberta(rank, Hg, Wg, tile, shift, centre):  # M15 in original positions
     return out
 
 
-def m_block_topk(idx, Lq, Lk, block, causal=True):  # M16 -> [B, H, Lq, Lk], explicit loops
-    """The query's block is that of its aligned position qp; a block outside idx reads 0s."""
+def m_block_topk(idx, Lq, Lk, block, causal=True, per_token=False):  # M16, explicit loops
+    """The query's block is that of its aligned position qp, always on; idx [B, H, n_blocks, k]
+    names the other kv blocks per query block (a block outside idx reads 0s), or with
+    `per_token` idx [B, H, Lq, k] per raw query row."""
     B, H = idx.shape[:2]
     key_block = torch.arange(Lk) // block
     out = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
@@ -237,22 +239,11 @@ def m_block_topk(idx, Lq, Lk, block, causal=True):  # M16 -> [B, H, Lq, Lk], exp
         for h in range(H):
             for i in range(Lq):
                 qb = (i + Lk - Lq) // block
-                row = idx[b, h, qb] if 0 <= qb < idx.shape[2] else [0] * idx.shape[3]
+                if per_token:
+                    row = idx[b, h, i]
+                else:
+                    row = idx[b, h, qb] if 0 <= qb < idx.shape[2] else [0] * idx.shape[3]
                 picked = [int(x) for x in row if x >= 0] + [qb]
-                out[b, h, i] = torch.isin(key_block, torch.tensor(picked))
-    return out & m_causal(Lq, Lk) if causal else out
-
-
-def m_block_topk_per_token(idx, Lq, Lk, block, causal=True):  # M16 per_token, explicit loops
-    """idx [B, H, Lq, k]: row i (the raw query row) names its kv blocks; the block of the
-    aligned position qp is always on."""
-    B, H = idx.shape[:2]
-    key_block = torch.arange(Lk) // block
-    out = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            for i in range(Lq):
-                picked = [int(x) for x in idx[b, h, i] if x >= 0] + [(i + Lk - Lq) // block]
                 out[b, h, i] = torch.isin(key_block, torch.tensor(picked))
     return out & m_causal(Lq, Lk) if causal else out
 

@@ -18,7 +18,6 @@ import torch
 
 import attncc
 from attncc.backends import cache
-from attncc.backends.triton import printer as triton_printer
 from attncc.ir.eval import evaluate
 from attncc.backends.triton.printer import TritonPrinter
 from attncc.backends.triton.source import SourceError, check_source
@@ -158,7 +157,7 @@ def test_check_source_names_an_undefined_name():
 
 def test_broken_source_raises_and_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
     # the printer as it was: `repr(float(-oo))` is the bare name `-inf`
-    monkeypatch.setattr(triton_printer, "_float_literal", lambda e: repr(float(e)))
+    monkeypatch.setattr(TritonPrinter, "_number", lambda self, e: repr(float(e)))
 
     def causal_inf(score, b, h, q_idx, kv_idx):
         return torch.where(q_idx >= kv_idx, score, float("-inf"))

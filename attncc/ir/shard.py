@@ -53,9 +53,7 @@ def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
     `shard_q_offset_s` (one namespace of parameters per spec); a node that reads neither
     `q_idx` nor `Lq` is kept as is, and when none does the spec comes back unchanged and takes
     no offset (`offset_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded queries: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
+    _require_dense(spec, "sharded queries")
     if spec.reorder is not None:
         raise ValueError(f"sharded queries: reorder {spec.reorder.text()} is not supported yet "
                          "(a rank's rows would need their original positions)")
@@ -64,16 +62,13 @@ def at_query_offset(spec: AttentionSpec) -> AttentionSpec:
         raise ValueError(f"sharded queries: the spec already has a parameter or tensor named "
                          f"{SHARD_OFFSET!r} or {SHARD_OFFSET + '_s'!r}, the names the shard "
                          "offset takes; rename it")
-    changes = {}
-    for axis, name in (("mask", SHARD_OFFSET), ("score", SHARD_OFFSET + "_s")):
-        node = getattr(spec, axis)
-        if node is not None and node.expr.free_symbols & {Q_IDX, LQ}:
-            # parameters are declared per node and must not repeat: the score's has its own name
-            offset = Param(name, "int", 0)
-            subs = {Q_IDX: Q_IDX + offset.symbol, LQ: LK}
-            changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
-                                                params=(*node.params, offset))
-    return spec.replace(**changes) if changes else spec
+
+    def rule(read, suffix):
+        if not read & {Q_IDX, LQ}:
+            return None
+        offset = Param(SHARD_OFFSET + suffix, "int", 0)
+        return (offset,), {Q_IDX: Q_IDX + offset.symbol, LQ: LK}
+    return _rewritten(spec, rule)
 
 
 def offset_names(spec: AttentionSpec) -> tuple[str, ...]:
@@ -91,37 +86,25 @@ def at_head_offset(spec: AttentionSpec) -> AttentionSpec:
     mask and score gets only the parameters it reads (the score's carry the suffix `_s`: one
     namespace per spec); when neither reads `h`, `Hq` or `Hkv` the spec comes back unchanged
     (`head_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded heads: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
-    names = {x.name for x in (*spec.params, *spec.captures)}
-    taken = sorted(names & {n + suffix for n in HEAD_PARAMS for suffix in ("", "_s")})
-    if taken:
-        raise ValueError(f"sharded heads: the spec already has a parameter or tensor named "
-                         f"{taken[0]!r}, a name the head offset takes; rename it")
-    changes = {}
-    for axis, suffix in (("mask", ""), ("score", "_s")):
-        node = getattr(spec, axis)
-        if node is None:
-            continue
-        used = [(sym, name) for sym, name in zip((H_IDX, HQ, HKV), HEAD_PARAMS)
-                if sym in node.expr.free_symbols]
+    _require_dense(spec, "sharded heads")
+    _refuse_taken(spec, HEAD_PARAMS, "sharded heads", "a name the head offset takes")
+
+    def rule(read, suffix):
+        used = [(sym, name) for sym, name in zip((H_IDX, HQ, HKV), HEAD_PARAMS) if sym in read]
         if not used:
-            continue
+            return None
         # the offset may be 0, the head counts are positive
         params = {sym: Param(name + suffix, "int", 0 if sym is H_IDX else 1,
                              positive=sym is not H_IDX) for sym, name in used}
         subs = {sym: (H_IDX + p.symbol if sym is H_IDX else p.symbol) for sym, p in params.items()}
-        changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
-                                            params=(*node.params, *params.values()))
-    return spec.replace(**changes) if changes else spec
+        return tuple(params.values()), subs
+    return _rewritten(spec, rule)
 
 
 def head_names(spec: AttentionSpec) -> dict[str, int]:
     """name -> index into (first head, Hq, Hkv) of each parameter of a spec from
     `at_head_offset` (the mask's and the score's): what a call sets."""
-    return {p.name: HEAD_PARAMS.index(p.name.removesuffix("_s")) for p in spec.params
-            if p.name.removesuffix("_s") in HEAD_PARAMS}
+    return _call_names(spec, HEAD_PARAMS)
 
 
 def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
@@ -132,24 +115,14 @@ def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
     with the score's `_s` suffix). Ensures: each of mask and score gets only the parameters it
     reads (the score's carry the suffix `_s`); when neither reads a position or a length the
     spec comes back unchanged (`pair_names` lists what a call sets)."""
-    if not isinstance(spec.memory, DenseMemory):
-        raise ValueError(f"sharded pairs: memory {spec.memory.text()!r} is not a dense "
-                         "sequence; context parallelism runs dense softmax specs only")
+    _require_dense(spec, "sharded pairs")
     if spec.reorder is not None:
         raise ValueError(f"sharded pairs: reorder {spec.reorder.text()} is not supported yet "
                          "(a rank's rows and keys would need their original positions)")
-    names = {x.name for x in (*spec.params, *spec.captures)}
-    taken = sorted(names & {n + suffix for n in PAIR_PARAMS for suffix in ("", "_s")})
-    if taken:
-        raise ValueError(f"sharded pairs: the spec already has a parameter or tensor named "
-                         f"{taken[0]!r}, a name the shard offsets take; rename it")
+    _refuse_taken(spec, PAIR_PARAMS, "sharded pairs", "a name the shard offsets take")
     q_off, kv_off, length = PAIR_PARAMS
-    changes = {}
-    for axis, suffix in (("mask", ""), ("score", "_s")):
-        node = getattr(spec, axis)
-        if node is None:
-            continue
-        read = node.expr.free_symbols
+
+    def rule(read, suffix):
         params = {}
         if Q_IDX in read or LQ in read:  # named masks read q_idx + Lk - Lq
             params[q_off] = Param(q_off + suffix, "int", 0)
@@ -158,7 +131,7 @@ def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
         if read & {LQ, LK}:
             params[length] = Param(length + suffix, "int", 1, positive=True)
         if not params:
-            continue
+            return None
         subs = {}
         if q_off in params:
             subs[Q_IDX] = Q_IDX + params[q_off].symbol
@@ -166,13 +139,50 @@ def at_pair_offset(spec: AttentionSpec) -> AttentionSpec:
             subs[KV_IDX] = KV_IDX + params[kv_off].symbol
         if length in params:
             subs[LQ] = subs[LK] = params[length].symbol
-        changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
-                                            params=(*node.params, *params.values()))
-    return spec.replace(**changes) if changes else spec
+        return tuple(params.values()), subs
+    return _rewritten(spec, rule)
 
 
 def pair_names(spec: AttentionSpec) -> dict[str, int]:
     """name -> index into (query offset, key offset, length) of each parameter of a spec from
     `at_pair_offset` (the mask's and the score's): what a call sets."""
-    return {p.name: PAIR_PARAMS.index(p.name.removesuffix("_s")) for p in spec.params
-            if p.name.removesuffix("_s") in PAIR_PARAMS}
+    return _call_names(spec, PAIR_PARAMS)
+
+
+def _require_dense(spec: AttentionSpec, kind: str) -> None:
+    if not isinstance(spec.memory, DenseMemory):
+        raise ValueError(f"{kind}: memory {spec.memory.text()!r} is not a dense sequence; "
+                         "context parallelism runs dense softmax specs only")
+
+
+def _refuse_taken(spec: AttentionSpec, params: tuple[str, ...], kind: str, what: str) -> None:
+    """A clear error when the spec already names a parameter or tensor like one of `params`
+    (or with the score's suffix `_s`)."""
+    names = {x.name for x in (*spec.params, *spec.captures)}
+    taken = sorted(names & {n + suffix for n in params for suffix in ("", "_s")})
+    if taken:
+        raise ValueError(f"{kind}: the spec already has a parameter or tensor named "
+                         f"{taken[0]!r}, {what}; rename it")
+
+
+def _rewritten(spec: AttentionSpec, rule) -> AttentionSpec:
+    """`spec` with `rule(symbols the node reads, suffix)` applied to its mask (suffix "") and
+    its score (suffix "_s": parameters are declared per node and must not repeat), where `rule`
+    gives (parameters to add, substitutions) or None to keep the node as is; the spec itself
+    when no node changes."""
+    changes = {}
+    for axis, suffix in (("mask", ""), ("score", "_s")):
+        node = getattr(spec, axis)
+        rewrite = rule(node.expr.free_symbols, suffix) if node is not None else None
+        if rewrite is not None:
+            params, subs = rewrite
+            changes[axis] = dataclasses.replace(node, expr=node.expr.subs(subs, simultaneous=True),
+                                                params=(*node.params, *params))
+    return spec.replace(**changes) if changes else spec
+
+
+def _call_names(spec: AttentionSpec, params: tuple[str, ...]) -> dict[str, int]:
+    """name -> index into `params` of each parameter of `spec` that is one of them (the mask's,
+    or the score's with the suffix `_s`)."""
+    return {p.name: params.index(p.name.removesuffix("_s")) for p in spec.params
+            if p.name.removesuffix("_s") in params}

@@ -6,6 +6,7 @@ semantics; C's `/` and `%` truncate), `Load` as a bounds-checked `attncc_load` t
 outside the tensor, score math in fp32 (`expf`, `logf`, literals with `f`), -inf as
 `-INFINITY`, conditions as C++ bool operators, Piecewise as nested `?:`. The helpers live in
 `templates/attncc_expr.cuh`, which every source that holds printed code includes first.
+The dispatch and the rules the Triton printer spells alike live in `attncc.backends.expr_printer`.
 
 `render_functions(plan)` lays a plan's mask, score mod, sink read, tile classes and per-row key
 intervals out as `__host__ __device__` functions with one fixed signature per kind (see
@@ -14,13 +15,12 @@ intervals out as `__host__ __device__` functions with one fixed signature per ki
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import sympy
 
+from attncc.backends.expr_printer import ExprPrinter
 from attncc.backends.keys import capture_arg_names, param_arg
 from attncc.ir.plan import KernelPlan
 from attncc.ir.spec import AttentionSpec
@@ -42,112 +42,27 @@ CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "floa
               "int8": "signed char", "uint8": "unsigned char", "bool": "unsigned char"}
 
 
-class CudaPrinter:
-    def __init__(self, names: Mapping[str, str]) -> None:
-        self.names = names  # symbol name -> C++ variable name
+class CudaPrinter(ExprPrinter):
+    BACKEND, VARIABLE = "cuda", "C++ variable"
+    TRUE, FALSE = "true", "false"
+    AND, OR, NOT = "&&", "||", "(!{})"
+    SELECT = "({} ? {} : {})"
+    ONE, TO_FLOAT = "1.0f", "static_cast<float>({})"
+    SQRT, EXP2, LOG2, FLOOR, CEIL = "sqrtf", "exp2f", "log2f", "floorf", "ceilf"
+    FLOORDIV, MOD, MIN, MAX, ABS = ("attncc_floordiv", "attncc_mod", "attncc_min", "attncc_max",
+                                    "attncc_abs")
+    FUNCTIONS = {"exp": "expf", "log": "logf", "sin": "sinf", "cos": "cosf", "tan": "tanf",
+                 "sinh": "sinhf", "cosh": "coshf", "tanh": "tanhf", "erf": "erff",
+                 "Sigmoid": "attncc_sigmoid"}
+    NAN, INF, NEG_INF = "NAN", "INFINITY", "(-INFINITY)"
 
-    def doprint(self, expr: sympy.Basic) -> str:
-        return self._p(expr)
+    def _integer(self, value):
+        # beyond int32 a literal must say so (the arithmetic around it is then 64-bit)
+        return str(value) if -2 ** 31 < value < 2 ** 31 else f"{value}LL"
 
-    def _p(self, e: sympy.Basic) -> str:
-        if e.is_Symbol:
-            if e.name not in self.names:
-                raise KeyError(f"cuda printer: no C++ variable for symbol {e.name}")
-            return self.names[e.name]
-        if e is sympy.true:
-            return "true"
-        if e is sympy.false:
-            return "false"
-        if e.is_Integer:
-            return _int_literal(int(e))
-        if e is sympy.zoo:
-            raise NotImplementedError("cuda printer: complex infinity (a division by zero) "
-                                      "has no kernel value")
-        if e.is_number:  # 1/3, -oo, nan, pi, 2/sqrt(pi) (erf's derivative): one fp32 literal
-            return _float_literal(e)
-        method = getattr(self, "_print_" + type(e).__name__, None)
-        if method is None:
-            raise NotImplementedError(f"cuda printer: no rule for {type(e).__name__} ({e})")
-        return method(e)
-
-    # arithmetic ---------------------------------------------------------------------------
-    def _print_Add(self, e):
-        return "(" + " + ".join(self._p(a) for a in e.args) + ")"
-
-    def _print_Mul(self, e):
-        coeff, rest = e.as_coeff_Mul()
-        if coeff == -1:
-            return f"(-{self._p(rest)})"
-        return "(" + " * ".join(self._p(a) for a in e.args) + ")"
-
-    def _print_Pow(self, e):
-        base, exp = e.args
-        if exp == -1:
-            return f"(1.0f / {self._p(base)})"
-        if exp == sympy.Rational(1, 2):
-            return f"sqrtf({self._float(base)})"
-        if exp == -sympy.Rational(1, 2):
-            return f"(1.0f / sqrtf({self._float(base)}))"
-        if exp.is_Integer and 2 <= abs(exp) <= 8:  # exact for negative bases too
-            product = "(" + " * ".join([self._p(base)] * abs(int(exp))) + ")"
-            return product if exp > 0 else f"(1.0f / {product})"
-        if base == 2:
-            return f"exp2f({self._float(exp)})"
-        return f"exp2f({self._float(exp)} * log2f({self._float(base)}))"
-
-    def _float(self, e):
-        text = self._p(e)
-        return text if not e.is_integer else f"static_cast<float>({text})"
-
-    def _int_division(self, e):
-        num, den = e.args[0].as_numer_denom()
-        if den != 1 and num.is_integer and den.is_integer:
-            return num, den
-        return None
-
-    def _print_floor(self, e):
-        nd = self._int_division(e)
-        if nd:
-            return f"attncc_floordiv({self._p(nd[0])}, {self._p(nd[1])})"
-        return f"floorf({self._float(e.args[0])})"
-
-    def _print_ceiling(self, e):
-        nd = self._int_division(e)
-        if nd:
-            return f"(-attncc_floordiv({self._p(-nd[0])}, {self._p(nd[1])}))"
-        return f"ceilf({self._float(e.args[0])})"
-
-    def _print_Mod(self, e):
-        return f"attncc_mod({self._p(e.args[0])}, {self._p(e.args[1])})"
-
-    def _nest(self, fn: str, args) -> str:
-        out = self._p(args[0])
-        for a in args[1:]:
-            out = f"{fn}({out}, {self._p(a)})"
-        return out
-
-    def _print_Min(self, e):
-        return self._nest("attncc_min", e.args)
-
-    def _print_Max(self, e):
-        return self._nest("attncc_max", e.args)
-
-    def _print_Abs(self, e):
-        return f"attncc_abs({self._p(e.args[0])})"
-
-    def _call(self, fn: str, e) -> str:
-        return f"{fn}({self._float(e.args[0])})"
-
-    def _print_exp(self, e): return self._call("expf", e)
-    def _print_log(self, e): return self._call("logf", e)
-    def _print_sin(self, e): return self._call("sinf", e)
-    def _print_cos(self, e): return self._call("cosf", e)
-    def _print_tan(self, e): return self._call("tanf", e)
-    def _print_sinh(self, e): return self._call("sinhf", e)
-    def _print_cosh(self, e): return self._call("coshf", e)
-    def _print_tanh(self, e): return self._call("tanhf", e)
-    def _print_erf(self, e): return self._call("erff", e)
-    def _print_Sigmoid(self, e): return self._call("attncc_sigmoid", e)
+    def _finite(self, value):  # fp32: a double literal would promote the score math to double
+        text = repr(value)
+        return f"({text}f)" if value < 0 else f"{text}f"
 
     def _print_sign(self, e):
         return f"attncc_sign({self._p(e.args[0])})"
@@ -156,34 +71,10 @@ class CudaPrinter:
         at_zero = e.args[1] if len(e.args) > 1 else sympy.Rational(1, 2)
         return f"attncc_heaviside({self._p(e.args[0])}, {self._float(at_zero)})"
 
-    def _print_Piecewise(self, e):
-        *pairs, (last, cond) = e.args  # the last condition is True (sympy's canonical form)
-        out = self._p(last)
-        for value, c in reversed(pairs):
-            out = f"({self._p(c)} ? {self._p(value)} : {out})"
-        return out
-
-    # logic --------------------------------------------------------------------------------
-    def _rel(self, e, op):
-        return f"({self._p(e.lhs)} {op} {self._p(e.rhs)})"
-
-    def _print_Equality(self, e): return self._rel(e, "==")
-    def _print_Unequality(self, e): return self._rel(e, "!=")
-    def _print_LessThan(self, e): return self._rel(e, "<=")
-    def _print_StrictLessThan(self, e): return self._rel(e, "<")
-    def _print_GreaterThan(self, e): return self._rel(e, ">=")
-    def _print_StrictGreaterThan(self, e): return self._rel(e, ">")
-
     def _bool(self, e) -> str:
         """A condition operand as a C++ bool (a Load of a bool tensor reads an unsigned char)."""
         text = self._p(e)
         return text if isinstance(e, sympy.logic.boolalg.Boolean) else f"static_cast<bool>({text})"
-
-    def _print_And(self, e):
-        return "(" + " && ".join(self._bool(a) for a in e.args) + ")"
-
-    def _print_Or(self, e):
-        return "(" + " || ".join(self._bool(a) for a in e.args) + ")"
 
     def _print_Xor(self, e):
         out = self._bool(e.args[0])
@@ -191,38 +82,12 @@ class CudaPrinter:
             out = f"({out} != {self._bool(a)})"
         return out
 
-    def _print_ITE(self, e):  # a boolean-valued Piecewise, as sympy folds it inside conditions
-        c, a, b = (self._bool(x) for x in e.args)
-        return f"({c} ? {a} : {b})"
-
-    def _print_Equivalent(self, e):  # `==` of two conditions
-        first, *rest = (self._bool(a) for a in e.args)
-        return "(" + " && ".join(f"({first} == {r})" for r in rest) + ")"
-
-    def _print_Not(self, e):
-        return f"(!{self._bool(e.args[0])})"
-
     # captured tensors ---------------------------------------------------------------------
     def _print_Load(self, e):
         name, index = e.args[0].name, e.args[1:]
         ptr, strides, sizes = capture_arg_names(name, len(index))
         dims = "".join(f", {self._p(i)}, {s}, {n}" for i, s, n in zip(index, strides, sizes))
         return f"attncc_load({ptr}{dims})"
-
-
-def _int_literal(value: int) -> str:
-    # beyond int32 a literal must say so (the arithmetic around it is then 64-bit)
-    return str(value) if -2 ** 31 < value < 2 ** 31 else f"{value}LL"
-
-
-def _float_literal(e: sympy.Basic) -> str:
-    value = float(e)  # raises TypeError on zoo: no kernel value (the tracer refuses x / 0)
-    if math.isnan(value):
-        return "NAN"
-    if math.isinf(value):
-        return "INFINITY" if value > 0 else "(-INFINITY)"
-    text = repr(value)
-    return f"({text}f)" if value < 0 else f"{text}f"
 
 
 _ = (Load, Sigmoid)  # the printer dispatches on these class names
