@@ -108,6 +108,24 @@ def load(key: str, readable_name: str, *, root: Path | None = None,
     return entry
 
 
+class NotPrebuiltError(RuntimeError):
+    """ATTNCC_OFFLINE=1 (or no compiler on this machine) and the kernel asked for is not in
+    the cache. One class for every backend, so a caller catches one name."""
+
+
+def load_prebuilt(key: str, readable_name: str, what: str, build_command: str) -> CacheEntry:
+    """The entry of `key` (under any readable name) for a machine that may not compile
+    (ATTNCC_OFFLINE=1); NotPrebuiltError naming `what`, the cache and `build_command` (how
+    to make it ahead of time) when it is absent."""
+    entry = load(key, readable_name, any_name=True)
+    if entry is None:
+        raise NotPrebuiltError(
+            f"ATTNCC_OFFLINE=1 and {what} is not in the cache {config.cache_dir()} (entry "
+            f"{readable_name}); build it ahead of time with `{build_command}` or unset "
+            "ATTNCC_OFFLINE")
+    return entry
+
+
 def load_or_build(
     key: str,
     readable_name: str,

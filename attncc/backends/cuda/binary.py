@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from attncc import config
 from attncc.backends import cache, keys
+from attncc.backends.cache import NotPrebuiltError
 from attncc.backends.cuda import toolchain
 from attncc.backends.cuda.render import HEADERS, Tiles
 
@@ -38,10 +39,6 @@ ELEMENTS = {"float16": "cutlass::half_t", "bfloat16": "cutlass::bfloat16_t"}
 MACHINERY = {90: ("attncc_fwd_sm90.cuh", "attncc::Sm90Traits", "attncc::Sm90Forward")}
 SM90_TMA_TRAITS = "attncc::Sm90TmaTraits"
 SM80_MACHINERY = ("attncc_fwd_sm80.cuh", "attncc::Sm80Traits", "attncc::Sm80Forward")
-
-
-class NotPrebuiltError(RuntimeError):
-    """ATTNCC_OFFLINE=1 (or no nvcc) and the cubin asked for is not in the cache."""
 
 
 @dataclass(frozen=True)
@@ -138,13 +135,8 @@ def load_or_build(target: Target) -> Built:
                                    ) from None
         return Built(entry, False, time.perf_counter() - start)
     if config.offline():
-        entry = cache.load(key, name, any_name=True)
-        if entry is None:
-            raise NotPrebuiltError(
-                f"ATTNCC_OFFLINE=1 and {target.describe()} is not in the cache "
-                f"{config.cache_dir()} (entry {name}); build it ahead of time with "
-                f"`attncc build MANIFEST --arch sm_{target.arch} --backend cuda` or unset "
-                "ATTNCC_OFFLINE")
+        entry = cache.load_prebuilt(key, name, target.describe(),
+                                    f"attncc build MANIFEST --arch sm_{target.arch} --backend cuda")
         return Built(entry, False, time.perf_counter() - start)
 
     def build() -> dict[str, bytes]:

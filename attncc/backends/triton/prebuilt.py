@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from attncc import config
 from attncc.backends import cache
+from attncc.backends.cache import NotPrebuiltError  # noqa: F401 (callers catch it here)
 from attncc.backends.triton import aot as triton_aot
 from attncc.backends.triton.launch_spec import DEFAULT_VARIANT, Variant
 from attncc.backends.triton.aot import CompiledArtifact
@@ -57,10 +58,6 @@ if TYPE_CHECKING:
     from attncc.backends.triton.forward import TritonForward
 
 log = logging.getLogger("attncc")
-
-
-class NotPrebuiltError(RuntimeError):
-    """ATTNCC_OFFLINE=1 and the kernel asked for is not in the cache."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +89,8 @@ def load_or_compile_target(target: Target) -> Prebuilt:
     start = time.perf_counter()
     # by key, under any readable name: another spelling of the spec may have built it
     if config.offline():
-        entry = cache.load(key, name, any_name=True)
-        if entry is None:
-            raise NotPrebuiltError(
-                f"ATTNCC_OFFLINE=1 and {target.describe()} is not in the cache "
-                f"{config.cache_dir()} (entry {name}); build it ahead of time with "
-                f"`attncc build MANIFEST --arch sm_{target.arch}` or unset ATTNCC_OFFLINE")
+        entry = cache.load_prebuilt(key, name, target.describe(),
+                                    f"attncc build MANIFEST --arch sm_{target.arch}")
     else:
         def build() -> dict[str, bytes]:
             what = (f"{target.dtype}, head dims {target.head_dim_qk}/{target.head_dim_v}, "
